@@ -1,0 +1,70 @@
+"""The training checkpoint: weights with everything needed to rebuild and describe the model."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model_export.vit import VisionTransformer, ViTConfig
+from service.preprocess import PreprocessSpec
+
+
+@dataclass
+class Checkpoint:
+    """Weights, config, labels, preprocessing, metrics and how it was made."""
+
+    state_dict: dict[str, torch.Tensor]
+    config: ViTConfig
+    labels: list[str]
+    preprocessing: PreprocessSpec
+    name: str
+    dataset: dict[str, Any]
+    metrics: dict[str, float] = field(default_factory=dict)
+    command: str = ""
+
+    def build_model(self) -> VisionTransformer:
+        model = VisionTransformer(self.config)
+        model.load_state_dict(self.state_dict)
+        return model.eval()
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {
+                "state_dict": self.state_dict,
+                "config": self.config.to_dict(),
+                "labels": self.labels,
+                "preprocessing": self.preprocessing.model_dump(mode="json"),
+                "name": self.name,
+                "dataset": self.dataset,
+                "metrics": self.metrics,
+                "command": self.command,
+            },
+            path,
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> Checkpoint:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(
+            state_dict=raw["state_dict"],
+            config=ViTConfig(**raw["config"]),
+            labels=list(raw["labels"]),
+            preprocessing=PreprocessSpec.model_validate(raw["preprocessing"]),
+            name=raw["name"],
+            dataset=dict(raw["dataset"]),
+            metrics=dict(raw["metrics"]),
+            command=raw["command"],
+        )
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,64 @@
+"""`shapes` samples through the shared preprocessing, as tensors, generated on every core."""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from model_export import shapes
+from service.preprocess import PreprocessSpec, preprocess
+
+_CHUNK = 256
+
+
+def _preprocessed_chunk(
+    seed: int, spec: PreprocessSpec, start: int, count: int
+) -> tuple[np.ndarray, np.ndarray]:
+    pixels = np.empty((count, 3, spec.input_size, spec.input_size), dtype=np.float16)
+    labels = np.empty(count, dtype=np.int64)
+    for row, sample in enumerate(shapes.samples(seed, count, start)):
+        pixels[row] = preprocess(sample.data, spec)[0]
+        labels[row] = sample.label
+    return pixels, labels
+
+
+def preprocessed(
+    seed: int, count: int, spec: PreprocessSpec, *, start: int = 0, workers: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
+    """Samples start..start+count of `shapes` seeded `seed`: float16 inputs (N,3,S,S) and labels."""
+    starts = list(range(start, start + count, _CHUNK))
+    counts = [min(_CHUNK, start + count - s) for s in starts]
+    job = partial(_preprocessed_chunk, seed, spec)
+    if workers <= 1:
+        chunks = list(map(job, starts, counts))
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            chunks = list(pool.map(job, starts, counts))
+    return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+
+
+def cached_preprocessed(
+    cache_dir: Path | None,
+    seed: int,
+    count: int,
+    spec: PreprocessSpec,
+    *,
+    start: int = 0,
+    workers: int = 2,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`preprocessed`, kept on disk under a key of everything that determines it."""
+    if cache_dir is None:
+        return preprocessed(seed, count, spec, start=start, workers=workers)
+    key = hashlib.sha256(f"{seed}:{start}:{count}:{spec.model_dump_json()}".encode()).hexdigest()
+    path = cache_dir / f"shapes-{key[:16]}.npz"
+    if path.exists():
+        with np.load(path) as stored:
+            return stored["pixels"], stored["labels"]
+    pixels, labels = preprocessed(seed, count, spec, start=start, workers=workers)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    np.savez(path, pixels=pixels, labels=labels)
+    return pixels, labels

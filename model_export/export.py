@@ -1,0 +1,185 @@
+"""`vit-export`: checkpoint -> one self-describing ONNX file, proven equal to PyTorch."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from model_export import shapes
+from model_export.checkpoint import Checkpoint, sha256_of
+from model_export.evaluate import evaluate
+from model_export.vit import VisionTransformer
+from service.model_metadata import ModelMetadata
+from service.preprocess import PreprocessSpec, preprocess
+from service.session import CPU, ModelSession
+
+logger = logging.getLogger(__name__)
+
+OPSET = 17
+INPUT_NAME = "pixel_values"
+OUTPUT_NAME = "logits"
+LOGIT_TOLERANCE = 1e-4
+PARITY_BATCH_SIZES = (1, 8)
+
+
+@dataclass(frozen=True)
+class ParityCase:
+    """PyTorch against onnxruntime on one batch."""
+
+    name: str
+    batch_size: int
+    max_abs_diff: float
+    top1_agree: int
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= LOGIT_TOLERANCE and self.top1_agree == self.batch_size
+
+    def line(self) -> str:
+        verdict = "ok" if self.passed else "FAIL"
+        return (
+            f"{self.name:<8} batch {self.batch_size:>2}  max |dlogit| {self.max_abs_diff:.2e}"
+            f"  top-1 equal {self.top1_agree}/{self.batch_size}  {verdict}"
+        )
+
+
+def to_onnx(model: VisionTransformer, path: Path) -> None:
+    """Trace the model to ONNX with a dynamic batch axis and named input and output."""
+    size = model.config.image_size
+    example = torch.zeros(2, 3, size, size)
+    torch.onnx.export(
+        model.eval(),
+        (example,),
+        str(path),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        opset_version=OPSET,
+        dynamo=False,
+    )
+
+
+def write_metadata(path: Path, metadata: ModelMetadata) -> None:
+    """Store the metadata in the file and run onnx's full checker over the result."""
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, metadata.to_props())
+    proto.producer_name = "vit-export"
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
+
+
+def parity_inputs(spec: PreprocessSpec, seed: int) -> list[tuple[str, np.ndarray]]:
+    """Random tensors and real preprocessed images, at each parity batch size."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for batch_size in PARITY_BATCH_SIZES:
+        shape = (batch_size, 3, spec.input_size, spec.input_size)
+        cases.append(("random", rng.standard_normal(shape).astype(np.float32)))
+        images = [preprocess(s.data, spec) for s in shapes.samples(seed, batch_size)]
+        cases.append(("images", np.concatenate(images)))
+    return cases
+
+
+def check_parity(model: VisionTransformer, session: ModelSession, seed: int) -> list[ParityCase]:
+    results = []
+    for name, batch in parity_inputs(session.metadata.preprocessing, seed):
+        with torch.no_grad():
+            expected = model(torch.from_numpy(batch)).numpy()
+        actual = session.logits(batch)
+        results.append(
+            ParityCase(
+                name=name,
+                batch_size=len(batch),
+                max_abs_diff=float(np.abs(expected - actual).max()),
+                top1_agree=int((expected.argmax(1) == actual.argmax(1)).sum()),
+            )
+        )
+    return results
+
+
+def export(
+    checkpoint_path: Path, output: Path, *, version: str, eval_seed: int, eval_count: int
+) -> tuple[list[ParityCase], float | None]:
+    """Write the ONNX file, check parity, measure held-out accuracy and store it in the file."""
+    checkpoint = Checkpoint.load(checkpoint_path)
+    model = checkpoint.build_model()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    to_onnx(model, output)
+    metadata = ModelMetadata(
+        name=checkpoint.name,
+        version=version,
+        labels=tuple(checkpoint.labels),
+        preprocessing=checkpoint.preprocessing,
+        output="logits",
+        dataset={
+            **checkpoint.dataset,
+            "config": checkpoint.config.to_dict(),
+            "train_command": checkpoint.command,
+            **checkpoint.metrics,
+        },
+        checkpoint_sha256=sha256_of(checkpoint_path),
+    )
+    write_metadata(output, metadata)
+    session = ModelSession(output, providers=(CPU,))
+    parity = check_parity(model, session, seed=eval_seed)
+    accuracy = None
+    if eval_count:
+        accuracy = evaluate(session, seed=eval_seed, count=eval_count).accuracy
+        held_out = {"held_out_seed": eval_seed, "held_out_count": eval_count}
+        write_metadata(
+            output,
+            metadata.model_copy(
+                update={"held_out_accuracy": accuracy, "dataset": {**metadata.dataset, **held_out}}
+            ),
+        )
+    return parity, accuracy
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = argparse.ArgumentParser(prog="vit-export", description=__doc__)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("-o", "--output", type=Path, required=True)
+    parser.add_argument("--version", default="1")
+    parser.add_argument(
+        "--eval-seed",
+        type=int,
+        default=1_000_003,
+        help="Seed of the held-out images; never a training seed.",
+    )
+    parser.add_argument(
+        "--eval-count",
+        type=int,
+        default=2000,
+        help="Held-out images whose accuracy is stored in the file (0: skip).",
+    )
+    args = parser.parse_args(argv)
+    parity, accuracy = export(
+        args.checkpoint,
+        args.output,
+        version=args.version,
+        eval_seed=args.eval_seed,
+        eval_count=args.eval_count,
+    )
+    print(f"parity, PyTorch vs onnxruntime (tolerance {LOGIT_TOLERANCE:g}):")
+    for case in parity:
+        print("  " + case.line())
+    if accuracy is not None:
+        print(
+            f"held-out accuracy {accuracy:.2%} on {args.eval_count} images (seed {args.eval_seed})"
+        )
+    print(f"wrote {args.output} ({args.output.stat().st_size / 1e6:.1f} MB)")
+    if not all(case.passed for case in parity):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

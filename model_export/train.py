@@ -1,0 +1,226 @@
+"""`vit-train`: train a ViT on the `shapes` dataset and write a self-describing checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from model_export import shapes
+from model_export.checkpoint import Checkpoint
+from model_export.dataset import cached_preprocessed
+from model_export.vit import PRESETS, VisionTransformer, preset
+from service.preprocess import PreprocessSpec
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="vit-train", description=__doc__)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--depth", type=int, default=6, help="Override the preset's depth.")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--patch-size", type=int, default=16)
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="Seeds the data, the weights and the order."
+    )
+    parser.add_argument("--train-count", type=int, default=36_000)
+    parser.add_argument("--val-count", type=int, default=2_000)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument(
+        "--max-steps", type=int, default=0, help="Stop after this many steps (0: all)."
+    )
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--warmup-frac", type=float, default=0.1)
+    parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bfloat16 autocast for the forward pass (weights stay float32).",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores).")
+    parser.add_argument("--workers", type=int, default=2, help="Processes generating data.")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="Keep generated data here so a rerun skips generating it.",
+    )
+    parser.add_argument("--name", default="shapes-vit")
+    parser.add_argument("-o", "--output", type=Path, default=Path("checkpoints/shapes-vit.pt"))
+    return parser.parse_args(argv)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Flips, quarter turns and small shifts: every class is invariant to all three."""
+    batch = images.shape[0]
+    flip = torch.rand(batch, generator=generator) < 0.5
+    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    turns = torch.randint(0, 4, (batch,), generator=generator)
+    images = torch.stack(
+        [torch.rot90(img, int(k), dims=(-2, -1)) for img, k in zip(images, turns, strict=True)]
+    )
+    dx, dy = (int(v) for v in torch.randint(-8, 9, (2,), generator=generator))
+    return torch.roll(images, shifts=(dy, dx), dims=(-2, -1))
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:
+    """Decay matrices only: norms, biases and the token/position embeddings are not shrunk."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for name, parameter in model.named_parameters():
+        is_matrix = parameter.ndim >= 2 and not name.endswith(("cls_token", "pos_embed"))
+        (decay if is_matrix else no_decay).append(parameter)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int
+) -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, len(images), batch_size):
+        logits = model(images[start : start + batch_size].float())
+        correct += int((logits.argmax(-1) == labels[start : start + batch_size]).sum())
+    return correct / len(images)
+
+
+def train(args: argparse.Namespace) -> Checkpoint:
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = PreprocessSpec(input_size=args.image_size)
+    config = preset(
+        args.preset,
+        depth=args.depth,
+        image_size=args.image_size,
+        patch_size=args.patch_size,
+        num_classes=len(shapes.LABELS),
+        dropout=args.dropout,
+    )
+    started = time.perf_counter()
+    logger.info("generating %d training and %d validation images", args.train_count, args.val_count)
+    train_x, train_y = cached_preprocessed(
+        args.cache_dir, args.seed, args.train_count, spec, workers=args.workers
+    )
+    val_x, val_y = cached_preprocessed(
+        args.cache_dir,
+        args.seed,
+        args.val_count,
+        spec,
+        start=args.train_count,
+        workers=args.workers,
+    )
+    images, labels = torch.from_numpy(train_x), torch.from_numpy(train_y)
+    val_images, val_labels = torch.from_numpy(val_x), torch.from_numpy(val_y)
+    logger.info("data ready in %.0f s", time.perf_counter() - started)
+
+    model = VisionTransformer(config)
+    optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr)
+    steps_per_epoch = len(images) // args.batch_size
+    total = steps_per_epoch * args.epochs
+    if args.max_steps:
+        total = min(total, args.max_steps)
+    warmup = max(1, int(total * args.warmup_frac))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, total, warmup)
+    )
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    generator = torch.Generator().manual_seed(args.seed)
+
+    step, val_accuracy, train_accuracy = 0, 0.0, 0.0
+    progress = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
+    while step < total:
+        model.train()
+        order = torch.randperm(len(images), generator=generator)
+        for batch_start in range(0, steps_per_epoch * args.batch_size, args.batch_size):
+            if step >= total:
+                break
+            index = order[batch_start : batch_start + args.batch_size]
+            x = augment(images[index].float(), generator)
+            y = labels[index]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                logits = model(x)
+            loss = loss_fn(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            batch_accuracy = float((logits.argmax(-1) == y).float().mean())
+            train_accuracy = (
+                0.9 * train_accuracy + 0.1 * batch_accuracy if step > 1 else batch_accuracy
+            )
+            progress.set_postfix(
+                loss=f"{loss.item():.3f}",
+                acc=f"{train_accuracy:.3f}",
+                val=f"{val_accuracy:.3f}",
+                lr=f"{schedule.get_last_lr()[0]:.1e}",
+            )
+            progress.update()
+        val_accuracy = evaluate(model, val_images, val_labels, args.batch_size)
+        logger.info("step %d: validation accuracy %.4f", step, val_accuracy)
+    progress.close()
+    seconds = time.perf_counter() - started
+    return Checkpoint(
+        state_dict={k: v.detach().clone() for k, v in model.state_dict().items()},
+        config=config,
+        labels=list(shapes.LABELS),
+        preprocessing=spec,
+        name=args.name,
+        dataset={
+            "name": "shapes",
+            "seed": args.seed,
+            "train": [0, args.train_count],
+            "validation": [args.train_count, args.train_count + args.val_count],
+        },
+        metrics={
+            "val_accuracy": val_accuracy,
+            "train_accuracy_ema": train_accuracy,
+            "steps": float(step),
+            "train_seconds": seconds,
+        },
+        command=shlex.join(["vit-train", *sys.argv[1:]]),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args = parse_args(argv)
+    checkpoint = train(args)
+    checkpoint.save(args.output)
+    logger.info(
+        "saved %s (validation accuracy %.4f, %.0f s)",
+        args.output,
+        checkpoint.metrics["val_accuracy"],
+        checkpoint.metrics["train_seconds"],
+    )
+
+
+if __name__ == "__main__":
+    main()

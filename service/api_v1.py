@@ -1,0 +1,90 @@
+"""The /v1 routes: classify uploads, describe the loaded model."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+
+from service.body import FILE_FIELD, uploaded_images
+from service.dependencies import PipelineDep, SettingsDep
+from service.errors import InvalidRequest
+from service.pipeline import Pipeline
+from service.responses import classify_response, error_responses
+from service.schemas import ClassifyResponse, ModelInfo, ModelList
+
+router = APIRouter(prefix="/v1", tags=["v1"])
+
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [FILE_FIELD],
+                    "properties": {
+                        FILE_FIELD: {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "One or more image files (repeat the field).",
+                        }
+                    },
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    response_model_exclude_none=True,
+    responses=error_responses(400, 413, 415, 422, 500, 503),
+    openapi_extra=_UPLOAD_BODY,
+    summary="Classify one or more uploaded images",
+)
+async def classify(
+    request: Request,
+    pipeline: PipelineDep,
+    settings: SettingsDep,
+    top_k: Annotated[
+        int | None, Query(description="Classes in `top`; clamped to the labels.")
+    ] = None,
+    probabilities: Annotated[bool, Query(description="Also return the full distribution.")] = False,
+) -> ClassifyResponse:
+    if top_k is not None and top_k < 1:
+        raise InvalidRequest(f"top_k must be at least 1, got {top_k}")
+    pipeline.require_ready()
+    images = await uploaded_images(
+        request, limit=settings.max_body_bytes, max_files=settings.max_images_per_request
+    )
+    result = await pipeline.classify(images)
+    return classify_response(
+        result, pipeline.session.metadata, top_k=top_k or settings.default_top_k, full=probabilities
+    )
+
+
+def model_info(pipeline: Pipeline) -> ModelInfo:
+    session = pipeline.session
+    metadata = session.metadata
+    return ModelInfo(
+        name=metadata.name,
+        version=metadata.version,
+        labels=list(metadata.labels),
+        input_size=metadata.preprocessing.input_size,
+        preprocessing=metadata.preprocessing,
+        output=metadata.output,
+        provider=session.provider,
+        providers=list(session.providers),
+        sha256=session.sha256,
+        held_out_accuracy=metadata.held_out_accuracy,
+        dataset=metadata.dataset,
+    )
+
+
+@router.get("/models", response_model=ModelList, summary="The loaded model and how it runs")
+async def models(pipeline: PipelineDep) -> ModelList:
+    return ModelList(models=[model_info(pipeline)])

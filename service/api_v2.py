@@ -1,0 +1,159 @@
+"""Open Inference Protocol v2 routes (KServe / Triton REST), binary tensor data included."""
+
+from __future__ import annotations
+
+import numpy as np
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from service import oip
+from service.body import read_body
+from service.dependencies import PipelineDep, SettingsDep
+from service.errors import ModelNotFound
+from service.pipeline import Pipeline
+from service.responses import error_responses
+from service.schemas import (
+    OipInferenceResponse,
+    OipLive,
+    OipModelMetadata,
+    OipModelReady,
+    OipReady,
+    OipServerMetadata,
+    OipTensorMetadata,
+)
+
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
+SERVER_NAME = "vit-inference"
+
+
+def loaded_model(pipeline: Pipeline, name: str, version: str | None = None) -> Pipeline:
+    metadata = pipeline.session.metadata
+    if name != metadata.name or version not in (None, metadata.version):
+        wanted = name if version is None else f"{name} version {version}"
+        raise ModelNotFound(f"no model {wanted!r}; this server serves {metadata.name!r}")
+    return pipeline
+
+
+@router.get("", response_model=OipServerMetadata)
+async def server_metadata(request: Request) -> OipServerMetadata:
+    return OipServerMetadata(
+        name=SERVER_NAME, version=request.app.version, extensions=["binary_tensor_data"]
+    )
+
+
+@router.get("/health/live", response_model=OipLive)
+async def live() -> OipLive:
+    return OipLive(live=True)
+
+
+@router.get("/health/ready", response_model=OipReady, responses={503: {"model": OipReady}})
+async def ready(pipeline: PipelineDep) -> Response:
+    return JSONResponse({"ready": pipeline.ready}, status_code=200 if pipeline.ready else 503)
+
+
+def _model_metadata(pipeline: Pipeline) -> OipModelMetadata:
+    session, metadata = pipeline.session, pipeline.session.metadata
+    return OipModelMetadata(
+        name=metadata.name,
+        versions=[metadata.version],
+        platform="onnxruntime_onnx",
+        inputs=[
+            OipTensorMetadata(
+                name=session.input_name, datatype=oip.FP32, shape=[-1, *pipeline.input_shape(1)[1:]]
+            ),
+            OipTensorMetadata(name=oip.IMAGE_INPUT, datatype=oip.BYTES, shape=[-1]),
+        ],
+        outputs=[
+            OipTensorMetadata(
+                name=oip.PROBABILITIES_OUTPUT, datatype=oip.FP32, shape=[-1, len(metadata.labels)]
+            )
+        ],
+    )
+
+
+@router.get("/models/{name}", response_model=OipModelMetadata, responses=error_responses(404))
+async def model_metadata(name: str, pipeline: PipelineDep) -> OipModelMetadata:
+    return _model_metadata(loaded_model(pipeline, name))
+
+
+@router.get(
+    "/models/{name}/versions/{version}",
+    response_model=OipModelMetadata,
+    responses=error_responses(404),
+)
+async def model_version_metadata(
+    name: str, version: str, pipeline: PipelineDep
+) -> OipModelMetadata:
+    return _model_metadata(loaded_model(pipeline, name, version))
+
+
+@router.get(
+    "/models/{name}/ready",
+    response_model=OipModelReady,
+    responses={**error_responses(404), 503: {"model": OipModelReady}},
+)
+async def model_ready(name: str, pipeline: PipelineDep) -> Response:
+    model = loaded_model(pipeline, name)
+    return JSONResponse(
+        {"name": name, "ready": model.ready}, status_code=200 if model.ready else 503
+    )
+
+
+_INFER_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/OipInferenceRequest"}},
+            oip.BINARY_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+async def _infer(
+    request: Request, pipeline: Pipeline, settings_limit: int, max_batch: int
+) -> Response:
+    pipeline.require_ready()
+    body = await read_body(request, settings_limit)
+    parsed = oip.parse_request(
+        body,
+        request.headers.get(oip.HEADER_LENGTH),
+        pixels_name=pipeline.session.input_name,
+        input_shape=pipeline.input_shape(1)[1:],
+        max_batch=max_batch,
+    )
+    if parsed.pixels is not None:
+        probabilities: np.ndarray = await pipeline.infer(parsed.pixels)
+    else:
+        probabilities = await pipeline.classify(parsed.images or [])
+    metadata = pipeline.session.metadata
+    encoded = oip.encode_response(
+        probabilities, model_name=metadata.name, model_version=metadata.version, request=parsed
+    )
+    return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers)
+
+
+@router.post(
+    "/models/{name}/infer",
+    response_model=OipInferenceResponse,
+    responses=error_responses(400, 404, 413, 415, 422, 500, 503),
+    openapi_extra=_INFER_DOC,
+)
+async def infer(
+    name: str, request: Request, pipeline: PipelineDep, settings: SettingsDep
+) -> Response:
+    model = loaded_model(pipeline, name)
+    return await _infer(request, model, settings.max_body_bytes, settings.max_images_per_request)
+
+
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    response_model=OipInferenceResponse,
+    responses=error_responses(400, 404, 413, 415, 422, 500, 503),
+    openapi_extra=_INFER_DOC,
+)
+async def infer_version(
+    name: str, version: str, request: Request, pipeline: PipelineDep, settings: SettingsDep
+) -> Response:
+    model = loaded_model(pipeline, name, version)
+    return await _infer(request, model, settings.max_body_bytes, settings.max_images_per_request)

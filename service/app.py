@@ -1,0 +1,124 @@
+"""`create_app(settings)`: the FastAPI application, its lifespan and its one error body."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from service import api_v1, api_v2
+from service.errors import InvalidRequest, ServiceError
+from service.pipeline import Pipeline
+from service.schemas import OipInferenceRequest
+from service.session import ModelSession
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+_HTTP_ERROR_TYPES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def package_version() -> str:
+    try:
+        return version("vit-inference")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def error_response(status_code: int, message: str, error_type: str) -> JSONResponse:
+    return JSONResponse({"error": message, "type": error_type}, status_code=status_code)
+
+
+async def _service_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, ServiceError)
+    return error_response(error.status_code, error.message, error.type)
+
+
+async def _validation_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    return error_response(400, f"{where}: {first.get('msg', 'invalid')}", InvalidRequest.type)
+
+
+async def _http_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, HTTPException)
+    kind = _HTTP_ERROR_TYPES.get(error.status_code, "http_error")
+    return error_response(error.status_code, str(error.detail), kind)
+
+
+async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal error", "internal_error")
+
+
+def _lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        # Loading fails fast (bad file, no metadata, CUDA required but absent); the warm-up
+        # runs while the server already answers liveness, and readiness waits for it.
+        session = await run_in_threadpool(
+            ModelSession,
+            settings.model,
+            providers=settings.providers,
+            intra_op_threads=settings.intra_op_threads,
+            inter_op_threads=settings.inter_op_threads,
+            require_cuda=settings.require_cuda,
+        )
+        pipeline = Pipeline(session, settings)
+        warm_up = asyncio.create_task(pipeline.warm_up())
+        try:
+            yield {"pipeline": pipeline, "settings": settings}
+        finally:
+            warm_up.cancel()
+            pipeline.close()
+
+    return lifespan
+
+
+def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """The generated schema plus the OIP request schema the binary-capable route documents."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            request_schema = OipInferenceRequest.model_json_schema(
+                ref_template="#/components/schemas/{model}"
+            )
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(request_schema.pop("$defs", {}))
+            components["OipInferenceRequest"] = request_schema
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return openapi
+
+
+def create_app(settings: Settings) -> FastAPI:
+    app = FastAPI(
+        title="ViT inference service",
+        version=package_version(),
+        description="Image classification with a self-describing ONNX Vision Transformer. "
+        "/v1 takes image uploads; /v2 speaks the Open Inference Protocol.",
+        lifespan=_lifespan(settings),
+    )
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    app.include_router(api_v1.router)
+    app.include_router(api_v2.router)
+    app.openapi = _openapi(app)  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,75 @@
+"""Request body -> the uploaded image files: byte limit while streaming, multipart or raw image."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+
+from service.errors import EmptyBody, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+
+FILE_FIELD = "file"
+MAX_FORM_FIELDS = 16
+MAX_FIELD_BYTES = 64 * 1024
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused with 413 as soon as it passes `limit`: declared or streamed."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def uploaded_images(request: Request, *, limit: int, max_files: int) -> list[bytes]:
+    """Image files from a multipart form (field `file`, repeatable) or a raw `image/*` body."""
+    kind = media_type(request)
+    if kind != "multipart/form-data" and not kind.startswith("image/"):
+        raise UnsupportedMediaType(
+            f"send multipart/form-data with field {FILE_FIELD!r} or an image/* body, not {kind!r}"
+        )
+    body = await read_body(request, limit)
+    if not body:
+        raise EmptyBody("the request body is empty")
+    if kind.startswith("image/"):
+        return [body]
+    return await _form_files(request, body, max_files)
+
+
+async def _form_files(request: Request, body: bytes, max_files: int) -> list[bytes]:
+    async def stream() -> AsyncGenerator[bytes, None]:
+        yield body
+
+    parser = MultiPartParser(
+        request.headers,
+        stream(),
+        max_files=max_files,
+        max_fields=MAX_FORM_FIELDS,
+        max_part_size=MAX_FIELD_BYTES,
+    )
+    try:
+        form = await parser.parse()
+    except MultiPartException as error:
+        raise InvalidRequest(f"malformed multipart body: {error.message}") from error
+    try:
+        uploads = [item for item in form.getlist(FILE_FIELD) if isinstance(item, UploadFile)]
+        if not uploads:
+            raise InvalidRequest(f"the form has no file in the field {FILE_FIELD!r}")
+        files = [await upload.read() for upload in uploads]
+    finally:
+        await form.close()
+    if not all(files):
+        raise EmptyBody("an uploaded file is empty")
+    return files

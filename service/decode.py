@@ -1,0 +1,109 @@
+"""Upload bytes -> an upright RGB Pillow image, safely: allowlisted formats, pixel limit first."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.errors import TooManyPixels, UndecodableImage, UnsupportedImageFormat
+
+ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+DEFAULT_MAX_PIXELS = 40_000_000
+
+RGB = tuple[int, int, int]
+SizeHint = Callable[[tuple[int, int]], tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """The RGB picture and what it took to get there (for the input metrics)."""
+
+    image: Image.Image
+    format: str
+    original_mode: str
+    exif_rotated: bool
+
+
+def decode(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    alpha_background: RGB = (255, 255, 255),
+    size_hint: SizeHint | None = None,
+) -> DecodedImage:
+    """Decode the first frame of an allowlisted image, upright and in RGB.
+
+    The pixel count is read from the header and checked before any pixel is decoded.
+    `size_hint` maps the stored size to the smallest size the caller needs, which lets JPEG
+    decode at a reduced scale (Pillow's draft mode): several times faster for large photos.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError as error:
+        raise UnsupportedImageFormat(
+            f"not an image in an accepted format ({', '.join(ALLOWED_FORMATS)})"
+        ) from error
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise TooManyPixels(f"image exceeds the pixel limit: {error}") from error
+    except Exception as error:  # Pillow's plugins raise many types on malformed headers.
+        raise UndecodableImage(f"cannot read the image header: {error}") from error
+    width, height = image.size
+    if width * height > max_pixels:
+        raise TooManyPixels(f"image has {width}x{height} pixels, more than the limit {max_pixels}")
+    if width == 0 or height == 0:
+        raise UndecodableImage("image has no pixels")
+    image_format, original_mode = str(image.format), image.mode
+    try:
+        if size_hint is not None and image_format == "JPEG":
+            image.draft(None, size_hint((width, height)))
+        image.load()
+        rotated = upright(image)
+        return DecodedImage(
+            image=to_rgb(rotated, alpha_background),
+            format=image_format,
+            original_mode=original_mode,
+            exif_rotated=rotated is not image,
+        )
+    except Exception as error:  # truncated or corrupt data surfaces as many exception types
+        raise UndecodableImage(f"cannot decode the image: {error}") from error
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as the camera's EXIF orientation says it should be seen (itself if already so)."""
+    orientation = image.getexif().get(0x0112, 1)
+    if orientation in (2, 3, 4, 5, 6, 7, 8):
+        return ImageOps.exif_transpose(image)
+    return image
+
+
+def to_rgb(image: Image.Image, alpha_background: RGB) -> Image.Image:
+    """Any Pillow mode as 8-bit RGB: high bit depths scaled, transparency composited."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit samples span 0..65535 (Pillow widens 16-bit PNGs to I); scale, never clip.
+        samples = np.asarray(image, dtype=np.float64)
+        levels = np.clip(np.round(samples / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(levels).convert("RGB")
+    if mode == "F":
+        samples = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        full_scale = 1.0 if samples.max(initial=0.0) <= 1.0 else 255.0
+        levels = np.clip(np.round(samples * (255.0 / full_scale)), 0, 255).astype(np.uint8)
+        return Image.fromarray(levels).convert("RGB")
+    if mode == "La":  # premultiplied alpha has no direct path to RGBA
+        image = image.convert("LA")
+    if mode == "P" and "transparency" in image.info or image.mode in ("PA", "LA", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        background = Image.new("RGB", image.size, alpha_background)
+        background.paste(image, mask=image.getchannel("A"))
+        return background
+    return image.convert("RGB")

@@ -1,0 +1,68 @@
+"""The closed set of errors clients see, each with its HTTP status and machine-readable type."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base of every error the service reports to clients; the table below is the only mapping."""
+
+    status_code: int = 500
+    type: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class EmptyBody(ServiceError):
+    status_code, type = 400, "empty_body"
+
+
+class InvalidRequest(ServiceError):
+    status_code, type = 400, "invalid_request"
+
+
+class ModelNotFound(ServiceError):
+    status_code, type = 404, "model_not_found"
+
+
+class PayloadTooLarge(ServiceError):
+    status_code, type = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status_code, type = 415, "unsupported_media_type"
+
+
+class UnsupportedImageFormat(ServiceError):
+    status_code, type = 415, "unsupported_image_format"
+
+
+class UndecodableImage(ServiceError):
+    status_code, type = 422, "undecodable_image"
+
+
+class TooManyPixels(ServiceError):
+    status_code, type = 422, "too_many_pixels"
+
+
+class InferenceFailed(ServiceError):
+    status_code, type = 500, "inference_failed"
+
+
+class NotReady(ServiceError):
+    status_code, type = 503, "not_ready"
+
+
+ERROR_TYPES: tuple[type[ServiceError], ...] = (
+    EmptyBody,
+    InvalidRequest,
+    ModelNotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    UnsupportedImageFormat,
+    UndecodableImage,
+    TooManyPixels,
+    InferenceFailed,
+    NotReady,
+)

@@ -1,0 +1,36 @@
+"""Probabilities -> response bodies, and the documented error responses of each route."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from service.errors import ERROR_TYPES
+from service.model_metadata import ModelMetadata
+from service.schemas import ClassifyResponse, ErrorBody, ModelRef, Prediction, TopClass
+
+
+def classify_response(
+    probabilities: np.ndarray, metadata: ModelMetadata, *, top_k: int, full: bool
+) -> ClassifyResponse:
+    """Top-k per image, most probable first (ties in label order), and all if asked."""
+    labels = metadata.labels
+    k = min(top_k, len(labels))
+    predictions = []
+    for row in probabilities:
+        order = np.argsort(-row, kind="stable")[:k]
+        top = [TopClass(label=labels[i], index=int(i), probability=float(row[i])) for i in order]
+        predictions.append(Prediction(top=top, probabilities=row.tolist() if full else None))
+    return ClassifyResponse(
+        model=ModelRef(name=metadata.name, version=metadata.version), predictions=predictions
+    )
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the given statuses, each listing the error types that produce it."""
+    documented: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        types = sorted(error.type for error in ERROR_TYPES if error.status_code == status)
+        documented[status] = {"model": ErrorBody, "description": "Error: " + ", ".join(types)}
+    return documented

@@ -1,0 +1,129 @@
+"""Typed request and response bodies of the HTTP API (they are also its OpenAPI schema)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.preprocess import PreprocessSpec
+
+
+class ErrorBody(BaseModel):
+    """Every error, on every route."""
+
+    error: str = Field(description="What went wrong, for a person.")
+    type: str = Field(description="Machine-readable error type, e.g. `too_many_pixels`.")
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class TopClass(BaseModel):
+    label: str
+    index: int = Field(description="Position of the label in the model's label list.")
+    probability: float
+
+
+class Prediction(BaseModel):
+    top: list[TopClass] = Field(description="Most probable classes, most probable first.")
+    probabilities: list[float] | None = Field(
+        None, description="The full distribution in label order (only when asked)."
+    )
+
+
+class ClassifyResponse(BaseModel):
+    model: ModelRef
+    predictions: list[Prediction] = Field(description="One per image, in request order.")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    labels: list[str]
+    input_size: int
+    preprocessing: PreprocessSpec
+    output: Literal["logits", "probabilities"]
+    provider: str = Field(description="The onnxruntime execution provider really in use.")
+    providers: list[str]
+    sha256: str = Field(description="sha256 of the served .onnx file.")
+    held_out_accuracy: float | None
+    dataset: dict[str, Any]
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class OipTensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class OipServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class OipModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[OipTensorMetadata]
+    outputs: list[OipTensorMetadata]
+
+
+class OipLive(BaseModel):
+    live: bool
+
+
+class OipReady(BaseModel):
+    ready: bool
+
+
+class OipModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class OipRequestInput(BaseModel):
+    """An input tensor; `data` is absent when it travels as binary after the JSON header."""
+
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class OipRequestOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class OipInferenceRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[OipRequestInput]
+    outputs: list[OipRequestOutput] | None = None
+
+
+class OipResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[float] | None = None
+
+
+class OipInferenceResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    outputs: list[OipResponseOutput]

@@ -1,0 +1,53 @@
+"""Every knob of the service, read once from `VIT_*` environment variables or passed in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.decode import DEFAULT_MAX_PIXELS
+from service.session import CPU, CUDA
+
+
+class Settings(BaseSettings):
+    """Service configuration; `VIT_MODEL=...` sets `model`, and so on."""
+
+    model_config = SettingsConfigDict(env_prefix="VIT_", frozen=True)
+
+    model: Path = Path("models/shapes-vit.onnx")
+    """The self-describing ONNX file to serve (written by vit-export)."""
+
+    host: str = "127.0.0.1"
+    """Interface uvicorn binds; 0.0.0.0 inside a container."""
+
+    port: int = Field(8000, ge=1, le=65535)
+    """TCP port uvicorn listens on."""
+
+    providers: tuple[str, ...] = (CUDA, CPU)
+    """onnxruntime execution providers in order of preference; unavailable ones are skipped."""
+
+    require_cuda: bool = False
+    """Refuse to start unless the session really runs on CUDA (for GPU deployments)."""
+
+    intra_op_threads: int = Field(0, ge=0)
+    """onnxruntime threads inside one operator; 0 means one per core available to the process."""
+
+    inter_op_threads: int = Field(1, ge=1)
+    """onnxruntime threads across independent operators; a ViT is a chain, so 1."""
+
+    decode_threads: int = Field(2, ge=1)
+    """Threads decoding and preprocessing uploads (Pillow releases the GIL while decoding)."""
+
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    """Largest request body accepted, enforced while it streams (chunked bodies too): 413 above."""
+
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    """Largest image (width x height) decoded, checked from the header first: 422 above."""
+
+    max_images_per_request: int = Field(64, ge=1)
+    """Most images one /v1/classify or OIP request may carry: 400 above."""
+
+    default_top_k: int = Field(5, ge=1)
+    """Classes listed in `top` when the request does not say."""

@@ -1,0 +1,93 @@
+"""Export: a real tiny training run, exported, checked, proven equal, its metadata readable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from service.model_metadata import InvalidModelMetadata, ModelMetadata
+from service.preprocess import PreprocessSpec
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+
+from model_export.checkpoint import Checkpoint, sha256_of  # noqa: E402
+from model_export.export import LOGIT_TOLERANCE, OPSET, check_parity  # noqa: E402
+from service.session import CPU, ModelSession  # noqa: E402
+
+
+def test_checkpoint_holds_everything_needed_to_rebuild(tiny_checkpoint: Path) -> None:
+    checkpoint = Checkpoint.load(tiny_checkpoint)
+    assert checkpoint.config.depth == 2 and checkpoint.config.image_size == 64
+    assert checkpoint.preprocessing == PreprocessSpec(input_size=64)
+    assert checkpoint.labels[0] == "circle" and len(checkpoint.labels) == 8
+    assert "--depth 2" in checkpoint.command and checkpoint.metrics["steps"] == 8
+    assert torch.count_nonzero(checkpoint.state_dict["head.weight"]) > 0  # training moved it
+
+
+def test_graph_is_valid_with_named_io_and_dynamic_batch(tiny_onnx: Path) -> None:
+    proto = onnx.load(str(tiny_onnx))
+    onnx.checker.check_model(proto, full_check=True)
+    assert proto.opset_import[0].version >= OPSET
+    (model_input,) = proto.graph.input
+    assert model_input.name == "pixel_values"
+    assert model_input.type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert [output.name for output in proto.graph.output] == ["logits"]
+
+
+def test_metadata_round_trips_through_onnxruntime_alone(
+    tiny_onnx: Path, tiny_checkpoint: Path
+) -> None:
+    session = ort.InferenceSession(str(tiny_onnx), providers=[CPU])
+    metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
+    assert metadata.name == "tiny-shapes" and metadata.version == "7"
+    assert metadata.preprocessing == PreprocessSpec(input_size=64)
+    assert metadata.output == "logits" and len(metadata.labels) == 8
+    assert metadata.checkpoint_sha256 == sha256_of(tiny_checkpoint)
+    assert metadata.held_out_accuracy is not None and 0 <= metadata.held_out_accuracy <= 1
+    assert metadata.dataset["name"] == "shapes" and metadata.dataset["held_out_seed"] == 99
+
+
+def test_onnxruntime_matches_pytorch_within_tolerance(
+    tiny_onnx: Path, tiny_checkpoint: Path
+) -> None:
+    model = Checkpoint.load(tiny_checkpoint).build_model()
+    cases = check_parity(model, ModelSession(tiny_onnx, providers=(CPU,)), seed=5)
+    assert {(case.name, case.batch_size) for case in cases} == {
+        ("random", 1),
+        ("random", 8),
+        ("images", 1),
+        ("images", 8),
+    }
+    for case in cases:
+        assert case.max_abs_diff <= LOGIT_TOLERANCE and case.top1_agree == case.batch_size
+
+
+def test_parity_check_fails_loudly_when_the_graph_differs(
+    tiny_onnx: Path, tiny_checkpoint: Path
+) -> None:
+    model = Checkpoint.load(tiny_checkpoint).build_model()
+    with torch.no_grad():
+        model.head.bias.add_(1e-3)
+    cases = check_parity(model, ModelSession(tiny_onnx, providers=(CPU,)), seed=5)
+    assert not any(case.passed for case in cases)
+
+
+def test_session_probabilities_are_the_softmax_of_the_logits(tiny_onnx: Path) -> None:
+    session = ModelSession(tiny_onnx, providers=(CPU,))
+    batch = np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32)
+    logits = session.logits(batch).astype(np.float64)
+    expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(session.predict(batch), expected, atol=1e-7)
+
+
+def test_a_model_without_metadata_is_refused(tiny_onnx: Path, tmp_path: Path) -> None:
+    proto = onnx.load(str(tiny_onnx))
+    del proto.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(proto, str(bare))
+    with pytest.raises(InvalidModelMetadata, match="lacks name, version, labels"):
+        ModelSession(bare, providers=(CPU,))
