@@ -20,7 +20,7 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.serve-installed
 
 serve: $(VENV)/.serve-installed
-	$(BIN)/vit-eval $(MODEL) --seed 7 --count 64
+	$(BIN)/vit-serve --model $(MODEL)
 
 test: $(VENV)/.test-installed lint typecheck unit
 

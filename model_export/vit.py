@@ -47,6 +47,16 @@ def preset(name: str, **overrides: Any) -> ViTConfig:
     return ViTConfig(**{**PRESETS[name], **overrides})
 
 
+def sincos_2d(grid: int, width: int) -> torch.Tensor:
+    """(grid*grid, width) sine/cosine codes of each patch's row and column (Vaswani et al.)."""
+    assert width % 4 == 0, "width must be divisible by 4 for 2-D sin-cos position codes"
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    frequencies = 1.0 / 10000 ** (torch.arange(width // 4) / (width // 4))
+    angles_r = rows.flatten()[:, None] * frequencies[None]  # (N, D/4)
+    angles_c = cols.flatten()[:, None] * frequencies[None]
+    return torch.cat([angles_r.sin(), angles_r.cos(), angles_c.sin(), angles_c.cos()], dim=1)
+
+
 class PatchEmbed(nn.Module):
     """Cuts the image into non-overlapping patches and embeds each one linearly.
 
@@ -153,12 +163,22 @@ class VisionTransformer(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        # Learnable, but starting from 2-D sin-cos: every patch knows its row and column from
+        # the first step, which shortens a small ViT's long initial plateau on a new task.
+        grid = self.config.image_size // self.config.patch_size
+        with torch.no_grad():
+            self.pos_embed[0, 1:] = sincos_2d(grid, self.config.width)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
+        # The original ViT's initialisation: Xavier-uniform layers, LeCun-normal patch embedding,
+        # zero head. The smaller std=0.02 of later recipes leaves the blocks nearly linear at the
+        # start, and on shapes of random colour (no linear cue) training then never leaves chance.
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
+        fan_in = 3 * self.config.patch_size**2
+        nn.init.trunc_normal_(self.patch_embed.proj.weight, std=fan_in**-0.5)
+        nn.init.zeros_(self.patch_embed.proj.bias)
         nn.init.zeros_(self.head.weight)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:

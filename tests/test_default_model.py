@@ -1,0 +1,72 @@
+"""The bundled model: small, self-describing, and as accurate on unseen images as it claims."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from model_export import shapes
+from model_export.evaluate import evaluate
+from service.preprocess import PreprocessSpec
+from service.session import CPU, ModelSession
+from tests.conftest import ROOT
+
+# Never used by vit-train (seed 0) or vit-export (seed 1000003) for the bundled model.
+UNSEEN_SEED = 31337
+
+
+@pytest.fixture(scope="module")
+def session(served_model: Path) -> ModelSession:
+    return ModelSession(served_model, providers=(CPU,))
+
+
+def test_is_the_64_patch_vit_ti_under_25_mb(session: ModelSession, served_model: Path) -> None:
+    assert served_model.stat().st_size < 25 * 1024 * 1024
+    config = session.metadata.dataset["config"]
+    assert isinstance(config, dict)
+    assert (config["image_size"], config["patch_size"], config["width"]) == (128, 16, 192)
+    assert session.metadata.preprocessing == PreprocessSpec(input_size=128)
+    assert session.labels == shapes.LABELS
+
+
+def test_metadata_states_held_out_accuracy_of_at_least_97_percent(session: ModelSession) -> None:
+    accuracy = session.metadata.held_out_accuracy
+    assert accuracy is not None and accuracy >= 0.97
+    assert session.metadata.dataset["held_out_count"] == 2000
+    assert session.metadata.dataset["held_out_seed"] != session.metadata.dataset["seed"]
+
+
+def test_at_least_97_percent_on_2000_unseen_images(session: ModelSession) -> None:
+    assert UNSEEN_SEED not in (
+        session.metadata.dataset["seed"],
+        session.metadata.dataset["held_out_seed"],
+    )
+    result = evaluate(session, seed=UNSEEN_SEED, count=2000)
+    assert result.count == 2000
+    assert result.accuracy >= 0.97, result.report()
+
+
+def test_vit_eval_prints_accuracy_and_confusion(served_model: Path) -> None:
+    output = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "model_export.evaluate",
+            str(served_model),
+            "--dataset",
+            "shapes",
+            "--seed",
+            "99",
+            "--count",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    ).stdout
+    assert output.startswith("accuracy ") and "(rows: true, columns: predicted)" in output
+    assert all(label in output for label in shapes.LABELS)
