@@ -178,7 +178,8 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(module.bias)
         fan_in = 3 * self.config.patch_size**2
         nn.init.trunc_normal_(self.patch_embed.proj.weight, std=fan_in**-0.5)
-        nn.init.zeros_(self.patch_embed.proj.bias)
+        if self.patch_embed.proj.bias is not None:
+            nn.init.zeros_(self.patch_embed.proj.bias)
         nn.init.zeros_(self.head.weight)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
