@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 
 from service.body import FILE_FIELD, uploaded_images
-from service.dependencies import PipelineDep, SettingsDep
+from service.dependencies import DeadlineDep, PipelineDep, SettingsDep
 from service.errors import InvalidRequest
 from service.pipeline import Pipeline
 from service.responses import classify_response, error_responses
@@ -42,7 +42,7 @@ _UPLOAD_BODY = {
     "/classify",
     response_model=ClassifyResponse,
     response_model_exclude_none=True,
-    responses=error_responses(400, 413, 415, 422, 500, 503),
+    responses=error_responses(400, 413, 415, 422, 500, 503, 504),
     openapi_extra=_UPLOAD_BODY,
     summary="Classify one or more uploaded images",
 )
@@ -50,6 +50,7 @@ async def classify(
     request: Request,
     pipeline: PipelineDep,
     settings: SettingsDep,
+    deadline: DeadlineDep,
     top_k: Annotated[
         int | None, Query(description="Classes in `top`; clamped to the labels.")
     ] = None,
@@ -58,10 +59,11 @@ async def classify(
     if top_k is not None and top_k < 1:
         raise InvalidRequest(f"top_k must be at least 1, got {top_k}")
     pipeline.require_ready()
-    images = await uploaded_images(
-        request, limit=settings.max_body_bytes, max_files=settings.max_images_per_request
-    )
-    result = await pipeline.classify(images)
+    with pipeline.metrics.stage_seconds.labels("read_body").time():
+        images = await uploaded_images(
+            request, limit=settings.max_body_bytes, max_files=settings.max_images_per_request
+        )
+    result = await pipeline.classify(images, deadline)
     return classify_response(
         result, pipeline.session.metadata, top_k=top_k or settings.default_top_k, full=probabilities
     )

@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 
 from service import oip
 from service.body import read_body
-from service.dependencies import PipelineDep, SettingsDep
+from service.dependencies import DeadlineDep, PipelineDep, SettingsDep
 from service.errors import ModelNotFound
 from service.pipeline import Pipeline
 from service.responses import error_responses
@@ -21,6 +21,7 @@ from service.schemas import (
     OipServerMetadata,
     OipTensorMetadata,
 )
+from service.settings import Settings
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 SERVER_NAME = "vit-inference"
@@ -111,21 +112,22 @@ _INFER_DOC = {
 
 
 async def _infer(
-    request: Request, pipeline: Pipeline, settings_limit: int, max_batch: int
+    request: Request, pipeline: Pipeline, settings: Settings, deadline: float
 ) -> Response:
     pipeline.require_ready()
-    body = await read_body(request, settings_limit)
+    with pipeline.metrics.stage_seconds.labels("read_body").time():
+        body = await read_body(request, settings.max_body_bytes)
     parsed = oip.parse_request(
         body,
         request.headers.get(oip.HEADER_LENGTH),
         pixels_name=pipeline.session.input_name,
         input_shape=pipeline.input_shape(1)[1:],
-        max_batch=max_batch,
+        max_batch=settings.max_images_per_request,
     )
     if parsed.pixels is not None:
-        probabilities: np.ndarray = await pipeline.infer(parsed.pixels)
+        probabilities: np.ndarray = await pipeline.infer(parsed.pixels, deadline)
     else:
-        probabilities = await pipeline.classify(parsed.images or [])
+        probabilities = await pipeline.classify(parsed.images or [], deadline)
     metadata = pipeline.session.metadata
     encoded = oip.encode_response(
         probabilities, model_name=metadata.name, model_version=metadata.version, request=parsed
@@ -136,24 +138,27 @@ async def _infer(
 @router.post(
     "/models/{name}/infer",
     response_model=OipInferenceResponse,
-    responses=error_responses(400, 404, 413, 415, 422, 500, 503),
+    responses=error_responses(400, 404, 413, 415, 422, 500, 503, 504),
     openapi_extra=_INFER_DOC,
 )
 async def infer(
-    name: str, request: Request, pipeline: PipelineDep, settings: SettingsDep
+    name: str, request: Request, pipeline: PipelineDep, settings: SettingsDep, deadline: DeadlineDep
 ) -> Response:
-    model = loaded_model(pipeline, name)
-    return await _infer(request, model, settings.max_body_bytes, settings.max_images_per_request)
+    return await _infer(request, loaded_model(pipeline, name), settings, deadline)
 
 
 @router.post(
     "/models/{name}/versions/{version}/infer",
     response_model=OipInferenceResponse,
-    responses=error_responses(400, 404, 413, 415, 422, 500, 503),
+    responses=error_responses(400, 404, 413, 415, 422, 500, 503, 504),
     openapi_extra=_INFER_DOC,
 )
 async def infer_version(
-    name: str, version: str, request: Request, pipeline: PipelineDep, settings: SettingsDep
+    name: str,
+    version: str,
+    request: Request,
+    pipeline: PipelineDep,
+    settings: SettingsDep,
+    deadline: DeadlineDep,
 ) -> Response:
-    model = loaded_model(pipeline, name, version)
-    return await _infer(request, model, settings.max_body_bytes, settings.max_images_per_request)
+    return await _infer(request, loaded_model(pipeline, name, version), settings, deadline)

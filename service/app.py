@@ -9,15 +9,18 @@ from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from service import api_v1, api_v2
-from service.errors import InvalidRequest, ServiceError
+from service.errors import InvalidRequest, Overloaded, ServiceError
+from service.metrics import Metrics
+from service.middleware import RequestMetrics
 from service.pipeline import Pipeline
 from service.schemas import OipInferenceRequest
 from service.session import ModelSession
@@ -35,31 +38,45 @@ def package_version() -> str:
         return "0+unknown"
 
 
-def error_response(status_code: int, message: str, error_type: str) -> JSONResponse:
-    return JSONResponse({"error": message, "type": error_type}, status_code=status_code)
+def error_response(
+    request: Request,
+    status_code: int,
+    message: str,
+    error_type: str,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """The one error body; every error is also counted as a rejection by its type."""
+    metrics = getattr(request.state, "metrics", None)
+    if isinstance(metrics, Metrics):
+        metrics.rejections.labels(error_type).inc()
+    return JSONResponse(
+        {"error": message, "type": error_type}, status_code=status_code, headers=headers
+    )
 
 
 async def _service_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, ServiceError)
-    return error_response(error.status_code, error.message, error.type)
+    headers = {"Retry-After": str(error.retry_after)} if isinstance(error, Overloaded) else None
+    return error_response(request, error.status_code, error.message, error.type, headers)
 
 
 async def _validation_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
     first = error.errors()[0]
     where = ".".join(str(part) for part in first.get("loc", ()))
-    return error_response(400, f"{where}: {first.get('msg', 'invalid')}", InvalidRequest.type)
+    message = f"{where}: {first.get('msg', 'invalid')}"
+    return error_response(request, 400, message, InvalidRequest.type)
 
 
 async def _http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, HTTPException)
     kind = _HTTP_ERROR_TYPES.get(error.status_code, "http_error")
-    return error_response(error.status_code, str(error.detail), kind)
+    return error_response(request, error.status_code, str(error.detail), kind)
 
 
 async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(500, "internal error", "internal_error")
+    return error_response(request, 500, "internal error", "internal_error")
 
 
 def _lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
@@ -75,13 +92,14 @@ def _lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
             inter_op_threads=settings.inter_op_threads,
             require_cuda=settings.require_cuda,
         )
-        pipeline = Pipeline(session, settings)
-        warm_up = asyncio.create_task(pipeline.warm_up())
+        metrics = Metrics()
+        pipeline = Pipeline(session, settings, metrics)
+        start = asyncio.create_task(pipeline.start())
         try:
-            yield {"pipeline": pipeline, "settings": settings}
+            yield {"pipeline": pipeline, "settings": settings, "metrics": metrics}
         finally:
-            warm_up.cancel()
-            pipeline.close()
+            start.cancel()
+            await pipeline.close()
 
     return lifespan
 
@@ -106,6 +124,12 @@ def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
     return openapi
 
 
+async def metrics_endpoint(request: Request) -> Response:
+    """Prometheus text exposition of the app's own registry."""
+    metrics: Metrics = request.state.metrics
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
 def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(
         title="ViT inference service",
@@ -118,7 +142,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
+    app.add_middleware(RequestMetrics)
     app.include_router(api_v1.router)
     app.include_router(api_v2.router)
+    app.add_api_route("/metrics", metrics_endpoint, include_in_schema=False)
     app.openapi = _openapi(app)  # type: ignore[method-assign]
     return app

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 
+from service.errors import InvalidRequest
 from service.pipeline import Pipeline
 from service.settings import Settings
+
+TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 
 
 def get_pipeline(request: Request) -> Pipeline:
@@ -20,5 +24,28 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
-PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def request_deadline(
+    settings: SettingsDep,
+    timeout_ms: Annotated[
+        str | None,
+        Header(alias=TIMEOUT_HEADER, description="Lower this request's deadline (milliseconds)."),
+    ] = None,
+) -> float:
+    """The monotonic time by which the request must have left the queue."""
+    limit = settings.request_timeout_ms
+    if timeout_ms is not None:
+        try:
+            asked = float(timeout_ms)
+        except ValueError:
+            asked = float("nan")
+        if not asked > 0:
+            raise InvalidRequest(f"{TIMEOUT_HEADER} must be a positive number of milliseconds")
+        limit = min(limit, asked)
+    return time.monotonic() + limit / 1000
+
+
+PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
+DeadlineDep = Annotated[float, Depends(request_deadline)]

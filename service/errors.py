@@ -54,6 +54,20 @@ class NotReady(ServiceError):
     status_code, type = 503, "not_ready"
 
 
+class Overloaded(ServiceError):
+    """The queue is full; `retry_after` says when the work already accepted should be done."""
+
+    status_code, type = 503, "overloaded"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(ServiceError):
+    status_code, type = 504, "deadline_exceeded"
+
+
 ERROR_TYPES: tuple[type[ServiceError], ...] = (
     EmptyBody,
     InvalidRequest,
@@ -65,4 +79,6 @@ ERROR_TYPES: tuple[type[ServiceError], ...] = (
     TooManyPixels,
     InferenceFailed,
     NotReady,
+    Overloaded,
+    DeadlineExceeded,
 )

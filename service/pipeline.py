@@ -1,70 +1,100 @@
-"""Upload bytes -> probabilities: decoding in a thread pool, inference in its own thread."""
+"""Upload bytes -> probabilities: decoding in a thread pool, inference through the batcher."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from service.errors import InferenceFailed, NotReady
-from service.preprocess import preprocess
+from service.batcher import Batcher
+from service.errors import NotReady
+from service.metrics import Metrics
+from service.preprocess import preprocess_upload
 from service.session import ModelSession
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+WARM_UP_SECONDS = 600.0
+
 
 class Pipeline:
     """The model behind the routes: never blocks the event loop, ready only after a warm-up."""
 
-    def __init__(self, session: ModelSession, settings: Settings) -> None:
+    def __init__(self, session: ModelSession, settings: Settings, metrics: Metrics) -> None:
         self.session = session
+        self.metrics = metrics
         self.spec = session.metadata.preprocessing
         self.max_pixels = settings.max_pixels
         self.ready = False
         self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
-        # One inference thread: onnxruntime parallelises inside a call with its own threads.
-        self._inference_pool = ThreadPoolExecutor(1, thread_name_prefix="inference")
+        self.batcher = Batcher(
+            session.predict,
+            max_batch_size=settings.max_batch_size,
+            max_delay=settings.max_batch_delay_ms / 1000,
+            max_queue=settings.max_queue,
+            metrics=metrics,
+        )
+        metrics.model.info(
+            {
+                "name": session.metadata.name,
+                "version": session.metadata.version,
+                "sha256": session.sha256,
+                "provider": session.provider,
+            }
+        )
 
     def input_shape(self, batch_size: int) -> tuple[int, int, int, int]:
         size = self.spec.input_size
         return batch_size, 3, size, size
 
+    def _prepare_now(self, data: bytes) -> np.ndarray:
+        started = time.perf_counter()
+        tensor, decoded = preprocess_upload(data, self.spec, max_pixels=self.max_pixels)
+        self.metrics.stage_seconds.labels("decode_preprocess").observe(
+            time.perf_counter() - started
+        )
+        self.metrics.observe_decoded(decoded)
+        return tensor
+
     async def prepare(self, data: bytes) -> np.ndarray:
         """One upload as a (1, 3, S, S) model input, decoded off the event loop."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._decode_pool, lambda: preprocess(data, self.spec, max_pixels=self.max_pixels)
+        return await loop.run_in_executor(self._decode_pool, self._prepare_now, data)
+
+    async def infer(self, batch: np.ndarray, deadline: float) -> np.ndarray:
+        """Probabilities (N, classes) for a preprocessed batch, batched with other requests."""
+        self.require_ready()
+        probabilities = await self.batcher.submit(batch, deadline)
+        top = probabilities.argmax(axis=1)
+        self.metrics.observe_predictions(
+            [float(row[i]) for row, i in zip(probabilities, top, strict=True)],
+            [self.session.labels[i] for i in top],
         )
+        return probabilities
 
-    async def infer(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities (N, classes) for a preprocessed batch."""
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._inference_pool, self.session.predict, batch)
-        except Exception as error:
-            logger.exception("inference failed on a batch of shape %s", batch.shape)
-            raise InferenceFailed(f"inference failed: {type(error).__name__}") from error
-
-    async def classify(self, images: list[bytes]) -> np.ndarray:
+    async def classify(self, images: list[bytes], deadline: float) -> np.ndarray:
         """Probabilities for uploads, one row per image in request order."""
         self.require_ready()
         tensors = await asyncio.gather(*(self.prepare(data) for data in images))
-        return await self.infer(np.concatenate(tensors))
+        return await self.infer(np.concatenate(tensors), deadline)
 
     def require_ready(self) -> None:
         if not self.ready:
             raise NotReady("the model is still warming up")
 
-    async def warm_up(self) -> None:
-        """One real inference, so the first client does not pay for onnxruntime's lazy setup."""
-        await self.infer(np.zeros(self.input_shape(1), dtype=np.float32))
+    async def start(self) -> None:
+        """Start batching, then one real inference so no client pays for onnxruntime's setup."""
+        self.batcher.start()
+        deadline = time.monotonic() + WARM_UP_SECONDS
+        await self.batcher.submit(np.zeros(self.input_shape(1), dtype=np.float32), deadline)
         self.ready = True
         logger.info("warm-up done: ready")
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self.ready = False
+        await self.batcher.stop()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
-        self._inference_pool.shutdown(wait=True)

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.decode import DEFAULT_MAX_PIXELS, decode, to_rgb, upright
+from service.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode, to_rgb, upright
 
 _RESAMPLING = {
     "nearest": Image.Resampling.NEAREST,
@@ -50,15 +50,22 @@ def preprocess(
 ) -> np.ndarray:
     """One image as the model's input, shape (1, 3, S, S), float32."""
     if isinstance(source, bytes):
-        image = decode(
-            source,
-            max_pixels=max_pixels,
-            alpha_background=spec.alpha_background,
-            size_hint=lambda size: resized_size(size, spec),
-        ).image
-    else:
-        image = to_rgb(upright(source), spec.alpha_background)
+        return preprocess_upload(source, spec, max_pixels=max_pixels)[0]
+    image = to_rgb(upright(source), spec.alpha_background)
     return normalize(crop_and_resize(image, spec), spec)
+
+
+def preprocess_upload(
+    data: bytes, spec: PreprocessSpec, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, DecodedImage]:
+    """`preprocess` of encoded bytes, also returning what decoding found (for the metrics)."""
+    decoded = decode(
+        data,
+        max_pixels=max_pixels,
+        alpha_background=spec.alpha_background,
+        size_hint=lambda size: resized_size(size, spec),
+    )
+    return normalize(crop_and_resize(decoded.image, spec), spec), decoded
 
 
 def resized_size(size: tuple[int, int], spec: PreprocessSpec) -> tuple[int, int]:

@@ -51,3 +51,19 @@ class Settings(BaseSettings):
 
     default_top_k: int = Field(5, ge=1)
     """Classes listed in `top` when the request does not say."""
+
+    max_batch_size: int = Field(16, ge=1)
+    """Most images in one onnxruntime call. On 2 CPU cores the default model's throughput is
+    flat from batch 8 to 32 (docs/BENCHMARKS.md); 16 keeps one call under ~40 ms."""
+
+    max_batch_delay_ms: float = Field(0.0, ge=0)
+    """How long a batch waits for more requests before running; 0 takes what is queued. While
+    one batch runs the next one fills up anyway, so waiting only adds latency on CPU."""
+
+    max_queue: int = Field(256, ge=1)
+    """Images accepted (queued or in inference) before new requests get 503 with Retry-After:
+    about half a second of work for the default model on 2 cores."""
+
+    request_timeout_ms: float = Field(10_000, gt=0)
+    """Deadline for a request's queue wait; requests still queued then get 504 and never reach
+    the model. The `X-Request-Timeout-Ms` header can lower it per request."""

@@ -8,13 +8,17 @@ import shutil
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
+from model_export import shapes
 from service.app import create_app
 from service.model_metadata import InvalidModelMetadata
 from service.pipeline import Pipeline
@@ -107,14 +111,14 @@ def test_tritonclient_with_default_settings(server: str, reference: ModelSession
 
 def test_ready_only_after_warm_up(served_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gate = threading.Event()
-    original = Pipeline.warm_up
+    original = Pipeline.start
 
-    async def gated_warm_up(self: Pipeline) -> None:
+    async def gated_start(self: Pipeline) -> None:
         while not gate.is_set():
             await asyncio.sleep(0.01)
         await original(self)
 
-    monkeypatch.setattr(Pipeline, "warm_up", gated_warm_up)
+    monkeypatch.setattr(Pipeline, "start", gated_start)
     with TestClient(create_app(cpu_settings(served_model))) as client:
         assert client.get("/v2/health/live").status_code == 200
         assert client.get("/v2/health/ready").status_code == 503
@@ -148,3 +152,47 @@ def test_require_cuda_refuses_a_cpu_only_session(served_model: Path) -> None:
         ready_client(cpu_settings(served_model, require_cuda=True)),
     ):
         pass
+
+
+def test_concurrent_requests_each_get_exactly_their_own_result(
+    server: str, reference: ModelSession
+) -> None:
+    spec = reference.metadata.preprocessing
+    images = [shapes.sample(777, i).data for i in range(48)]
+    expected = [reference.predict(preprocess(data, spec))[0] for data in images]
+
+    def post(data: bytes) -> list[float]:
+        request = urllib.request.Request(
+            f"{server}/v1/classify?probabilities=true",
+            data=data,
+            headers={"Content-Type": "image/jpeg"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer: list[float] = json.load(response)["predictions"][0]["probabilities"]
+            return answer
+
+    before = batch_histogram(server)
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(post, images))
+    for answer, own in zip(answers, expected, strict=True):
+        assert np.array_equal(np.array(answer, dtype=np.float32), own)
+    after = batch_histogram(server)
+    batches = after["count"] - before["count"]
+    single = after["le=1.0"] - before["le=1.0"]
+    assert after["sum"] - before["sum"] == len(images)
+    assert batches - single > 0, "no call carried more than one image"
+
+
+def batch_histogram(server: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"{server}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "vit_batch_size_images_bucket" and sample.labels["le"] == "1.0":
+                values["le=1.0"] = sample.value
+            elif sample.name == "vit_batch_size_images_count":
+                values["count"] = sample.value
+            elif sample.name == "vit_batch_size_images_sum":
+                values["sum"] = sample.value
+    return values

@@ -1,0 +1,101 @@
+"""Over HTTP: a full queue gives 503 with Retry-After, an expired deadline 504; health stays up."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.session import ModelSession
+from tests.images import upload_variety
+from tests.service_support import cpu_settings, ready_client
+
+JPEG = upload_variety()["jpeg"][0]
+
+
+class Gate:
+    """Holds every inference call (after the warm-up) until opened; records batch sizes."""
+
+    def __init__(self) -> None:
+        self.open = threading.Event()
+        self.open.set()
+        self.batch_sizes: list[int] = []
+
+
+@pytest.fixture()
+def gate(monkeypatch: pytest.MonkeyPatch) -> Gate:
+    gate = Gate()
+    original = ModelSession.predict
+
+    def gated_predict(self: ModelSession, batch: np.ndarray) -> np.ndarray:
+        gate.open.wait(timeout=30)
+        gate.batch_sizes.append(len(batch))
+        return original(self, batch)
+
+    monkeypatch.setattr(ModelSession, "predict", gated_predict)
+    return gate
+
+
+@pytest.fixture()
+def client(served_model: Path, gate: Gate) -> Iterator[TestClient]:
+    settings = cpu_settings(served_model, max_queue=2, max_batch_size=1)
+    with ready_client(settings) as client:
+        yield client
+
+
+def classify(client: TestClient, **headers: str) -> tuple[int, dict[str, str], dict[str, str]]:
+    response = client.post(
+        "/v1/classify", content=JPEG, headers={"content-type": "image/jpeg", **headers}
+    )
+    return response.status_code, dict(response.headers), response.json()
+
+
+def wait_for_depth(client: TestClient, depth: int) -> None:
+    deadline = time.monotonic() + 10
+    while f"vit_queue_depth_images {depth}.0" not in client.get("/metrics").text:
+        assert time.monotonic() < deadline, "the queue never reached the expected depth"
+        time.sleep(0.01)
+
+
+def test_full_queue_is_503_with_retry_after_and_health_keeps_answering(
+    client: TestClient, gate: Gate
+) -> None:
+    gate.open.clear()
+    with ThreadPoolExecutor(2) as pool:
+        held = [pool.submit(classify, client) for _ in range(2)]
+        wait_for_depth(client, 2)
+        status, headers, body = classify(client)
+        assert status == 503 and body["type"] == "overloaded"
+        assert int(headers["retry-after"]) >= 1
+        assert client.get("/v2/health/ready").status_code == 200
+        assert client.get("/v2/health/live").status_code == 200
+        assert "vit_rejections_total" in client.get("/metrics").text
+        gate.open.set()
+        assert [future.result()[0] for future in held] == [200, 200]
+    assert classify(client)[0] == 200
+
+
+def test_expired_deadline_is_504_and_never_reaches_the_model(
+    client: TestClient, gate: Gate
+) -> None:
+    gate.open.clear()
+    calls_before = len(gate.batch_sizes)
+    with ThreadPoolExecutor(1) as pool:
+        blocker = pool.submit(classify, client)
+        wait_for_depth(client, 1)
+        status, _, body = classify(client, **{"X-Request-Timeout-Ms": "100"})
+        assert status == 504 and body["type"] == "deadline_exceeded"
+        gate.open.set()
+        assert blocker.result()[0] == 200
+    assert gate.batch_sizes[calls_before:] == [1]  # only the blocker ran
+
+
+def test_bad_timeout_header_is_400(client: TestClient) -> None:
+    status, _, body = classify(client, **{"X-Request-Timeout-Ms": "soon"})
+    assert status == 400 and body["type"] == "invalid_request"

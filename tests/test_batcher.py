@@ -1,0 +1,150 @@
+"""Batcher: batches form, callers get their rows, the queue pushes back, deadlines hold."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.batcher import Batcher
+from service.errors import DeadlineExceeded, InferenceFailed, Overloaded
+from service.metrics import Metrics
+
+
+class GatedModel:
+    """A model whose calls wait for a gate, recording every batch it was given."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.calls: list[np.ndarray] = []
+        self.fail = False
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        self.gate.wait(timeout=10)
+        self.calls.append(batch.copy())
+        if self.fail:
+            raise RuntimeError("onnxruntime said no")
+        return batch.reshape(len(batch), -1).sum(axis=1, keepdims=True) * np.ones((1, 3))
+
+
+def rows(*values: float) -> np.ndarray:
+    return np.array(values, dtype=np.float32).reshape(-1, 1)
+
+
+def far() -> float:
+    return time.monotonic() + 30
+
+
+def make(model: GatedModel, **overrides: float) -> Batcher:
+    options = {"max_batch_size": 4, "max_delay": 0.0, "max_queue": 100, **overrides}
+    return Batcher(model.predict, metrics=Metrics(), **options)  # type: ignore[arg-type]
+
+
+async def wait_for_calls(model: GatedModel, count: int) -> None:
+    while len(model.calls) < count:
+        await asyncio.sleep(0.001)
+
+
+def test_concurrent_requests_share_a_call_and_get_their_own_rows() -> None:
+    async def scenario() -> None:
+        model = GatedModel()
+        batcher = make(model)
+        batcher.start()
+        first = asyncio.create_task(batcher.submit(rows(1), far()))
+        await asyncio.sleep(0.02)  # the first call is now waiting on the gate, alone
+        others = [asyncio.create_task(batcher.submit(rows(v, v + 0.5), far())) for v in (10, 20)]
+        await asyncio.sleep(0.02)
+        model.gate.set()
+        assert (await first)[:, 0].tolist() == [1]
+        assert [(await task)[:, 0].tolist() for task in others] == [[10, 10.5], [20, 20.5]]
+        assert [len(call) for call in model.calls] == [1, 4]
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_full_queue_refuses_at_once_with_retry_after() -> None:
+    async def scenario() -> None:
+        model = GatedModel()
+        batcher = make(model, max_queue=3)
+        batcher.start()
+        held = [asyncio.create_task(batcher.submit(rows(v), far())) for v in (1, 2, 3)]
+        await asyncio.sleep(0.02)
+        with pytest.raises(Overloaded) as refused:
+            await batcher.submit(rows(4), far())
+        assert refused.value.retry_after >= 1
+        model.gate.set()
+        await asyncio.gather(*held)
+        assert (await batcher.submit(rows(5), far()))[0, 0] == 5  # places were released
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_place_is_held_until_inference_returns() -> None:
+    async def scenario() -> None:
+        model = GatedModel()
+        batcher = make(model, max_queue=1)
+        batcher.start()
+        running = asyncio.create_task(batcher.submit(rows(1), far()))
+        await asyncio.sleep(0.02)  # dequeued and in inference, but not returned
+        with pytest.raises(Overloaded):
+            await batcher.submit(rows(2), far())
+        model.gate.set()
+        await running
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_expired_requests_get_504_and_never_reach_the_model() -> None:
+    async def scenario() -> None:
+        model = GatedModel()
+        batcher = make(model)
+        batcher.start()
+        blocker = asyncio.create_task(batcher.submit(rows(1), far()))
+        await asyncio.sleep(0.02)
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit(rows(99), time.monotonic() + 0.05)
+        model.gate.set()
+        await blocker
+        assert (await batcher.submit(rows(3), far()))[0, 0] == 3
+        assert all(99 not in call for call in model.calls)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_inference_failure_reaches_every_caller_and_the_next_call_works() -> None:
+    async def scenario() -> None:
+        model = GatedModel()
+        model.fail = True
+        batcher = make(model)
+        batcher.start()
+        model.gate.set()
+        with pytest.raises(InferenceFailed):
+            await batcher.submit(rows(1), far())
+        model.fail = False
+        assert (await batcher.submit(rows(2), far()))[0, 0] == 2
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_delay_waits_for_more_requests() -> None:
+    async def scenario() -> None:
+        model = GatedModel()
+        model.gate.set()
+        batcher = make(model, max_delay=0.2)
+        batcher.start()
+        first = asyncio.create_task(batcher.submit(rows(1), far()))
+        await asyncio.sleep(0.02)
+        second = asyncio.create_task(batcher.submit(rows(2), far()))
+        await asyncio.gather(first, second)
+        assert [len(call) for call in model.calls] == [2]
+        await batcher.stop()
+
+    asyncio.run(scenario())

@@ -1,0 +1,102 @@
+"""/metrics: parses as Prometheus text, and every counter moves by exactly what happened."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from model_export import shapes
+from tests.images import upload_variety, with_orientation
+from tests.service_support import cpu_settings, ready_client
+
+UPLOADS = upload_variety()
+
+
+@pytest.fixture()
+def client(served_model: Path) -> Iterator[TestClient]:
+    with ready_client(cpu_settings(served_model)) as client:
+        yield client
+
+
+def samples(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample on /metrics, keyed by name and sorted labels."""
+    text = client.get("/metrics").text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(
+    all_samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
+    return all_samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_counters_move_by_exactly_what_was_sent(client: TestClient) -> None:
+    before = samples(client)
+    files = [("file", (f"{n}.img", UPLOADS[n][0], UPLOADS[n][1])) for n in ("jpeg", "png-rgba")]
+    assert client.post("/v1/classify", files=files).status_code == 200
+    rotated = with_orientation(shapes.render(5, 5)[0], 6)
+    assert (
+        client.post(
+            "/v1/classify", content=rotated, headers={"content-type": "image/png"}
+        ).status_code
+        == 200
+    )
+    assert (
+        client.post("/v1/classify", content=b"", headers={"content-type": "image/png"}).status_code
+        == 400
+    )
+    assert (
+        client.post(
+            "/v1/classify", content=b"x", headers={"content-type": "text/plain"}
+        ).status_code
+        == 415
+    )
+    after = samples(client)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("vit_requests_total", route="/v1/classify", status="200") == 2
+    assert delta("vit_requests_total", route="/v1/classify", status="400") == 1
+    assert delta("vit_requests_total", route="/v1/classify", status="415") == 1
+    assert delta("vit_images_processed_total") == 3
+    assert delta("vit_rejections_total", reason="empty_body") == 1
+    assert delta("vit_rejections_total", reason="unsupported_media_type") == 1
+    assert delta("vit_input_images_total", format="JPEG") == 1
+    assert delta("vit_input_images_total", format="PNG") == 2
+    assert delta("vit_input_exif_rotated_images_total") == 1
+    assert delta("vit_input_mode_converted_images_total", mode="RGBA") == 1
+    assert delta("vit_top1_probability_count") == 3
+    assert sum(delta("vit_predicted_class_total", label=label) for label in shapes.LABELS) == 3
+    assert delta("vit_batch_size_images_count") == 2
+    assert delta("vit_batch_size_images_sum") == 3
+    assert delta("vit_stage_duration_seconds_count", stage="decode_preprocess") == 3
+    assert delta("vit_stage_duration_seconds_count", stage="inference") == 2
+    assert delta("vit_stage_duration_seconds_count", stage="queue_wait") == 2
+    assert delta("vit_request_duration_seconds_count", route="/v1/classify") == 4
+
+
+def test_model_info_and_gauges(client: TestClient) -> None:
+    current = samples(client)
+    (info,) = [labels for (name, labels) in current if name == "vit_model_info"]
+    info_labels = dict(info)
+    model = client.get("/v1/models").json()["models"][0]
+    assert info_labels["sha256"] == model["sha256"] and info_labels["provider"] == model["provider"]
+    assert value(current, "vit_queue_depth_images") == 0
+    assert value(current, "vit_requests_in_flight") == 1  # the /metrics request itself
+
+
+def test_health_routes_are_counted(client: TestClient) -> None:
+    before = samples(client)
+    assert client.get("/v2/health/ready").status_code == 200
+    after = samples(client)
+    key = ("vit_requests_total", (("route", "/v2/health/ready"), ("status", "200")))
+    assert after[key] - before.get(key, 0.0) == 1
