@@ -44,9 +44,11 @@ class Report:
 
     def line(self) -> str:
         statuses = " ".join(f"{code}:{n}" for code, n in sorted(self.statuses.items()))
-        return (f"{self.mode:<8} c={self.concurrency:<3} {self.images_per_second:8.1f} img/s  "
-                f"p50 {self.p50_ms:7.2f} ms  p90 {self.p90_ms:7.2f}  p99 {self.p99_ms:7.2f}  "
-                f"{statuses}")
+        return (
+            f"{self.mode:<8} c={self.concurrency:<3} {self.images_per_second:8.1f} img/s  "
+            f"p50 {self.p50_ms:7.2f} ms  p90 {self.p90_ms:7.2f}  p99 {self.p99_ms:7.2f}  "
+            f"{statuses}"
+        )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -54,14 +56,26 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))] if ordered else 0.0
 
 
-def summarise(mode: str, concurrency: int, latencies: list[float], statuses: Counter[int],
-              seconds: float, images: int, batch_size: int | None = None) -> Report:
+def summarise(
+    mode: str,
+    concurrency: int,
+    latencies: list[float],
+    statuses: Counter[int],
+    seconds: float,
+    images: int,
+    batch_size: int | None = None,
+) -> Report:
     return Report(
-        mode=mode, concurrency=concurrency, requests=len(latencies), seconds=seconds,
+        mode=mode,
+        concurrency=concurrency,
+        requests=len(latencies),
+        seconds=seconds,
         images_per_second=images / seconds if seconds else 0.0,
         p50_ms=statistics.median(latencies) * 1000 if latencies else 0.0,
-        p90_ms=percentile(latencies, 0.90) * 1000, p99_ms=percentile(latencies, 0.99) * 1000,
-        statuses={str(code): n for code, n in statuses.items()}, batch_size=batch_size,
+        p90_ms=percentile(latencies, 0.90) * 1000,
+        p99_ms=percentile(latencies, 0.99) * 1000,
+        statuses={str(code): n for code, n in statuses.items()},
+        batch_size=batch_size,
     )
 
 
@@ -76,8 +90,10 @@ class Connection:
     async def post(self, body: bytes, content_type: str) -> int:
         if self.writer is None or self.reader is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        head = (f"POST {self.path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: {content_type}"
-                f"\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        head = (
+            f"POST {self.path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: {content_type}"
+            f"\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
         self.writer.write(head + body)
         await self.writer.drain()
         status_line = await self.reader.readline()
@@ -107,8 +123,16 @@ def _content_type(path: Path) -> str:
     return {"jpg": "image/jpeg", "tif": "image/tiff"}.get(suffix, f"image/{suffix}")
 
 
-async def load(url: str, images: list[tuple[bytes, str]], *, concurrency: int, count: int,
-               duration: float, rate: float | None, progress: bool) -> Report:
+async def load(
+    url: str,
+    images: list[tuple[bytes, str]],
+    *,
+    concurrency: int,
+    count: int,
+    duration: float,
+    rate: float | None,
+    progress: bool,
+) -> Report:
     """Closed loop with `concurrency` clients, or open loop at `rate` requests per second."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
@@ -175,8 +199,15 @@ async def load(url: str, images: list[tuple[bytes, str]], *, concurrency: int, c
     return summarise(mode, concurrency, latencies, statuses, seconds, len(latencies))
 
 
-def ceiling(model: Path, images: list[bytes], *, threads: int, decode_threads: int,
-            batch_sizes: list[int], count: int) -> list[Report]:
+def ceiling(
+    model: Path,
+    images: list[bytes],
+    *,
+    threads: int,
+    decode_threads: int,
+    batch_sizes: list[int],
+    count: int,
+) -> list[Report]:
     """In-process: the same decode, preprocessing and session, decode overlapping inference."""
     session = ModelSession(model, providers=(CPU,), intra_op_threads=threads)
     spec = session.metadata.preprocessing
@@ -185,33 +216,47 @@ def ceiling(model: Path, images: list[bytes], *, threads: int, decode_threads: i
         for batch_size in batch_sizes:
             latencies: list[float] = []
             started = time.perf_counter()
-            pending = [pool.submit(preprocess, images[i % len(images)], spec)
-                       for i in range(batch_size)]
+            pending = [
+                pool.submit(preprocess, images[i % len(images)], spec) for i in range(batch_size)
+            ]
             for start in range(0, count, batch_size):
                 begun = time.perf_counter()
                 batch = np.concatenate([future.result() for future in pending])
                 upcoming = start + batch_size
-                pending = [pool.submit(preprocess, images[i % len(images)], spec)
-                           for i in range(upcoming, min(count, upcoming + batch_size))]
+                pending = [
+                    pool.submit(preprocess, images[i % len(images)], spec)
+                    for i in range(upcoming, min(count, upcoming + batch_size))
+                ]
                 session.predict(batch)
                 latencies.append(time.perf_counter() - begun)
             seconds = time.perf_counter() - started
-            reports.append(summarise("ceiling", 1, latencies, Counter({200: len(latencies)}),
-                                     seconds, count, batch_size=batch_size))
+            reports.append(
+                summarise(
+                    "ceiling",
+                    1,
+                    latencies,
+                    Counter({200: len(latencies)}),
+                    seconds,
+                    count,
+                    batch_size=batch_size,
+                )
+            )
     return reports
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="vit-bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="vit-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("images", type=Path, nargs="+", help="image files or folders")
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("-c", "--concurrency", type=int, default=16)
     parser.add_argument("-n", "--count", type=int, default=0, help="requests (0: use --duration)")
     parser.add_argument("-d", "--duration", type=float, default=10.0, help="seconds")
     parser.add_argument("--rate", type=float, help="open loop at this many requests per second")
-    parser.add_argument("--ceiling", action="store_true",
-                        help="measure the in-process pipeline instead of a server")
+    parser.add_argument(
+        "--ceiling", action="store_true", help="measure the in-process pipeline instead of a server"
+    )
     parser.add_argument("--model", type=Path, default=Path("models/shapes-vit.onnx"))
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: cores)")
     parser.add_argument("--decode-threads", type=int, default=2)
@@ -222,15 +267,29 @@ def main(argv: list[str] | None = None) -> None:
     if not paths:
         parser.error("no image files found")
     if args.ceiling:
-        reports = ceiling(args.model, [p.read_bytes() for p in paths], threads=args.threads,
-                          decode_threads=args.decode_threads,
-                          batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
-                          count=args.count or 2000)
+        reports = ceiling(
+            args.model,
+            [p.read_bytes() for p in paths],
+            threads=args.threads,
+            decode_threads=args.decode_threads,
+            batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
+            count=args.count or 2000,
+        )
     else:
         images = [(p.read_bytes(), _content_type(p)) for p in paths]
-        reports = [asyncio.run(load(args.url, images, concurrency=args.concurrency,
-                                    count=args.count, duration=0 if args.count else args.duration,
-                                    rate=args.rate, progress=sys.stderr.isatty()))]
+        reports = [
+            asyncio.run(
+                load(
+                    args.url,
+                    images,
+                    concurrency=args.concurrency,
+                    count=args.count,
+                    duration=0 if args.count else args.duration,
+                    rate=args.rate,
+                    progress=sys.stderr.isatty(),
+                )
+            )
+        ]
     for report in reports:
         print(report.line())
     if args.output:

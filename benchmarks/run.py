@@ -1,0 +1,299 @@
+"""The service, the in-process ceiling and the naive baseline, measured side by side.
+
+    python benchmarks/run.py            # about 8 minutes on 2 cores
+    python benchmarks/run.py --quick    # fewer concurrencies, shorter runs
+
+Everything runs on this machine over loopback: the servers as subprocesses, the load generator
+(service.bench) in this process. Results go to docs/benchmarks.json, docs/BENCHMARKS.md and
+docs/benchmarks.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from model_export import shapes
+from service.bench import Report, ceiling, load
+from tests.service_support import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+SIZES = {"640x480": (640, 480), "1920x1080": (1920, 1080)}
+
+
+def photos(size: tuple[int, int], count: int = 32) -> list[bytes]:
+    """shapes pictures scaled to a camera-like size, as JPEG at quality 90."""
+    result = []
+    for index in range(count):
+        image, _ = shapes.render(seed=4242, index=index)
+        buffer = io.BytesIO()
+        image.resize(size).save(buffer, format="JPEG", quality=90)
+        result.append(buffer.getvalue())
+    return result
+
+
+def random_vit_ti_224(path: Path) -> Path:
+    """A ViT-Ti/16 at 224x224 with random weights (speed only), exported like the real model."""
+    import torch
+
+    from model_export.checkpoint import Checkpoint
+    from model_export.export import export
+    from model_export.vit import VisionTransformer, preset
+    from service.preprocess import PreprocessSpec
+
+    config = preset("tiny", image_size=224, num_classes=len(shapes.LABELS))
+    torch.manual_seed(0)
+    model = VisionTransformer(config)
+    checkpoint = Checkpoint(
+        state_dict=model.state_dict(),
+        config=config,
+        labels=list(shapes.LABELS),
+        preprocessing=PreprocessSpec(input_size=224),
+        name="vit-ti-224-random",
+        dataset={"name": "none: random weights"},
+    )
+    checkpoint_path = path.with_suffix(".pt")
+    checkpoint.save(checkpoint_path)
+    export(checkpoint_path, path, version="0", eval_seed=1, eval_count=0)
+    return path
+
+
+def start(command: list[str], env: dict[str, str], url: str) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/docs", timeout=1):
+                break
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise RuntimeError(f"{command} did not start") from None
+            time.sleep(0.2)
+    if "service.cli" in command:  # wait for the warm-up too
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.1)
+    return process
+
+
+def resident_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def sweep(url: str, images: list[bytes], concurrencies: list[int], seconds: float) -> list[Report]:
+    bodies = [(data, "image/jpeg") for data in images]
+    reports = []
+    for concurrency in concurrencies:
+        asyncio.run(
+            load(
+                url,
+                bodies,
+                concurrency=concurrency,
+                count=0,
+                duration=1.0,
+                rate=None,
+                progress=False,
+            )
+        )  # warm the connections and the server
+        report = asyncio.run(
+            load(
+                url,
+                bodies,
+                concurrency=concurrency,
+                count=0,
+                duration=seconds,
+                rate=None,
+                progress=False,
+            )
+        )
+        print("   ", report.line(), flush=True)
+        reports.append(report)
+    return reports
+
+
+def measure(
+    model: Path, images: list[bytes], concurrencies: list[int], seconds: float
+) -> dict[str, Any]:
+    best = max(
+        ceiling(model, images, threads=0, decode_threads=2, batch_sizes=[1, 8, 16, 32], count=400),
+        key=lambda r: r.images_per_second,
+    )
+    single = ceiling(model, images, threads=0, decode_threads=1, batch_sizes=[1], count=200)[0]
+    print("   ", best.line(), f"(batch {best.batch_size})", flush=True)
+    results: dict[str, Any] = {"ceiling": asdict(best), "single_image_ms": single.p50_ms}
+    for name, command, env in (
+        (
+            "service",
+            [sys.executable, "-m", "service.cli", "--model", str(model)],
+            {"VIT_PROVIDERS": '["CPUExecutionProvider"]'},
+        ),
+        (
+            "naive",
+            [sys.executable, "-m", "uvicorn", "benchmarks.naive_app:app", "--log-level", "warning"],
+            {"VIT_MODEL": str(model)},
+        ),
+    ):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        full = [*command, "--port", str(port)]
+        print(f"  {name}", flush=True)
+        process = start(full, env, url)
+        try:
+            reports = sweep(url, images, concurrencies, seconds)
+            results[name] = {
+                "runs": [asdict(r) for r in reports],
+                "resident_mb": resident_mb(process.pid),
+            }
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    return results
+
+
+def ratio(results: dict[str, Any], concurrency: int) -> dict[str, float]:
+    def at(name: str) -> dict[str, Any]:
+        return next(r for r in results[name]["runs"] if r["concurrency"] == concurrency)
+
+    service, naive = at("service"), at("naive")
+    return {
+        "service_vs_ceiling": service["images_per_second"]
+        / results["ceiling"]["images_per_second"],
+        "service_vs_naive": service["images_per_second"] / naive["images_per_second"],
+    }
+
+
+def plot(all_results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(all_results)
+    figure, axes = plt.subplots(2, len(cases), figsize=(4.5 * len(cases), 7), squeeze=False)
+    for column, case in enumerate(cases):
+        results = all_results[case]
+        for name, style in (("service", "-o"), ("naive", "--s")):
+            runs = results[name]["runs"]
+            x = [r["concurrency"] for r in runs]
+            axes[0][column].plot(x, [r["images_per_second"] for r in runs], style, label=name)
+            axes[1][column].plot(x, [r["p99_ms"] for r in runs], style, label=name)
+        axes[0][column].axhline(
+            results["ceiling"]["images_per_second"],
+            color="grey",
+            linestyle=":",
+            label="in-process ceiling",
+        )
+        axes[0][column].set_title(case, fontsize=9)
+        for row, label in ((0, "images/s"), (1, "p99 latency (ms)")):
+            axes[row][column].set_xscale("log", base=2)
+            axes[row][column].set_xlabel("concurrent clients")
+            axes[row][column].set_ylabel(label)
+            axes[row][column].grid(alpha=0.3)
+        axes[1][column].set_yscale("log")
+    axes[0][0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def report(all_results: dict[str, Any], command: str) -> str:
+    """docs/BENCHMARKS.md: per case, the ceiling, then service and naive per concurrency."""
+    lines = [
+        "# Benchmarks (CPU)",
+        "",
+        f"Reproduce with `{command}` (written by benchmarks/run.py; numbers below are from one",
+        "run on this project's 2-core CPU machine, all three measured side by side in that run).",
+        "Load: `service.bench` closed loop, raw JPEG bodies to `/v1/classify`, over loopback on",
+        "the same two cores as the server. Ceiling: the same decode, preprocessing and onnxruntime",
+        "session in one process, decoding the next batch while the current one runs, best batch.",
+        "Naive: `benchmarks/naive_app.py`, plain FastAPI, one onnxruntime call per request.",
+        "",
+        "![throughput and p99 against concurrency](benchmarks.png)",
+        "",
+    ]
+    for case, results in all_results.items():
+        best = results["ceiling"]
+        ratios = results["ratios_at_16"]
+        lines += [
+            f"## {case}",
+            "",
+            f"- In-process ceiling: **{best['images_per_second']:.1f} images/s** (batch "
+            f"{best['batch_size']}); one image alone: {results['single_image_ms']:.2f} ms (p50).",
+            f"- At concurrency 16 the service reaches **{ratios['service_vs_ceiling']:.0%}** of "
+            f"the ceiling and **{ratios['service_vs_naive']:.2f}x** the naive baseline.",
+            f"- Resident memory after the sweep: service "
+            f"{results['service']['resident_mb']:.0f} MB, naive "
+            f"{results['naive']['resident_mb']:.0f} MB.",
+            "",
+            "| clients | service img/s | p50 ms | p99 ms | naive img/s | p50 ms | p99 ms |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for service, naive in zip(
+            results["service"]["runs"], results["naive"]["runs"], strict=True
+        ):
+            lines.append(
+                f"| {service['concurrency']} | {service['images_per_second']:.1f} | "
+                f"{service['p50_ms']:.1f} | {service['p99_ms']:.1f} | "
+                f"{naive['images_per_second']:.1f} | {naive['p50_ms']:.1f} | "
+                f"{naive['p99_ms']:.1f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    concurrencies = [1, 4, 16, 64] if args.quick else [1, 2, 4, 8, 16, 32, 64]
+    seconds = 2.0 if args.quick else args.seconds
+    models = {"shapes-vit (128px, depth 6)": ROOT / "models" / "shapes-vit.onnx"}
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            models["ViT-Ti/16 224px (depth 12)"] = random_vit_ti_224(Path(scratch) / "ti224.onnx")
+        except ImportError:
+            print("torch is not installed: skipping the 224px ViT-Ti (pip install -e '.[export]')")
+        all_results: dict[str, Any] = {}
+        for model_name, model in models.items():
+            for size_name, size in SIZES.items():
+                case = f"{model_name}, {size_name} JPEG"
+                print(case, flush=True)
+                all_results[case] = measure(model, photos(size), concurrencies, seconds)
+                all_results[case]["ratios_at_16"] = ratio(all_results[case], 16)
+    DOCS.mkdir(exist_ok=True)
+    (DOCS / "benchmarks.json").write_text(json.dumps(all_results, indent=2) + "\n")
+    plot(all_results, DOCS / "benchmarks.png")
+    command = "python benchmarks/run.py" + (" --quick" if args.quick else "")
+    (DOCS / "BENCHMARKS.md").write_text(report(all_results, command))
+    print(json.dumps({case: r["ratios_at_16"] for case, r in all_results.items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
