@@ -60,7 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--name", default="shapes-vit")
     parser.add_argument("-o", "--output", type=Path, default=Path("checkpoints/shapes-vit.pt"))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.command = shlex.join(["vit-train", *(sys.argv[1:] if argv is None else argv)])
+    return args
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -205,7 +207,7 @@ def train(args: argparse.Namespace) -> Checkpoint:
             "steps": float(step),
             "train_seconds": seconds,
         },
-        command=shlex.join(["vit-train", *sys.argv[1:]]),
+        command=args.command,
     )
 
 
