@@ -262,7 +262,9 @@ def report(all_results: dict[str, Any], command: str) -> str:
                 f"{naive['p99_ms']:.1f} |"
             )
         lines.append("")
-    return "\n".join(lines)
+    lines.append("Against the targets, and what holds the service back: "
+                 "[BENCHMARKS-analysis.md](BENCHMARKS-analysis.md).")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:

@@ -53,8 +53,9 @@ class Settings(BaseSettings):
     """Classes listed in `top` when the request does not say."""
 
     max_batch_size: int = Field(16, ge=1)
-    """Most images in one onnxruntime call. On 2 CPU cores the default model's throughput is
-    flat from batch 8 to 32 (docs/BENCHMARKS.md); 16 keeps one call under ~40 ms."""
+    """Most images in one onnxruntime call. On 2 CPU cores the in-process pipeline with the
+    default model peaked at batch 16 for 640x480 JPEGs (docs/BENCHMARKS.md), and a larger batch
+    only adds latency for the requests that fill it."""
 
     max_batch_delay_ms: float = Field(0.0, ge=0)
     """How long a batch waits for more requests before running; 0 takes what is queued. While
@@ -62,7 +63,7 @@ class Settings(BaseSettings):
 
     max_queue: int = Field(256, ge=1)
     """Images accepted (queued or in inference) before new requests get 503 with Retry-After:
-    about half a second of work for the default model on 2 cores."""
+    about one second of work for the default model on 2 cores (~250 images/s)."""
 
     request_timeout_ms: float = Field(10_000, gt=0)
     """Deadline for a request's queue wait; requests still queued then get 504 and never reach
