@@ -19,10 +19,12 @@ class GatedModel:
 
     def __init__(self) -> None:
         self.gate = threading.Event()
+        self.entered = threading.Event()
         self.calls: list[np.ndarray] = []
         self.fail = False
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
+        self.entered.set()
         self.gate.wait(timeout=10)
         self.calls.append(batch.copy())
         if self.fail:
@@ -43,8 +45,8 @@ def make(model: GatedModel, **overrides: float) -> Batcher:
     return Batcher(model.predict, metrics=Metrics(), **options)  # type: ignore[arg-type]
 
 
-async def wait_for_calls(model: GatedModel, count: int) -> None:
-    while len(model.calls) < count:
+async def wait_until_inference_runs(model: GatedModel) -> None:
+    while not model.entered.is_set():
         await asyncio.sleep(0.001)
 
 
@@ -54,7 +56,7 @@ def test_concurrent_requests_share_a_call_and_get_their_own_rows() -> None:
         batcher = make(model)
         batcher.start()
         first = asyncio.create_task(batcher.submit(rows(1), far()))
-        await asyncio.sleep(0.02)  # the first call is now waiting on the gate, alone
+        await wait_until_inference_runs(model)  # the first call waits on the gate, alone
         others = [asyncio.create_task(batcher.submit(rows(v, v + 0.5), far())) for v in (10, 20)]
         await asyncio.sleep(0.02)
         model.gate.set()
@@ -90,7 +92,7 @@ def test_a_place_is_held_until_inference_returns() -> None:
         batcher = make(model, max_queue=1)
         batcher.start()
         running = asyncio.create_task(batcher.submit(rows(1), far()))
-        await asyncio.sleep(0.02)  # dequeued and in inference, but not returned
+        await wait_until_inference_runs(model)  # dequeued and in inference, not returned
         with pytest.raises(Overloaded):
             await batcher.submit(rows(2), far())
         model.gate.set()
@@ -106,7 +108,7 @@ def test_expired_requests_get_504_and_never_reach_the_model() -> None:
         batcher = make(model)
         batcher.start()
         blocker = asyncio.create_task(batcher.submit(rows(1), far()))
-        await asyncio.sleep(0.02)
+        await wait_until_inference_runs(model)
         with pytest.raises(DeadlineExceeded):
             await batcher.submit(rows(99), time.monotonic() + 0.05)
         model.gate.set()
