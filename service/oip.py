@@ -41,10 +41,6 @@ class InferRequest:
     images: list[bytes] | None
     binary_output: bool
 
-    @property
-    def batch_size(self) -> int:
-        return len(self.pixels) if self.pixels is not None else len(self.images or [])
-
 
 @dataclass(frozen=True)
 class EncodedResponse:

@@ -65,7 +65,6 @@ class ModelSession:
         model_input = self._session.get_inputs()[0]
         self.input_name = model_input.name
         self.output_name = self._session.get_outputs()[0].name
-        self.input_shape = tuple(model_input.shape)
 
     @property
     def labels(self) -> tuple[str, ...]:
