@@ -262,8 +262,10 @@ def report(all_results: dict[str, Any], command: str) -> str:
                 f"{naive['p99_ms']:.1f} |"
             )
         lines.append("")
-    lines.append("Against the targets, and what holds the service back: "
-                 "[BENCHMARKS-analysis.md](BENCHMARKS-analysis.md).")
+    lines.append(
+        "Against the targets, and what holds the service back: "
+        "[BENCHMARKS-analysis.md](BENCHMARKS-analysis.md)."
+    )
     return "\n".join(lines) + "\n"
 
 
