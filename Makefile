@@ -19,10 +19,18 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[export,dev]'
 	touch $@ $(VENV)/.serve-installed
 
+# Tools some tests drive for real, from Debian: a Prometheus server. (Podman for the container
+# test is installed by ../shared/container/smoke.sh itself.) Without root or apt the test skips.
+$(VENV)/.system-installed: | $(BIN)/python
+	command -v prometheus >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } || \
+		echo "prometheus could not be installed: tests/test_prometheus.py will skip"
+	touch $@
+
 serve: $(VENV)/.serve-installed
 	$(BIN)/vit-serve --model $(MODEL)
 
-test: $(VENV)/.test-installed lint typecheck unit
+test: $(VENV)/.test-installed $(VENV)/.system-installed lint typecheck unit
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check .
@@ -30,7 +38,7 @@ lint: $(VENV)/.test-installed
 typecheck: $(VENV)/.test-installed
 	$(BIN)/mypy
 
-unit: $(VENV)/.test-installed
+unit: $(VENV)/.test-installed $(VENV)/.system-installed
 	$(BIN)/pytest
 
 clean:

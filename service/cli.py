@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         port=settings.port,
         workers=1,
         log_level=args.log_level,
+        timeout_graceful_shutdown=settings.graceful_shutdown_s,
     )
 
 

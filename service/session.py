@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -25,6 +26,16 @@ class CudaUnavailable(RuntimeError):
 def default_thread_count() -> int:
     """All cores this process may use: one session on one replica should own the machine."""
     return max(1, len(os.sched_getaffinity(0)))
+
+
+def load_pip_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from the nvidia-* wheels (the GPU image's `onnxruntime-gpu[cuda,cudnn]`).
+
+    The dynamic loader does not search site-packages, so without this the CUDA provider would
+    fail to load there and the session would quietly run on the CPU.
+    """
+    if importlib.util.find_spec("nvidia") is not None:
+        ort.preload_dlls()
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -55,6 +66,8 @@ class ModelSession:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         available = set(ort.get_available_providers())
         wanted = [p for p in providers if p in available]
+        if CUDA in wanted:
+            load_pip_cuda_libraries()
         self._session = ort.InferenceSession(model_bytes, options, providers=wanted or [CPU])
         self.metadata = ModelMetadata.from_props(self._session.get_modelmeta().custom_metadata_map)
         self.providers: tuple[str, ...] = tuple(self._session.get_providers())

@@ -68,3 +68,8 @@ class Settings(BaseSettings):
     request_timeout_ms: float = Field(10_000, gt=0)
     """Deadline for a request's queue wait; requests still queued then get 504 and never reach
     the model. The `X-Request-Timeout-Ms` header can lower it per request."""
+
+    graceful_shutdown_s: int = Field(20, ge=1)
+    """On SIGTERM the server stops accepting connections and lets in-flight requests finish for
+    at most this long. Keep it below the orchestrator's grace period minus any preStop delay
+    (Kubernetes: 30 s by default; the shipped Deployment waits 5 s in preStop)."""
