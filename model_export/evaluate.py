@@ -13,7 +13,8 @@ import numpy as np
 
 from model_export import shapes
 from service.preprocess import preprocess
-from service.session import CPU, ModelSession
+from service.providers import CPU
+from service.session import ModelSession
 
 DATASETS = {"shapes": shapes}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import sys
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from torch import nn
 
 from model_export import shapes
 from model_export.checkpoint import Checkpoint, sha256_of
@@ -18,7 +20,8 @@ from model_export.evaluate import evaluate
 from model_export.vit import VisionTransformer
 from service.model_metadata import ModelMetadata
 from service.preprocess import PreprocessSpec, preprocess
-from service.session import CPU, ModelSession
+from service.providers import CPU
+from service.session import ModelSession, softmax
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +30,10 @@ INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
 LOGIT_TOLERANCE = 1e-4
 PARITY_BATCH_SIZES = (1, 8)
+# Half precision keeps ~3 decimal digits: the FP16 file must agree with the FP32 model on nearly
+# every held-out image and move no probability by more than this.
+FP16_MIN_TOP1_AGREEMENT = 0.995
+FP16_PROBABILITY_TOLERANCE = 1e-2
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,44 @@ class ParityCase:
         )
 
 
-def to_onnx(model: VisionTransformer, path: Path) -> None:
+@dataclass(frozen=True)
+class PrecisionReport:
+    """An FP16 file against the FP32 PyTorch model on the held-out images."""
+
+    count: int
+    top1_agreement: float
+    max_probability_diff: float
+
+    @property
+    def passed(self) -> bool:
+        return (
+            self.top1_agreement >= FP16_MIN_TOP1_AGREEMENT
+            and self.max_probability_diff <= FP16_PROBABILITY_TOLERANCE
+        )
+
+    def line(self) -> str:
+        verdict = "ok" if self.passed else "FAIL"
+        return (
+            f"fp16 vs fp32 on {self.count} held-out images: top-1 agreement "
+            f"{self.top1_agreement:.2%} (>= {FP16_MIN_TOP1_AGREEMENT:.1%}), max |dprobability| "
+            f"{self.max_probability_diff:.2e} (<= {FP16_PROBABILITY_TOLERANCE:g})  {verdict}"
+        )
+
+
+class Float16Inside(nn.Module):
+    """The model in half precision behind a float32 input and output, so clients and the
+    service's preprocessing see no difference."""
+
+    def __init__(self, model: VisionTransformer) -> None:
+        super().__init__()
+        self.config = model.config
+        self.model = copy.deepcopy(model).half()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images.half()).float()
+
+
+def to_onnx(model: VisionTransformer | Float16Inside, path: Path) -> None:
     """Trace the model to ONNX with a dynamic batch axis and named input and output."""
     size = model.config.image_size
     example = torch.zeros(2, 3, size, size)
@@ -105,20 +149,53 @@ def check_parity(model: VisionTransformer, session: ModelSession, seed: int) -> 
     return results
 
 
+def compare_precision(
+    model: VisionTransformer, session: ModelSession, *, seed: int, count: int
+) -> PrecisionReport:
+    """Probabilities of the FP16 file against the FP32 PyTorch model, image by image."""
+    spec = session.metadata.preprocessing
+    agree, largest = 0, 0.0
+    batch_size = 64
+    for start in range(0, count, batch_size):
+        batch = np.concatenate(
+            [
+                preprocess(s.data, spec)
+                for s in shapes.samples(seed, min(batch_size, count - start), start)
+            ]
+        )
+        with torch.no_grad():
+            expected = softmax(model(torch.from_numpy(batch)).numpy())
+        actual = session.predict(batch)
+        agree += int((expected.argmax(1) == actual.argmax(1)).sum())
+        largest = max(largest, float(np.abs(expected - actual).max()))
+    return PrecisionReport(count=count, top1_agreement=agree / count, max_probability_diff=largest)
+
+
 def export(
-    checkpoint_path: Path, output: Path, *, version: str, eval_seed: int, eval_count: int
-) -> tuple[list[ParityCase], float | None]:
-    """Write the ONNX file, check parity, measure held-out accuracy and store it in the file."""
+    checkpoint_path: Path,
+    output: Path,
+    *,
+    version: str,
+    eval_seed: int,
+    eval_count: int,
+    fp16: bool = False,
+) -> tuple[list[ParityCase] | PrecisionReport, float | None]:
+    """Write the ONNX file, check it against PyTorch, measure held-out accuracy and store it.
+
+    FP32 files must match PyTorch to LOGIT_TOLERANCE; FP16 files are compared with the FP32
+    model on the held-out images instead (`PrecisionReport`).
+    """
     checkpoint = Checkpoint.load(checkpoint_path)
     model = checkpoint.build_model()
     output.parent.mkdir(parents=True, exist_ok=True)
-    to_onnx(model, output)
+    to_onnx(Float16Inside(model) if fp16 else model, output)
     metadata = ModelMetadata(
         name=checkpoint.name,
         version=version,
         labels=tuple(checkpoint.labels),
         preprocessing=checkpoint.preprocessing,
         output="logits",
+        precision="fp16" if fp16 else "fp32",
         dataset={
             **checkpoint.dataset,
             "config": checkpoint.config.to_dict(),
@@ -129,7 +206,11 @@ def export(
     )
     write_metadata(output, metadata)
     session = ModelSession(output, providers=(CPU,))
-    parity = check_parity(model, session, seed=eval_seed)
+    parity: list[ParityCase] | PrecisionReport
+    if fp16:
+        parity = compare_precision(model, session, seed=eval_seed, count=max(eval_count, 256))
+    else:
+        parity = check_parity(model, session, seed=eval_seed)
     accuracy = None
     if eval_count:
         accuracy = evaluate(session, seed=eval_seed, count=eval_count).accuracy
@@ -161,6 +242,11 @@ def main(argv: list[str] | None = None) -> None:
         default=2000,
         help="Held-out images whose accuracy is stored in the file (0: skip).",
     )
+    parser.add_argument(
+        "--fp16",
+        action="store_true",
+        help="Half-precision weights and compute; input and output stay float32.",
+    )
     args = parser.parse_args(argv)
     parity, accuracy = export(
         args.checkpoint,
@@ -168,16 +254,22 @@ def main(argv: list[str] | None = None) -> None:
         version=args.version,
         eval_seed=args.eval_seed,
         eval_count=args.eval_count,
+        fp16=args.fp16,
     )
-    print(f"parity, PyTorch vs onnxruntime (tolerance {LOGIT_TOLERANCE:g}):")
-    for case in parity:
-        print("  " + case.line())
+    if isinstance(parity, PrecisionReport):
+        print(parity.line())
+        passed = parity.passed
+    else:
+        print(f"parity, PyTorch vs onnxruntime (tolerance {LOGIT_TOLERANCE:g}):")
+        for case in parity:
+            print("  " + case.line())
+        passed = all(case.passed for case in parity)
     if accuracy is not None:
         print(
             f"held-out accuracy {accuracy:.2%} on {args.eval_count} images (seed {args.eval_seed})"
         )
     print(f"wrote {args.output} ({args.output.stat().st_size / 1e6:.1f} MB)")
-    if not all(case.passed for case in parity):
+    if not passed:
         sys.exit(1)
 
 

@@ -81,6 +81,8 @@ def model_info(pipeline: Pipeline) -> ModelInfo:
         output=metadata.output,
         provider=session.provider,
         providers=list(session.providers),
+        runtime=session.runtime,
+        fallbacks=list(session.fallbacks),
         sha256=session.sha256,
         held_out_accuracy=metadata.held_out_accuracy,
         dataset=metadata.dataset,

@@ -91,6 +91,8 @@ def _lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
             intra_op_threads=settings.intra_op_threads,
             inter_op_threads=settings.inter_op_threads,
             require_cuda=settings.require_cuda,
+            acceleration=settings.acceleration(),
+            max_batch_size=settings.max_batch_size,
         )
         metrics = Metrics()
         pipeline = Pipeline(session, settings, metrics)

@@ -24,7 +24,8 @@ import numpy as np
 
 from service.client import image_files
 from service.preprocess import preprocess
-from service.session import CPU, ModelSession
+from service.providers import CPU
+from service.session import ModelSession
 
 
 @dataclass

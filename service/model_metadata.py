@@ -26,6 +26,7 @@ class ModelMetadata(BaseModel):
     labels: tuple[str, ...] = Field(min_length=2)
     preprocessing: PreprocessSpec
     output: Literal["logits", "probabilities"]
+    precision: Literal["fp32", "fp16"] = "fp32"
     dataset: dict[str, object] = Field(default_factory=dict)
     held_out_accuracy: float | None = None
     checkpoint_sha256: str = ""

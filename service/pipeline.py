@@ -43,7 +43,8 @@ class Pipeline:
                 "name": session.metadata.name,
                 "version": session.metadata.version,
                 "sha256": session.sha256,
-                "provider": session.provider,
+                **session.runtime,
+                "fallbacks": "; ".join(session.fallbacks) or "none",
             }
         )
 
@@ -87,10 +88,12 @@ class Pipeline:
             raise NotReady("the model is still warming up")
 
     async def start(self) -> None:
-        """Start batching, then one real inference so no client pays for onnxruntime's setup."""
+        """Start batching, then real inferences (one per bound batch size) so no client pays
+        for onnxruntime's setup."""
         self.batcher.start()
         deadline = time.monotonic() + WARM_UP_SECONDS
-        await self.batcher.submit(np.zeros(self.input_shape(1), dtype=np.float32), deadline)
+        for batch_size in self.session.warm_up_batch_sizes():
+            await self.batcher.submit(np.zeros(self.input_shape(batch_size), np.float32), deadline)
         self.ready = True
         logger.info("warm-up done: ready")
 

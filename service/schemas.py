@@ -48,6 +48,10 @@ class ModelInfo(BaseModel):
     output: Literal["logits", "probabilities"]
     provider: str = Field(description="The onnxruntime execution provider really in use.")
     providers: list[str]
+    runtime: dict[str, str] = Field(
+        description="What is in effect: provider, precision, io_binding, cuda_graph, tensorrt."
+    )
+    fallbacks: list[str] = Field(description="Options asked for but not in effect, and why.")
     sha256: str = Field(description="sha256 of the served .onnx file.")
     held_out_accuracy: float | None
     dataset: dict[str, Any]

@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from service.io_binding import BucketedIoBinding
 from service.model_metadata import ModelMetadata
+from service.providers import CPU, CUDA, TENSORRT, Acceleration, ProviderPlan, plan_providers
 
 logger = logging.getLogger(__name__)
-
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
 
 
 class CudaUnavailable(RuntimeError):
@@ -56,6 +55,8 @@ class ModelSession:
         intra_op_threads: int = 0,
         inter_op_threads: int = 1,
         require_cuda: bool = False,
+        acceleration: Acceleration | None = None,
+        max_batch_size: int = 16,
     ) -> None:
         self.path = path
         model_bytes = path.read_bytes()
@@ -64,20 +65,58 @@ class ModelSession:
         options.intra_op_num_threads = intra_op_threads or default_thread_count()
         options.inter_op_num_threads = inter_op_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        available = set(ort.get_available_providers())
-        wanted = [p for p in providers if p in available]
-        if CUDA in wanted:
+        acceleration = acceleration or Acceleration()
+        plan = plan_providers(providers, set(ort.get_available_providers()), acceleration)
+        if CUDA in plan.names:
             load_pip_cuda_libraries()
-        self._session = ort.InferenceSession(model_bytes, options, providers=wanted or [CPU])
+        self._session, plan = _create_session(model_bytes, options, plan)
         self.metadata = ModelMetadata.from_props(self._session.get_modelmeta().custom_metadata_map)
         self.providers: tuple[str, ...] = tuple(self._session.get_providers())
         self.provider = self.providers[0]
-        if require_cuda and self.provider != CUDA:
+        if require_cuda and self.provider not in (CUDA, TENSORRT):
             raise CudaUnavailable(f"CUDA was required but the session runs on {self.provider}")
-        logger.info("model %s %s on %s", self.metadata.name, self.metadata.version, self.provider)
+        cuda_graph = plan.cuda_graph and self.provider == CUDA
+        self.fallbacks = plan.fallbacks(self.providers)
+        for fallback in self.fallbacks:
+            logger.warning("fallback: %s", fallback)
         model_input = self._session.get_inputs()[0]
         self.input_name = model_input.name
         self.output_name = self._session.get_outputs()[0].name
+        self._bound = (
+            BucketedIoBinding(
+                self._session,
+                input_name=self.input_name,
+                output_name=self.output_name,
+                image_shape=(
+                    3,
+                    self.metadata.preprocessing.input_size,
+                    self.metadata.preprocessing.input_size,
+                ),
+                classes=len(self.metadata.labels),
+                max_batch_size=max_batch_size,
+                device="cpu" if self.provider == CPU else "cuda",
+                cuda_graph=cuda_graph,
+            )
+            if acceleration.io_binding or cuda_graph
+            else None
+        )
+        self.runtime = {
+            "provider": self.provider,
+            "precision": self.metadata.precision,
+            "io_binding": "on" if self._bound else "off",
+            "cuda_graph": "on" if cuda_graph else "off",
+            "tensorrt": "on" if TENSORRT in self.providers else "off",
+        }
+        logger.info(
+            "model %s %s: %s",
+            self.metadata.name,
+            self.metadata.version,
+            ", ".join(f"{key} {value}" for key, value in self.runtime.items()),
+        )
+
+    def warm_up_batch_sizes(self) -> tuple[int, ...]:
+        """Every bound batch size (each has its buffers, and on CUDA its graph, to set up)."""
+        return tuple(bucket.batch_size for bucket in self._bound.buckets) if self._bound else (1,)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -85,6 +124,8 @@ class ModelSession:
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """The model's raw output for a float32 (N, 3, S, S) batch."""
+        if self._bound is not None and len(batch) <= self._bound.max_batch_size:
+            return self._bound.run(batch)
         (output,) = self._session.run([self.output_name], {self.input_name: batch})
         return np.asarray(output)
 
@@ -94,3 +135,18 @@ class ModelSession:
         if self.metadata.output == "probabilities":
             return output.astype(np.float32)
         return softmax(output)
+
+
+def _create_session(
+    model_bytes: bytes, options: ort.SessionOptions, plan: ProviderPlan
+) -> tuple[ort.InferenceSession, ProviderPlan]:
+    """The session for `plan`; without CUDA graph capture if the model cannot be captured."""
+    try:
+        return ort.InferenceSession(model_bytes, options, providers=list(plan.entries)), plan
+    except Exception as error:  # onnxruntime raises its own untyped errors here
+        if not plan.cuda_graph:
+            raise
+        fallback = plan.without_cuda_graph(f"cuda_graph could not be used ({error}): off")
+        return ort.InferenceSession(
+            model_bytes, options, providers=list(fallback.entries)
+        ), fallback

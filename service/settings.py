@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.decode import DEFAULT_MAX_PIXELS
-from service.session import CPU, CUDA
+from service.providers import CPU, CUDA, Acceleration
 
 
 class Settings(BaseSettings):
@@ -69,7 +70,51 @@ class Settings(BaseSettings):
     """Deadline for a request's queue wait; requests still queued then get 504 and never reach
     the model. The `X-Request-Timeout-Ms` header can lower it per request."""
 
+    io_binding: bool = False
+    """Run inference through onnxruntime IO binding with buffers preallocated per batch-size
+    bucket (powers of two up to max_batch_size). Saves per-call device allocations and copies on
+    a GPU; on the CPU provider it computes exactly the same numbers and saves little."""
+
+    cuda_graph: bool = False
+    """Capture one CUDA graph per batch bucket and replay it (implies IO binding). Falls back,
+    logged and reported in model_info, when the provider is not CUDA or the model cannot be
+    captured."""
+
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
+    """cuDNN's convolution algorithm search. The ViT's only convolution is the patch embedding,
+    and EXHAUSTIVE re-benchmarks for every new batch shape, a latency spike per bucket."""
+
+    gpu_mem_limit_bytes: int = Field(0, ge=0)
+    """Cap on the CUDA provider's memory arena; 0 leaves onnxruntime's default (no cap)."""
+
+    arena_extend_strategy: Literal["kNextPowerOfTwo", "kSameAsRequested"] = "kNextPowerOfTwo"
+    """How the CUDA arena grows; kSameAsRequested keeps memory tight with IO binding's few
+    fixed buffers."""
+
+    tensorrt: bool = False
+    """Put onnxruntime's TensorRT provider first (CUDA, then CPU, behind it); skipped, and
+    reported, where this onnxruntime build or machine lacks TensorRT."""
+
+    tensorrt_cache_dir: Path = Path("/tmp/vit-tensorrt-cache")
+    """Where TensorRT keeps built engines and timing caches, so a restart does not rebuild them."""
+
+    tensorrt_fp16: bool = False
+    """Let TensorRT run layers in half precision."""
+
     graceful_shutdown_s: int = Field(20, ge=1)
     """On SIGTERM the server stops accepting connections and lets in-flight requests finish for
     at most this long. Keep it below the orchestrator's grace period minus any preStop delay
     (Kubernetes: 30 s by default; the shipped Deployment waits 5 s in preStop)."""
+
+    def acceleration(self) -> Acceleration:
+        """The GPU-side options as the session takes them."""
+        return Acceleration(
+            io_binding=self.io_binding,
+            cuda_graph=self.cuda_graph,
+            cudnn_conv_algo_search=self.cudnn_conv_algo_search,
+            gpu_mem_limit_bytes=self.gpu_mem_limit_bytes,
+            arena_extend_strategy=self.arena_extend_strategy,
+            tensorrt=self.tensorrt,
+            tensorrt_cache_dir=self.tensorrt_cache_dir,
+            tensorrt_fp16=self.tensorrt_fp16,
+        )

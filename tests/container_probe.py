@@ -15,7 +15,8 @@ import numpy as np
 
 from model_export import shapes
 from service.preprocess import preprocess
-from service.session import CPU, ModelSession
+from service.providers import CPU
+from service.session import ModelSession
 from tests.conftest import DEFAULT_MODEL
 
 PROBE_SEED = 777

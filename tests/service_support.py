@@ -14,7 +14,7 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.session import CPU
+from service.providers import CPU
 from service.settings import Settings
 
 

@@ -12,7 +12,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.preprocess import preprocess
-from service.session import CPU, ModelSession
+from service.providers import CPU
+from service.session import ModelSession
 from tests.images import asymmetric, encode, upload_variety, with_orientation
 from tests.service_support import cpu_settings, ready_client
 

@@ -14,7 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.preprocess import preprocess
-from service.session import CPU, ModelSession
+from service.providers import CPU
+from service.session import ModelSession
 from tests.images import upload_variety
 from tests.service_support import cpu_settings, ready_client
 

@@ -16,7 +16,8 @@ onnx = pytest.importorskip("onnx")
 
 from model_export.checkpoint import Checkpoint, sha256_of  # noqa: E402
 from model_export.export import LOGIT_TOLERANCE, OPSET, check_parity  # noqa: E402
-from service.session import CPU, ModelSession  # noqa: E402
+from service.providers import CPU  # noqa: E402
+from service.session import ModelSession  # noqa: E402
 
 
 def test_checkpoint_holds_everything_needed_to_rebuild(tiny_checkpoint: Path) -> None:
@@ -91,3 +92,41 @@ def test_a_model_without_metadata_is_refused(tiny_onnx: Path, tmp_path: Path) ->
     onnx.save(proto, str(bare))
     with pytest.raises(InvalidModelMetadata, match="lacks name, version, labels"):
         ModelSession(bare, providers=(CPU,))
+
+
+@pytest.fixture(scope="module")
+def tiny_fp16(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from model_export.export import PrecisionReport, export
+
+    path = tmp_path_factory.mktemp("fp16") / "tiny-fp16.onnx"
+    report, _ = export(tiny_checkpoint, path, version="7", eval_seed=99, eval_count=64, fp16=True)
+    assert isinstance(report, PrecisionReport) and report.passed, report
+    return path
+
+
+def test_fp16_export_keeps_float32_at_the_boundary_and_says_so(
+    tiny_fp16: Path, tiny_onnx: Path
+) -> None:
+    session = ModelSession(tiny_fp16, providers=(CPU,))
+    assert session.metadata.precision == "fp16" and session.runtime["precision"] == "fp16"
+    assert ModelSession(tiny_onnx, providers=(CPU,)).metadata.precision == "fp32"
+    raw = ort.InferenceSession(str(tiny_fp16), providers=[CPU])
+    assert raw.get_inputs()[0].type == raw.get_outputs()[0].type == "tensor(float)"
+    initializers = onnx.load(str(tiny_fp16)).graph.initializer
+    weights = [w for w in initializers if len(w.dims) == 2]
+    assert weights and all(w.data_type == onnx.TensorProto.FLOAT16 for w in weights)
+    assert tiny_fp16.stat().st_size < 0.6 * tiny_onnx.stat().st_size
+
+
+def test_fp16_probabilities_stay_close_to_fp32(tiny_fp16: Path, tiny_checkpoint: Path) -> None:
+    from model_export.export import FP16_PROBABILITY_TOLERANCE, compare_precision
+
+    model = Checkpoint.load(tiny_checkpoint).build_model()
+    session = ModelSession(tiny_fp16, providers=(CPU,))
+    report = compare_precision(model, session, seed=123, count=128)
+    assert report.count == 128 and report.passed
+    assert 0 < report.max_probability_diff <= FP16_PROBABILITY_TOLERANCE  # half, not float32
+    # The same comparison catches a model that is not the one exported.
+    with torch.no_grad():
+        model.head.bias.add_(0.5 * torch.arange(8.0))
+    assert not compare_precision(model, session, seed=123, count=128).passed

@@ -23,7 +23,8 @@ from service.app import create_app
 from service.model_metadata import InvalidModelMetadata
 from service.pipeline import Pipeline
 from service.preprocess import preprocess
-from service.session import CPU, CudaUnavailable, ModelSession
+from service.providers import CPU
+from service.session import CudaUnavailable, ModelSession
 from tests.conftest import ROOT
 from tests.images import upload_variety
 from tests.service_support import cpu_settings, ready_client, running_server, wait_ready

@@ -1,0 +1,54 @@
+"""IO binding: bucketed preallocated buffers give the plain path's probabilities exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model_export import shapes
+from service.io_binding import bucket_sizes
+from service.preprocess import preprocess
+from service.providers import CPU, Acceleration
+from service.session import ModelSession
+
+
+def test_buckets_are_powers_of_two_up_to_the_largest_batch() -> None:
+    assert bucket_sizes(1) == (1,)
+    assert bucket_sizes(16) == (1, 2, 4, 8, 16)
+    assert bucket_sizes(12) == (1, 2, 4, 8, 12)
+
+
+@pytest.fixture(scope="module")
+def plain(served_model: Path) -> ModelSession:
+    return ModelSession(served_model, providers=(CPU,))
+
+
+@pytest.fixture(scope="module")
+def bound(served_model: Path) -> ModelSession:
+    acceleration = Acceleration(io_binding=True)
+    return ModelSession(served_model, providers=(CPU,), acceleration=acceleration, max_batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def images(plain: ModelSession) -> np.ndarray:
+    spec = plain.metadata.preprocessing
+    return np.concatenate([preprocess(s.data, spec) for s in shapes.samples(4242, 12)])
+
+
+def test_bound_session_warms_up_every_bucket(bound: ModelSession) -> None:
+    assert bound.warm_up_batch_sizes() == (1, 2, 4, 8)
+    assert bound.runtime["io_binding"] == "on"
+
+
+@pytest.mark.parametrize("count", [8, 5, 1, 3, 8, 12])
+def test_io_binding_gives_the_plain_paths_probabilities(
+    plain: ModelSession, bound: ModelSession, images: np.ndarray, count: int
+) -> None:
+    """Padded buckets (5 -> 8, 3 -> 4), stale rows from a larger batch before, and a batch
+    over the largest bucket (12, the plain path) all give each image its own numbers."""
+    batch = images[:count]
+    expected = np.concatenate([plain.predict(batch[i : i + 1]) for i in range(count)])
+    np.testing.assert_array_equal(bound.predict(batch), plain.predict(batch))
+    np.testing.assert_allclose(bound.predict(batch), expected, rtol=0, atol=1e-6)

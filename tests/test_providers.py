@@ -1,0 +1,98 @@
+"""Provider planning: what is asked of onnxruntime, and every fallback reported."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnxruntime as ort
+
+from service.providers import CPU, CUDA, TENSORRT, Acceleration, ProviderPlan, plan_providers
+from service.session import ModelSession
+from tests.service_support import cpu_settings, ready_client
+
+ALL = {TENSORRT, CUDA, CPU}
+
+
+def test_unavailable_providers_are_skipped_and_said() -> None:
+    plan = plan_providers((CUDA, CPU), {CPU}, Acceleration())
+    assert plan.entries == ((CPU, {}),)
+    assert plan.notes == (f"{CUDA} is not available in this onnxruntime build",)
+
+
+def test_cuda_options_come_from_the_settings() -> None:
+    acceleration = Acceleration(
+        cudnn_conv_algo_search="EXHAUSTIVE",
+        gpu_mem_limit_bytes=2**30,
+        arena_extend_strategy="kSameAsRequested",
+        cuda_graph=True,
+    )
+    plan = plan_providers((CUDA, CPU), ALL, acceleration)
+    assert plan.names == (CUDA, CPU) and plan.notes == () and plan.cuda_graph
+    assert dict(plan.entries)[CUDA] == {
+        "cudnn_conv_algo_search": "EXHAUSTIVE",
+        "arena_extend_strategy": "kSameAsRequested",
+        "enable_cuda_graph": "1",
+        "gpu_mem_limit": str(2**30),
+    }
+    assert not plan.without_cuda_graph("capture failed").cuda_graph
+
+
+def test_tensorrt_goes_first_with_its_engine_cache(tmp_path: Path) -> None:
+    plan = plan_providers(
+        (CUDA, CPU), ALL, Acceleration(tensorrt=True, tensorrt_cache_dir=tmp_path)
+    )
+    assert plan.names == (TENSORRT, CUDA, CPU)
+    options = dict(plan.entries)[TENSORRT]
+    assert options["trt_engine_cache_enable"] == "1"
+    assert options["trt_engine_cache_path"] == str(tmp_path)
+    without = plan_providers((CUDA, CPU), {CUDA, CPU}, Acceleration(tensorrt=True))
+    assert without.names == (CUDA, CPU)
+    assert without.notes == (f"{TENSORRT} is not available in this onnxruntime build",)
+
+
+def test_cuda_graph_without_cuda_is_reported() -> None:
+    plan = plan_providers((CPU,), ALL, Acceleration(cuda_graph=True))
+    assert plan.names == (CPU,) and not plan.cuda_graph
+    assert plan.notes == ("cuda_graph needs the CUDA provider in use: off",)
+
+
+def test_providers_that_did_not_load_are_reported_after_the_fact() -> None:
+    plan = ProviderPlan(((CUDA, {}), (CPU, {})), ("earlier note",))
+    assert plan.fallbacks((CPU,)) == (
+        "earlier note",
+        f"{CUDA} was requested but is not in use (its libraries did not load)",
+    )
+    assert plan.fallbacks((CUDA, CPU)) == ("earlier note",)
+    graph = plan_providers((CUDA, CPU), ALL, Acceleration(cuda_graph=True))
+    assert graph.fallbacks((CPU,))[-1] == "cuda_graph needs the CUDA provider in use: off"
+    assert graph.fallbacks((CUDA, CPU)) == ()
+
+
+def test_every_gpu_option_falls_back_on_this_cpu_machine(served_model: Path) -> None:
+    acceleration = Acceleration(tensorrt=True, cuda_graph=True, io_binding=True)
+    session = ModelSession(served_model, providers=(CUDA, CPU), acceleration=acceleration)
+    assert session.provider == CPU
+    reported = " | ".join(session.fallbacks)
+    for provider in (TENSORRT, CUDA):
+        # onnxruntime-gpu lists them and fails to load them; plain onnxruntime lacks them.
+        assert provider in reported
+        assert provider not in ort.get_available_providers() or "did not load" in reported
+    assert "cuda_graph" in reported
+    assert session.runtime == {
+        "provider": CPU,
+        "precision": "fp32",
+        "io_binding": "on",
+        "cuda_graph": "off",
+        "tensorrt": "off",
+    }
+
+
+def test_the_api_and_metrics_report_what_is_in_effect(served_model: Path) -> None:
+    settings = cpu_settings(served_model, tensorrt=True, io_binding=True)
+    with ready_client(settings) as client:
+        (info,) = client.get("/v1/models").json()["models"]
+        metrics = client.get("/metrics").text
+    assert info["runtime"]["io_binding"] == "on" and info["runtime"]["tensorrt"] == "off"
+    assert any(TENSORRT in fallback for fallback in info["fallbacks"])
+    (line,) = [m for m in metrics.splitlines() if m.startswith("vit_model_info{")]
+    assert 'io_binding="on"' in line and TENSORRT in line
