@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT
+from tests.service_support import free_port, running_server
 
 SMOKE = ROOT.parent / "shared" / "container" / "smoke.sh"
 
@@ -45,6 +48,30 @@ def test_image_flavours_differ_only_in_the_onnxruntime_package() -> None:
     assert [r for r in gpu if r.startswith("onnxruntime")] == ["onnxruntime-gpu[cuda,cudnn]>=1.20"]
     assert [r for r in cpu if r.startswith("onnxruntime")] == ["onnxruntime>=1.20"]
     assert not any("torch" in r or "onnx>" in r for r in gpu + cpu)
+
+
+def healthcheck_command() -> list[str]:
+    """The Dockerfile's HEALTHCHECK CMD (exec form), with this interpreter for `python3`."""
+    (line,) = [
+        line
+        for line in (ROOT / "Dockerfile").read_text().splitlines()
+        if "CMD [" in line and "health" in line
+    ]
+    command: list[str] = json.loads(line.split("CMD", 1)[1])
+    assert command[0] == "python3"
+    return [sys.executable, *command[1:]]
+
+
+def test_the_images_healthcheck_passes_only_on_a_ready_server(served_model: Path) -> None:
+    command = healthcheck_command()
+    with running_server(served_model, ROOT) as url:
+        port = url.rsplit(":", 1)[1]
+        ready = subprocess.run(command, env={"VIT_PORT": port}, capture_output=True, timeout=30)
+        assert ready.returncode == 0, ready.stderr
+    nobody = subprocess.run(
+        command, env={"VIT_PORT": str(free_port())}, capture_output=True, timeout=30
+    )
+    assert nobody.returncode != 0
 
 
 @pytest.mark.skipif(not SMOKE.exists(), reason=f"{SMOKE} is not here")

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -27,7 +30,7 @@ from service.providers import CPU
 from service.session import CudaUnavailable, ModelSession
 from tests.conftest import ROOT
 from tests.images import upload_variety
-from tests.service_support import cpu_settings, ready_client, running_server, wait_ready
+from tests.service_support import cpu_settings, ready_client, running_server, served, wait_ready
 
 UPLOADS = upload_variety()
 
@@ -197,3 +200,38 @@ def batch_histogram(server: str) -> dict[str, float]:
             elif sample.name == "vit_batch_size_images_sum":
                 values["sum"] = sample.value
     return values
+
+
+def requests_in_flight(url: str) -> float:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    (family,) = [
+        f for f in text_string_to_metric_families(text) if f.name == "vit_requests_in_flight"
+    ]
+    return family.samples[0].value - 1  # not counting this scrape
+
+
+def test_sigterm_lets_in_flight_requests_finish_then_exits(served_model: Path) -> None:
+    files = [("file", (f"{i}.img", shapes.sample(99, i).data)) for i in range(24)]
+    requests = 6
+
+    with served(served_model, ROOT, graceful_shutdown_s="20") as server:
+
+        def post() -> int:
+            return httpx.post(f"{server.url}/v1/classify", files=files, timeout=60).status_code
+
+        with ThreadPoolExecutor(requests) as pool:
+            answers = [pool.submit(post) for _ in range(requests)]
+            deadline = time.monotonic() + 20
+            while requests_in_flight(server.url) < requests:
+                assert time.monotonic() < deadline, "the requests never were in flight together"
+            server.process.send_signal(signal.SIGTERM)
+            statuses = [answer.result() for answer in answers]
+            exit_code = server.process.wait(timeout=25)
+        log = server.output()
+
+    assert statuses == [200] * requests
+    # uvicorn drains, runs the lifespan shutdown, then re-raises SIGTERM.
+    assert exit_code in (0, -signal.SIGTERM)
+    assert log.index("Shutting down") < log.index("Application shutdown complete")
+    assert "Finished server process" in log
