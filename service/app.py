@@ -90,6 +90,7 @@ def _lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
             providers=settings.providers,
             intra_op_threads=settings.intra_op_threads,
             inter_op_threads=settings.inter_op_threads,
+            intra_op_spinning=settings.intra_op_spinning,
             require_cuda=settings.require_cuda,
             acceleration=settings.acceleration(),
             max_batch_size=settings.max_batch_size,

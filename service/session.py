@@ -54,6 +54,7 @@ class ModelSession:
         providers: tuple[str, ...] = (CUDA, CPU),
         intra_op_threads: int = 0,
         inter_op_threads: int = 1,
+        intra_op_spinning: bool = True,
         require_cuda: bool = False,
         acceleration: Acceleration | None = None,
         max_batch_size: int = 16,
@@ -65,6 +66,8 @@ class ModelSession:
         options.intra_op_num_threads = intra_op_threads or default_thread_count()
         options.inter_op_num_threads = inter_op_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not intra_op_spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         acceleration = acceleration or Acceleration()
         plan = plan_providers(providers, set(ort.get_available_providers()), acceleration)
         if CUDA in plan.names:

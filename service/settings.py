@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     inter_op_threads: int = Field(1, ge=1)
     """onnxruntime threads across independent operators; a ViT is a chain, so 1."""
 
+    intra_op_spinning: bool = False
+    """Let onnxruntime's threads busy-wait for the next operator instead of sleeping. Off, the
+    decode threads get those cycles: at 16 concurrent clients on 2 cores the service served
+    13-23% more images/s (profiled and measured A/B, docs/BENCHMARKS-analysis.md); on, a lone
+    request's p50 was ~0.5 ms lower but its p99 higher."""
+
     decode_threads: int = Field(2, ge=1)
     """Threads decoding and preprocessing uploads (Pillow releases the GIL while decoding)."""
 
