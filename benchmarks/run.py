@@ -1,7 +1,7 @@
 """The service, the in-process ceiling and the naive baseline, measured side by side.
 
-    python benchmarks/run.py            # about 8 minutes on 2 cores
-    python benchmarks/run.py --quick    # fewer concurrencies, shorter runs
+    python -m benchmarks.run            # about 8 minutes on 2 cores
+    python -m benchmarks.run --quick    # fewer concurrencies, shorter runs
 
 Everything runs on this machine over loopback: the servers as subprocesses, the load generator
 (service.bench) in this process. Results go to docs/benchmarks.json, docs/BENCHMARKS.md and
@@ -322,7 +322,7 @@ def main() -> None:
     DOCS.mkdir(exist_ok=True)
     (DOCS / "benchmarks.json").write_text(json.dumps(all_results, indent=2) + "\n")
     plot(all_results, DOCS / "benchmarks.png")
-    command = "python benchmarks/run.py" + (" --quick" if args.quick else "")
+    command = "python -m benchmarks.run" + (" --quick" if args.quick else "")
     (DOCS / "BENCHMARKS.md").write_text(report(all_results, command))
     print(json.dumps({case: r["ratios_at_16"] for case, r in all_results.items()}, indent=2))
 
