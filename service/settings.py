@@ -61,7 +61,7 @@ class Settings(BaseSettings):
 
     max_batch_size: int = Field(16, ge=1)
     """Most images in one onnxruntime call. On 2 CPU cores the in-process pipeline with the
-    default model peaked at batch 16 for 640x480 JPEGs (docs/BENCHMARKS.md), and a larger batch
+    default model gains under 10% from batch 8 to 32 (docs/BENCHMARKS.md), and a larger batch
     only adds latency for the requests that fill it."""
 
     max_batch_delay_ms: float = Field(0.0, ge=0)
