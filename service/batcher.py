@@ -72,6 +72,8 @@ class Batcher:
         self._throughput = _Throughput()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
         self._worker: asyncio.Task[None] | None = None
+        self.consecutive_failures = 0
+        """onnxruntime calls that raised or returned non-finite numbers since the last good one."""
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._run(), name="batcher")
@@ -181,8 +183,11 @@ class Batcher:
         loop = asyncio.get_running_loop()
         try:
             outputs = await loop.run_in_executor(self._executor, self._predict, inputs)
+            if not np.isfinite(outputs).all():
+                raise FloatingPointError("the model returned NaN or infinite values")
         except Exception as error:
             logger.exception("inference failed on a batch of %d images", len(inputs))
+            self.consecutive_failures += 1
             failure = InferenceFailed(f"inference failed: {type(error).__name__}")
             for job in batch:
                 if not job.future.done():
@@ -190,6 +195,7 @@ class Batcher:
             return
         finally:
             self._release(len(inputs))
+        self.consecutive_failures = 0
         elapsed = time.monotonic() - started
         self._throughput.observe(len(inputs), elapsed)
         self._metrics.stage_seconds.labels("inference").observe(elapsed)

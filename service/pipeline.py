@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from service.batcher import Batcher
-from service.errors import NotReady
+from service.errors import NotReady, ServiceError
 from service.metrics import Metrics
 from service.preprocess import preprocess_upload
 from service.session import ModelSession
@@ -29,7 +29,10 @@ class Pipeline:
         self.metrics = metrics
         self.spec = session.metadata.preprocessing
         self.max_pixels = settings.max_pixels
-        self.ready = False
+        self._warmed_up = False
+        self._failures_until_unready = settings.unready_after_failures
+        self._recovery_interval = settings.recovery_probe_interval_s
+        self._recovery: asyncio.Task[None] | None = None
         self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self.batcher = Batcher(
             session.predict,
@@ -83,9 +86,20 @@ class Pipeline:
         tensors = await asyncio.gather(*(self.prepare(data) for data in images))
         return await self.infer(np.concatenate(tensors), deadline)
 
+    @property
+    def ready(self) -> bool:
+        """Warmed up, and onnxruntime has not failed `unready_after_failures` times in a row."""
+        return self._warmed_up and not self.failing
+
+    @property
+    def failing(self) -> bool:
+        return self.batcher.consecutive_failures >= self._failures_until_unready
+
     def require_ready(self) -> None:
-        if not self.ready:
+        if not self._warmed_up:
             raise NotReady("the model is still warming up")
+        if self.failing:
+            raise NotReady("inference keeps failing; waiting for it to recover")
 
     async def start(self) -> None:
         """Start batching, then real inferences (one per bound batch size) so no client pays
@@ -94,10 +108,27 @@ class Pipeline:
         deadline = time.monotonic() + WARM_UP_SECONDS
         for batch_size in self.session.warm_up_batch_sizes():
             await self.batcher.submit(np.zeros(self.input_shape(batch_size), np.float32), deadline)
-        self.ready = True
+        self._warmed_up = True
+        self._recovery = asyncio.create_task(self._recover_when_failing(), name="recovery")
         logger.info("warm-up done: ready")
 
+    async def _recover_when_failing(self) -> None:
+        """While not ready because inference kept failing, try one probe inference now and
+        then; the first that works makes the service ready again."""
+        while True:
+            await asyncio.sleep(self._recovery_interval)
+            if not self.failing:
+                continue
+            probe = np.zeros(self.input_shape(1), np.float32)
+            try:
+                await self.batcher.submit(probe, time.monotonic() + WARM_UP_SECONDS)
+            except ServiceError:
+                continue
+            logger.info("inference works again: ready")
+
     async def close(self) -> None:
-        self.ready = False
+        self._warmed_up = False
+        if self._recovery is not None:
+            self._recovery.cancel()
         await self.batcher.stop()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)

@@ -107,6 +107,14 @@ class Settings(BaseSettings):
     tensorrt_fp16: bool = False
     """Let TensorRT run layers in half precision."""
 
+    unready_after_failures: int = Field(5, ge=1)
+    """After this many onnxruntime calls in a row raise (or return NaN/Inf), readiness turns
+    false so the orchestrator routes around this replica; a probe inference every
+    recovery_probe_interval_s brings it back when inference works again."""
+
+    recovery_probe_interval_s: float = Field(1.0, gt=0)
+    """How often a replica that stopped being ready over failures tries inference again."""
+
     graceful_shutdown_s: int = Field(20, ge=1)
     """On SIGTERM the server stops accepting connections and lets in-flight requests finish for
     at most this long. Keep it below the orchestrator's grace period minus any preStop delay
