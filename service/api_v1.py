@@ -59,6 +59,7 @@ async def classify(
     if top_k is not None and top_k < 1:
         raise InvalidRequest(f"top_k must be at least 1, got {top_k}")
     pipeline.require_ready()
+    pipeline.require_capacity()
     with pipeline.metrics.stage_seconds.labels("read_body").time():
         images = await uploaded_images(
             request, limit=settings.max_body_bytes, max_files=settings.max_images_per_request

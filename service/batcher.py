@@ -87,6 +87,10 @@ class Batcher:
                 pass
         self._executor.shutdown(wait=True)
 
+    def is_full(self, incoming: int) -> bool:
+        """Whether `incoming` more images would exceed the queue bound."""
+        return self._held + incoming > self._max_queue
+
     def retry_after(self) -> int:
         """Seconds until the work already held should be done, at the measured throughput."""
         rate = self._throughput.images_per_second

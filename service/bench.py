@@ -42,6 +42,7 @@ class Report:
     p99_ms: float
     statuses: dict[str, int] = field(default_factory=dict)
     batch_size: int | None = None
+    p99_ms_by_status: dict[str, float] = field(default_factory=dict)
 
     def line(self) -> str:
         statuses = " ".join(f"{code}:{n}" for code, n in sorted(self.statuses.items()))
@@ -65,6 +66,7 @@ def summarise(
     seconds: float,
     images: int,
     batch_size: int | None = None,
+    by_status: dict[int, list[float]] | None = None,
 ) -> Report:
     return Report(
         mode=mode,
@@ -77,6 +79,9 @@ def summarise(
         p99_ms=percentile(latencies, 0.99) * 1000,
         statuses={str(code): n for code, n in statuses.items()},
         batch_size=batch_size,
+        p99_ms_by_status={
+            str(code): percentile(values, 0.99) * 1000 for code, values in (by_status or {}).items()
+        },
     )
 
 
@@ -140,6 +145,7 @@ async def load(
     path = f"{parts.path.rstrip('/')}/v1/classify"
     latencies: list[float] = []
     statuses: Counter[int] = Counter()
+    by_status: dict[int, list[float]] = {}
     started = time.perf_counter()
     stop_at = started + duration if duration else float("inf")
     sent = 0
@@ -160,6 +166,7 @@ async def load(
             await connection.close()
             status = 599
         latencies.append(time.perf_counter() - begun)
+        by_status.setdefault(status, []).append(latencies[-1])
         statuses[status] += 1
         if progress and len(latencies) % 100 == 0:
             elapsed = time.perf_counter() - started
@@ -197,7 +204,9 @@ async def load(
         sys.stderr.write("\n")
     seconds = time.perf_counter() - started
     mode = "closed" if rate is None else f"open@{rate:g}"
-    return summarise(mode, concurrency, latencies, statuses, seconds, len(latencies))
+    return summarise(
+        mode, concurrency, latencies, statuses, seconds, len(latencies), by_status=by_status
+    )
 
 
 def ceiling(

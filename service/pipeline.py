@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from service.batcher import Batcher
-from service.errors import NotReady, ServiceError
+from service.errors import NotReady, Overloaded, ServiceError
 from service.metrics import Metrics
 from service.preprocess import preprocess_upload
 from service.session import ModelSession
@@ -30,6 +30,7 @@ class Pipeline:
         self.spec = session.metadata.preprocessing
         self.max_pixels = settings.max_pixels
         self._warmed_up = False
+        self._preparing = 0
         self._failures_until_unready = settings.unready_after_failures
         self._recovery_interval = settings.recovery_probe_interval_s
         self._recovery: asyncio.Task[None] | None = None
@@ -83,8 +84,19 @@ class Pipeline:
     async def classify(self, images: list[bytes], deadline: float) -> np.ndarray:
         """Probabilities for uploads, one row per image in request order."""
         self.require_ready()
-        tensors = await asyncio.gather(*(self.prepare(data) for data in images))
+        self._preparing += len(images)
+        try:
+            tensors = await asyncio.gather(*(self.prepare(data) for data in images))
+        finally:
+            self._preparing -= len(images)
         return await self.infer(np.concatenate(tensors), deadline)
+
+    def require_capacity(self) -> None:
+        """503 before the body is even read when the queue (with the uploads being decoded) is
+        full: under overload a refused request must cost next to nothing, or refusing starves
+        the requests being served."""
+        if self.batcher.is_full(self._preparing + 1):
+            raise Overloaded("the inference queue is full", retry_after=self.batcher.retry_after())
 
     @property
     def ready(self) -> bool:

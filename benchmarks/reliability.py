@@ -1,0 +1,99 @@
+"""Capacity, a 10,000-request soak and overload at twice capacity, against a real server on
+127.0.0.1. The soak follows the capacity run so its start is already warm.
+
+    python -m benchmarks.reliability      # about 90 s on 2 cores
+
+Bounded in time and loopback only. Writes docs/reliability.json; docs/RELIABILITY.md quotes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from benchmarks.run import photos
+from service.bench import Report, load
+from tests.service_support import served
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "shapes-vit.onnx"
+SOAK_REQUESTS = 10_000
+# An open loop needs room for every request it sends: a connection carries one at a time.
+OVERLOAD_CONNECTIONS = 2048
+
+
+def run_load(url: str, images: list[bytes], **options: Any) -> Report:
+    bodies = [(image, "image/jpeg") for image in images]
+    return asyncio.run(load(url, bodies, count=0, progress=False, **options))
+
+
+def resources(pid: int) -> tuple[float, int]:
+    """Resident memory (MB) and open file descriptors of a process, from /proc."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    (rss_kb,) = [int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS")]
+    return rss_kb / 1024, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def goodput(report: Report) -> float:
+    return report.statuses.get("200", 0) / report.seconds
+
+
+def main() -> None:
+    images = photos((640, 480))
+    results: dict[str, Any] = {}
+    with served(MODEL, ROOT) as server:
+        capacity = run_load(server.url, images, concurrency=16, duration=5, rate=None)
+        results["capacity"] = asdict(capacity)
+        print("capacity ", capacity.line(), flush=True)
+
+        before = resources(server.process.pid)
+        soak = asyncio.run(
+            load(
+                server.url,
+                [(image, "image/jpeg") for image in images],
+                concurrency=16,
+                count=SOAK_REQUESTS,
+                duration=0,
+                rate=None,
+                progress=False,
+            )
+        )
+        after = resources(server.process.pid)
+        results["soak"] = {
+            **asdict(soak),
+            "rss_mb_before": before[0],
+            "rss_mb_after": after[0],
+            "fds_before": before[1],
+            "fds_after": after[1],
+        }
+        print("soak     ", soak.line(), flush=True)
+        print(f"          RSS {before[0]:.1f} -> {after[0]:.1f} MB, fds {before[1]} -> {after[1]}")
+
+        rate = 2 * goodput(capacity)
+        overload = run_load(
+            server.url, images, concurrency=OVERLOAD_CONNECTIONS, duration=10, rate=rate
+        )
+        results["overload"] = {
+            **asdict(overload),
+            "offered_per_second": rate,
+            "goodput_per_second": goodput(overload),
+            "goodput_vs_capacity": goodput(overload) / goodput(capacity),
+        }
+        print("overload ", overload.line(), flush=True)
+        print(
+            f"          goodput {goodput(overload):.1f}/s = "
+            f"{goodput(overload) / goodput(capacity):.0%} of capacity; "
+            f"p99 by status {overload.p99_ms_by_status}",
+            flush=True,
+        )
+    out = ROOT / "docs" / "reliability.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
