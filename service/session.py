@@ -17,6 +17,8 @@ from service.providers import CPU, CUDA, TENSORRT, Acceleration, ProviderPlan, p
 
 logger = logging.getLogger(__name__)
 
+CUDA_GRAPH_WARM_UP_RUNS = 3
+
 
 class CudaUnavailable(RuntimeError):
     """CUDA was required but onnxruntime could not use it."""
@@ -118,8 +120,12 @@ class ModelSession:
         )
 
     def warm_up_batch_sizes(self) -> tuple[int, ...]:
-        """Every bound batch size (each has its buffers, and on CUDA its graph, to set up)."""
-        return tuple(bucket.batch_size for bucket in self._bound.buckets) if self._bound else (1,)
+        """Every bound batch size (each has its buffers, and on CUDA its graph, to set up);
+        with CUDA graphs each several times, since onnxruntime captures after a few runs."""
+        if self._bound is None:
+            return (1,)
+        runs = CUDA_GRAPH_WARM_UP_RUNS if self.runtime["cuda_graph"] == "on" else 1
+        return tuple(b.batch_size for b in self._bound.buckets for _ in range(runs))
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -127,8 +133,12 @@ class ModelSession:
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """The model's raw output for a float32 (N, 3, S, S) batch."""
-        if self._bound is not None and len(batch) <= self._bound.max_batch_size:
-            return self._bound.run(batch)
+        if self._bound is not None:
+            # Through the bound buckets only, in chunks if need be: with CUDA graphs on, a plain
+            # run would replay (or capture over) graph 0 with the wrong buffers.
+            step = self._bound.max_batch_size
+            chunks = [self._bound.run(batch[i : i + step]) for i in range(0, len(batch), step)]
+            return np.concatenate(chunks)
         (output,) = self._session.run([self.output_name], {self.input_name: batch})
         return np.asarray(output)
 

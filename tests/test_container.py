@@ -45,8 +45,8 @@ def test_image_flavours_differ_only_in_the_onnxruntime_package() -> None:
     assert [r for r in gpu if not r.startswith("onnxruntime")] == [
         r for r in cpu if not r.startswith("onnxruntime")
     ]
-    assert [r for r in gpu if r.startswith("onnxruntime")] == ["onnxruntime-gpu[cuda,cudnn]>=1.20"]
-    assert [r for r in cpu if r.startswith("onnxruntime")] == ["onnxruntime>=1.20"]
+    assert [r for r in gpu if r.startswith("onnxruntime")] == ["onnxruntime-gpu[cuda,cudnn]>=1.21"]
+    assert [r for r in cpu if r.startswith("onnxruntime")] == ["onnxruntime>=1.21"]
     assert not any("torch" in r or "onnx>" in r for r in gpu + cpu)
 
 

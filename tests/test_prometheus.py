@@ -60,8 +60,7 @@ def prometheus(service: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             f"--web.listen-address=127.0.0.1:{port}",
         ],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        stderr=(work / "prometheus.log").open("w"),
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -72,7 +71,8 @@ def prometheus(service: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                     break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"prometheus did not start: {process.stderr}") from None
+                    log = (work / "prometheus.log").read_text()
+                    raise RuntimeError(f"prometheus did not start: {log}") from None
                 time.sleep(0.2)
         yield url
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnxruntime as ort
+import pytest
 
 from service.providers import CPU, CUDA, TENSORRT, Acceleration, ProviderPlan, plan_providers
 from service.session import ModelSession
@@ -71,7 +72,8 @@ def test_providers_that_did_not_load_are_reported_after_the_fact() -> None:
 def test_every_gpu_option_falls_back_on_this_cpu_machine(served_model: Path) -> None:
     acceleration = Acceleration(tensorrt=True, cuda_graph=True, io_binding=True)
     session = ModelSession(served_model, providers=(CUDA, CPU), acceleration=acceleration)
-    assert session.provider == CPU
+    if session.provider != CPU:
+        pytest.skip("CUDA loaded here: this test is about a machine without a GPU")
     reported = " | ".join(session.fallbacks)
     for provider in (TENSORRT, CUDA):
         # onnxruntime-gpu lists them and fails to load them; plain onnxruntime lacks them.

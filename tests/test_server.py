@@ -234,4 +234,6 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits(served_model: Path) -
     # uvicorn drains, runs the lifespan shutdown, then re-raises SIGTERM.
     assert exit_code in (0, -signal.SIGTERM)
     assert log.index("Shutting down") < log.index("Application shutdown complete")
+    # The signal found the requests' connections open, and uvicorn waited for them.
+    assert "Waiting for connections to close" in log
     assert "Finished server process" in log
