@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.session import ModelSession
 from tests.images import upload_variety
@@ -63,6 +64,17 @@ def wait_for_depth(client: TestClient, depth: int) -> None:
         time.sleep(0.01)
 
 
+def decoded_images(client: TestClient) -> float:
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if (
+                sample.name == "vit_stage_duration_seconds_count"
+                and sample.labels["stage"] == "decode_preprocess"
+            ):
+                return sample.value
+    return 0.0
+
+
 def test_full_queue_is_503_with_retry_after_and_health_keeps_answering(
     client: TestClient, gate: Gate
 ) -> None:
@@ -70,8 +82,11 @@ def test_full_queue_is_503_with_retry_after_and_health_keeps_answering(
     with ThreadPoolExecutor(2) as pool:
         held = [pool.submit(classify, client) for _ in range(2)]
         wait_for_depth(client, 2)
+        decoded_before = decoded_images(client)
         status, headers, body = classify(client)
         assert status == 503 and body["type"] == "overloaded"
+        # Refused at admission: its upload was never decoded.
+        assert decoded_images(client) == decoded_before
         assert int(headers["retry-after"]) >= 1
         assert client.get("/v2/health/ready").status_code == 200
         assert client.get("/v2/health/live").status_code == 200
