@@ -26,6 +26,7 @@ _UPLOAD_BODY = {
                     "properties": {
                         FILE_FIELD: {
                             "type": "array",
+                            "minItems": 1,
                             "items": {"type": "string", "format": "binary"},
                             "description": "One or more image files (repeat the field).",
                         }
