@@ -97,6 +97,7 @@ def _lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
         )
         metrics = Metrics()
         pipeline = Pipeline(session, settings, metrics)
+        app.state.pipeline = pipeline  # for the server's SIGTERM handler (service/cli.py)
         start = asyncio.create_task(pipeline.start())
         try:
             yield {"pipeline": pipeline, "settings": settings, "metrics": metrics}

@@ -5,12 +5,28 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
 
 from service.app import create_app
 from service.settings import Settings
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except that SIGTERM first turns readiness false, then drains as usual."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        pipeline = getattr(self.app.state, "pipeline", None)
+        if pipeline is not None:
+            pipeline.draining = True
+        super().handle_exit(sig, frame)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,14 +47,16 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         workers=1,
         log_level=args.log_level,
         timeout_graceful_shutdown=settings.graceful_shutdown_s,
     )
+    DrainingServer(config, app).run()
 
 
 if __name__ == "__main__":

@@ -211,6 +211,14 @@ def requests_in_flight(url: str) -> float:
     return family.samples[0].value - 1  # not counting this scrape
 
 
+def ready_status(url: str) -> int | None:
+    """/v2/health/ready's status, or None once the server refuses connections."""
+    try:
+        return httpx.get(f"{url}/v2/health/ready", timeout=5).status_code
+    except httpx.TransportError:
+        return None
+
+
 def test_sigterm_lets_in_flight_requests_finish_then_exits(served_model: Path) -> None:
     files = [("file", (f"{i}.img", shapes.sample(99, i).data)) for i in range(24)]
     requests = 6
@@ -226,11 +234,15 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits(served_model: Path) -
             while requests_in_flight(server.url) < requests:
                 assert time.monotonic() < deadline, "the requests never were in flight together"
             server.process.send_signal(signal.SIGTERM)
+            # Readiness turns false first: from the signal on, it never says 200 again, while
+            # the requests in flight still complete.
+            readiness = [ready_status(server.url) for _ in range(20)]
             statuses = [answer.result() for answer in answers]
             exit_code = server.process.wait(timeout=25)
         log = server.output()
 
     assert statuses == [200] * requests
+    assert 200 not in readiness, readiness
     # uvicorn drains, runs the lifespan shutdown, then re-raises SIGTERM.
     assert exit_code in (0, -signal.SIGTERM)
     assert log.index("Shutting down") < log.index("Application shutdown complete")
