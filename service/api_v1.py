@@ -43,7 +43,7 @@ _UPLOAD_BODY = {
     "/classify",
     response_model=ClassifyResponse,
     response_model_exclude_none=True,
-    responses=error_responses(400, 413, 415, 422, 500, 503, 504),
+    responses=error_responses(400, 408, 413, 415, 422, 500, 503, 504),
     openapi_extra=_UPLOAD_BODY,
     summary="Classify one or more uploaded images",
 )
@@ -63,7 +63,10 @@ async def classify(
     pipeline.require_capacity()
     with pipeline.metrics.stage_seconds.labels("read_body").time():
         images = await uploaded_images(
-            request, limit=settings.max_body_bytes, max_files=settings.max_images_per_request
+            request,
+            limit=settings.max_body_bytes,
+            timeout=settings.body_timeout_s,
+            max_files=settings.max_images_per_request,
         )
     result = await pipeline.classify(images, deadline)
     return classify_response(

@@ -117,7 +117,7 @@ async def _infer(
     pipeline.require_ready()
     pipeline.require_capacity()
     with pipeline.metrics.stage_seconds.labels("read_body").time():
-        body = await read_body(request, settings.max_body_bytes)
+        body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
     parsed = oip.parse_request(
         body,
         request.headers.get(oip.HEADER_LENGTH),
@@ -139,7 +139,7 @@ async def _infer(
 @router.post(
     "/models/{name}/infer",
     response_model=OipInferenceResponse,
-    responses=error_responses(400, 404, 413, 415, 422, 500, 503, 504),
+    responses=error_responses(400, 404, 408, 413, 415, 422, 500, 503, 504),
     openapi_extra=_INFER_DOC,
 )
 async def infer(
@@ -151,7 +151,7 @@ async def infer(
 @router.post(
     "/models/{name}/versions/{version}/infer",
     response_model=OipInferenceResponse,
-    responses=error_responses(400, 404, 413, 415, 422, 500, 503, 504),
+    responses=error_responses(400, 404, 408, 413, 415, 422, 500, 503, 504),
     openapi_extra=_INFER_DOC,
 )
 async def infer_version(

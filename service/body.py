@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
 
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from service.errors import EmptyBody, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from service.errors import (
+    EmptyBody,
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 
 FILE_FIELD = "file"
 MAX_FORM_FIELDS = 16
@@ -19,28 +26,35 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it passes `limit`: declared or streamed."""
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The whole body, refused with 413 as soon as it passes `limit` (declared or streamed),
+    and with 408 unless it has all arrived within `timeout` seconds (a trickling client)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"the body did not arrive within {timeout:g} s") from None
     return b"".join(chunks)
 
 
-async def uploaded_images(request: Request, *, limit: int, max_files: int) -> list[bytes]:
+async def uploaded_images(
+    request: Request, *, limit: int, timeout: float, max_files: int
+) -> list[bytes]:
     """Image files from a multipart form (field `file`, repeatable) or a raw `image/*` body."""
     kind = media_type(request)
     if kind != "multipart/form-data" and not kind.startswith("image/"):
         raise UnsupportedMediaType(
             f"send multipart/form-data with field {FILE_FIELD!r} or an image/* body, not {kind!r}"
         )
-    body = await read_body(request, limit)
+    body = await read_body(request, limit, timeout)
     if not body:
         raise EmptyBody("the request body is empty")
     if kind.startswith("image/"):

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from service.app import create_app
 from service.settings import Settings
+from service.slow_clients import head_deadline_protocol
 
 
 class DrainingServer(uvicorn.Server):
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         workers=1,
         log_level=args.log_level,
         timeout_graceful_shutdown=settings.graceful_shutdown_s,
+        http=head_deadline_protocol(settings.head_timeout_s),
     )
     DrainingServer(config, app).run()
 

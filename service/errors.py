@@ -26,6 +26,10 @@ class ModelNotFound(ServiceError):
     status_code, type = 404, "model_not_found"
 
 
+class RequestTimeout(ServiceError):
+    status_code, type = 408, "request_timeout"
+
+
 class PayloadTooLarge(ServiceError):
     status_code, type = 413, "payload_too_large"
 
@@ -72,6 +76,7 @@ ERROR_TYPES: tuple[type[ServiceError], ...] = (
     EmptyBody,
     InvalidRequest,
     ModelNotFound,
+    RequestTimeout,
     PayloadTooLarge,
     UnsupportedMediaType,
     UnsupportedImageFormat,

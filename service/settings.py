@@ -115,6 +115,14 @@ class Settings(BaseSettings):
     recovery_probe_interval_s: float = Field(1.0, gt=0)
     """How often a replica that stopped being ready over failures tries inference again."""
 
+    head_timeout_s: float = Field(10.0, gt=0)
+    """A connection must deliver a whole request head this soon after opening or after its
+    previous response, or it is closed: idle and header-trickling clients cannot pile up."""
+
+    body_timeout_s: float = Field(30.0, gt=0)
+    """A request body must have arrived this soon after its head, or the answer is 408: a
+    20 MiB upload needs 5.6 Mbit/s."""
+
     graceful_shutdown_s: int = Field(20, ge=1)
     """On SIGTERM the server stops accepting connections and lets in-flight requests finish for
     at most this long. Keep it below the orchestrator's grace period minus any preStop delay
