@@ -217,3 +217,79 @@ def test_oip_binary_data_shorter_than_declared(client: TestClient) -> None:
             "inference-header-content-length": str(len(encoded)),
         },
     )
+
+
+def test_multipart_with_too_many_fields(client: TestClient) -> None:
+    fields = {f"note{i}": "x" for i in range(20)}
+    refused(client, 400, "invalid_request", data=fields, files={"file": ("a.png", png(8, 8))})
+
+
+def test_multipart_with_an_oversized_text_field(client: TestClient) -> None:
+    refused(
+        client,
+        400,
+        "invalid_request",
+        data={"note": "x" * 100_000},
+        files={"file": ("a.png", png(8, 8))},
+    )
+
+
+def with_preamble(size: int) -> dict[str, Any]:
+    boundary = "b0undary"
+    body = (
+        b"p" * size
+        + f"\r\n--{boundary}\r\n".encode()
+        + b'Content-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
+        + png(8, 8)
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return raw(body, f"multipart/form-data; boundary={boundary}")
+
+
+@pytest.mark.parametrize("size", [1, 200_000])
+def test_a_multipart_preamble_is_refused_at_its_first_byte(client: TestClient, size: int) -> None:
+    """python-multipart expects the boundary first: any preamble, however large, is a 400
+    found at the first unexpected byte, so its size costs no CPU."""
+    refused(client, 400, "invalid_request", **with_preamble(size))
+
+
+def animation(format_name: str, frames: int) -> bytes:
+    images = [Image.new("RGB", (16, 16), (i % 256, 0, 0)) for i in range(frames)]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format=format_name, save_all=True, append_images=images[1:])
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("format_name", ["GIF", "WEBP"])
+def test_animations_with_hundreds_of_frames(client: TestClient, format_name: str) -> None:
+    response = client.post("/v1/classify", **raw(animation(format_name, 300), "image/*"))
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    ("mode", "values"), [("I", (0, 70_000)), ("F", (-5.0, 400.0)), ("I;16", (0, 65_535))]
+)
+def test_wide_integer_and_float_tiffs(
+    client: TestClient, mode: str, values: tuple[float, float]
+) -> None:
+    image = Image.new(mode, (16, 16), values[0])
+    image.paste(values[1], (0, 0, 8, 16))
+    buffer = io.BytesIO()
+    image.save(buffer, format="TIFF")
+    response = client.post("/v1/classify", **raw(buffer.getvalue(), "image/tiff"))
+    assert response.status_code == 200, response.text
+
+
+def test_no_external_decoder_ever_runs(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    started: list[object] = []
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        started.append(args)
+        raise AssertionError("an external program was started")
+
+    monkeypatch.setattr(subprocess, "Popen", forbidden)
+    for kind in ("eps", "pdf", "psd"):
+        refused(client, 415, "unsupported_image_format", **raw(FORBIDDEN[kind], "image/*"))
+    assert started == []
