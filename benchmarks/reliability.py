@@ -1,7 +1,7 @@
-"""Capacity, a 10,000-request soak and overload at twice capacity, against a real server on
-127.0.0.1. The soak follows the capacity run so its start is already warm.
+"""Capacity, a 10,000-request soak, overload at twice capacity and a drain on SIGTERM, against
+real servers on 127.0.0.1. The soak follows the capacity run so its start is already warm.
 
-    python -m benchmarks.reliability      # about 90 s on 2 cores
+    python -m benchmarks.reliability      # about 100 s on 2 cores
 
 Bounded in time and loopback only. Writes docs/reliability.json; docs/RELIABILITY.md quotes it.
 """
@@ -11,9 +11,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from benchmarks.run import photos
 from service.bench import Report, load
@@ -40,6 +46,47 @@ def resources(pid: int) -> tuple[float, int]:
 
 def goodput(report: Report) -> float:
     return report.statuses.get("200", 0) / report.seconds
+
+
+def in_flight(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith("vit_requests_in_flight "):
+            return float(line.split()[1]) - 1  # not counting this scrape
+    return 0.0
+
+
+def drain(images: list[bytes], requests: int = 16) -> dict[str, Any]:
+    """SIGTERM with `requests` uploads of 8 images in flight: their statuses, what readiness
+    said after the signal, and how long the server took to exit."""
+    files = [("file", (f"{i}.jpg", images[i % len(images)])) for i in range(8)]
+    with served(MODEL, ROOT) as server, ThreadPoolExecutor(requests) as pool:
+        answers = [
+            pool.submit(
+                lambda: httpx.post(f"{server.url}/v1/classify", files=files, timeout=60).status_code
+            )
+            for _ in range(requests)
+        ]
+        while in_flight(server.url) < requests:
+            time.sleep(0.005)
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        readiness = []
+        for _ in range(10):
+            try:
+                readiness.append(httpx.get(f"{server.url}/v2/health/ready", timeout=5).status_code)
+            except httpx.TransportError:
+                readiness.append(0)
+        statuses = Counter(answer.result() for answer in answers)
+        server.process.wait(timeout=30)
+        seconds = time.monotonic() - signalled
+    return {
+        "in_flight": requests,
+        "statuses": {str(code): n for code, n in statuses.items()},
+        "readiness_after_signal": readiness,
+        "exit_seconds": seconds,
+        "exit_code": server.process.returncode,
+    }
 
 
 def main() -> None:
@@ -90,6 +137,8 @@ def main() -> None:
             f"p99 by status {overload.p99_ms_by_status}",
             flush=True,
         )
+    results["drain"] = drain(images)
+    print("drain    ", results["drain"], flush=True)
     out = ROOT / "docs" / "reliability.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")

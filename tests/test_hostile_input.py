@@ -293,3 +293,43 @@ def test_no_external_decoder_ever_runs(client: TestClient, monkeypatch: pytest.M
     for kind in ("eps", "pdf", "psd"):
         refused(client, 415, "unsupported_image_format", **raw(FORBIDDEN[kind], "image/*"))
     assert started == []
+
+
+def jpeg(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(png(width, height))).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("cut", [0.3, 0.7])
+def test_truncated_jpeg(client: TestClient, cut: float) -> None:
+    data = jpeg(64, 64)
+    refused(client, 422, "undecodable_image", **raw(data[: int(len(data) * cut)], "image/jpeg"))
+
+
+def test_a_real_pixel_bomb_below_pillows_own_limit(client: TestClient) -> None:
+    """48 M pixels of zeros: a 50 KB PNG, under Pillow's 89 M bomb limit but over the
+    service's 40 M, refused from its header before any pixel is decompressed."""
+    buffer = io.BytesIO()
+    Image.new("L", (8000, 6000)).save(buffer, format="PNG")
+    assert len(buffer.getvalue()) < MAX_BODY
+    refused(client, 422, "too_many_pixels", **raw(buffer.getvalue()))
+
+
+def oip_pixels(size: int, shape: list[int], datatype: str, count: int) -> dict[str, Any]:
+    tensor = {"name": "pixel_values", "shape": shape, "datatype": datatype, "data": [0.0] * count}
+    return {"inputs": [tensor]}
+
+
+@pytest.mark.parametrize("flaw", ["shape", "datatype", "length", "batch"])
+def test_oip_malformed_tensors(client: TestClient, flaw: str) -> None:
+    (model,) = client.get("/v1/models").json()["models"]
+    size = model["input_size"]
+    full = 3 * size * size
+    body = {
+        "shape": oip_pixels(size, [1, 3, 8, 8], "FP32", 192),
+        "datatype": oip_pixels(size, [1, 3, size, size], "INT64", full),
+        "length": oip_pixels(size, [1, 3, size, size], "FP32", full - 1),
+        "batch": oip_pixels(size, [0, 3, size, size], "FP32", 0),
+    }[flaw]
+    refused(client, 400, "invalid_request", url=f"/v2/models/{model['name']}/infer", json=body)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -249,3 +251,30 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits(served_model: Path) -
     # The signal found the requests' connections open, and uvicorn waited for them.
     assert "Waiting for connections to close" in log
     assert "Finished server process" in log
+
+
+def test_an_over_limit_chunked_body_is_refused_long_before_it_ends(served_model: Path) -> None:
+    """The byte limit is enforced while the body streams: the 413 arrives while the client is
+    still sending, so the server never holds more than about the limit."""
+    limit = 256 * 1024
+    chunk = bytes(64 * 1024)
+    with served(served_model, ROOT, max_body_bytes=str(limit)) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as connection:
+            connection.sendall(
+                b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n"
+            )
+            sent, answer = 0, b""
+            while sent < 64 * limit and not answer:
+                try:
+                    connection.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                sent += len(chunk)
+                if select.select([connection], [], [], 0)[0]:
+                    answer = connection.recv(4096)
+            answer = answer or connection.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b'"type":"payload_too_large"' in answer
+    assert sent < 32 * limit, f"the server answered only after {sent} bytes"
