@@ -57,9 +57,9 @@ def in_flight(url: str) -> float:
 
 
 def drain(images: list[bytes], requests: int = 16) -> dict[str, Any]:
-    """SIGTERM with `requests` uploads of 8 images in flight: their statuses, what readiness
-    said after the signal, and how long the server took to exit."""
-    files = [("file", (f"{i}.jpg", images[i % len(images)])) for i in range(8)]
+    """SIGTERM with uploads of 16 images in flight: their statuses, what readiness said after
+    the signal, and how long the server took to exit."""
+    files = [("file", (f"{i}.jpg", images[i % len(images)])) for i in range(16)]
     with served(MODEL, ROOT) as server, ThreadPoolExecutor(requests) as pool:
         answers = [
             pool.submit(
@@ -67,7 +67,12 @@ def drain(images: list[bytes], requests: int = 16) -> dict[str, Any]:
             )
             for _ in range(requests)
         ]
-        while in_flight(server.url) < requests:
+        # Clients start staggered and the first may finish before the last begins: signal
+        # once most are in flight, and record how many were.
+        deadline = time.monotonic() + 20
+        while (at_signal := in_flight(server.url)) < requests // 2:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the requests never were in flight together")
             time.sleep(0.005)
         signalled = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
@@ -81,7 +86,8 @@ def drain(images: list[bytes], requests: int = 16) -> dict[str, Any]:
         server.process.wait(timeout=30)
         seconds = time.monotonic() - signalled
     return {
-        "in_flight": requests,
+        "requests": requests,
+        "in_flight_at_signal": at_signal,
         "statuses": {str(code): n for code, n in statuses.items()},
         "readiness_after_signal": readiness,
         "exit_seconds": seconds,
