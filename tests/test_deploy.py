@@ -165,39 +165,22 @@ def test_kserve_predictor_runs_the_image_on_kserves_port(app_routes: set[str]) -
     assert "/v2/models/{name}/infer" in app_routes
 
 
+def check_compose_schema(path: Path) -> subprocess.CompletedProcess[str]:
+    """check-jsonschema with its vendored copy of the compose-spec schema (offline)."""
+    command = [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec"]
+    return subprocess.run([*command, str(path)], capture_output=True, text=True)
+
+
 @pytest.mark.parametrize("path", ["compose.yaml", "compose.gpu.yaml"])
 def test_compose_files_match_the_compose_schema(path: str) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "check_jsonschema",
-            "--builtin-schema",
-            "vendor.compose-spec",
-            str(DOCKER / path),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    result = check_compose_schema(DOCKER / path)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_the_compose_schema_check_can_fail(tmp_path: Path) -> None:
     broken = tmp_path / "compose.yaml"
     broken.write_text("services:\n  vit:\n    ports: 8000\n    stop_grace_period: [30]\n")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "check_jsonschema",
-            "--builtin-schema",
-            "vendor.compose-spec",
-            str(broken),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode != 0
+    assert check_compose_schema(broken).returncode != 0
 
 
 def test_compose_wires_prometheus_and_grafana_to_the_service() -> None:
