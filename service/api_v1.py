@@ -59,8 +59,6 @@ async def classify(
 ) -> ClassifyResponse:
     if top_k is not None and top_k < 1:
         raise InvalidRequest(f"top_k must be at least 1, got {top_k}")
-    pipeline.require_ready()
-    pipeline.require_capacity()
     with pipeline.metrics.stage_seconds.labels("read_body").time():
         images = await uploaded_images(
             request,

@@ -114,8 +114,6 @@ _INFER_DOC = {
 async def _infer(
     request: Request, pipeline: Pipeline, settings: Settings, deadline: float
 ) -> Response:
-    pipeline.require_ready()
-    pipeline.require_capacity()
     with pipeline.metrics.stage_seconds.labels("read_body").time():
         body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
     parsed = oip.parse_request(

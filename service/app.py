@@ -18,10 +18,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from service import api_v1, api_v2
-from service.errors import InvalidRequest, Overloaded, ServiceError
+from service.admission import Admission
+from service.errors import InvalidRequest, ServiceError
 from service.metrics import Metrics
 from service.middleware import RequestMetrics
 from service.pipeline import Pipeline
+from service.responses import error_response, service_error_response
 from service.schemas import OipInferenceRequest
 from service.session import ModelSession
 from service.settings import Settings
@@ -38,26 +40,14 @@ def package_version() -> str:
         return "0+unknown"
 
 
-def error_response(
-    request: Request,
-    status_code: int,
-    message: str,
-    error_type: str,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    """The one error body; every error is also counted as a rejection by its type."""
+def _metrics(request: Request) -> Metrics | None:
     metrics = getattr(request.state, "metrics", None)
-    if isinstance(metrics, Metrics):
-        metrics.rejections.labels(error_type).inc()
-    return JSONResponse(
-        {"error": message, "type": error_type}, status_code=status_code, headers=headers
-    )
+    return metrics if isinstance(metrics, Metrics) else None
 
 
 async def _service_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, ServiceError)
-    headers = {"Retry-After": str(error.retry_after)} if isinstance(error, Overloaded) else None
-    return error_response(request, error.status_code, error.message, error.type, headers)
+    return service_error_response(error, _metrics(request))
 
 
 async def _validation_error(request: Request, error: Exception) -> JSONResponse:
@@ -65,18 +55,18 @@ async def _validation_error(request: Request, error: Exception) -> JSONResponse:
     first = error.errors()[0]
     where = ".".join(str(part) for part in first.get("loc", ()))
     message = f"{where}: {first.get('msg', 'invalid')}"
-    return error_response(request, 400, message, InvalidRequest.type)
+    return error_response(_metrics(request), 400, message, InvalidRequest.type)
 
 
 async def _http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, HTTPException)
     kind = _HTTP_ERROR_TYPES.get(error.status_code, "http_error")
-    return error_response(request, error.status_code, str(error.detail), kind)
+    return error_response(_metrics(request), error.status_code, str(error.detail), kind)
 
 
 async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(request, 500, "internal error", "internal_error")
+    return error_response(_metrics(request), 500, "internal error", "internal_error")
 
 
 def _lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
@@ -146,9 +136,15 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
-    app.add_middleware(RequestMetrics)
     app.include_router(api_v1.router)
     app.include_router(api_v2.router)
+    inference = {api_v1.classify, api_v2.infer, api_v2.infer_version}
+    routes = [*api_v1.router.routes, *api_v2.router.routes]
+    app.add_middleware(
+        Admission,
+        inference_routes=[r for r in routes if getattr(r, "endpoint", None) in inference],
+    )
+    app.add_middleware(RequestMetrics)  # added last, so outermost: it sees refusals too
     app.add_api_route("/metrics", metrics_endpoint, include_in_schema=False)
     app.openapi = _openapi(app)  # type: ignore[method-assign]
     return app

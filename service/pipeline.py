@@ -94,10 +94,11 @@ class Pipeline:
             self._preparing -= len(images)
         return await self.infer(np.concatenate(tensors), deadline)
 
-    def require_capacity(self) -> None:
-        """503 before the body is even read when the queue (with the uploads being decoded) is
-        full: under overload a refused request must cost next to nothing, or refusing starves
-        the requests being served."""
+    def admit(self) -> None:
+        """Raise the 503 an inference request would end in, before its body is even read: not
+        ready, or the queue (with the uploads being decoded) full. Under overload a refused
+        request must cost next to nothing, or refusing starves the requests being served."""
+        self.require_ready()
         if self.batcher.is_full(self._preparing + 1):
             raise Overloaded("the inference queue is full", retry_after=self.batcher.retry_after())
 

@@ -1,12 +1,14 @@
-"""Probabilities -> response bodies, and the documented error responses of each route."""
+"""Probabilities -> response bodies; the one error body, and the documented errors of each route."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+from fastapi.responses import JSONResponse
 
-from service.errors import ERROR_TYPES
+from service.errors import ERROR_TYPES, Overloaded, ServiceError
+from service.metrics import Metrics
 from service.model_metadata import ModelMetadata
 from service.schemas import ClassifyResponse, ErrorBody, ModelRef, Prediction, TopClass
 
@@ -34,3 +36,23 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         types = sorted(error.type for error in ERROR_TYPES if error.status_code == status)
         documented[status] = {"model": ErrorBody, "description": "Error: " + ", ".join(types)}
     return documented
+
+
+def error_response(
+    metrics: Metrics | None,
+    status_code: int,
+    message: str,
+    error_type: str,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """The one error body; every error is also counted as a rejection by its type."""
+    if metrics is not None:
+        metrics.rejections.labels(error_type).inc()
+    return JSONResponse(
+        {"error": message, "type": error_type}, status_code=status_code, headers=headers
+    )
+
+
+def service_error_response(error: ServiceError, metrics: Metrics | None) -> JSONResponse:
+    headers = {"Retry-After": str(error.retry_after)} if isinstance(error, Overloaded) else None
+    return error_response(metrics, error.status_code, error.message, error.type, headers)

@@ -64,15 +64,24 @@ def wait_for_depth(client: TestClient, depth: int) -> None:
         time.sleep(0.01)
 
 
-def decoded_images(client: TestClient) -> float:
+def metric_value(client: TestClient, name: str, **labels: str) -> float:
     for family in text_string_to_metric_families(client.get("/metrics").text):
         for sample in family.samples:
-            if (
-                sample.name == "vit_stage_duration_seconds_count"
-                and sample.labels["stage"] == "decode_preprocess"
-            ):
+            if sample.name == name and labels.items() <= sample.labels.items():
                 return sample.value
     return 0.0
+
+
+def decoded_images(client: TestClient) -> float:
+    return metric_value(client, "vit_stage_duration_seconds_count", stage="decode_preprocess")
+
+
+def refusals(client: TestClient, route: str) -> tuple[float, float]:
+    """(requests answered 503 on `route`, rejections counted as overloaded)."""
+    return (
+        metric_value(client, "vit_requests_total", route=route, status="503"),
+        metric_value(client, "vit_rejections_total", reason="overloaded"),
+    )
 
 
 def test_full_queue_is_503_with_retry_after_and_health_keeps_answering(
@@ -83,11 +92,22 @@ def test_full_queue_is_503_with_retry_after_and_health_keeps_answering(
         held = [pool.submit(classify, client) for _ in range(2)]
         wait_for_depth(client, 2)
         decoded_before = decoded_images(client)
+        refused_before = refusals(client, "/v1/classify")
         status, headers, body = classify(client)
         assert status == 503 and body["type"] == "overloaded"
-        # Refused at admission: its upload was never decoded.
+        # Refused at admission: its upload was never decoded, and it is counted on its route.
         assert decoded_images(client) == decoded_before
+        assert refusals(client, "/v1/classify") == tuple(n + 1 for n in refused_before)
         assert int(headers["retry-after"]) >= 1
+        # Refused ahead of routing (service/admission.py): not even its headers are validated.
+        assert classify(client, **{"X-Request-Timeout-Ms": "soon"})[2]["type"] == "overloaded"
+        oip_before = refusals(client, "/v2/models/{name}/infer")
+        name = client.get("/v1/models").json()["models"][0]["name"]
+        oip = client.post(f"/v2/models/{name}/infer", json={"inputs": []})
+        assert oip.status_code == 503 and oip.json()["type"] == "overloaded"
+        assert "retry-after" in oip.headers
+        assert refusals(client, "/v2/models/{name}/infer") == tuple(n + 1 for n in oip_before)
+        assert decoded_images(client) == decoded_before
         assert client.get("/v2/health/ready").status_code == 200
         assert client.get("/v2/health/live").status_code == 200
         assert "vit_rejections_total" in client.get("/metrics").text
