@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         port=settings.port,
         workers=1,
         log_level=args.log_level,
+        access_log=settings.access_log,
         timeout_graceful_shutdown=settings.graceful_shutdown_s,
         http=head_deadline_protocol(settings.head_timeout_s),
     )

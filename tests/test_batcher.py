@@ -150,3 +150,54 @@ def test_delay_waits_for_more_requests() -> None:
         await batcher.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_caller_that_gives_up_frees_its_place_and_never_reaches_the_model() -> None:
+    async def scenario() -> None:
+        model = GatedModel()
+        batcher = make(model, max_queue=2)
+        batcher.start()
+        blocker = asyncio.create_task(batcher.submit(rows(1), far()))
+        await wait_until_inference_runs(model)
+        abandoned = asyncio.create_task(batcher.submit(rows(99), far()))
+        await asyncio.sleep(0.02)
+        assert batcher.is_full(1)
+        abandoned.cancel()  # what a client disconnect does to its request's task
+        await asyncio.gather(abandoned, return_exceptions=True)
+        assert not batcher.is_full(1)
+        model.gate.set()
+        await blocker
+        assert (await batcher.submit(rows(3), far()))[0, 0] == 3
+        assert all(99 not in call for call in model.calls)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_deadline_passing_during_its_own_inference_still_gets_the_answer() -> None:
+    async def scenario() -> None:
+        model = GatedModel()
+        batcher = make(model)
+        batcher.start()
+        running = asyncio.create_task(batcher.submit(rows(7), time.monotonic() + 0.05))
+        await wait_until_inference_runs(model)
+        await asyncio.sleep(0.1)  # past its deadline, inside its inference
+        model.gate.set()
+        assert (await running)[0, 0] == 7
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_stop_waits_for_the_call_in_progress() -> None:
+    async def scenario() -> None:
+        model = GatedModel()
+        batcher = make(model)
+        batcher.start()
+        running = asyncio.create_task(batcher.submit(rows(5), far()))
+        await wait_until_inference_runs(model)
+        asyncio.get_running_loop().call_later(0.05, model.gate.set)
+        await batcher.stop()
+        assert (await running)[0, 0] == 5
+
+    asyncio.run(scenario())

@@ -278,3 +278,16 @@ def test_an_over_limit_chunked_body_is_refused_long_before_it_ends(served_model:
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert b'"type":"payload_too_large"' in answer
     assert sent < 32 * limit, f"the server answered only after {sent} bytes"
+
+
+@pytest.mark.parametrize("access_log", ["false", "true"])
+def test_access_log_only_when_asked(served_model: Path, access_log: str) -> None:
+    with served(served_model, ROOT, access_log=access_log) as server:
+        upload = UPLOADS["jpeg-640x480"][0]
+        answer = httpx.post(
+            f"{server.url}/v1/classify", content=upload, headers={"content-type": "image/jpeg"}
+        )
+        assert answer.status_code == 200
+        time.sleep(0.2)  # let the log line reach the file
+        logged = '"POST /v1/classify HTTP/1.1" 200' in server.output()
+    assert logged == (access_log == "true")
