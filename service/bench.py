@@ -43,6 +43,10 @@ class Report:
     statuses: dict[str, int] = field(default_factory=dict)
     batch_size: int | None = None
     p99_ms_by_status: dict[str, float] = field(default_factory=dict)
+    steady_goodput_per_second: float | None = None
+    """Open loop only: 200 answers per second completed while load was still offered, after
+    the first fifth of the run. Dividing by the whole run would count the queue draining
+    after the last send, when the server is no longer overloaded."""
 
     def line(self) -> str:
         statuses = " ".join(f"{code}:{n}" for code, n in sorted(self.statuses.items()))
@@ -146,6 +150,7 @@ async def load(
     latencies: list[float] = []
     statuses: Counter[int] = Counter()
     by_status: dict[int, list[float]] = {}
+    successes_at: list[float] = []
     started = time.perf_counter()
     stop_at = started + duration if duration else float("inf")
     sent = 0
@@ -168,6 +173,8 @@ async def load(
         latencies.append(time.perf_counter() - begun)
         by_status.setdefault(status, []).append(latencies[-1])
         statuses[status] += 1
+        if status == 200:
+            successes_at.append(time.perf_counter() - started)
         if progress and len(latencies) % 100 == 0:
             elapsed = time.perf_counter() - started
             sys.stderr.write(f"\r{len(latencies)} requests, {len(latencies) / elapsed:.1f}/s")
@@ -204,9 +211,17 @@ async def load(
         sys.stderr.write("\n")
     seconds = time.perf_counter() - started
     mode = "closed" if rate is None else f"open@{rate:g}"
-    return summarise(
+    report = summarise(
         mode, concurrency, latencies, statuses, seconds, len(latencies), by_status=by_status
     )
+    if rate is not None and duration:
+        report.steady_goodput_per_second = steady_rate(successes_at, duration / 5, duration)
+    return report
+
+
+def steady_rate(times: list[float], start: float, end: float) -> float:
+    """Events per second between `start` and `end` (seconds into the run)."""
+    return sum(start <= t <= end for t in times) / (end - start)
 
 
 def ceiling(
