@@ -84,6 +84,7 @@ def _lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
             require_cuda=settings.require_cuda,
             acceleration=settings.acceleration(),
             max_batch_size=settings.max_batch_size,
+            inference_workers=settings.inference_workers,
         )
         metrics = Metrics()
         pipeline = Pipeline(session, settings, metrics)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import statistics
 import sys
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -233,39 +234,52 @@ def ceiling(
     batch_sizes: list[int],
     count: int,
     spinning: bool = False,
+    workers: int = 1,
 ) -> list[Report]:
     """In-process: the same decode, preprocessing and session, decode overlapping inference.
 
     `spinning` is onnxruntime's busy-wait between operators (the service's
-    VIT_INTRA_OP_SPINNING); the ceiling is the better of the two.
+    VIT_INTRA_OP_SPINNING) and `workers` the calls running at once (VIT_INFERENCE_WORKERS),
+    each worker taking its share of `count`; the ceiling is the best of them.
     """
     session = ModelSession(
         model, providers=(CPU,), intra_op_threads=threads, intra_op_spinning=spinning
     )
     spec = session.metadata.preprocessing
+    mode = f"ceiling w{workers}" + ("+spin" if spinning else "")
     reports = []
     with ThreadPoolExecutor(decode_threads) as pool:
-        for batch_size in batch_sizes:
-            latencies: list[float] = []
-            started = time.perf_counter()
-            pending = [
-                pool.submit(preprocess, images[i % len(images)], spec) for i in range(batch_size)
-            ]
-            for start in range(0, count, batch_size):
+
+        def decode(indices: range) -> list[Future[np.ndarray]]:
+            return [pool.submit(preprocess, images[i % len(images)], spec) for i in indices]
+
+        def worker(first: int, end: int, batch_size: int, latencies: list[float]) -> None:
+            """Decode the next batch while the current one runs, as the service does."""
+            pending = decode(range(first, min(end, first + batch_size)))
+            for start in range(first, end, batch_size):
                 begun = time.perf_counter()
                 batch = np.concatenate([future.result() for future in pending])
                 upcoming = start + batch_size
-                pending = [
-                    pool.submit(preprocess, images[i % len(images)], spec)
-                    for i in range(upcoming, min(count, upcoming + batch_size))
-                ]
+                pending = decode(range(upcoming, min(end, upcoming + batch_size)))
                 session.predict(batch)
                 latencies.append(time.perf_counter() - begun)
+
+        for batch_size in batch_sizes:
+            latencies: list[float] = []
+            share = math.ceil(count / workers)
+            started = time.perf_counter()
+            with ThreadPoolExecutor(workers) as callers:
+                runs = [
+                    callers.submit(worker, first, min(count, first + share), batch_size, latencies)
+                    for first in range(0, count, share)
+                ]
+                for run in runs:
+                    run.result()
             seconds = time.perf_counter() - started
             reports.append(
                 summarise(
-                    "ceiling+spin" if spinning else "ceiling",
-                    1,
+                    mode,
+                    workers,
                     latencies,
                     Counter({200: len(latencies)}),
                     seconds,
@@ -294,6 +308,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decode-threads", type=int, default=2)
     parser.add_argument("--batch-sizes", default="1,4,8,16,32")
     parser.add_argument(
+        "--workers", default="1,2", help="ceiling: calls running at once, each value measured"
+    )
+    parser.add_argument(
         "--spinning", action="store_true", help="ceiling with onnxruntime's busy-wait on"
     )
     parser.add_argument("-o", "--output", type=Path, help="write the report(s) as JSON here")
@@ -302,15 +319,20 @@ def main(argv: list[str] | None = None) -> None:
     if not paths:
         parser.error("no image files found")
     if args.ceiling:
-        reports = ceiling(
-            args.model,
-            [p.read_bytes() for p in paths],
-            threads=args.threads,
-            decode_threads=args.decode_threads,
-            batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
-            count=args.count or 2000,
-            spinning=args.spinning,
-        )
+        reports = [
+            report
+            for workers in (int(w) for w in args.workers.split(","))
+            for report in ceiling(
+                args.model,
+                [p.read_bytes() for p in paths],
+                threads=args.threads,
+                decode_threads=args.decode_threads,
+                batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
+                count=args.count or 2000,
+                spinning=args.spinning,
+                workers=workers,
+            )
+        ]
     else:
         images = [(p.read_bytes(), _content_type(p)) for p in paths]
         reports = [

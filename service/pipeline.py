@@ -44,6 +44,7 @@ class Pipeline:
             max_delay=settings.max_batch_delay_ms / 1000,
             max_queue=settings.max_queue,
             metrics=metrics,
+            workers=session.inference_workers,
         )
         metrics.model.info(
             {

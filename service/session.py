@@ -60,6 +60,7 @@ class ModelSession:
         require_cuda: bool = False,
         acceleration: Acceleration | None = None,
         max_batch_size: int = 16,
+        inference_workers: int = 0,
     ) -> None:
         self.path = path
         model_bytes = path.read_bytes()
@@ -105,8 +106,10 @@ class ModelSession:
             if acceleration.io_binding or cuda_graph
             else None
         )
+        self.inference_workers = self._workers(inference_workers)
         self.runtime = {
             "provider": self.provider,
+            "inference_workers": str(self.inference_workers),
             "precision": self.metadata.precision,
             "io_binding": "on" if self._bound else "off",
             "cuda_graph": "on" if cuda_graph else "off",
@@ -118,6 +121,18 @@ class ModelSession:
             self.metadata.version,
             ", ".join(f"{key} {value}" for key, value in self.runtime.items()),
         )
+
+    def _workers(self, requested: int) -> int:
+        """Calls that may run at once: `requested`, or for 0 two on the CPU provider and one
+        elsewhere; always one with IO binding, whose buffers serve one call at a time."""
+        if self._bound is None:
+            return requested or (2 if self.provider == CPU else 1)
+        if requested > 1:
+            why = "IO binding runs one call at a time"
+            fallback = f"inference_workers {requested}: 1 ({why})"
+            self.fallbacks = (*self.fallbacks, fallback)
+            logger.warning("fallback: %s", fallback)
+        return 1
 
     def warm_up_batch_sizes(self) -> tuple[int, ...]:
         """Every bound batch size (each has its buffers, and on CUDA its graph, to set up);

@@ -45,7 +45,8 @@ def gate(monkeypatch: pytest.MonkeyPatch) -> Gate:
 
 @pytest.fixture()
 def client(served_model: Path, gate: Gate) -> Iterator[TestClient]:
-    settings = cpu_settings(served_model, max_queue=2, max_batch_size=1)
+    # One call at a time, so one held request is enough to make the next one wait.
+    settings = cpu_settings(served_model, max_queue=2, max_batch_size=1, inference_workers=1)
     with ready_client(settings) as client:
         yield client
 

@@ -21,9 +21,11 @@ class GatedModel:
         self.gate = threading.Event()
         self.entered = threading.Event()
         self.calls: list[np.ndarray] = []
+        self.started: list[int] = []  # batch sizes, as each call begins
         self.fail = False
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
+        self.started.append(len(batch))
         self.entered.set()
         self.gate.wait(timeout=10)
         self.calls.append(batch.copy())
@@ -41,8 +43,14 @@ def far() -> float:
 
 
 def make(model: GatedModel, **overrides: float) -> Batcher:
+    """One worker unless asked: most tests are about what one call at a time does."""
     options = {"max_batch_size": 4, "max_delay": 0.0, "max_queue": 100, **overrides}
     return Batcher(model.predict, metrics=Metrics(), **options)  # type: ignore[arg-type]
+
+
+async def wait_for_calls(model: GatedModel, count: int) -> None:
+    while len(model.started) < count:
+        await asyncio.sleep(0.001)
 
 
 async def wait_until_inference_runs(model: GatedModel) -> None:
@@ -199,5 +207,42 @@ def test_stop_waits_for_the_call_in_progress() -> None:
         asyncio.get_running_loop().call_later(0.05, model.gate.set)
         await batcher.stop()
         assert (await running)[0, 0] == 5
+
+    asyncio.run(scenario())
+
+
+def test_workers_run_batches_at_once_and_each_caller_gets_its_rows() -> None:
+    async def scenario() -> None:
+        model = GatedModel()
+        batcher = make(model, max_batch_size=2, workers=2)
+        batcher.start()
+        first = asyncio.create_task(batcher.submit(rows(1, 2), far()))
+        await wait_for_calls(model, 1)
+        second = asyncio.create_task(batcher.submit(rows(3, 4), far()))
+        await wait_for_calls(model, 2)  # began while the first is still held by the gate
+        third = asyncio.create_task(batcher.submit(rows(5), far()))
+        await asyncio.sleep(0.02)
+        assert batcher.is_full(98)  # five images held: two calls running, one queued
+        model.gate.set()
+        results = [(await task)[:, 0].tolist() for task in (first, second, third)]
+        assert results == [[1, 2], [3, 4], [5]]
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_with_every_worker_busy_a_request_waits_and_can_expire() -> None:
+    async def scenario() -> None:
+        model = GatedModel()
+        batcher = make(model, max_batch_size=1, workers=2)
+        batcher.start()
+        busy = [asyncio.create_task(batcher.submit(rows(v), far())) for v in (1, 2)]
+        await wait_for_calls(model, 2)  # both workers inside predict, held by the gate
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit(rows(99), time.monotonic() + 0.05)
+        model.gate.set()
+        assert sorted([(await task)[0, 0] for task in busy]) == [1, 2]
+        assert all(99 not in call for call in model.calls)
+        await batcher.stop()
 
     asyncio.run(scenario())

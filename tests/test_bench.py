@@ -62,10 +62,16 @@ def test_percentile_is_a_sample_at_the_rank() -> None:
     assert percentile([], 0.99) == 0.0
 
 
-def test_ceiling_reports_each_batch_size(tiny_onnx: Path) -> None:
-    reports = ceiling(tiny_onnx, JPEGS, threads=1, decode_threads=1, batch_sizes=[1, 4], count=8)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ceiling_reports_each_batch_size(tiny_onnx: Path, workers: int) -> None:
+    reports = ceiling(
+        tiny_onnx, JPEGS, threads=1, decode_threads=1, batch_sizes=[1, 4], count=8, workers=workers
+    )
     # One "request" per onnxruntime call; every image counted in the throughput.
-    assert [(r.batch_size, r.requests) for r in reports] == [(1, 8), (4, 2)]
+    assert [(r.batch_size, r.requests, r.concurrency) for r in reports] == [
+        (1, 8, workers),
+        (4, 2, workers),
+    ]
     assert all(r.images_per_second * r.seconds == pytest.approx(8) for r in reports)
 
 

@@ -82,11 +82,27 @@ def test_every_gpu_option_falls_back_on_this_cpu_machine(served_model: Path) -> 
     assert "cuda_graph" in reported
     assert session.runtime == {
         "provider": CPU,
+        "inference_workers": "1",
         "precision": "fp32",
         "io_binding": "on",
         "cuda_graph": "off",
         "tensorrt": "off",
     }
+
+
+def test_inference_workers_default_to_two_on_cpu_and_one_with_io_binding(
+    served_model: Path,
+) -> None:
+    assert ModelSession(served_model, providers=(CPU,)).inference_workers == 2
+    assert ModelSession(served_model, providers=(CPU,), inference_workers=3).inference_workers == 3
+    bound = ModelSession(
+        served_model,
+        providers=(CPU,),
+        acceleration=Acceleration(io_binding=True),
+        inference_workers=3,
+    )
+    assert bound.inference_workers == 1
+    assert bound.fallbacks[-1] == "inference_workers 3: 1 (IO binding runs one call at a time)"
 
 
 def test_the_api_and_metrics_report_what_is_in_effect(served_model: Path) -> None:
