@@ -85,6 +85,7 @@ def _lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
             acceleration=settings.acceleration(),
             max_batch_size=settings.max_batch_size,
             inference_workers=settings.inference_workers,
+            lone_call_spinning=settings.lone_call_spinning,
         )
         metrics = Metrics()
         pipeline = Pipeline(session, settings, metrics)

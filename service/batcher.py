@@ -57,7 +57,8 @@ class _Throughput:
 
 class Batcher:
     """Forms batches of up to `max_batch_size` images, waiting at most `max_delay` for more,
-    and runs them on `workers` threads at once.
+    and runs them on `workers` threads at once. A lone image, with no other call running,
+    nothing queued and nothing `busy_elsewhere`, goes through `predict_alone` instead.
 
     `submit` is called on the event loop; the batching threads answer through
     `call_soon_threadsafe`. One lock guards the queue, the places held and the failure count.
@@ -72,9 +73,15 @@ class Batcher:
         max_queue: int,
         metrics: Metrics,
         workers: int = 1,
+        predict_alone: Predict | None = None,
+        busy_elsewhere: Callable[[], bool] = lambda: False,
     ) -> None:
         self._predict = predict
+        self._predict_alone = predict_alone or predict
+        self._busy_elsewhere = busy_elsewhere
+        """Whether work outside the batcher (uploads being decoded) needs the cores too."""
         self._workers = workers
+        self._running = 0
         self._max_batch_size = max_batch_size
         self._max_delay = max_delay
         self._max_queue = max_queue
@@ -157,13 +164,21 @@ class Batcher:
             return True
 
     def _run(self) -> None:
-        while (batch := self._collect()) is not None:
-            if batch:
-                self._infer(batch)
+        while (collected := self._collect()) is not None:
+            batch, alone = collected
+            if not batch:
+                continue
+            try:
+                lone = alone and not self._busy_elsewhere()
+                self._infer(batch, self._predict_alone if lone else self._predict)
+            finally:
+                with self._changed:
+                    self._running -= 1
 
-    def _collect(self) -> list[_Job] | None:
-        """Jobs for one call: whole requests, at most max_batch_size images unless one is
-        larger; None once stopping."""
+    def _collect(self) -> tuple[list[_Job], bool] | None:
+        """Jobs for one call (whole requests, at most max_batch_size images unless one is
+        larger) and whether it is a lone image with no other call running or queued; None
+        once stopping."""
         with self._changed:
             while not self._queue and not self._stopping:
                 self._changed.wait()
@@ -176,7 +191,12 @@ class Batcher:
                     self._changed.wait(remaining)
             if self._stopping:
                 return None
-            return self._take()
+            batch = self._take()
+            if not batch:
+                return batch, False
+            alone = len(batch) == 1 and len(batch[0].inputs) == 1 and self._running == 0
+            self._running += 1
+            return batch, alone and not self._queue
 
     def _take(self) -> list[_Job]:
         batch: list[_Job] = []
@@ -217,13 +237,13 @@ class Batcher:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(settle)
 
-    def _infer(self, batch: list[_Job]) -> None:
+    def _infer(self, batch: list[_Job], predict: Predict) -> None:
         inputs = np.concatenate([job.inputs for job in batch])
         started = time.monotonic()
         for job in batch:
             self._metrics.stage_seconds.labels("queue_wait").observe(started - job.enqueued)
         try:
-            outputs = self._predict(inputs)
+            outputs = predict(inputs)
             if not np.isfinite(outputs).all():
                 raise FloatingPointError("the model returned NaN or infinite values")
         except Exception as error:

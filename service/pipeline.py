@@ -45,6 +45,8 @@ class Pipeline:
             max_queue=settings.max_queue,
             metrics=metrics,
             workers=session.inference_workers,
+            predict_alone=session.predict_alone,
+            busy_elsewhere=lambda: self._preparing > 0,
         )
         metrics.model.info(
             {

@@ -61,6 +61,7 @@ class ModelSession:
         acceleration: Acceleration | None = None,
         max_batch_size: int = 16,
         inference_workers: int = 0,
+        lone_call_spinning: bool = False,
     ) -> None:
         self.path = path
         model_bytes = path.read_bytes()
@@ -107,9 +108,15 @@ class ModelSession:
             else None
         )
         self.inference_workers = self._workers(inference_workers)
+        self._lone_session = (
+            _lone_call_session(model_bytes, options)
+            if lone_call_spinning and self.provider == CPU and self._bound is None
+            else None
+        )
         self.runtime = {
             "provider": self.provider,
             "inference_workers": str(self.inference_workers),
+            "lone_call_spinning": "on" if self._lone_session else "off",
             "precision": self.metadata.precision,
             "io_binding": "on" if self._bound else "off",
             "cuda_graph": "on" if cuda_graph else "off",
@@ -136,9 +143,11 @@ class ModelSession:
 
     def warm_up_batch_sizes(self) -> tuple[int, ...]:
         """Every bound batch size (each has its buffers, and on CUDA its graph, to set up);
-        with CUDA graphs each several times, since onnxruntime captures after a few runs."""
+        with CUDA graphs each several times, since onnxruntime captures after a few runs;
+        unbound, one call through each session."""
         if self._bound is None:
-            return (1,)
+            # A lone image goes through the lone-call session, two through the main one.
+            return (1, 2) if self._lone_session is not None else (1,)
         runs = CUDA_GRAPH_WARM_UP_RUNS if self.runtime["cuda_graph"] == "on" else 1
         return tuple(b.batch_size for b in self._bound.buckets for _ in range(runs))
 
@@ -159,10 +168,33 @@ class ModelSession:
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities (N, classes), float32, each row summing to 1."""
-        output = self.logits(batch)
+        return self._probabilities(self.logits(batch))
+
+    def predict_alone(self, batch: np.ndarray) -> np.ndarray:
+        """`predict` for a call with nothing else to do on the machine: through the session
+        whose threads busy-wait between operators while it runs, when there is one."""
+        if self._lone_session is None:
+            return self.predict(batch)
+        (output,) = self._lone_session.run([self.output_name], {self.input_name: batch})
+        return self._probabilities(np.asarray(output))
+
+    def _probabilities(self, output: np.ndarray) -> np.ndarray:
         if self.metadata.output == "probabilities":
             return output.astype(np.float32)
         return softmax(output)
+
+
+def _lone_call_session(model_bytes: bytes, options: ort.SessionOptions) -> ort.InferenceSession:
+    """The CPU session for lone calls: its threads busy-wait between operators instead of
+    sleeping (a lone image's call ~1 ms faster on 2 cores), and stop the moment the call
+    returns, so they never take cycles from work that arrives afterwards."""
+    lone = ort.SessionOptions()
+    lone.intra_op_num_threads = options.intra_op_num_threads
+    lone.inter_op_num_threads = options.inter_op_num_threads
+    lone.graph_optimization_level = options.graph_optimization_level
+    lone.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    lone.add_session_config_entry("session.force_spinning_stop", "1")
+    return ort.InferenceSession(model_bytes, lone, providers=[CPU])
 
 
 def _create_session(

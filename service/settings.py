@@ -44,6 +44,13 @@ class Settings(BaseSettings):
     13-23% more images/s (profiled and measured A/B, docs/BENCHMARKS-analysis.md); on, a lone
     request's p50 was ~0.5 ms lower but its p99 higher."""
 
+    lone_call_spinning: bool = True
+    """On the CPU provider, run a lone image (no other call running, nothing queued or being
+    decoded) through a second session whose threads busy-wait while it runs and stop as it
+    returns: ~1 ms off that call on 2 cores (batch 1: 3.0-4.0 ms against 4.0-4.5 ms), with none
+    of the spinning's cost under load. Costs a second copy of the session: +24 MB resident
+    with the default model (165 -> 189 MB)."""
+
     decode_threads: int = Field(2, ge=1)
     """Threads decoding and preprocessing uploads (Pillow releases the GIL while decoding)."""
 

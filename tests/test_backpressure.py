@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from tests.images import upload_variety
 from tests.service_support import cpu_settings, ready_client
 
 JPEG = upload_variety()["jpeg"][0]
+SessionCall = Callable[[ModelSession, np.ndarray], np.ndarray]
 
 
 class Gate:
@@ -32,14 +33,17 @@ class Gate:
 @pytest.fixture()
 def gate(monkeypatch: pytest.MonkeyPatch) -> Gate:
     gate = Gate()
-    original = ModelSession.predict
+    for name in ("predict", "predict_alone"):  # lone images take the second path
+        original = getattr(ModelSession, name)
 
-    def gated_predict(self: ModelSession, batch: np.ndarray) -> np.ndarray:
-        gate.open.wait(timeout=30)
-        gate.batch_sizes.append(len(batch))
-        return original(self, batch)
+        def gated(
+            self: ModelSession, batch: np.ndarray, original: SessionCall = original
+        ) -> np.ndarray:
+            gate.open.wait(timeout=30)
+            gate.batch_sizes.append(len(batch))
+            return original(self, batch)
 
-    monkeypatch.setattr(ModelSession, "predict", gated_predict)
+        monkeypatch.setattr(ModelSession, name, gated)
     return gate
 
 

@@ -246,3 +246,67 @@ def test_with_every_worker_busy_a_request_waits_and_can_expire() -> None:
         await batcher.stop()
 
     asyncio.run(scenario())
+
+
+class Recorder:
+    """A predict function that records the batch sizes it was given."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.sizes.append(len(batch))
+        return batch.reshape(len(batch), -1).sum(axis=1, keepdims=True) * np.ones((1, 3))
+
+
+def test_a_lone_image_goes_through_predict_alone_and_anything_else_does_not() -> None:
+    async def scenario() -> None:
+        model, alone = GatedModel(), Recorder()
+        model.gate.set()
+        busy = {"elsewhere": False}
+        batcher = Batcher(
+            model.predict,
+            max_batch_size=4,
+            max_delay=0.0,
+            max_queue=100,
+            metrics=Metrics(),
+            predict_alone=alone,
+            busy_elsewhere=lambda: busy["elsewhere"],
+        )
+        batcher.start()
+        assert (await batcher.submit(rows(1), far()))[0, 0] == 1
+        assert alone.sizes == [1] and model.started == []
+        assert (await batcher.submit(rows(2, 3), far()))[:, 0].tolist() == [2, 3]
+        assert model.started == [2]
+        busy["elsewhere"] = True  # an upload being decoded wants the cores too
+        assert (await batcher.submit(rows(4), far()))[0, 0] == 4
+        assert alone.sizes == [1] and model.started == [2, 1]
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_lone_image_next_to_a_running_call_goes_through_predict() -> None:
+    async def scenario() -> None:
+        model, alone = GatedModel(), Recorder()
+        batcher = Batcher(
+            model.predict,
+            max_batch_size=1,
+            max_delay=0.0,
+            max_queue=100,
+            metrics=Metrics(),
+            workers=2,
+            predict_alone=alone,
+        )
+        batcher.start()
+        model.gate.clear()
+        first = asyncio.create_task(batcher.submit(rows(1, 2), far()))  # held in predict
+        await wait_for_calls(model, 1)
+        second = asyncio.create_task(batcher.submit(rows(3), far()))
+        await wait_for_calls(model, 2)
+        model.gate.set()
+        await asyncio.gather(first, second)
+        assert alone.sizes == [] and model.started == [2, 1]
+        await batcher.stop()
+
+    asyncio.run(scenario())

@@ -4,7 +4,7 @@ replica out of readiness until inference works again."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ from tests.service_support import cpu_settings, ready_client
 
 FAILURES_UNTIL_UNREADY = 3
 IMAGE = shapes.sample(21, 0).data
+SessionCall = Callable[[ModelSession, np.ndarray], np.ndarray]
 
 
 class Fault:
@@ -28,17 +29,20 @@ class Fault:
 
 @pytest.fixture
 def client(served_model: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
-    original = ModelSession.predict
+    for name in ("predict", "predict_alone"):  # lone images take the second path
+        original = getattr(ModelSession, name)
 
-    def predict(self: ModelSession, batch: np.ndarray) -> np.ndarray:
-        if Fault.mode == "raise":
-            raise RuntimeError("injected onnxruntime failure")
-        output = original(self, batch)
-        if Fault.mode == "nan":
-            output[:, 0] = np.nan
-        return output
+        def faulty(
+            self: ModelSession, batch: np.ndarray, original: SessionCall = original
+        ) -> np.ndarray:
+            if Fault.mode == "raise":
+                raise RuntimeError("injected onnxruntime failure")
+            output = original(self, batch)
+            if Fault.mode == "nan":
+                output[:, 0] = np.nan
+            return output
 
-    monkeypatch.setattr(ModelSession, "predict", predict)
+        monkeypatch.setattr(ModelSession, name, faulty)
     Fault.mode = "work"
     settings = cpu_settings(
         served_model,

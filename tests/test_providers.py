@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 
@@ -83,6 +84,7 @@ def test_every_gpu_option_falls_back_on_this_cpu_machine(served_model: Path) -> 
     assert session.runtime == {
         "provider": CPU,
         "inference_workers": "1",
+        "lone_call_spinning": "off",
         "precision": "fp32",
         "io_binding": "on",
         "cuda_graph": "off",
@@ -103,6 +105,23 @@ def test_inference_workers_default_to_two_on_cpu_and_one_with_io_binding(
     )
     assert bound.inference_workers == 1
     assert bound.fallbacks[-1] == "inference_workers 3: 1 (IO binding runs one call at a time)"
+
+
+def test_a_lone_call_session_gives_the_same_probabilities(served_model: Path) -> None:
+    session = ModelSession(served_model, providers=(CPU,), lone_call_spinning=True)
+    assert session.runtime["lone_call_spinning"] == "on"
+    assert session.warm_up_batch_sizes() == (1, 2)  # one call through each session
+    batch = np.random.default_rng(0).standard_normal((1, 3, 128, 128)).astype(np.float32)
+    np.testing.assert_allclose(session.predict_alone(batch), session.predict(batch), atol=1e-6)
+    bound = ModelSession(
+        served_model,
+        providers=(CPU,),
+        lone_call_spinning=True,
+        acceleration=Acceleration(io_binding=True),
+    )
+    assert bound.runtime["lone_call_spinning"] == "off"  # bound calls go through the buckets
+    plain = ModelSession(served_model, providers=(CPU,))
+    assert plain.runtime["lone_call_spinning"] == "off" and plain.warm_up_batch_sizes() == (1,)
 
 
 def test_the_api_and_metrics_report_what_is_in_effect(served_model: Path) -> None:
