@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import sys
 import threading
 import time
 from collections import deque
@@ -75,12 +77,16 @@ class Batcher:
         workers: int = 1,
         predict_alone: Predict | None = None,
         busy_elsewhere: Callable[[], bool] = lambda: False,
+        nice: int = 0,
     ) -> None:
         self._predict = predict
         self._predict_alone = predict_alone or predict
         self._busy_elsewhere = busy_elsewhere
         """Whether work outside the batcher (uploads being decoded) needs the cores too."""
         self._workers = workers
+        self._nice = nice
+        """Added to the batching threads' niceness, so that on saturated cores the event loop
+        and the decoders run first and onnxruntime takes what is left."""
         self._running = 0
         self._max_batch_size = max_batch_size
         self._max_delay = max_delay
@@ -164,6 +170,8 @@ class Batcher:
             return True
 
     def _run(self) -> None:
+        if self._nice and sys.platform == "linux":
+            os.nice(self._nice)  # on Linux, this thread's niceness only
         while (collected := self._collect()) is not None:
             batch, alone = collected
             if not batch:

@@ -243,7 +243,11 @@ def ceiling(
     each worker taking its share of `count`; the ceiling is the best of them.
     """
     session = ModelSession(
-        model, providers=(CPU,), intra_op_threads=threads, intra_op_spinning=spinning
+        model,
+        providers=(CPU,),
+        intra_op_threads=threads,
+        intra_op_spinning=spinning,
+        inference_workers=workers,
     )
     spec = session.metadata.preprocessing
     mode = f"ceiling w{workers}" + ("+spin" if spinning else "")

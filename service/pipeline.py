@@ -47,6 +47,7 @@ class Pipeline:
             workers=session.inference_workers,
             predict_alone=session.predict_alone,
             busy_elsewhere=lambda: self._preparing > 0,
+            nice=settings.inference_nice,
         )
         metrics.model.info(
             {

@@ -44,6 +44,12 @@ class Settings(BaseSettings):
     13-23% more images/s (profiled and measured A/B, docs/BENCHMARKS-analysis.md); on, a lone
     request's p50 was ~0.5 ms lower but its p99 higher."""
 
+    inference_nice: int = Field(5, ge=0, le=19)
+    """Niceness added to the inference threads (Linux). With the cores saturated, the event loop
+    (health, refusals, responses) and the decoders then run first and onnxruntime takes the
+    rest: at twice capacity on 2 cores the 503s' p99 was 69-93 ms against 116-312 ms at 0, with
+    the same goodput; at 16 clients throughput was the same or 1-4% higher."""
+
     lone_call_spinning: bool = True
     """On the CPU provider, run a lone image (no other call running, nothing queued or being
     decoded) through a second session whose threads busy-wait while it runs and stop as it
@@ -72,11 +78,12 @@ class Settings(BaseSettings):
     only adds latency for the requests that fill it."""
 
     inference_workers: int = Field(0, ge=0)
-    """onnxruntime calls running at once, each on its own batch, sharing the session's threads.
-    0 chooses: 2 on the CPU provider, where two calls at once kept both cores busier than one
-    call's intra-op parallelism did (in-process, batches of 4-16: 4-14% more images/s), while a
-    lone request still gets both threads; 1 on a GPU, and always 1 with IO binding, whose
-    buffers one call at a time may use."""
+    """onnxruntime calls running at once, each on its own batch. 0 chooses: 2 on the CPU
+    provider, each with its share of the cores (one thread each on 2 cores), since one call's
+    intra-op parallelism leaves cores idle between the model's many small operators: in-process
+    two calls of one thread did 339-357 images/s against 290-328 for one call of two threads
+    (batches of 4-16). 1 on a GPU, and always 1 with IO binding, whose buffers one call at a
+    time may use. A lone image still gets every core (see `lone_call_spinning`)."""
 
     max_batch_delay_ms: float = Field(0.0, ge=0)
     """How long a batch waits for more requests before running; 0 takes what is queued. While

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import threading
 import time
 
@@ -308,5 +310,25 @@ def test_a_lone_image_next_to_a_running_call_goes_through_predict() -> None:
         await asyncio.gather(first, second)
         assert alone.sizes == [] and model.started == [2, 1]
         await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread niceness is Linux's")
+def test_inference_threads_run_at_the_added_niceness() -> None:
+    async def scenario() -> None:
+        seen: list[int] = []
+
+        def predict(batch: np.ndarray) -> np.ndarray:
+            seen.append(os.getpriority(os.PRIO_PROCESS, 0))  # 0: the calling thread
+            return batch.reshape(len(batch), -1)
+
+        batcher = Batcher(
+            predict, max_batch_size=1, max_delay=0.0, max_queue=10, metrics=Metrics(), nice=3
+        )
+        batcher.start()
+        await batcher.submit(rows(1), far())
+        await batcher.stop()
+        assert seen == [os.getpriority(os.PRIO_PROCESS, 0) + 3]  # this thread is untouched
 
     asyncio.run(scenario())
