@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 
 from service.body import FILE_FIELD, uploaded_images
-from service.dependencies import DeadlineDep, PipelineDep, SettingsDep
+from service.dependencies import InferenceDep, PipelineDep
 from service.errors import InvalidRequest
 from service.pipeline import Pipeline
 from service.responses import classify_response, error_responses
@@ -49,14 +49,13 @@ _UPLOAD_BODY = {
 )
 async def classify(
     request: Request,
-    pipeline: PipelineDep,
-    settings: SettingsDep,
-    deadline: DeadlineDep,
+    inference: InferenceDep,
     top_k: Annotated[
         int | None, Query(description="Classes in `top`; clamped to the labels.")
     ] = None,
     probabilities: Annotated[bool, Query(description="Also return the full distribution.")] = False,
 ) -> ClassifyResponse:
+    pipeline, settings = inference.pipeline, inference.settings
     if top_k is not None and top_k < 1:
         raise InvalidRequest(f"top_k must be at least 1, got {top_k}")
     with pipeline.metrics.stage_seconds.labels("read_body").time():
@@ -66,7 +65,7 @@ async def classify(
             timeout=settings.body_timeout_s,
             max_files=settings.max_images_per_request,
         )
-    result = await pipeline.classify(images, deadline)
+    result = await pipeline.classify(images, inference.deadline)
     return classify_response(
         result, pipeline.session.metadata, top_k=top_k or settings.default_top_k, full=probabilities
     )

@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 
 from service import oip
 from service.body import read_body
-from service.dependencies import DeadlineDep, PipelineDep, SettingsDep
+from service.dependencies import Inference, InferenceDep, PipelineDep
 from service.errors import ModelNotFound
 from service.pipeline import Pipeline
 from service.responses import error_responses
@@ -21,7 +21,6 @@ from service.schemas import (
     OipServerMetadata,
     OipTensorMetadata,
 )
-from service.settings import Settings
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 SERVER_NAME = "vit-inference"
@@ -111,9 +110,8 @@ _INFER_DOC = {
 }
 
 
-async def _infer(
-    request: Request, pipeline: Pipeline, settings: Settings, deadline: float
-) -> Response:
+async def _infer(request: Request, pipeline: Pipeline, inference: Inference) -> Response:
+    settings = inference.settings
     with pipeline.metrics.stage_seconds.labels("read_body").time():
         body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
     parsed = oip.parse_request(
@@ -124,9 +122,9 @@ async def _infer(
         max_batch=settings.max_images_per_request,
     )
     if parsed.pixels is not None:
-        probabilities: np.ndarray = await pipeline.infer(parsed.pixels, deadline)
+        probabilities: np.ndarray = await pipeline.infer(parsed.pixels, inference.deadline)
     else:
-        probabilities = await pipeline.classify(parsed.images or [], deadline)
+        probabilities = await pipeline.classify(parsed.images or [], inference.deadline)
     metadata = pipeline.session.metadata
     encoded = oip.encode_response(
         probabilities, model_name=metadata.name, model_version=metadata.version, request=parsed
@@ -140,10 +138,8 @@ async def _infer(
     responses=error_responses(400, 404, 408, 413, 415, 422, 500, 503, 504),
     openapi_extra=_INFER_DOC,
 )
-async def infer(
-    name: str, request: Request, pipeline: PipelineDep, settings: SettingsDep, deadline: DeadlineDep
-) -> Response:
-    return await _infer(request, loaded_model(pipeline, name), settings, deadline)
+async def infer(name: str, request: Request, inference: InferenceDep) -> Response:
+    return await _infer(request, loaded_model(inference.pipeline, name), inference)
 
 
 @router.post(
@@ -156,8 +152,6 @@ async def infer_version(
     name: str,
     version: str,
     request: Request,
-    pipeline: PipelineDep,
-    settings: SettingsDep,
-    deadline: DeadlineDep,
+    inference: InferenceDep,
 ) -> Response:
-    return await _infer(request, loaded_model(pipeline, name, version), settings, deadline)
+    return await _infer(request, loaded_model(inference.pipeline, name, version), inference)

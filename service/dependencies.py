@@ -7,6 +7,7 @@ three thread hops per request cost more than the lookups they wrap (profiled und
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
@@ -23,21 +24,7 @@ async def get_pipeline(request: Request) -> Pipeline:
     return pipeline
 
 
-async def get_settings(request: Request) -> Settings:
-    settings: Settings = request.state.settings
-    return settings
-
-
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-
-
-async def request_deadline(
-    settings: SettingsDep,
-    timeout_ms: Annotated[
-        str | None,
-        Header(alias=TIMEOUT_HEADER, description="Lower this request's deadline (milliseconds)."),
-    ] = None,
-) -> float:
+def request_deadline(settings: Settings, timeout_ms: str | None) -> float:
     """The monotonic time by which the request must have left the queue."""
     limit = settings.request_timeout_ms
     if timeout_ms is not None:
@@ -51,5 +38,26 @@ async def request_deadline(
     return time.monotonic() + limit / 1000
 
 
+@dataclass(frozen=True)
+class Inference:
+    """What an inference route needs, resolved by one dependency: FastAPI spends ~40 us of the
+    event loop per dependency per request, and the inference routes are the hot ones."""
+
+    pipeline: Pipeline
+    settings: Settings
+    deadline: float
+
+
+async def inference(
+    request: Request,
+    timeout_ms: Annotated[
+        str | None,
+        Header(alias=TIMEOUT_HEADER, description="Lower this request's deadline (milliseconds)."),
+    ] = None,
+) -> Inference:
+    settings: Settings = request.state.settings
+    return Inference(request.state.pipeline, settings, request_deadline(settings, timeout_ms))
+
+
 PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
-DeadlineDep = Annotated[float, Depends(request_deadline)]
+InferenceDep = Annotated[Inference, Depends(inference)]
