@@ -113,7 +113,7 @@ class ModelSession:
                 device="cpu" if self.provider == CPU else "cuda",
                 cuda_graph=cuda_graph,
             )
-            if acceleration.io_binding or cuda_graph
+            if one_call_at_a_time
             else None
         )
         self._lone_session = (
@@ -124,6 +124,7 @@ class ModelSession:
         self.runtime = {
             "provider": self.provider,
             "inference_workers": str(self.inference_workers),
+            "intra_op_threads": str(options.intra_op_num_threads),
             "lone_call_spinning": "on" if self._lone_session else "off",
             "precision": self.metadata.precision,
             "io_binding": "on" if self._bound else "off",

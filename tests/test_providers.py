@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from service.providers import CPU, CUDA, TENSORRT, Acceleration, ProviderPlan, plan_providers
-from service.session import ModelSession
+from service.session import ModelSession, default_thread_count
 from tests.service_support import cpu_settings, ready_client
 
 ALL = {TENSORRT, CUDA, CPU}
@@ -84,6 +84,7 @@ def test_every_gpu_option_falls_back_on_this_cpu_machine(served_model: Path) -> 
     assert session.runtime == {
         "provider": CPU,
         "inference_workers": "1",
+        "intra_op_threads": str(default_thread_count()),
         "lone_call_spinning": "off",
         "precision": "fp32",
         "io_binding": "on",
@@ -95,7 +96,11 @@ def test_every_gpu_option_falls_back_on_this_cpu_machine(served_model: Path) -> 
 def test_inference_workers_default_to_two_on_cpu_and_one_with_io_binding(
     served_model: Path,
 ) -> None:
-    assert ModelSession(served_model, providers=(CPU,)).inference_workers == 2
+    two = ModelSession(served_model, providers=(CPU,))
+    assert two.inference_workers == 2
+    # The two calls share the cores: each session call gets half of them (at least one).
+    expected_threads = max(1, default_thread_count() // 2)
+    assert two.runtime["intra_op_threads"] == str(expected_threads)
     assert ModelSession(served_model, providers=(CPU,), inference_workers=3).inference_workers == 3
     bound = ModelSession(
         served_model,
