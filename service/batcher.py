@@ -269,6 +269,5 @@ class Batcher:
             self._throughput.observe(len(inputs), elapsed)
         self._metrics.stage_seconds.labels("inference").observe(elapsed)
         self._metrics.batch_size.observe(len(inputs))
-        ends = np.cumsum([len(job.inputs) for job in batch])
-        rows = [outputs[end - len(job.inputs) : end] for job, end in zip(batch, ends, strict=True)]
+        rows = np.split(outputs, np.cumsum([len(job.inputs) for job in batch])[:-1])
         self._answer(list(zip(batch, rows, strict=True)))
