@@ -115,7 +115,7 @@ def train(args: argparse.Namespace) -> Checkpoint:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = PreprocessSpec(input_size=args.image_size)
+    spec = PreprocessSpec(input_size=args.image_size, jpeg_draft=True)
     config = preset(
         args.preset,
         depth=args.depth,

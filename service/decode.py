@@ -33,7 +33,7 @@ def decode(
     data: bytes,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    alpha_background: RGB = (255, 255, 255),
+    alpha_background: RGB | None = (255, 255, 255),
     size_hint: SizeHint | None = None,
 ) -> DecodedImage:
     """Decode the first frame of an allowlisted image, upright and in RGB.
@@ -59,10 +59,22 @@ def decode(
         raise TooManyPixels(f"image has {width}x{height} pixels, more than the limit {max_pixels}")
     if width == 0 or height == 0:
         raise UndecodableImage("image has no pixels")
+    return decode_opened(image, alpha_background=alpha_background, size_hint=size_hint)
+
+
+def decode_opened(
+    image: Image.Image,
+    *,
+    alpha_background: RGB | None = (255, 255, 255),
+    size_hint: SizeHint | None = None,
+) -> DecodedImage:
+    """Decode an opened (header-checked) image: the one path for uploads and for PIL images, so
+    both give the same pixels. A JPEG not yet loaded is decoded at a reduced scale when
+    `size_hint` is given; an image already loaded is used as it is."""
     image_format, original_mode = str(image.format), image.mode
     try:
         if size_hint is not None and image_format == "JPEG":
-            image.draft(None, size_hint((width, height)))
+            image.draft(None, size_hint(image.size))
         image.load()
         rotated = upright(image)
         return DecodedImage(
@@ -83,8 +95,10 @@ def upright(image: Image.Image) -> Image.Image:
     return image
 
 
-def to_rgb(image: Image.Image, alpha_background: RGB) -> Image.Image:
-    """Any Pillow mode as 8-bit RGB: high bit depths scaled, transparency composited."""
+def to_rgb(image: Image.Image, alpha_background: RGB | None) -> Image.Image:
+    """Any Pillow mode as 8-bit RGB: high bit depths scaled, transparency composited onto
+    `alpha_background`, or with None dropped as Pillow's `convert("RGB")` drops it (what
+    Hugging Face pipelines do when they load an image)."""
     mode = image.mode
     if mode == "RGB":
         return image
@@ -98,6 +112,8 @@ def to_rgb(image: Image.Image, alpha_background: RGB) -> Image.Image:
         full_scale = 1.0 if samples.max(initial=0.0) <= 1.0 else 255.0
         levels = np.clip(np.round(samples * (255.0 / full_scale)), 0, 255).astype(np.uint8)
         return Image.fromarray(levels).convert("RGB")
+    if alpha_background is None:
+        return image.convert("RGB")
     if mode == "La":  # premultiplied alpha has no direct path to RGBA
         image = image.convert("LA")
     if mode == "P" and "transparency" in image.info or image.mode in ("PA", "LA", "RGBa"):

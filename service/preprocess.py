@@ -11,9 +11,9 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from service.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode, to_rgb, upright
+from service.decode import DEFAULT_MAX_PIXELS, DecodedImage, SizeHint, decode, decode_opened
 
 _RESAMPLING = {
     "nearest": Image.Resampling.NEAREST,
@@ -33,16 +33,46 @@ class PreprocessSpec(BaseModel):
         "shorter_side",
         description="shorter_side keeps the aspect ratio, then crops; squash stretches.",
     )
+    resize_size: int | None = Field(
+        None,
+        gt=0,
+        description="Resize the whole image first (the shorter side, or both sides for squash, to "
+        "this many pixels; the longer side rounded down), then cut the centre input_size square "
+        "at whole-pixel offsets, as Hugging Face image processors do. null: one resampling pass "
+        "over the centre box that crop_pct sets.",
+    )
     interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
     crop: Literal["center"] = Field("center", description="Which square is kept after resizing.")
-    crop_pct: float = Field(1.0, gt=0, le=1, description="Fraction of the shorter side kept.")
+    crop_pct: float = Field(
+        1.0, gt=0, le=1, description="Fraction of the shorter side kept (when resize_size is null)."
+    )
+    rescale_factor: float = Field(
+        1 / 255, gt=0, description="Pixel values (0-255) are multiplied by this before mean/std."
+    )
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     channel_order: Literal["RGB"] = "RGB"
     layout: Literal["NCHW"] = "NCHW"
-    alpha_background: tuple[int, int, int] = Field(
-        (255, 255, 255), description="Colour transparent pixels are composited onto."
+    alpha_background: tuple[int, int, int] | None = Field(
+        (255, 255, 255),
+        description="Colour transparent pixels are composited onto; null drops the alpha "
+        "channel as Pillow's convert('RGB') does (what Hugging Face pipelines see).",
     )
+    jpeg_draft: bool = Field(
+        False,
+        description="Decode JPEG at a reduced scale (Pillow's draft mode) when the image is "
+        "much larger than needed: faster, and what models trained on such decoding expect; "
+        "models trained elsewhere expect full decoding.",
+    )
+
+    @model_validator(mode="after")
+    def _one_crop_rule(self) -> PreprocessSpec:
+        if self.resize_size is not None:
+            if self.crop_pct != 1.0:
+                raise ValueError("give either resize_size or crop_pct, not both")
+            if self.resize_size < self.input_size:
+                raise ValueError("resize_size must be at least input_size")
+        return self
 
 
 def preprocess(
@@ -51,8 +81,8 @@ def preprocess(
     """One image as the model's input, shape (1, 3, S, S), float32."""
     if isinstance(source, bytes):
         return preprocess_upload(source, spec, max_pixels=max_pixels)[0]
-    image = to_rgb(upright(source), spec.alpha_background)
-    return normalize(crop_and_resize(image, spec), spec)
+    decoded = decode_opened(source, alpha_background=spec.alpha_background, size_hint=_hint(spec))
+    return normalize(crop_and_resize(decoded.image, spec), spec)
 
 
 def preprocess_upload(
@@ -63,22 +93,47 @@ def preprocess_upload(
         data,
         max_pixels=max_pixels,
         alpha_background=spec.alpha_background,
-        size_hint=lambda size: resized_size(size, spec),
+        size_hint=_hint(spec),
     )
     return normalize(crop_and_resize(decoded.image, spec), spec), decoded
+
+
+def _hint(spec: PreprocessSpec) -> SizeHint | None:
+    """What JPEG decoding may reduce the image to, if the spec allows it to reduce at all."""
+    return (lambda size: resized_size(size, spec)) if spec.jpeg_draft else None
 
 
 def resized_size(size: tuple[int, int], spec: PreprocessSpec) -> tuple[int, int]:
     """The whole image's size after the resize step, before the crop."""
     width, height = size
+    if spec.resize_size is not None:
+        return _whole_image_size(size, spec.resize, spec.resize_size)
     if spec.resize == "squash":
         return spec.input_size, spec.input_size
     scale = spec.input_size / spec.crop_pct / min(width, height)
     return max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
 
 
+def _whole_image_size(size: tuple[int, int], resize: str, target: int) -> tuple[int, int]:
+    """Hugging Face's rule: the shorter side to `target`, the longer one `int(target * long /
+    short)`; or a `target` square for squash."""
+    width, height = size
+    if resize == "squash":
+        return target, target
+    if width <= height:
+        return target, int(target * height / width)
+    return int(target * width / height), target
+
+
 def crop_and_resize(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
-    """Resize and centre-crop in one resampling pass, by resizing only the kept box."""
+    """Resize and centre-crop: in one resampling pass over the kept box, or (with
+    `resize_size`) the whole image, then a centre crop at whole-pixel offsets."""
+    resample = _RESAMPLING[spec.interpolation]
+    if spec.resize_size is not None:
+        whole = _whole_image_size(image.size, spec.resize, spec.resize_size)
+        x, y = (whole[0] - spec.input_size) // 2, (whole[1] - spec.input_size) // 2
+        resized = image.resize(whole, resample, reducing_gap=None)
+        return resized.crop((x, y, x + spec.input_size, y + spec.input_size))
     width, height = image.size
     if spec.resize == "squash":
         box = (0.0, 0.0, float(width), float(height))
@@ -86,13 +141,12 @@ def crop_and_resize(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
         side = min(width, height) * spec.crop_pct
         left, top = (width - side) / 2, (height - side) / 2
         box = (left, top, left + side, top + side)
-    resample = _RESAMPLING[spec.interpolation]
     return image.resize((spec.input_size, spec.input_size), resample, box=box, reducing_gap=None)
 
 
 def normalize(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
-    """uint8 HWC RGB -> float32 (1, 3, H, W), (x/255 - mean) / std per channel."""
-    pixels = np.asarray(image, dtype=np.float32) / np.float32(255)
+    """uint8 HWC RGB -> float32 (1, 3, H, W), (x * rescale_factor - mean) / std per channel."""
+    pixels = np.asarray(image, dtype=np.float32) * np.float32(spec.rescale_factor)
     mean = np.asarray(spec.mean, dtype=np.float32)
     std = np.asarray(spec.std, dtype=np.float32)
     chw = ((pixels - mean) / std).transpose(2, 0, 1)

@@ -32,7 +32,7 @@ def test_is_the_64_patch_vit_ti_under_25_mb(session: ModelSession, served_model:
     assert isinstance(config, dict)
     assert (config["image_size"], config["patch_size"], config["width"]) == (128, 16, 192)
     assert config["depth"] == 6
-    assert session.metadata.preprocessing == PreprocessSpec(input_size=128)
+    assert session.metadata.preprocessing == PreprocessSpec(input_size=128, jpeg_draft=True)
     assert session.labels == shapes.LABELS
 
 

@@ -23,7 +23,7 @@ from service.session import ModelSession  # noqa: E402
 def test_checkpoint_holds_everything_needed_to_rebuild(tiny_checkpoint: Path) -> None:
     checkpoint = Checkpoint.load(tiny_checkpoint)
     assert checkpoint.config.depth == 2 and checkpoint.config.image_size == 64
-    assert checkpoint.preprocessing == PreprocessSpec(input_size=64)
+    assert checkpoint.preprocessing == PreprocessSpec(input_size=64, jpeg_draft=True)
     assert checkpoint.labels[0] == "circle" and len(checkpoint.labels) == 8
     assert "--depth 2" in checkpoint.command and checkpoint.metrics["steps"] == 8
     assert torch.count_nonzero(checkpoint.state_dict["head.weight"]) > 0  # training moved it
@@ -45,7 +45,7 @@ def test_metadata_round_trips_through_onnxruntime_alone(
     session = ort.InferenceSession(str(tiny_onnx), providers=[CPU])
     metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
     assert metadata.name == "tiny-shapes" and metadata.version == "7"
-    assert metadata.preprocessing == PreprocessSpec(input_size=64)
+    assert metadata.preprocessing == PreprocessSpec(input_size=64, jpeg_draft=True)
     assert metadata.output == "logits" and len(metadata.labels) == 8
     assert metadata.checkpoint_sha256 == sha256_of(tiny_checkpoint)
     assert metadata.held_out_accuracy is not None and 0 <= metadata.held_out_accuracy <= 1

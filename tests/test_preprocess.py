@@ -70,3 +70,68 @@ def test_training_evaluation_and_export_share_this_function() -> None:
     for row, sample in enumerate(shapes.samples(21, 3)):
         expected = preprocess(sample.data, spec)[0].astype(np.float16)
         assert np.array_equal(pixels[row], expected) and labels[row] == sample.label
+
+
+@pytest.mark.parametrize("jpeg_draft", [True, False])
+def test_bytes_and_opened_jpeg_give_the_same_tensor(jpeg_draft: bool) -> None:
+    from io import BytesIO
+
+    data = encode(asymmetric((640, 480)), "JPEG")
+    spec = PreprocessSpec(input_size=64, jpeg_draft=jpeg_draft)
+    assert np.array_equal(preprocess(data, spec), preprocess(Image.open(BytesIO(data)), spec))
+
+
+def test_jpeg_draft_is_reduced_decoding_and_off_means_full_decoding() -> None:
+    from io import BytesIO
+
+    data = encode(asymmetric((640, 480)), "JPEG")
+    full = Image.open(BytesIO(data)).convert("RGB")
+    expected = preprocess(full, PreprocessSpec(input_size=64))
+    assert np.array_equal(preprocess(data, PreprocessSpec(input_size=64)), expected)
+    drafted = preprocess(data, PreprocessSpec(input_size=64, jpeg_draft=True))
+    assert not np.array_equal(drafted, expected)
+    assert np.abs(drafted - expected).mean() < 0.05  # the same picture, decoded coarser
+
+
+@pytest.mark.parametrize(("size", "resize"), [((300, 200), "shorter_side"), ((201, 333), "squash")])
+def test_resize_size_is_a_whole_image_resize_then_a_whole_pixel_centre_crop(
+    size: tuple[int, int], resize: str
+) -> None:
+    image = asymmetric(size)
+    spec = PreprocessSpec.model_validate(
+        {"input_size": 32, "resize_size": 37, "resize": resize, "interpolation": "bicubic"}
+    )
+    width, height = size
+    if resize == "squash":
+        whole = (37, 37)
+    else:
+        short, long = min(size), max(size)
+        whole = (37, int(37 * long / short)) if width <= height else (int(37 * long / short), 37)
+    resized = np.asarray(image.resize(whole, Image.Resampling.BICUBIC), dtype=np.float32)
+    top, left = (whole[1] - 32) // 2, (whole[0] - 32) // 2
+    expected = (resized[top : top + 32, left : left + 32] / 255 - 0.5) / 0.5
+    np.testing.assert_allclose(preprocess(image, spec)[0], expected.transpose(2, 0, 1), atol=1e-6)
+
+
+def test_rescale_factor_scales_pixels_before_mean_and_std() -> None:
+    spec = PreprocessSpec(input_size=4, rescale_factor=1.0, mean=(0, 0, 0), std=(1, 1, 1))
+    tensor = preprocess(Image.new("RGB", (8, 8), (200, 10, 0)), spec)
+    assert tensor[0, :, 0, 0].tolist() == [200.0, 10.0, 0.0]
+
+
+def test_transparency_is_composited_or_dropped_as_the_spec_says() -> None:
+    image = Image.new("RGBA", (8, 8), (200, 10, 0, 0))  # fully transparent red
+    composited = preprocess(image, PreprocessSpec(input_size=4, alpha_background=(0, 0, 255)))
+    assert composited[0, :, 0, 0].tolist() == [-1.0, -1.0, 1.0]
+    dropped = preprocess(image, PreprocessSpec(input_size=4, alpha_background=None))
+    expected = [200 / 127.5 - 1, 10 / 127.5 - 1, -1.0]
+    np.testing.assert_allclose(dropped[0, :, 0, 0], expected, atol=1e-6)
+
+
+def test_a_spec_refuses_two_crop_rules_or_a_resize_smaller_than_the_input() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="either resize_size or crop_pct"):
+        PreprocessSpec(input_size=32, resize_size=40, crop_pct=0.875)
+    with pytest.raises(ValidationError, match="at least input_size"):
+        PreprocessSpec(input_size=32, resize_size=16)
