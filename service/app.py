@@ -69,6 +69,17 @@ async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
     return error_response(_metrics(request), 500, "internal error", "internal_error")
 
 
+def _stop_if_warm_up_failed(app: FastAPI, warm_up: asyncio.Task[None]) -> None:
+    """A model that cannot answer its warm-up never will: stop the server (vit-serve sets
+    `app.state.stop_server`) instead of answering "not ready" forever."""
+    if warm_up.cancelled() or (error := warm_up.exception()) is None:
+        return
+    logger.error("warm-up failed, stopping: %s", error)
+    stop = getattr(app.state, "stop_server", None)
+    if stop is not None:
+        stop()
+
+
 def _lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -91,6 +102,7 @@ def _lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
         pipeline = Pipeline(session, settings, metrics)
         app.state.pipeline = pipeline  # for the server's SIGTERM handler (service/cli.py)
         start = asyncio.create_task(pipeline.start())
+        start.add_done_callback(lambda task: _stop_if_warm_up_failed(app, task))
         try:
             yield {"pipeline": pipeline, "settings": settings, "metrics": metrics}
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -12,16 +13,26 @@ import uvicorn
 from fastapi import FastAPI
 
 from service.app import create_app
+from service.graph_check import inspect_model
+from service.model_metadata import InvalidModelMetadata
 from service.settings import Settings
 from service.slow_clients import head_deadline_protocol
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, except that SIGTERM first turns readiness false, then drains as usual."""
+    """uvicorn, except that SIGTERM first turns readiness false, then drains as usual, and a
+    failed warm-up stops it."""
 
     def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
         super().__init__(config)
         self.app = app
+        app.state.stop_server = self.stop
+
+    def stop(self) -> None:
+        self.warm_up_failed = True
+        self.should_exit = True
+
+    warm_up_failed = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         pipeline = getattr(self.app.state, "pipeline", None)
@@ -48,6 +59,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    try:
+        inspect_model(settings.model)
+    except InvalidModelMetadata as error:
+        sys.exit(f"vit-serve: cannot serve {settings.model}: {error}")
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -59,7 +74,10 @@ def main(argv: list[str] | None = None) -> None:
         timeout_graceful_shutdown=settings.graceful_shutdown_s,
         http=head_deadline_protocol(settings.head_timeout_s),
     )
-    DrainingServer(config, app).run()
+    server = DrainingServer(config, app)
+    server.run()
+    if server.warm_up_failed or not server.started:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

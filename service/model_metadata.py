@@ -1,4 +1,5 @@
-"""What an ONNX model says about itself: the `metadata_props` written by vit-export."""
+"""What an ONNX model says about itself: the `metadata_props` written by vit-export and
+vit-import (docs/MODEL-FORMAT.md describes every key)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.preprocess import PreprocessSpec
 
-_JSON_FIELDS = ("labels", "preprocessing", "dataset")
+_JSON_FIELDS = ("labels", "preprocessing", "dataset", "source")
+REQUIRED_KEYS = ("name", "version", "labels", "preprocessing", "output")
 
 
 class InvalidModelMetadata(ValueError):
@@ -17,19 +19,39 @@ class InvalidModelMetadata(ValueError):
 
 
 class ModelMetadata(BaseModel):
-    """Everything the service needs to serve a model, stored as string pairs in the file."""
+    """Everything the service needs to serve a model, stored as string pairs in the file:
+    JSON for labels, preprocessing, dataset and source, plain strings for the rest."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = Field(min_length=1)
-    version: str = Field(min_length=1)
-    labels: tuple[str, ...] = Field(min_length=2)
-    preprocessing: PreprocessSpec
-    output: Literal["logits", "probabilities"]
-    precision: Literal["fp32", "fp16"] = "fp32"
-    dataset: dict[str, object] = Field(default_factory=dict)
-    held_out_accuracy: float | None = None
-    checkpoint_sha256: str = ""
+    name: str = Field(min_length=1, description="The model's name in URLs and answers.")
+    version: str = Field(min_length=1, description="The model's version, a string.")
+    labels: tuple[str, ...] = Field(
+        min_length=2, description="Class names, in the order of the output's columns."
+    )
+    preprocessing: PreprocessSpec = Field(description="How an upload becomes the model's input.")
+    output: Literal["logits", "probabilities"] = Field(
+        description="What the output holds: softmax is applied to logits, never twice."
+    )
+    output_name: str | None = Field(
+        None, description="The graph output to serve, where it has several; null: the first."
+    )
+    precision: Literal["fp32", "fp16"] = Field(
+        "fp32", description="The weights' precision; input and output are float32 either way."
+    )
+    dataset: dict[str, object] = Field(
+        default_factory=dict, description="What the model was trained and evaluated on."
+    )
+    held_out_accuracy: float | None = Field(
+        None, description="Top-1 accuracy on images never seen in training, where measured."
+    )
+    checkpoint_sha256: str = Field(
+        "", description="sha256 of the checkpoint or weights file the graph was made from."
+    )
+    source: dict[str, str] = Field(
+        default_factory=dict,
+        description="Where an imported model came from: importer, model_type, source.",
+    )
 
     def to_props(self) -> dict[str, str]:
         props: dict[str, str] = {}
@@ -41,18 +63,25 @@ class ModelMetadata(BaseModel):
 
     @classmethod
     def from_props(cls, props: dict[str, str]) -> ModelMetadata:
-        missing = [
-            key
-            for key in ("name", "version", "labels", "preprocessing", "output")
-            if key not in props
-        ]
+        missing = [key for key in REQUIRED_KEYS if key not in props]
         if missing:
             raise InvalidModelMetadata(
-                f"the model's metadata lacks {', '.join(missing)}; export it with vit-export"
+                f"the model's metadata lacks {', '.join(missing)}; stamp it with "
+                "`vit-import onnx MODEL.onnx --labels LABELS -o MODEL.onnx` "
+                "(docs/BRING-YOUR-OWN-MODEL.md)"
             )
         known = {key: value for key, value in props.items() if key in cls.model_fields}
         try:
             decoded = {k: json.loads(v) if k in _JSON_FIELDS else v for k, v in known.items()}
             return cls.model_validate(decoded)
         except (json.JSONDecodeError, ValidationError) as error:
-            raise InvalidModelMetadata(f"the model's metadata is malformed: {error}") from error
+            reason = (
+                "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
+                )
+                if isinstance(error, ValidationError)
+                else str(error)
+            )
+            raise InvalidModelMetadata(
+                f"the model's metadata is malformed ({reason}); see docs/MODEL-FORMAT.md"
+            ) from error

@@ -11,6 +11,7 @@ import numpy as np
 
 from service.batcher import Batcher
 from service.errors import NotReady, Overloaded, ServiceError
+from service.graph_check import check_output_width
 from service.metrics import Metrics
 from service.preprocess import preprocess_upload
 from service.session import ModelSession
@@ -30,6 +31,7 @@ class Pipeline:
         self.spec = session.metadata.preprocessing
         self.max_pixels = settings.max_pixels
         self._warmed_up = False
+        self.warm_up_error: str | None = None
         self._preparing = 0
         self.draining = False
         """Set on SIGTERM: readiness turns false while in-flight (and arriving) requests are
@@ -117,6 +119,8 @@ class Pipeline:
         return self.batcher.consecutive_failures >= self._failures_until_unready
 
     def require_ready(self) -> None:
+        if self.warm_up_error is not None:
+            raise NotReady(f"the model failed its warm-up: {self.warm_up_error}")
         if not self._warmed_up:
             raise NotReady("the model is still warming up")
         if self.failing:
@@ -124,11 +128,18 @@ class Pipeline:
 
     async def start(self) -> None:
         """Start batching, then real inferences (one per bound batch size) so no client pays
-        for onnxruntime's setup."""
+        for onnxruntime's setup; their output must have one column per label. A failure is
+        kept (readiness reports it) and raised: the server stops rather than stay unready."""
         self.batcher.start()
         deadline = time.monotonic() + WARM_UP_SECONDS
-        for batch_size in self.session.warm_up_batch_sizes():
-            await self.batcher.submit(np.zeros(self.input_shape(batch_size), np.float32), deadline)
+        try:
+            for batch_size in self.session.warm_up_batch_sizes():
+                zeros = np.zeros(self.input_shape(batch_size), np.float32)
+                probabilities = await self.batcher.submit(zeros, deadline)
+                check_output_width(probabilities.shape[1], self.session.metadata, self.session.path)
+        except Exception as error:
+            self.warm_up_error = str(error)
+            raise
         self._warmed_up = True
         self._recovery = asyncio.create_task(self._recover_when_failing(), name="recovery")
         logger.info("warm-up done: ready")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import logging
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from service.graph_check import check_graph
 from service.io_binding import BucketedIoBinding
 from service.model_metadata import ModelMetadata
 from service.providers import CPU, CUDA, TENSORRT, Acceleration, ProviderPlan, plan_providers
@@ -78,6 +80,8 @@ class ModelSession:
             load_pip_cuda_libraries()
         self._session, plan = _create_session(model_bytes, options, plan)
         self.metadata = ModelMetadata.from_props(self._session.get_modelmeta().custom_metadata_map)
+        self.graph = check_graph(self._session, self.metadata, path)
+        self.fixed_batch_size = self.graph.fixed_batch_size
         self.providers: tuple[str, ...] = tuple(self._session.get_providers())
         self.provider = self.providers[0]
         if require_cuda and self.provider not in (CUDA, TENSORRT):
@@ -86,6 +90,15 @@ class ModelSession:
         self.fallbacks = plan.fallbacks(self.providers)
         for fallback in self.fallbacks:
             logger.warning("fallback: %s", fallback)
+        if self.fixed_batch_size is not None and (acceleration.io_binding or cuda_graph):
+            fallback = (
+                f"io_binding and cuda_graph: off (the graph fixes the batch at "
+                f"{self.fixed_batch_size}; its buffers are sized per bucket)"
+            )
+            self.fallbacks = (*self.fallbacks, fallback)
+            logger.warning("fallback: %s", fallback)
+            acceleration = dataclasses.replace(acceleration, io_binding=False)
+            cuda_graph = False
         one_call_at_a_time = acceleration.io_binding or cuda_graph
         self.inference_workers = self._workers(inference_workers, one_call_at_a_time)
         cores = intra_op_threads or default_thread_count()
@@ -95,9 +108,8 @@ class ModelSession:
             # refusals took 3x longer (503 p99 ~350-440 against ~110 ms at twice capacity).
             options.intra_op_num_threads = max(1, cores // self.inference_workers)
             self._session = ort.InferenceSession(model_bytes, options, providers=[CPU])
-        model_input = self._session.get_inputs()[0]
-        self.input_name = model_input.name
-        self.output_name = self._session.get_outputs()[0].name
+        self.input_name = self.graph.input_name
+        self.output_name = self.graph.output_name
         self._bound = (
             BucketedIoBinding(
                 self._session,
@@ -127,6 +139,7 @@ class ModelSession:
             "intra_op_threads": str(options.intra_op_num_threads),
             "lone_call_spinning": "on" if self._lone_session else "off",
             "precision": self.metadata.precision,
+            "batch": "fixed " + str(self.fixed_batch_size) if self.fixed_batch_size else "dynamic",
             "io_binding": "on" if self._bound else "off",
             "cuda_graph": "on" if cuda_graph else "off",
             "tensorrt": "on" if TENSORRT in self.providers else "off",
@@ -172,8 +185,22 @@ class ModelSession:
             step = self._bound.max_batch_size
             chunks = [self._bound.run(batch[i : i + step]) for i in range(0, len(batch), step)]
             return np.concatenate(chunks)
-        (output,) = self._session.run([self.output_name], {self.input_name: batch})
-        return np.asarray(output)
+        return self._run(self._session, batch)
+
+    def _run(self, session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
+        """One plain run, float32; a graph with a fixed batch gets exactly that many rows per
+        call (the last call padded with zeros, which are never returned)."""
+        fixed = self.fixed_batch_size
+        if fixed is None or len(batch) == fixed:
+            (output,) = session.run([self.output_name], {self.input_name: batch})
+            return np.asarray(output, dtype=np.float32)
+        rows = []
+        for start in range(0, len(batch), fixed):
+            chunk = batch[start : start + fixed]
+            padded = np.zeros((fixed, *batch.shape[1:]), dtype=batch.dtype)
+            padded[: len(chunk)] = chunk
+            rows.append(self._run(session, padded)[: len(chunk)])
+        return np.concatenate(rows)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities (N, classes), float32, each row summing to 1."""
@@ -184,8 +211,7 @@ class ModelSession:
         whose threads busy-wait between operators while it runs, when there is one."""
         if self._lone_session is None:
             return self.predict(batch)
-        (output,) = self._lone_session.run([self.output_name], {self.input_name: batch})
-        return self._probabilities(np.asarray(output))
+        return self._probabilities(self._run(self._lone_session, batch))
 
     def _probabilities(self, output: np.ndarray) -> np.ndarray:
         if self.metadata.output == "probabilities":

@@ -87,6 +87,7 @@ def test_every_gpu_option_falls_back_on_this_cpu_machine(served_model: Path) -> 
         "intra_op_threads": str(default_thread_count()),
         "lone_call_spinning": "off",
         "precision": "fp32",
+        "batch": "dynamic",
         "io_binding": "on",
         "cuda_graph": "off",
         "tensorrt": "off",

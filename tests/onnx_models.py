@@ -1,0 +1,91 @@
+"""Small ONNX classifiers written with the `onnx` package, for load-time checks: any input size,
+class count, batch axis and metadata, without torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from service.model_metadata import ModelMetadata
+from service.preprocess import PreprocessSpec
+
+
+def metadata_for(labels: list[str], size: int, **fields: object) -> ModelMetadata:
+    return ModelMetadata.model_validate(
+        {
+            "name": "foreign",
+            "version": "1",
+            "labels": labels,
+            "preprocessing": PreprocessSpec(input_size=size),
+            "output": "logits",
+            **fields,
+        }
+    )
+
+
+def classifier(
+    path: Path,
+    *,
+    size: int | str = 32,
+    classes: int | str = 3,
+    batch: int | str = "batch",
+    weights_classes: int = 3,
+    input_type: int = TensorProto.FLOAT,
+    metadata: ModelMetadata | None = None,
+    extra_output: bool = False,
+    width_from_input: bool = False,
+) -> Path:
+    """Logits = mean colour per channel @ W: a real graph whose answer depends on the image.
+    `classes` is the declared width (a name makes it symbolic); `weights_classes` the real one,
+    or with `width_from_input` the input's width (known only when it runs)."""
+    weights = np.arange(3 * weights_classes, dtype=np.float32).reshape(3, weights_classes) - 2
+    nodes = [
+        helper.make_node("Cast", ["pixels"], ["pixels32"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["pixels32", "axes"], ["means"], keepdims=0),
+    ]
+    if width_from_input:
+        nodes += [
+            helper.make_node("Shape", ["pixels"], ["shape"], start=3),
+            helper.make_node("Slice", ["weights", "zero", "shape", "one"], ["used_weights"]),
+            helper.make_node("MatMul", ["means", "used_weights"], ["logits"]),
+        ]
+    else:
+        nodes.append(helper.make_node("MatMul", ["means", "weights"], ["logits"]))
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])]
+    if extra_output:
+        nodes.append(helper.make_node("Identity", ["means"], ["features"]))
+        outputs.insert(0, helper.make_tensor_value_info("features", TensorProto.FLOAT, [batch, 3]))
+    graph = helper.make_graph(
+        nodes,
+        "classifier",
+        [helper.make_tensor_value_info("pixels", input_type, [batch, 3, size, size])],
+        outputs,
+        initializer=[
+            numpy_helper.from_array(np.array([2, 3], dtype=np.int64), "axes"),
+            numpy_helper.from_array(weights, "weights"),
+            *(
+                [
+                    numpy_helper.from_array(np.array([n], dtype=np.int64), name)
+                    for n, name in [(0, "zero"), (1, "one")]
+                ]
+                if width_from_input
+                else []
+            ),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    if metadata is not None:
+        helper.set_model_props(model, metadata.to_props())
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def expected_logits(batch: np.ndarray, classes: int = 3) -> np.ndarray:
+    """What `classifier` computes, in numpy."""
+    weights = np.arange(3 * classes, dtype=np.float32).reshape(3, classes) - 2
+    return np.asarray(batch.mean(axis=(2, 3)) @ weights)
