@@ -16,7 +16,7 @@ $(VENV)/.serve-installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[export,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[export,import,dev]'
 	touch $@ $(VENV)/.serve-installed
 
 # Tools some tests drive for real, from Debian: a Prometheus server. (Podman for the container

@@ -82,22 +82,21 @@ class PrecisionReport:
 
 
 class Float16Inside(nn.Module):
-    """The model in half precision behind a float32 input and output, so clients and the
-    service's preprocessing see no difference."""
+    """A model (images -> logits) in half precision behind a float32 input and output, so
+    clients and the service's preprocessing see no difference."""
 
-    def __init__(self, model: VisionTransformer) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.config = model.config
         self.model = copy.deepcopy(model).half()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images.half()).float()
 
 
-def to_onnx(model: VisionTransformer | Float16Inside, path: Path) -> None:
-    """Trace the model to ONNX with a dynamic batch axis and named input and output."""
-    size = model.config.image_size
-    example = torch.zeros(2, 3, size, size)
+def to_onnx(model: nn.Module, path: Path, image_size: int) -> None:
+    """Trace the model (images -> logits) to ONNX with a dynamic batch axis and named input
+    and output."""
+    example = torch.zeros(2, 3, image_size, image_size)
     torch.onnx.export(
         model.eval(),
         (example,),
@@ -110,12 +109,12 @@ def to_onnx(model: VisionTransformer | Float16Inside, path: Path) -> None:
     )
 
 
-def write_metadata(path: Path, metadata: ModelMetadata) -> None:
-    """Store the metadata in the file and run onnx's full checker over the result."""
+def write_metadata(path: Path, metadata: ModelMetadata, *, producer: str = "vit-export") -> None:
+    """Store the metadata in the file (replacing any) and run onnx's full checker over it."""
     proto = onnx.load(str(path))
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, metadata.to_props())
-    proto.producer_name = "vit-export"
+    proto.producer_name = producer
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(path))
 
@@ -188,7 +187,7 @@ def export(
     checkpoint = Checkpoint.load(checkpoint_path)
     model = checkpoint.build_model()
     output.parent.mkdir(parents=True, exist_ok=True)
-    to_onnx(Float16Inside(model) if fp16 else model, output)
+    to_onnx(Float16Inside(model) if fp16 else model, output, checkpoint.config.image_size)
     metadata = ModelMetadata(
         name=checkpoint.name,
         version=version,

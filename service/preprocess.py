@@ -20,6 +20,8 @@ _RESAMPLING = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
 }
 
 
@@ -41,7 +43,9 @@ class PreprocessSpec(BaseModel):
         "at whole-pixel offsets, as Hugging Face image processors do. null: one resampling pass "
         "over the centre box that crop_pct sets.",
     )
-    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
+    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"] = (
+        "bilinear"
+    )
     crop: Literal["center"] = Field("center", description="Which square is kept after resizing.")
     crop_pct: float = Field(
         1.0, gt=0, le=1, description="Fraction of the shorter side kept (when resize_size is null)."

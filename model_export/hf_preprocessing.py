@@ -1,0 +1,95 @@
+"""A Hugging Face image processor -> this project's PreprocessSpec, or a refusal naming the field
+that cannot be expressed. Only processors that run the generic PIL steps (resize, centre crop,
+rescale, normalise) can be matched number for number; any other is refused, never approximated."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.preprocess import PreprocessSpec
+
+# PIL's resampling codes, as processors store them in `resample`.
+_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+# The steps whose generic versions the spec reproduces; a processor overriding one does more.
+_GENERIC_STEPS = ("resize", "center_crop", "rescale", "normalize", "_preprocess", "process_image")
+
+
+class UnexpressibleProcessor(ValueError):
+    """The processor does something the preprocessing spec cannot say."""
+
+
+def _square(value: Any, field: str) -> tuple[str, int]:
+    """('squash' | 'shorter_side', pixels) from a processor's size or crop_size."""
+    if isinstance(value, int):
+        return "squash", value
+    size = value if isinstance(value, dict) else vars(value)
+    shortest, longest = size.get("shortest_edge"), size.get("longest_edge")
+    height, width = size.get("height"), size.get("width")
+    if longest or size.get("max_height") or size.get("max_pixels"):
+        raise UnexpressibleProcessor(f"{field} {_given(size)}: a longest-edge or area limit")
+    if shortest:
+        return "shorter_side", int(shortest)
+    if height is None or width is None:
+        raise UnexpressibleProcessor(f"{field} {_given(size)}: neither height/width nor an edge")
+    if height != width:
+        raise UnexpressibleProcessor(f"{field} {height}x{width}: not square")
+    return "squash", int(height)
+
+
+def _given(size: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in size.items() if value is not None}
+
+
+def _triple(value: Any, field: str) -> tuple[float, float, float]:
+    values = [float(value)] * 3 if isinstance(value, int | float) else [float(v) for v in value]
+    if len(values) != 3:
+        raise UnexpressibleProcessor(f"{field} {values}: not one value per RGB channel")
+    return values[0], values[1], values[2]
+
+
+def spec_from_processor(processor: Any, *, jpeg_draft: bool = False) -> PreprocessSpec:
+    """The spec that gives, from the same decoded image, the tensor `processor` gives."""
+    from transformers.image_processing_backends import PilBackend
+
+    name = type(processor).__name__
+    if PilBackend not in type(processor).__mro__:
+        raise UnexpressibleProcessor(f"{name}: not a PIL-backend image processor")
+    for step in _GENERIC_STEPS:
+        if getattr(type(processor), step) is not getattr(PilBackend, step):
+            raise UnexpressibleProcessor(f"{name}.{step}: a model-specific step")
+    for flag in ("do_pad", "do_flip_channel_order", "do_reduce_labels"):
+        if getattr(processor, flag, None):
+            raise UnexpressibleProcessor(f"{flag}: true")
+    if not processor.do_resize:
+        raise UnexpressibleProcessor("do_resize: false (inputs of any size)")
+    resize, resize_size = _square(processor.size, "size")
+    input_size = resize_size
+    if processor.do_center_crop:
+        _, input_size = _square(processor.crop_size, "crop_size")
+        if input_size > resize_size:
+            raise UnexpressibleProcessor(
+                f"crop_size {input_size} larger than the resized {resize_size} (zero padding)"
+            )
+    elif resize == "shorter_side":
+        raise UnexpressibleProcessor("size.shortest_edge without a centre crop: not square")
+    resample = int(processor.resample if processor.resample is not None else 2)
+    if resample not in _RESAMPLE:
+        raise UnexpressibleProcessor(f"resample {resample}: unknown to Pillow")
+    return PreprocessSpec.model_validate(
+        {
+            "input_size": input_size,
+            "resize": resize,
+            "resize_size": resize_size,
+            "interpolation": _RESAMPLE[resample],
+            "rescale_factor": float(processor.rescale_factor) if processor.do_rescale else 1.0,
+            "mean": _triple(processor.image_mean, "image_mean")
+            if processor.do_normalize
+            else (0.0, 0.0, 0.0),
+            "std": _triple(processor.image_std, "image_std")
+            if processor.do_normalize
+            else (1.0, 1.0, 1.0),
+            # Pipelines load images with Pillow's convert("RGB"): transparency is dropped.
+            "alpha_background": None,
+            "jpeg_draft": jpeg_draft,
+        }
+    )

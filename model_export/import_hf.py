@@ -1,0 +1,195 @@
+"""A Hugging Face image classifier -> one self-describing ONNX file, proven equal to transformers.
+
+The parity check is end to end: transformers' own model on its own processor's output, against
+onnxruntime on this project's preprocessing of the same image files, as the service would run it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from model_export.checkpoint import sha256_of
+from model_export.export import (
+    FP16_MIN_TOP1_AGREEMENT,
+    FP16_PROBABILITY_TOLERANCE,
+    LOGIT_TOLERANCE,
+    Float16Inside,
+    to_onnx,
+    write_metadata,
+)
+from model_export.hf_preprocessing import UnexpressibleProcessor, spec_from_processor
+from model_export.importing import ImportRefused, image_files, model_name
+from service.model_metadata import ModelMetadata
+from service.preprocess import preprocess
+from service.providers import CPU
+from service.session import ModelSession, softmax
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+class LogitsOnly(nn.Module):
+    """A transformers classifier as pixel_values -> logits, the graph the service runs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.model(pixel_values=pixel_values).logits
+        return logits
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """transformers against onnxruntime, each on its own preprocessing, on the same files."""
+
+    images: int
+    max_logit_diff: float
+    max_probability_diff: float
+    top1_agree: int
+    fp16: bool
+
+    @property
+    def passed(self) -> bool:
+        if self.fp16:
+            return (
+                self.top1_agree / self.images >= FP16_MIN_TOP1_AGREEMENT
+                and self.max_probability_diff <= FP16_PROBABILITY_TOLERANCE
+            )
+        return self.max_logit_diff <= LOGIT_TOLERANCE and self.top1_agree == self.images
+
+    def line(self) -> str:
+        verdict = "ok" if self.passed else "FAIL"
+        if self.fp16:
+            return (
+                f"fp16 onnxruntime vs fp32 transformers on {self.images} images: top-1 equal "
+                f"{self.top1_agree}/{self.images} (>= {FP16_MIN_TOP1_AGREEMENT:.1%}), "
+                f"max |dprobability| {self.max_probability_diff:.2e} "
+                f"(<= {FP16_PROBABILITY_TOLERANCE:g})  {verdict}"
+            )
+        return (
+            f"transformers vs onnxruntime on {self.images} images: max |dlogit| "
+            f"{self.max_logit_diff:.2e} (<= {LOGIT_TOLERANCE:g}), top-1 equal "
+            f"{self.top1_agree}/{self.images}  {verdict}"
+        )
+
+
+def weights_sha256(source: str) -> str:
+    """sha256 of the weights file (or of the weight files' digests, in name order)."""
+    folder = Path(source)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(source, local_files_only=True))
+    files = sorted({f for pattern in WEIGHT_PATTERNS for f in folder.glob(pattern)})
+    if len(files) == 1:
+        return sha256_of(files[0])
+    return hashlib.sha256("".join(sha256_of(f) for f in files).encode()).hexdigest()
+
+
+def load(source: str) -> tuple[nn.Module, Any]:
+    """transformers' classifier and its PIL-backend image processor, as the pipeline loads them."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+    model = AutoModelForImageClassification.from_pretrained(source).eval()
+    processor = AutoImageProcessor.from_pretrained(source, backend="pil")
+    config = model.config
+    if config.problem_type == "multi_label_classification" or config.num_labels < 2:
+        raise ImportRefused(
+            f"problem_type {config.problem_type!r} with {config.num_labels} labels: the service "
+            "serves one softmax over two or more classes"
+        )
+    return model, processor
+
+
+def labels_of(config: Any) -> tuple[str, ...]:
+    """The class names in output order, from `id2label`."""
+    id2label = {int(k): str(v) for k, v in config.id2label.items()}
+    if sorted(id2label) != list(range(config.num_labels)):
+        raise ImportRefused(f"id2label does not name each of the {config.num_labels} outputs")
+    return tuple(id2label[i] for i in range(config.num_labels))
+
+
+def framework_logits(model: nn.Module, processor: Any, files: list[Path]) -> np.ndarray:
+    """transformers on its own: its image loading, its processor, its model, in float32."""
+    from transformers.image_utils import load_image
+
+    rows = []
+    for path in files:
+        inputs = processor(images=[load_image(str(path))], return_tensors="pt")
+        with torch.no_grad():
+            rows.append(model(pixel_values=inputs["pixel_values"]).logits.numpy())
+    return np.concatenate(rows)
+
+
+def check_parity(
+    model: nn.Module, processor: Any, session: ModelSession, files: list[Path], *, fp16: bool
+) -> ParityReport:
+    expected = framework_logits(model, processor, files)
+    spec = session.metadata.preprocessing
+    actual = session.logits(np.concatenate([preprocess(p.read_bytes(), spec) for p in files]))
+    return ParityReport(
+        images=len(files),
+        max_logit_diff=float(np.abs(expected - actual).max()),
+        max_probability_diff=float(np.abs(softmax(expected) - softmax(actual)).max()),
+        top1_agree=int((expected.argmax(1) == actual.argmax(1)).sum()),
+        fp16=fp16,
+    )
+
+
+def import_hf(
+    source: str,
+    output: Path,
+    *,
+    name: str | None = None,
+    version: str = "1",
+    check_images: Path | None = None,
+    fp16: bool = False,
+    jpeg_draft: bool = False,
+) -> ParityReport:
+    """Write the ONNX file with its metadata, then check it against transformers."""
+    model, processor = load(source)
+    try:
+        spec = spec_from_processor(processor, jpeg_draft=jpeg_draft)
+    except UnexpressibleProcessor as error:
+        raise ImportRefused(f"the image processor cannot be expressed: {error}") from error
+    files = image_files(check_images)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    graph = LogitsOnly(model)
+    with warnings.catch_warnings():  # the tracer's notes on shape checks it folds away
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        to_onnx(Float16Inside(graph) if fp16 else graph, output, spec.input_size)
+    config: Any = model.config
+    metadata = ModelMetadata(
+        name=name or model_name(source),
+        version=version,
+        labels=labels_of(config),
+        preprocessing=spec,
+        output="logits",
+        precision="fp16" if fp16 else "fp32",
+        checkpoint_sha256=weights_sha256(source),
+        source={
+            "importer": "vit-import hf",
+            "source": source,
+            "model_type": str(config.model_type),
+            "architecture": type(model).__name__,
+            "image_processor": type(processor).__name__,
+        },
+    )
+    write_metadata(output, metadata, producer="vit-import")
+    session = ModelSession(output, providers=(CPU,))
+    return check_parity(model, processor, session, files, fp16=fp16)

@@ -1,0 +1,219 @@
+"""An ONNX classifier made elsewhere (optimum, timm, torch.onnx.export) -> the self-describing file
+the service loads: labels, preprocessing and provenance stamped into its metadata, the graph
+checked against them, and a smoke inference on real photos. No torch here."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from model_export.hf_preprocessing import UnexpressibleProcessor, spec_from_processor
+from model_export.importing import ImportRefused, model_name
+from service.graph_check import inspect_model
+from service.model_metadata import InvalidModelMetadata, ModelMetadata
+from service.preprocess import PreprocessSpec, preprocess
+from service.providers import CPU
+from service.session import ModelSession
+
+HF_CONFIG = "config.json"
+HF_PREPROCESSOR = "preprocessor_config.json"
+ONNX_FILE = "model.onnx"
+
+
+@dataclass(frozen=True)
+class SmokeReport:
+    """One inference of the stamped file on real images."""
+
+    images: int
+    top: tuple[str, ...]
+    row_sums: tuple[float, ...]
+    warning: str | None
+
+    def line(self) -> str:
+        answers = ", ".join(self.top)
+        return f"smoke inference on {self.images} images: top-1 {answers}" + (
+            f"\nwarning: {self.warning}" if self.warning else ""
+        )
+
+
+def read_labels(path: Path) -> tuple[str, ...]:
+    """Labels from a text file (one per line), a JSON list, or an HF config.json (id2label)."""
+    text = path.read_text()
+    if path.suffix.lower() != ".json":
+        return tuple(line.strip() for line in text.splitlines() if line.strip())
+    data = json.loads(text)
+    if isinstance(data, list):
+        return tuple(str(label) for label in data)
+    if isinstance(data, dict) and "id2label" in data:
+        id2label = {int(k): str(v) for k, v in data["id2label"].items()}
+        if sorted(id2label) != list(range(len(id2label))):
+            raise ImportRefused(f"{path}: id2label does not number the classes 0..N-1")
+        return tuple(id2label[i] for i in range(len(id2label)))
+    raise ImportRefused(f"{path}: neither a JSON list of labels nor a config.json with id2label")
+
+
+def spec_from_preprocessor_config(path: Path, *, jpeg_draft: bool) -> PreprocessSpec:
+    """The spec a Hugging Face `preprocessor_config.json` describes, read by transformers itself
+    (so its class defaults apply), or a refusal naming the field that cannot be expressed."""
+    from transformers import AutoImageProcessor
+
+    with tempfile.TemporaryDirectory() as folder:
+        shutil.copy(path, Path(folder) / HF_PREPROCESSOR)
+        processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
+    try:
+        return spec_from_processor(processor, jpeg_draft=jpeg_draft)
+    except UnexpressibleProcessor as error:
+        raise ImportRefused(f"{path}: cannot be expressed: {error}") from error
+
+
+def existing_metadata(proto: onnx.ModelProto) -> dict[str, Any]:
+    """The file's own metadata where it already has valid metadata (stamping it again)."""
+    props = {p.key: p.value for p in proto.metadata_props}
+    try:
+        return ModelMetadata.from_props(props).model_dump()
+    except InvalidModelMetadata:
+        return {}
+
+
+def graph_input_size(proto: onnx.ModelProto) -> int | None:
+    """The square side the graph's input fixes, if it fixes one."""
+    initializers = {i.name for i in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        return None
+    dims = inputs[0].type.tensor_type.shape.dim
+    sides = {d.dim_value for d in dims[2:] if d.HasField("dim_value")}
+    return sides.pop() if len(dims) == 4 and len(sides) == 1 else None
+
+
+def choose_output(proto: onnx.ModelProto, named: str | None) -> str | None:
+    """The output to serve: the one named, the only one, or one called `logits`."""
+    names = [o.name for o in proto.graph.output]
+    if named is not None or len(names) == 1:
+        return named
+    if "logits" in names:
+        return "logits"
+    raise ImportRefused(
+        f"the graph has several outputs ({', '.join(names)}): pick one with --output-name"
+    )
+
+
+def smoke(session: ModelSession, files: list[Path]) -> SmokeReport:
+    """Real images through the stamped file; warn where the output kind looks wrong."""
+    spec = session.metadata.preprocessing
+    batch = np.concatenate([preprocess(path.read_bytes(), spec) for path in files])
+    raw = session.logits(batch)
+    if not np.isfinite(raw).all():
+        raise ImportRefused("the model returned NaN or Inf on ordinary photos")
+    sums = raw.sum(axis=1)
+    looks_like_probabilities = bool(
+        ((raw >= 0) & (raw <= 1)).all() and np.allclose(sums, 1, atol=1e-3)
+    )
+    warning = None
+    if session.metadata.output == "logits" and looks_like_probabilities:
+        warning = (
+            "every row is >= 0 and sums to 1: if these are probabilities, "
+            "say so with --output-kind probabilities"
+        )
+    if session.metadata.output == "probabilities" and not looks_like_probabilities:
+        raise ImportRefused(
+            "--output-kind probabilities, but the rows do not sum to 1 (they are logits)"
+        )
+    top = tuple(session.labels[i] for i in raw.argmax(axis=1))
+    return SmokeReport(
+        images=len(files), top=top, row_sums=tuple(float(s) for s in sums), warning=warning
+    )
+
+
+def import_onnx(
+    source: Path,
+    output: Path,
+    *,
+    labels: Path | None = None,
+    preprocessor_config: Path | None = None,
+    preprocessing: dict[str, Any] | None = None,
+    output_kind: str | None = None,
+    output_name: str | None = None,
+    name: str | None = None,
+    version: str | None = None,
+    check_images: list[Path],
+) -> SmokeReport:
+    """Stamp `source` (a file, or an optimum-style directory) and write it to `output`.
+
+    Each field comes from, in order: the flags, the files given or found beside the model
+    (config.json, preprocessor_config.json), the file's own metadata, the graph.
+    """
+    folder = source if source.is_dir() else None
+    model_file = source / ONNX_FILE if folder else source
+    if not model_file.is_file():
+        raise ImportRefused(f"{model_file}: no such file")
+    proto = onnx.load(str(model_file))
+    old = existing_metadata(proto)
+    config_file = folder / HF_CONFIG if folder and (folder / HF_CONFIG).is_file() else None
+    config = json.loads(config_file.read_text()) if config_file else {}
+
+    labels_file = labels or config_file
+    label_names = read_labels(labels_file) if labels_file else old.get("labels")
+    if not label_names:
+        raise ImportRefused("no labels: give --labels (a text file, a JSON list or a config.json)")
+
+    preprocessor_file = preprocessor_config or (
+        folder / HF_PREPROCESSOR if folder and (folder / HF_PREPROCESSOR).is_file() else None
+    )
+    overrides = dict(preprocessing or {})
+    if preprocessor_file:
+        draft = bool(overrides.pop("jpeg_draft", False))
+        spec = spec_from_preprocessor_config(preprocessor_file, jpeg_draft=draft).model_dump()
+    elif old:
+        spec = dict(old["preprocessing"])
+    else:
+        size = graph_input_size(proto)
+        if size is None and "input_size" not in overrides:
+            raise ImportRefused("the graph does not fix its input size: give --input-size")
+        spec = {"input_size": size}
+    try:
+        merged_spec = PreprocessSpec.model_validate({**spec, **overrides})
+        metadata = ModelMetadata.model_validate(
+            {
+                **old,
+                "name": name or old.get("name") or model_name(str(folder or model_file.stem)),
+                "version": version or old.get("version") or "1",
+                "labels": label_names,
+                "preprocessing": merged_spec,
+                "output": output_kind or old.get("output") or "logits",
+                "output_name": choose_output(proto, output_name or old.get("output_name")),
+                "source": old.get("source")
+                or {
+                    "importer": "vit-import onnx",
+                    "source": str(source),
+                    "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
+                    **({"model_type": str(config["model_type"])} if "model_type" in config else {}),
+                },
+            }
+        )
+    except ValueError as error:
+        raise ImportRefused(f"the metadata would be invalid: {error}") from error
+
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, metadata.to_props())
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=output.parent, suffix=".onnx", delete=False) as staged:
+        staged_path = Path(staged.name)
+    try:
+        onnx.save(proto, str(staged_path))
+        try:
+            inspect_model(staged_path)
+        except InvalidModelMetadata as error:
+            raise ImportRefused(str(error).replace(str(staged_path), str(output))) from error
+        report = smoke(ModelSession(staged_path, providers=(CPU,)), check_images)
+        staged_path.replace(output)
+    finally:
+        staged_path.unlink(missing_ok=True)
+    return report

@@ -1,0 +1,126 @@
+"""`vit-import`: a model made elsewhere -> the self-describing ONNX file the service serves.
+
+vit-import hf SOURCE -o MODEL.onnx      a Hugging Face checkpoint directory or hub id
+vit-import onnx SOURCE -o MODEL.onnx    an ONNX file, or a directory as optimum writes it
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from model_export.importing import ImportRefused, image_files
+from service.model_metadata import InvalidModelMetadata
+
+SPEC_FLAGS = (
+    "input_size",
+    "resize",
+    "resize_size",
+    "crop_pct",
+    "interpolation",
+    "rescale_factor",
+    "mean",
+    "std",
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="vit-import", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    kinds = parser.add_subparsers(dest="kind", required=True)
+    hf = kinds.add_parser("hf", help="a Hugging Face image classification checkpoint")
+    onnx = kinds.add_parser("onnx", help="an ONNX classifier made elsewhere")
+    for sub in (hf, onnx):
+        sub.add_argument("source")
+        sub.add_argument("-o", "--output", type=Path, required=True)
+        sub.add_argument("--name", help="the model's name (default: the source's last part)")
+        sub.add_argument("--version", help="the model's version (default 1)")
+        sub.add_argument(
+            "--check-images",
+            type=Path,
+            help="a folder of your images for the check (default: the shipped photos)",
+        )
+        sub.add_argument(
+            "--jpeg-draft",
+            action="store_true",
+            default=None,
+            help="decode large JPEGs at a reduced scale (faster; check accuracy with vit-eval)",
+        )
+    hf.add_argument(
+        "--fp16", action="store_true", help="half-precision weights; float32 input and output"
+    )
+    onnx.add_argument("--labels", type=Path, help="text (one per line), JSON list or config.json")
+    onnx.add_argument("--preprocessor-config", type=Path, help="a preprocessor_config.json")
+    onnx.add_argument("--input-size", type=int, help="side of the square input, in pixels")
+    onnx.add_argument("--resize", choices=("shorter_side", "squash"))
+    onnx.add_argument("--resize-size", type=int, help="resize to this, then crop input-size")
+    onnx.add_argument("--crop-pct", type=float, help="fraction of the shorter side kept")
+    onnx.add_argument(
+        "--interpolation", choices=("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+    )
+    onnx.add_argument("--rescale-factor", type=float, help="pixel scale before mean/std (1/255)")
+    onnx.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"))
+    onnx.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"))
+    onnx.add_argument("--output-kind", choices=("logits", "probabilities"))
+    onnx.add_argument("--output-name", help="the graph output to serve, where it has several")
+    return parser.parse_args(argv)
+
+
+def run_hf(args: argparse.Namespace) -> bool:
+    from model_export.import_hf import import_hf
+
+    report = import_hf(
+        args.source,
+        args.output,
+        name=args.name,
+        version=args.version or "1",
+        check_images=args.check_images,
+        fp16=args.fp16,
+        jpeg_draft=bool(args.jpeg_draft),
+    )
+    print(report.line())
+    return report.passed
+
+
+def run_onnx(args: argparse.Namespace) -> bool:
+    from model_export.import_onnx import import_onnx
+
+    preprocessing: dict[str, Any] = {
+        key: getattr(args, key) for key in SPEC_FLAGS if getattr(args, key) is not None
+    }
+    if args.jpeg_draft is not None:
+        preprocessing["jpeg_draft"] = args.jpeg_draft
+    report = import_onnx(
+        Path(args.source),
+        args.output,
+        labels=args.labels,
+        preprocessor_config=args.preprocessor_config,
+        preprocessing=preprocessing,
+        output_kind=args.output_kind,
+        output_name=args.output_name,
+        name=args.name,
+        version=args.version,
+        check_images=image_files(args.check_images),
+    )
+    print(report.line())
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    args = parse_args(argv)
+    try:
+        passed = run_hf(args) if args.kind == "hf" else run_onnx(args)
+    except (ImportRefused, InvalidModelMetadata) as error:
+        sys.exit(f"vit-import: {error}")
+    if not passed:
+        sys.exit(1)
+    print(f"wrote {args.output} ({args.output.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
