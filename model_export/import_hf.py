@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.jit._trace import TracerWarning
 
 from model_export.checkpoint import sha256_of
 from model_export.export import (
@@ -171,7 +172,7 @@ def import_hf(
     output.parent.mkdir(parents=True, exist_ok=True)
     graph = LogitsOnly(model)
     with warnings.catch_warnings():  # the tracer's notes on shape checks it folds away
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", TracerWarning)
         to_onnx(Float16Inside(graph) if fp16 else graph, output, spec.input_size)
     config: Any = model.config
     metadata = ModelMetadata(

@@ -13,11 +13,12 @@ from typing import Any
 
 import numpy as np
 import onnx
+from pydantic import ValidationError
 
 from model_export.hf_preprocessing import UnexpressibleProcessor, spec_from_processor
 from model_export.importing import ImportRefused, model_name
 from service.graph_check import inspect_model
-from service.model_metadata import InvalidModelMetadata, ModelMetadata
+from service.model_metadata import InvalidModelMetadata, ModelMetadata, one_line
 from service.preprocess import PreprocessSpec, preprocess
 from service.providers import CPU
 from service.session import ModelSession
@@ -198,8 +199,8 @@ def import_onnx(
                 },
             }
         )
-    except ValueError as error:
-        raise ImportRefused(f"the metadata would be invalid: {error}") from error
+    except ValidationError as error:
+        raise ImportRefused(f"the metadata would be invalid: {one_line(error)}") from error
 
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, metadata.to_props())

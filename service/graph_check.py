@@ -116,8 +116,6 @@ def inspect_model(path: Path) -> tuple[ModelMetadata, GraphContract]:
         session = ort.InferenceSession(str(path), options, providers=[CPU])
     except Exception as error:  # onnxruntime raises its own untyped errors
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error)
-        raise InvalidModelMetadata(
-            f"not an ONNX model onnxruntime can load: {reason}"
-        ) from error
+        raise InvalidModelMetadata(f"not an ONNX model onnxruntime can load: {reason}") from error
     metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
     return metadata, check_graph(session, metadata, path)

@@ -75,13 +75,14 @@ class ModelMetadata(BaseModel):
             decoded = {k: json.loads(v) if k in _JSON_FIELDS else v for k, v in known.items()}
             return cls.model_validate(decoded)
         except (json.JSONDecodeError, ValidationError) as error:
-            reason = (
-                "; ".join(
-                    f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
-                )
-                if isinstance(error, ValidationError)
-                else str(error)
-            )
+            reason = one_line(error) if isinstance(error, ValidationError) else str(error)
             raise InvalidModelMetadata(
                 f"the model's metadata is malformed ({reason}); see docs/MODEL-FORMAT.md"
             ) from error
+
+
+def one_line(error: ValidationError) -> str:
+    """A validation error as `field: message; ...`, for one-line refusals."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in e['loc']) or 'value'}: {e['msg']}" for e in error.errors()
+    )
