@@ -1,4 +1,5 @@
-"""`vit-eval`: held-out accuracy of an ONNX model, with onnxruntime and the shared preprocessing.
+"""`vit-eval`: held-out accuracy of an ONNX model, with onnxruntime and the shared preprocessing,
+on the `shapes` dataset or on the user's own images (a folder per label).
 
 No torch here: this is exactly the path the service takes from upload bytes to probabilities.
 """
@@ -6,17 +7,24 @@ No torch here: this is exactly the path the service takes from upload bytes to p
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from model_export import shapes
-from service.preprocess import preprocess
+from model_export.importing import image_files
+from service.errors import ServiceError
+from service.preprocess import PreprocessSpec, preprocess
 from service.providers import CPU
 from service.session import ModelSession
 
 DATASETS = {"shapes": shapes}
+
+
+class UnlabelledImages(ValueError):
+    """The folder is not laid out as one subfolder per label of the model."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,15 @@ class Evaluation:
     def accuracy(self) -> float:
         return float(np.trace(self.confusion) / self.confusion.sum())
 
+    def recall(self) -> dict[str, float]:
+        """Per class with images: the share of its images predicted as it."""
+        totals = self.confusion.sum(axis=1)
+        return {
+            label: float(self.confusion[i, i] / totals[i])
+            for i, label in enumerate(self.labels)
+            if totals[i]
+        }
+
     def report(self) -> str:
         width = max(len(label) for label in self.labels) + 1
         header = " " * width + "".join(f"{label[:6]:>7}" for label in self.labels)
@@ -42,7 +59,17 @@ class Evaluation:
             for label, row in zip(self.labels, self.confusion, strict=True)
         ]
         summary = f"accuracy {self.accuracy:.2%} ({np.trace(self.confusion)}/{self.count})"
-        return "\n".join([summary, "confusion (rows: true, columns: predicted)", header, *rows])
+        recall = [f"  {label:<{width}} {share:.2%}" for label, share in self.recall().items()]
+        return "\n".join(
+            [
+                summary,
+                "recall per class",
+                *recall,
+                "confusion (rows: true, columns: predicted)",
+                header,
+                *rows,
+            ]
+        )
 
 
 def evaluate(session: ModelSession, *, seed: int, count: int, batch_size: int = 64) -> Evaluation:
@@ -60,15 +87,72 @@ def evaluate(session: ModelSession, *, seed: int, count: int, batch_size: int = 
     return Evaluation(labels=shapes.LABELS, confusion=confusion)
 
 
+def labelled_images(folder: Path, labels: tuple[str, ...]) -> list[tuple[Path, int]]:
+    """(file, class index) for `folder/<label>/*`; every subfolder must name a label."""
+    index = {label: i for i, label in enumerate(labels)}
+    classes = sorted(d for d in folder.iterdir() if d.is_dir())
+    unknown = [d.name for d in classes if d.name not in index]
+    if unknown or not classes:
+        raise UnlabelledImages(
+            f"{folder} needs one folder per label; {', '.join(unknown) or 'none found'} "
+            f"not among the model's labels: {', '.join(labels)}"
+        )
+    return [(path, index[d.name]) for d in classes for path in image_files(d)]
+
+
+def evaluate_folder(
+    session: ModelSession, folder: Path, spec: PreprocessSpec, *, batch_size: int = 64
+) -> tuple[Evaluation, list[str]]:
+    """Classify the user's labelled images as uploads; files that fail to decode are reported,
+    not counted."""
+    samples = labelled_images(folder, session.labels)
+    confusion = np.zeros((len(session.labels),) * 2, dtype=np.int64)
+    skipped = []
+    for start in range(0, len(samples), batch_size):
+        tensors, truths = [], []
+        for path, truth in samples[start : start + batch_size]:
+            try:
+                tensors.append(preprocess(path.read_bytes(), spec))
+            except ServiceError as error:
+                skipped.append(f"{path}: {error.message}")
+                continue
+            truths.append(truth)
+        if tensors:
+            predicted = session.predict(np.concatenate(tensors)).argmax(axis=1)
+            for truth, guess in zip(truths, predicted, strict=True):
+                confusion[truth, guess] += 1
+    return Evaluation(labels=session.labels, confusion=confusion), skipped
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vit-eval", description=__doc__)
     parser.add_argument("model", type=Path)
+    parser.add_argument("--images", type=Path, help="DIR/<label>/* (instead of a dataset)")
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="shapes")
-    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--seed", type=int, help="the dataset's seed (never a training seed)")
     parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument(
+        "--jpeg-draft",
+        choices=("on", "off"),
+        help="override the model's JPEG decoding, to see whether reduced decoding keeps accuracy",
+    )
     args = parser.parse_args(argv)
     session = ModelSession(args.model, providers=(CPU,))
-    print(evaluate(session, seed=args.seed, count=args.count).report())
+    if args.images is None:
+        if args.seed is None:
+            parser.error("--seed is required with --dataset")
+        print(evaluate(session, seed=args.seed, count=args.count).report())
+        return
+    spec = session.metadata.preprocessing
+    if args.jpeg_draft is not None:
+        spec = spec.model_copy(update={"jpeg_draft": args.jpeg_draft == "on"})
+    try:
+        evaluation, skipped = evaluate_folder(session, args.images, spec)
+    except UnlabelledImages as error:
+        sys.exit(f"vit-eval: {error}")
+    for line in skipped:
+        print(f"skipped {line}")
+    print(evaluation.report())
 
 
 if __name__ == "__main__":
