@@ -7,13 +7,14 @@ vit-import onnx SOURCE -o MODEL.onnx    an ONNX file, or a directory as optimum 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 from model_export.importing import ImportRefused, image_files
-from service.model_metadata import InvalidModelMetadata
+from service.model_metadata import InvalidModelMetadata, ModelMetadata
 
 SPEC_FLAGS = (
     "input_size",
@@ -32,6 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="vit-import", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     kinds = parser.add_subparsers(dest="kind", required=True)
+    kinds.add_parser("schema", help="print the JSON schema of the model metadata")
     hf = kinds.add_parser("hf", help="a Hugging Face image classification checkpoint")
     onnx = kinds.add_parser("onnx", help="an ONNX classifier made elsewhere")
     for sub in (hf, onnx):
@@ -113,6 +115,9 @@ def run_onnx(args: argparse.Namespace) -> bool:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     args = parse_args(argv)
+    if args.kind == "schema":
+        print(json.dumps(ModelMetadata.model_json_schema(), indent=2))
+        return
     try:
         passed = run_hf(args) if args.kind == "hf" else run_onnx(args)
     except (ImportRefused, InvalidModelMetadata) as error:

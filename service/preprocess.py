@@ -43,8 +43,8 @@ class PreprocessSpec(BaseModel):
         "at whole-pixel offsets, as Hugging Face image processors do. null: one resampling pass "
         "over the centre box that crop_pct sets.",
     )
-    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"] = (
-        "bilinear"
+    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"] = Field(
+        "bilinear", description="Pillow's resampling filter for the resize."
     )
     crop: Literal["center"] = Field("center", description="Which square is kept after resizing.")
     crop_pct: float = Field(
@@ -53,10 +53,16 @@ class PreprocessSpec(BaseModel):
     rescale_factor: float = Field(
         1 / 255, gt=0, description="Pixel values (0-255) are multiplied by this before mean/std."
     )
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    channel_order: Literal["RGB"] = "RGB"
-    layout: Literal["NCHW"] = "NCHW"
+    mean: tuple[float, float, float] = Field(
+        (0.5, 0.5, 0.5), description="Subtracted per RGB channel after rescaling."
+    )
+    std: tuple[float, float, float] = Field(
+        (0.5, 0.5, 0.5), description="Divides each RGB channel after the mean."
+    )
+    channel_order: Literal["RGB"] = Field("RGB", description="Channel order of the input.")
+    layout: Literal["NCHW"] = Field(
+        "NCHW", description="Input layout: batch, channel, row, column."
+    )
     alpha_background: tuple[int, int, int] | None = Field(
         (255, 255, 255),
         description="Colour transparent pixels are composited onto; null drops the alpha "
