@@ -12,6 +12,12 @@ import torch
 from model_export.vit import VisionTransformer, ViTConfig
 from service.preprocess import PreprocessSpec
 
+_KEYS = ("state_dict", "config", "labels", "preprocessing", "name", "dataset", "metrics", "command")
+
+
+class NotACheckpoint(ValueError):
+    """The file was not written by vit-train."""
+
 
 @dataclass
 class Checkpoint:
@@ -49,7 +55,19 @@ class Checkpoint:
 
     @classmethod
     def load(cls, path: Path) -> Checkpoint:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        """A vit-train checkpoint, or NotACheckpoint pointing to the importer for anything else."""
+        if path.suffix.lower() == ".onnx":
+            raise NotACheckpoint(f"{path} is an ONNX file: stamp it with `vit-import onnx`")
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises pickle, zip and OS errors alike
+            raise NotACheckpoint(f"{path} is not a vit-train checkpoint ({error})") from error
+        missing = [key for key in _KEYS if not isinstance(raw, dict) or key not in raw]
+        if missing:
+            raise NotACheckpoint(
+                f"{path} is not a vit-train checkpoint (no {', '.join(missing)}); for a Hugging "
+                "Face checkpoint use `vit-import hf`, for an ONNX file `vit-import onnx`"
+            )
         return cls(
             state_dict=raw["state_dict"],
             config=ViTConfig(**raw["config"]),

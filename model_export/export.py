@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from model_export import shapes
-from model_export.checkpoint import Checkpoint, sha256_of
+from model_export.checkpoint import Checkpoint, NotACheckpoint, sha256_of
 from model_export.evaluate import evaluate
 from model_export.vit import VisionTransformer
 from service.model_metadata import ModelMetadata
@@ -247,14 +247,17 @@ def main(argv: list[str] | None = None) -> None:
         help="Half-precision weights and compute; input and output stay float32.",
     )
     args = parser.parse_args(argv)
-    parity, accuracy = export(
-        args.checkpoint,
-        args.output,
-        version=args.version,
-        eval_seed=args.eval_seed,
-        eval_count=args.eval_count,
-        fp16=args.fp16,
-    )
+    try:
+        parity, accuracy = export(
+            args.checkpoint,
+            args.output,
+            version=args.version,
+            eval_seed=args.eval_seed,
+            eval_count=args.eval_count,
+            fp16=args.fp16,
+        )
+    except NotACheckpoint as error:
+        sys.exit(f"vit-export: {error}")
     if isinstance(parity, PrecisionReport):
         print(parity.line())
         passed = parity.passed

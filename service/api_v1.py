@@ -88,6 +88,7 @@ def model_info(pipeline: Pipeline) -> ModelInfo:
         sha256=session.sha256,
         held_out_accuracy=metadata.held_out_accuracy,
         dataset=metadata.dataset,
+        source=metadata.source,
     )
 
 

@@ -55,6 +55,9 @@ class ModelInfo(BaseModel):
     sha256: str = Field(description="sha256 of the served .onnx file.")
     held_out_accuracy: float | None
     dataset: dict[str, Any]
+    source: dict[str, str] = Field(
+        description="Where an imported model came from: importer, source, model_type."
+    )
 
 
 class ModelList(BaseModel):

@@ -130,3 +130,18 @@ def test_fp16_probabilities_stay_close_to_fp32(tiny_fp16: Path, tiny_checkpoint:
     with torch.no_grad():
         model.head.bias.add_(0.5 * torch.arange(8.0))
     assert not compare_precision(model, session, seed=123, count=128).passed
+
+
+@pytest.mark.parametrize("kind", ["onnx", "foreign"])
+def test_a_file_vit_train_did_not_write_is_refused_pointing_to_the_importer(
+    tiny_onnx: Path, tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from model_export.export import main
+
+    if kind == "onnx":
+        source, hint = tiny_onnx, "vit-import onnx"
+    else:
+        source, hint = tmp_path / "foreign.pt", "vit-import hf"
+        torch.save({"model": {"w": torch.zeros(2)}}, source)
+    with pytest.raises(SystemExit, match=hint):
+        main([str(source), "-o", str(tmp_path / "out.onnx")])
