@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import mimetypes
 import sys
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,12 +23,32 @@ def image_files(paths: list[Path]) -> Iterator[Path]:
             yield path
 
 
+class Unreachable(Exception):
+    """The service did not answer at all: nothing more to try."""
+
+
+def multipart(path: Path, data: bytes) -> tuple[bytes, str]:
+    """One file as a multipart form (field `file`): the service decides what the bytes are."""
+    boundary = uuid.uuid4().hex
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+        f'filename="{path.name}"\r\nContent-Type: application/octet-stream\r\n\r\n'
+    )
+    body = head.encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
 def classify_file(url: str, path: Path, top_k: int, timeout: float) -> dict[str, object]:
-    """POST one file as a raw image body; the service's JSON answer (or its JSON error)."""
-    content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    """POST one file; the service's JSON answer, its JSON error, or a local error in the same
+    shape (`{"error", "type"}`) for a file that cannot be read."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        return {"error": error.strerror or str(error), "type": "unreadable_file"}
+    body, content_type = multipart(path, data)
     request = urllib.request.Request(
         f"{url.rstrip('/')}/v1/classify?top_k={top_k}",
-        data=path.read_bytes(),
+        data=body,
         headers={"Content-Type": content_type},
         method="POST",
     )
@@ -36,7 +56,16 @@ def classify_file(url: str, path: Path, top_k: int, timeout: float) -> dict[str,
         with urllib.request.urlopen(request, timeout=timeout) as response:
             answer: dict[str, object] = json.load(response)
     except urllib.error.HTTPError as error:
-        answer = json.load(error)
+        try:
+            answer = json.load(error)
+        except ValueError:
+            answer = {"error": f"HTTP {error.code} {error.reason}", "type": "http_error"}
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise Unreachable(
+            f"cannot reach the service at {url} ({reason}); start it with `make serve` "
+            "or pass --url"
+        ) from error
     return answer
 
 
@@ -57,7 +86,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     failed = False
     for path in image_files(args.paths):
-        answer = classify_file(args.url, path, args.top_k, args.timeout)
+        try:
+            answer = classify_file(args.url, path, args.top_k, args.timeout)
+        except Unreachable as error:
+            sys.exit(f"vit-predict: {error}")
         failed |= "predictions" not in answer
         sys.stdout.write(f"{path}\t{describe(answer)}\n")
     sys.exit(1 if failed else 0)

@@ -80,13 +80,21 @@ def test_vit_predict_prints_each_file(server: str, tmp_path: Path, reference: Mo
         check=True,
     )
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 2
+    assert len(lines) == 2  # the folder's image files only
     for line, name in zip(lines, ("jpeg", "webp"), strict=True):
         expected = reference.predict(
             preprocess(UPLOADS[name][0], reference.metadata.preprocessing)
         )[0]
         assert line.startswith(str(tmp_path / f"{name}.{name}"))
         assert reference.labels[int(expected.argmax())] in line
+    named = subprocess.run(
+        [sys.executable, "-m", "service.client", str(tmp_path / "notes.txt"), "--url", server],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert named.returncode == 1 and "Traceback" not in named.stderr
+    assert named.stdout.startswith(f"{tmp_path / 'notes.txt'}\terror (unsupported_image_format):")
 
 
 def test_tritonclient_with_default_settings(server: str, reference: ModelSession) -> None:
