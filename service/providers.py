@@ -20,6 +20,14 @@ ConvAlgoSearch = Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]
 ArenaExtendStrategy = Literal["kNextPowerOfTwo", "kSameAsRequested"]
 ProviderEntry = tuple[str, dict[str, str]]
 CUDA_GRAPH_NEEDS_CUDA = "cuda_graph needs the CUDA provider in use: off"
+NO_NVIDIA_DRIVER = "not tried: no NVIDIA driver on this machine"
+
+
+def nvidia_driver_present() -> bool:
+    """Whether a GPU can be here at all: the NVIDIA kernel driver is loaded (on the host, or
+    passed into the container by the NVIDIA Container Toolkit). Without it, asking onnxruntime
+    for CUDA only prints a red library-loading error before it falls back to the CPU."""
+    return Path("/proc/driver/nvidia/version").exists() or any(Path("/dev").glob("nvidia[0-9]*"))
 
 
 @dataclass(frozen=True)
@@ -93,15 +101,23 @@ def tensorrt_options(acceleration: Acceleration) -> dict[str, str]:
 
 
 def plan_providers(
-    wanted: tuple[str, ...], available: set[str], acceleration: Acceleration
+    wanted: tuple[str, ...],
+    available: set[str],
+    acceleration: Acceleration,
+    *,
+    gpu_present: bool = True,
 ) -> ProviderPlan:
-    """Providers in order of preference, skipping the unavailable ones and saying so."""
+    """Providers in order of preference, skipping the unavailable ones (and the GPU ones where
+    no GPU can be) and saying so."""
     notes: list[str] = []
     order = list(wanted)
     if acceleration.tensorrt and TENSORRT not in order:
         order.insert(0, TENSORRT)
     entries: list[ProviderEntry] = []
     for name in order:
+        if name in (TENSORRT, CUDA) and name in available and not gpu_present:
+            notes.append(f"{name} {NO_NVIDIA_DRIVER}")
+            continue
         if name not in available:
             if name != CPU:
                 notes.append(f"{name} is not available in this onnxruntime build")

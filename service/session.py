@@ -15,7 +15,16 @@ import onnxruntime as ort
 from service.graph_check import check_graph
 from service.io_binding import BucketedIoBinding
 from service.model_metadata import ModelMetadata
-from service.providers import CPU, CUDA, TENSORRT, Acceleration, ProviderPlan, plan_providers
+from service.providers import (
+    CPU,
+    CUDA,
+    NO_NVIDIA_DRIVER,
+    TENSORRT,
+    Acceleration,
+    ProviderPlan,
+    nvidia_driver_present,
+    plan_providers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +84,12 @@ class ModelSession:
         if not intra_op_spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         acceleration = acceleration or Acceleration()
-        plan = plan_providers(providers, set(ort.get_available_providers()), acceleration)
+        plan = plan_providers(
+            providers,
+            set(ort.get_available_providers()),
+            acceleration,
+            gpu_present=nvidia_driver_present(),
+        )
         if CUDA in plan.names:
             load_pip_cuda_libraries()
         self._session, plan = _create_session(model_bytes, options, plan)
@@ -89,7 +103,9 @@ class ModelSession:
         cuda_graph = plan.cuda_graph and self.provider == CUDA
         self.fallbacks = plan.fallbacks(self.providers)
         for fallback in self.fallbacks:
-            logger.warning("fallback: %s", fallback)
+            # A CPU-only machine serving from the CPU is expected, not a warning.
+            level = logging.INFO if fallback.endswith(NO_NVIDIA_DRIVER) else logging.WARNING
+            logger.log(level, "serving on %s: %s", self.provider, fallback)
         if self.fixed_batch_size is not None and (acceleration.io_binding or cuda_graph):
             fallback = (
                 f"io_binding and cuda_graph: off (the graph fixes the batch at "

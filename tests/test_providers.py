@@ -8,9 +8,19 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.providers import CPU, CUDA, TENSORRT, Acceleration, ProviderPlan, plan_providers
+from service.providers import (
+    CPU,
+    CUDA,
+    NO_NVIDIA_DRIVER,
+    TENSORRT,
+    Acceleration,
+    ProviderPlan,
+    nvidia_driver_present,
+    plan_providers,
+)
 from service.session import ModelSession, default_thread_count
-from tests.service_support import cpu_settings, ready_client
+from tests.conftest import ROOT
+from tests.service_support import cpu_settings, ready_client, served
 
 ALL = {TENSORRT, CUDA, CPU}
 
@@ -19,6 +29,22 @@ def test_unavailable_providers_are_skipped_and_said() -> None:
     plan = plan_providers((CUDA, CPU), {CPU}, Acceleration())
     assert plan.entries == ((CPU, {}),)
     assert plan.notes == (f"{CUDA} is not available in this onnxruntime build",)
+
+
+def test_without_an_nvidia_driver_no_gpu_provider_is_asked_for() -> None:
+    plan = plan_providers((CUDA, CPU), ALL, Acceleration(tensorrt=True), gpu_present=False)
+    assert plan.names == (CPU,)
+    assert plan.notes == (f"{TENSORRT} {NO_NVIDIA_DRIVER}", f"{CUDA} {NO_NVIDIA_DRIVER}")
+
+
+def test_a_cpu_machine_starts_without_a_library_error(served_model: Path) -> None:
+    if nvidia_driver_present():
+        pytest.skip("this machine has an NVIDIA driver: CUDA is rightly tried here")
+    with served(served_model, ROOT, providers=f'["{CUDA}", "{CPU}"]') as server:
+        log = server.output()
+    assert "onnxruntime_providers_cuda" not in log and "[E:onnxruntime" not in log
+    assert "WARNING" not in log
+    assert f"serving on {CPU}: {CUDA} {NO_NVIDIA_DRIVER}" in log
 
 
 def test_cuda_options_come_from_the_settings() -> None:
@@ -79,7 +105,11 @@ def test_every_gpu_option_falls_back_on_this_cpu_machine(served_model: Path) -> 
     for provider in (TENSORRT, CUDA):
         # onnxruntime-gpu lists them and fails to load them; plain onnxruntime lacks them.
         assert provider in reported
-        assert provider not in ort.get_available_providers() or "did not load" in reported
+        assert (
+            provider not in ort.get_available_providers()
+            or "did not load" in reported
+            or f"{provider} {NO_NVIDIA_DRIVER}" in reported
+        )
     assert "cuda_graph" in reported
     assert session.runtime == {
         "provider": CPU,
