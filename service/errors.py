@@ -50,6 +50,12 @@ class TooManyPixels(ServiceError):
     status_code, type = 422, "too_many_pixels"
 
 
+class TooExpensiveToDecode(ServiceError):
+    """The image overran its decoder's memory or time limit (a bomb, or just too big)."""
+
+    status_code, type = 422, "too_expensive_to_decode"
+
+
 class InferenceFailed(ServiceError):
     status_code, type = 500, "inference_failed"
 
@@ -82,6 +88,7 @@ ERROR_TYPES: tuple[type[ServiceError], ...] = (
     UnsupportedImageFormat,
     UndecodableImage,
     TooManyPixels,
+    TooExpensiveToDecode,
     InferenceFailed,
     NotReady,
     Overloaded,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-from service.decode import DecodedImage
-
 # Sub-millisecond (one CPU inference of a small model) to seconds (a queue under overload).
 LATENCY_BUCKETS = (
     0.0005,
@@ -75,6 +73,13 @@ class Metrics:
         self.rejections = Counter(
             "vit_rejections", "Requests refused, by error type.", ["reason"], registry=r
         )
+        self.decode_overruns = Counter(
+            "vit_decode_overruns",
+            "Images whose decoding worker was killed and replaced, by the limit overrun: "
+            "memory, time, or crash (the decoder died).",
+            ["limit"],
+            registry=r,
+        )
         self.model = Info("vit_model", "The served model and where it runs.", registry=r)
         self.top1_probability = Histogram(
             "vit_top1_probability",
@@ -101,12 +106,12 @@ class Metrics:
             registry=r,
         )
 
-    def observe_decoded(self, decoded: DecodedImage) -> None:
-        self.input_format.labels(decoded.format).inc()
-        if decoded.exif_rotated:
+    def observe_decoded(self, image_format: str, original_mode: str, exif_rotated: bool) -> None:
+        self.input_format.labels(image_format).inc()
+        if exif_rotated:
             self.exif_rotated.inc()
-        if decoded.original_mode != "RGB":
-            self.mode_converted.labels(decoded.original_mode).inc()
+        if original_mode != "RGB":
+            self.mode_converted.labels(original_mode).inc()
 
     def observe_predictions(self, top1: list[float], labels: list[str]) -> None:
         self.images.inc(len(top1))

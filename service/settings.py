@@ -57,8 +57,19 @@ class Settings(BaseSettings):
     of the spinning's cost under load. Costs a second copy of the session: +24 MB resident
     with the default model (165 -> 189 MB)."""
 
-    decode_threads: int = Field(2, ge=1)
-    """Threads decoding and preprocessing uploads (Pillow releases the GIL while decoding)."""
+    decode_workers: int = Field(2, ge=1)
+    """Processes decoding and preprocessing uploads, each one image at a time. Each holds
+    ~40 MB at rest, plus up to `decode_memory_bytes` while it decodes."""
+
+    decode_memory_bytes: int = Field(256 * 1024 * 1024, ge=16 * 1024 * 1024)
+    """Memory one image's decoding may take beyond what its worker holds at rest (the worker's
+    address space limit, RLIMIT_AS); over it the image is a 422 `too_expensive_to_decode` and
+    the worker is replaced. A 40 MP RGB PNG needs ~130 MB; a 40 MP 16-bit or RGBA one more."""
+
+    decode_timeout_s: float = Field(2.0, gt=0)
+    """Wall-clock time one image's decoding may take; over it the worker is killed and
+    replaced and the image is a 422 `too_expensive_to_decode`. A 40 MP PNG takes ~0.5 s on
+    one core."""
 
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1)
     """Largest request body accepted, enforced while it streams (chunked bodies too): 413 above."""
