@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from service import oip
-from service.body import read_body
+from service.body import read_body, unless_disconnected
 from service.dependencies import Inference, InferenceDep, PipelineDep
 from service.errors import ModelNotFound
 from service.pipeline import Pipeline
@@ -113,7 +113,9 @@ _INFER_DOC = {
 async def _infer(request: Request, pipeline: Pipeline, inference: Inference) -> Response:
     settings = inference.settings
     with pipeline.metrics.stage_seconds.labels("read_body").time():
-        body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+        body = await read_body(
+            request, settings.max_body_bytes, settings.body_timeout_s, inference.ticket
+        )
     parsed = oip.parse_request(
         body,
         request.headers.get(oip.HEADER_LENGTH),
@@ -122,9 +124,12 @@ async def _infer(request: Request, pipeline: Pipeline, inference: Inference) -> 
         max_batch=settings.max_images_per_request,
     )
     if parsed.pixels is not None:
-        probabilities: np.ndarray = await pipeline.infer(parsed.pixels, inference.deadline)
+        inference.ticket.hold_images(len(parsed.pixels))
+        work = pipeline.infer(parsed.pixels, inference.deadline)
     else:
-        probabilities = await pipeline.classify(parsed.images or [], inference.deadline)
+        inference.ticket.hold_images(len(parsed.images or []))
+        work = pipeline.classify(parsed.images or [], inference.deadline)
+    probabilities: np.ndarray = await unless_disconnected(request, work)
     metadata = pipeline.session.metadata
     encoded = oip.encode_response(
         probabilities, model_name=metadata.name, model_version=metadata.version, request=parsed

@@ -123,11 +123,13 @@ class Batcher:
         """Whether `incoming` more images would exceed the queue bound."""
         return self._held + incoming > self._max_queue
 
-    def retry_after(self) -> int:
-        """Seconds until the work already held should be done, at the measured throughput
-        (per call, times the calls running at once: under load every worker is busy)."""
+    def retry_after(self, images: int | None = None) -> int:
+        """Seconds until the work for `images` (default: those held here) should be done, at
+        the measured throughput (per call, times the calls running at once: under load every
+        worker is busy)."""
         rate = self._throughput.images_per_second * self._workers
-        return max(1, math.ceil(self._held / rate)) if rate > 0 else 1
+        held = self._held if images is None else images
+        return max(1, math.ceil(held / rate)) if rate > 0 else 1
 
     async def submit(self, inputs: np.ndarray, deadline: float) -> np.ndarray:
         """The output rows for `inputs`; 503 when the queue is full, 504 past the deadline."""

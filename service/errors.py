@@ -30,6 +30,12 @@ class RequestTimeout(ServiceError):
     status_code, type = 408, "request_timeout"
 
 
+class ClientClosedRequest(ServiceError):
+    """The client disconnected first; nobody reads this answer, but the metrics count it."""
+
+    status_code, type = 499, "client_closed_request"
+
+
 class PayloadTooLarge(ServiceError):
     status_code, type = 413, "payload_too_large"
 
@@ -83,6 +89,7 @@ ERROR_TYPES: tuple[type[ServiceError], ...] = (
     InvalidRequest,
     ModelNotFound,
     RequestTimeout,
+    ClientClosedRequest,
     PayloadTooLarge,
     UnsupportedMediaType,
     UnsupportedImageFormat,

@@ -66,6 +66,14 @@ class Metrics:
         self.queue_depth = Gauge(
             "vit_queue_depth_images", "Images queued or in inference (places held).", registry=r
         )
+        self.images_in_flight = Gauge(
+            "vit_images_in_flight",
+            "Image places held by admitted requests (read, decoded, queued or in inference).",
+            registry=r,
+        )
+        self.body_bytes_in_flight = Gauge(
+            "vit_body_bytes_in_flight", "Request body bytes held by admitted requests.", registry=r
+        )
         self.in_flight = Gauge(
             "vit_requests_in_flight", "Requests being answered right now.", registry=r
         )

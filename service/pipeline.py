@@ -9,8 +9,9 @@ import time
 import numpy as np
 
 from service.batcher import Batcher
+from service.budget import Budget, Ticket
 from service.decode_workers import DecodeWorkers
-from service.errors import DeadlineExceeded, NotReady, Overloaded, ServiceError
+from service.errors import DeadlineExceeded, NotReady, ServiceError
 from service.metrics import Metrics
 from service.session import ModelSession
 from service.settings import Settings
@@ -54,6 +55,13 @@ class Pipeline:
             busy_elsewhere=lambda: self._preparing > 0,
             nice=settings.inference_nice,
         )
+        self.budget = Budget(
+            max_images=settings.max_queue,
+            max_body_bytes=settings.max_body_bytes_in_flight,
+            retry_after=self.batcher.retry_after,
+        )
+        metrics.images_in_flight.set_function(lambda: self.budget.images)
+        metrics.body_bytes_in_flight.set_function(lambda: self.budget.body_bytes)
         metrics.model.info(
             {
                 "name": session.metadata.name,
@@ -106,13 +114,12 @@ class Pipeline:
             self._preparing -= len(images)
         return await self.infer(np.concatenate(tensors), deadline)
 
-    def admit(self) -> None:
-        """Raise the 503 an inference request would end in, before its body is even read: not
-        ready, or the queue (with the uploads being decoded) full. Under overload a refused
+    def admit(self) -> Ticket:
+        """A new inference request's ticket (one image place), or the 503 it would end in,
+        before its body is even read: not ready, or every place taken. Under overload a refused
         request must cost next to nothing, or refusing starves the requests being served."""
         self.require_ready()
-        if self.batcher.is_full(self._preparing + 1):
-            raise Overloaded("the inference queue is full", retry_after=self.batcher.retry_after())
+        return self.budget.admit()
 
     @property
     def ready(self) -> bool:

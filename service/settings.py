@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1)
     """Largest request body accepted, enforced while it streams (chunked bodies too): 413 above."""
 
+    max_body_bytes_in_flight: int = Field(64 * 1024 * 1024, ge=1)
+    """Budget for the request bodies held at once, counted while they stream in (multipart
+    bodies twice: the body and the files parsed from it) and held until each request has
+    left: a request that would go over it gets 503 with Retry-After before more is read."""
+
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
     """Largest image (width x height) decoded, checked from the header first: 422 above."""
 
@@ -101,8 +106,10 @@ class Settings(BaseSettings):
     one batch runs the next one fills up anyway, so waiting only adds latency on CPU."""
 
     max_queue: int = Field(256, ge=1)
-    """Images accepted (queued or in inference) before new requests get 503 with Retry-After:
-    about one second of work for the default model on 2 cores (~250 images/s)."""
+    """Images admitted before new requests get 503 with Retry-After: every image of every
+    admitted request counts, from admission (one place while its body is read) until its
+    answer has gone, whether it is being read, decoded, queued or in inference. About one
+    second of work for the default model on 2 cores (~250 images/s)."""
 
     request_timeout_ms: float = Field(10_000, gt=0)
     """Deadline for a request's queue wait; requests still queued then get 504 and never reach

@@ -72,9 +72,7 @@ def rle_bmp(width: int = 20000, height: int = 2000) -> bytes:
     pixels = b"\x01\x01\x00\x00" * height + b"\x00\x01"
     palette = b"".join(struct.pack("<BBBB", i, i, i, 0) for i in range(256))
     header_size = 14 + 40 + len(palette)
-    info = struct.pack(
-        "<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(pixels), 2835, 2835, 256, 0
-    )
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(pixels), 2835, 2835, 256, 0)
     file_header = b"BM" + struct.pack("<IHHI", header_size + len(pixels), 0, 0, header_size)
     return file_header + info + palette + pixels
 
