@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
+
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -24,6 +27,9 @@ from service.schemas import (
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 SERVER_NAME = "vit-inference"
+PARSE_ON_LOOP_BYTES = 64 * 1024
+"""Bodies smaller than this are parsed on the event loop (~1 ms at most); larger ones in a
+thread, so health checks keep being answered."""
 
 
 def loaded_model(pipeline: Pipeline, name: str, version: str | None = None) -> Pipeline:
@@ -41,12 +47,17 @@ async def server_metadata(request: Request) -> OipServerMetadata:
     )
 
 
-@router.get("/health/live", response_model=OipLive)
+@router.api_route("/health/live", methods=["GET", "HEAD"], response_model=OipLive)
 async def live() -> OipLive:
     return OipLive(live=True)
 
 
-@router.get("/health/ready", response_model=OipReady, responses={503: {"model": OipReady}})
+@router.api_route(
+    "/health/ready",
+    methods=["GET", "HEAD"],
+    response_model=OipReady,
+    responses={503: {"model": OipReady}},
+)
 async def ready(pipeline: PipelineDep) -> Response:
     return JSONResponse({"ready": pipeline.ready}, status_code=200 if pipeline.ready else 503)
 
@@ -116,13 +127,18 @@ async def _infer(request: Request, pipeline: Pipeline, inference: Inference) -> 
         body = await read_body(
             request, settings.max_body_bytes, settings.body_timeout_s, inference.ticket
         )
-    parsed = oip.parse_request(
+    spec = pipeline.spec
+    parse = functools.partial(
+        oip.parse_request,
         body,
         request.headers.get(oip.HEADER_LENGTH),
         pixels_name=pipeline.session.input_name,
         input_shape=pipeline.input_shape(1)[1:],
+        value_range=oip.pixel_range(spec.mean, spec.std),
         max_batch=settings.max_images_per_request,
     )
+    # Parsing is per-element Python work: a large body would hold the event loop for seconds.
+    parsed = parse() if len(body) < PARSE_ON_LOOP_BYTES else await asyncio.to_thread(parse)
     if parsed.pixels is not None:
         inference.ticket.hold_images(len(parsed.pixels))
         work = pipeline.infer(parsed.pixels, inference.deadline)
