@@ -47,8 +47,9 @@ POLL_SECONDS = 0.02
 
 _ERRORS = {error.type: error for error in ERROR_TYPES}
 
-Overrun = Callable[[str], None]
-"""Told which limit an image overran: "memory", "time" or "crash"."""
+Replaced = Callable[[str], None]
+"""Told why a worker was killed and replaced: "memory" or "time" (the image overran that
+limit), "crash" (the decoder died) or "abandoned" (its request went away)."""
 
 
 @dataclass(frozen=True)
@@ -179,21 +180,19 @@ class DecodeWorkers:
         max_pixels: int,
         memory_bytes: int,
         timeout_s: float,
-        on_overrun: Overrun,
+        on_replaced: Replaced,
     ) -> None:
         self._spec_json = spec.model_dump_json()
         self._max_pixels = max_pixels
         self._memory_bytes = memory_bytes
         self._timeout_s = timeout_s
-        self._on_overrun = on_overrun
+        self._on_replaced = on_replaced
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload([__name__])
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
         self._count = workers
         self._threads = ThreadPoolExecutor(workers, thread_name_prefix="decode")
         self._closed = False
-        self.replaced = 0
-        """Workers killed (overrun, crashed or abandoned) and replaced since the start."""
 
     def start(self) -> None:
         """Start the workers (blocking: the first start also starts the fork server)."""
@@ -249,9 +248,9 @@ class DecodeWorkers:
         worker.process.join()
         worker.conn.close()
 
-    def _replace(self, worker: _Worker) -> None:
+    def _replace(self, worker: _Worker, why: str) -> None:
         self._stop(worker)
-        self.replaced += 1
+        self._on_replaced(why)
         fresh = self._spawn()
         worker.process, worker.conn = fresh.process, fresh.conn
 
@@ -275,11 +274,10 @@ class DecodeWorkers:
             deadline = time.monotonic() + self._timeout_s
             while not worker.conn.poll(POLL_SECONDS):
                 if job.abandoned.is_set():
-                    self._replace(worker)
+                    self._replace(worker, "abandoned")
                     raise _Abandoned()
                 if time.monotonic() >= deadline:
-                    self._replace(worker)
-                    self._on_overrun("time")
+                    self._replace(worker, "time")
                     raise TooExpensiveToDecode(
                         f"decoding took longer than the limit of {self._timeout_s:g} s"
                     )
@@ -289,12 +287,10 @@ class DecodeWorkers:
                 tensor = np.frombuffer(worker.conn.recv_bytes(), np.float32).reshape(shape)
                 return Decoded(tensor, image_format, mode, rotated)
         except (EOFError, OSError):
-            self._replace(worker)
-            self._on_overrun("crash")
+            self._replace(worker, "crash")
             raise UndecodableImage("the decoder stopped on this image") from None
         if reply[0] == "memory":
-            self._replace(worker)
-            self._on_overrun("memory")
+            self._replace(worker, "memory")
             raise TooExpensiveToDecode(
                 f"decoding needs more than the limit of {self._memory_bytes} bytes"
             )

@@ -81,11 +81,12 @@ class Metrics:
         self.rejections = Counter(
             "vit_rejections", "Requests refused, by error type.", ["reason"], registry=r
         )
-        self.decode_overruns = Counter(
-            "vit_decode_overruns",
-            "Images whose decoding worker was killed and replaced, by the limit overrun: "
-            "memory, time, or crash (the decoder died).",
-            ["limit"],
+        self.decode_workers_replaced = Counter(
+            "vit_decode_workers_replaced",
+            "Decoding workers killed and replaced, by why: memory or time (the image overran "
+            "that limit: a 422 too_expensive_to_decode), crash (the decoder died), abandoned "
+            "(the image's request failed, timed out or lost its client).",
+            ["reason"],
             registry=r,
         )
         self.model = Info("vit_model", "The served model and where it runs.", registry=r)

@@ -42,7 +42,7 @@ class Pipeline:
             max_pixels=settings.max_pixels,
             memory_bytes=settings.decode_memory_bytes,
             timeout_s=settings.decode_timeout_s,
-            on_overrun=lambda limit: metrics.decode_overruns.labels(limit).inc(),
+            on_replaced=lambda why: metrics.decode_workers_replaced.labels(why).inc(),
         )
         self.batcher = Batcher(
             session.predict,
