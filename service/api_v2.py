@@ -27,6 +27,9 @@ from service.schemas import (
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 SERVER_NAME = "vit-inference"
+JSON_PARSE_EXPANSION = 4
+"""Bytes of Python objects parsing makes per byte of an OIP JSON body, beyond the body: a
+number of ~9 characters becomes a float, a list slot and two array elements (~44 bytes)."""
 PARSE_ON_LOOP_BYTES = 64 * 1024
 """Bodies smaller than this are parsed on the event loop (~1 ms at most); larger ones in a
 thread, so health checks keep being answered."""
@@ -127,6 +130,8 @@ async def _infer(request: Request, pipeline: Pipeline, inference: Inference) -> 
         body = await read_body(
             request, settings.max_body_bytes, settings.body_timeout_s, inference.ticket
         )
+    if oip.HEADER_LENGTH not in request.headers:
+        inference.ticket.hold_bytes(JSON_PARSE_EXPANSION * len(body))
     spec = pipeline.spec
     parse = functools.partial(
         oip.parse_request,

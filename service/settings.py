@@ -59,12 +59,13 @@ class Settings(BaseSettings):
 
     decode_workers: int = Field(2, ge=1)
     """Processes decoding and preprocessing uploads, each one image at a time. Each holds
-    ~40 MB at rest, plus up to `decode_memory_bytes` while it decodes."""
+    ~35 MB at rest, plus up to `decode_memory_bytes` while it decodes."""
 
-    decode_memory_bytes: int = Field(256 * 1024 * 1024, ge=16 * 1024 * 1024)
+    decode_memory_bytes: int = Field(192 * 1024 * 1024, ge=16 * 1024 * 1024)
     """Memory one image's decoding may take beyond what its worker holds at rest (the worker's
     address space limit, RLIMIT_AS); over it the image is a 422 `too_expensive_to_decode` and
-    the worker is replaced. A 40 MP RGB PNG needs ~130 MB; a 40 MP 16-bit or RGBA one more."""
+    the worker is replaced. A 40 MP RGB PNG needs ~130 MB; a 40 MP 16-bit or RGBA one more.
+    The Deployment's memory limit follows from it (docs/RELIABILITY.md, "Memory budget")."""
 
     decode_timeout_s: float = Field(2.0, gt=0)
     """Wall-clock time one image's decoding may take; over it the worker is killed and
@@ -76,8 +77,9 @@ class Settings(BaseSettings):
 
     max_body_bytes_in_flight: int = Field(64 * 1024 * 1024, ge=1)
     """Budget for the request bodies held at once, counted while they stream in (multipart
-    bodies twice: the body and the files parsed from it) and held until each request has
-    left: a request that would go over it gets 503 with Retry-After before more is read."""
+    bodies twice: the body and the files parsed from it; OIP JSON bodies five times: the
+    Python objects parsing makes) and held until each request has left: a request that would
+    go over it gets 503 with Retry-After before more is read."""
 
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
     """Largest image (width x height) decoded, checked from the header first: 422 above."""

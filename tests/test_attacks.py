@@ -62,6 +62,7 @@ class Watch:
     health_seconds: list[float] = field(default_factory=list)
     health_failures: int = 0
     ordinary: list[int] = field(default_factory=list)
+    ordinary_seconds: list[float] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def __enter__(self) -> Watch:
@@ -99,9 +100,11 @@ class Watch:
     def _ordinary(self) -> None:
         with httpx.Client(base_url=self.server.url, timeout=30) as client:
             while not self._stop.is_set():
+                started = time.perf_counter()
                 response = client.post(
                     "/v1/classify", content=JPEG, headers={"content-type": "image/jpeg"}
                 )
+                self.ordinary_seconds.append(time.perf_counter() - started)
                 self.ordinary.append(response.status_code)
                 time.sleep(0.05)
 
