@@ -50,17 +50,14 @@ async def server_metadata(request: Request) -> OipServerMetadata:
     )
 
 
-@router.api_route("/health/live", methods=["GET", "HEAD"], response_model=OipLive)
+@router.get("/health/live", response_model=OipLive)
+@router.head("/health/live", include_in_schema=False)  # probes and load balancers that use HEAD
 async def live() -> OipLive:
     return OipLive(live=True)
 
 
-@router.api_route(
-    "/health/ready",
-    methods=["GET", "HEAD"],
-    response_model=OipReady,
-    responses={503: {"model": OipReady}},
-)
+@router.get("/health/ready", response_model=OipReady, responses={503: {"model": OipReady}})
+@router.head("/health/ready", include_in_schema=False)
 async def ready(pipeline: PipelineDep) -> Response:
     return JSONResponse({"ready": pipeline.ready}, status_code=200 if pipeline.ready else 503)
 

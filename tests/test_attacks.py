@@ -27,7 +27,10 @@ from tests.service_support import Server, served
 MEMORY_BUDGET = 1024 * 1024 * 1024  # the default Deployment's limit (docs/RELIABILITY.md)
 JPEG = upload_variety()["jpeg"][0]
 HEALTH_MEDIAN_S = 0.1
-HEALTH_WORST_S = 1.0  # loose: two shared cores; benchmarks/attacks.py measures the real figure
+HEALTH_WORST_S = 2.0
+"""Loose: the suite shares two cores with the attack's own clients (40 threads pushing 760 MB
+through loopback); benchmarks/attacks.py measures the real figures. The liveness probe gives
+up after 3 s."""
 
 
 @pytest.fixture(scope="module")
