@@ -17,10 +17,14 @@ from service.metrics import Metrics
 from service.pipeline import Pipeline
 from service.responses import service_error_response
 
+TICKET = "ticket"
+"""Where an admitted request finds its ticket in its state."""
+
 
 class Admission:
     """Answers 503 (`overloaded` with Retry-After, or `not_ready`) for requests to
-    `inference_routes` when the pipeline would refuse them anyway, before their body is read."""
+    `inference_routes` when the pipeline would refuse them anyway, before their body is read;
+    an admitted request holds its ticket (service/budget.py) until it has been answered."""
 
     def __init__(self, app: ASGIApp, inference_routes: Sequence[BaseRoute]) -> None:
         self.app = app
@@ -40,7 +44,7 @@ class Admission:
             route = self._inference_route(scope)
             if route is not None:
                 try:
-                    pipeline.admit()
+                    ticket = pipeline.admit()
                 except ServiceError as refusal:
                     scope["route"] = route  # so the request metrics name the route refused
                     metrics = state.get("metrics")
@@ -49,4 +53,10 @@ class Admission:
                     )
                     await response(scope, receive, send)
                     return
+                state[TICKET] = ticket  # this request's copy of the state
+                try:
+                    await self.app(scope, receive, send)
+                finally:
+                    ticket.release()
+                return
         await self.app(scope, receive, send)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from service.body import FILE_FIELD, uploaded_images
+from service.body import FILE_FIELD, unless_disconnected, uploaded_images
 from service.dependencies import InferenceDep, PipelineDep
 from service.errors import InvalidRequest
 from service.pipeline import Pipeline
@@ -64,8 +64,10 @@ async def classify(
             limit=settings.max_body_bytes,
             timeout=settings.body_timeout_s,
             max_files=settings.max_images_per_request,
+            ticket=inference.ticket,
         )
-    result = await pipeline.classify(images, inference.deadline)
+    inference.ticket.hold_images(len(images))
+    result = await unless_disconnected(request, pipeline.classify(images, inference.deadline))
     return classify_response(
         result, pipeline.session.metadata, top_k=top_k or settings.default_top_k, full=probabilities
     )

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
+
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from service import oip
-from service.body import read_body
+from service.body import read_body, unless_disconnected
 from service.dependencies import Inference, InferenceDep, PipelineDep
 from service.errors import ModelNotFound
 from service.pipeline import Pipeline
@@ -24,6 +27,12 @@ from service.schemas import (
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 SERVER_NAME = "vit-inference"
+JSON_PARSE_EXPANSION = 4
+"""Bytes of Python objects parsing makes per byte of an OIP JSON body, beyond the body: a
+number of ~9 characters becomes a float, a list slot and two array elements (~44 bytes)."""
+PARSE_ON_LOOP_BYTES = 64 * 1024
+"""Bodies smaller than this are parsed on the event loop (~1 ms at most); larger ones in a
+thread, so health checks keep being answered."""
 
 
 def loaded_model(pipeline: Pipeline, name: str, version: str | None = None) -> Pipeline:
@@ -42,11 +51,13 @@ async def server_metadata(request: Request) -> OipServerMetadata:
 
 
 @router.get("/health/live", response_model=OipLive)
+@router.head("/health/live", include_in_schema=False)  # probes and load balancers that use HEAD
 async def live() -> OipLive:
     return OipLive(live=True)
 
 
 @router.get("/health/ready", response_model=OipReady, responses={503: {"model": OipReady}})
+@router.head("/health/ready", include_in_schema=False)
 async def ready(pipeline: PipelineDep) -> Response:
     return JSONResponse({"ready": pipeline.ready}, status_code=200 if pipeline.ready else 503)
 
@@ -113,18 +124,30 @@ _INFER_DOC = {
 async def _infer(request: Request, pipeline: Pipeline, inference: Inference) -> Response:
     settings = inference.settings
     with pipeline.metrics.stage_seconds.labels("read_body").time():
-        body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
-    parsed = oip.parse_request(
+        body = await read_body(
+            request, settings.max_body_bytes, settings.body_timeout_s, inference.ticket
+        )
+    if oip.HEADER_LENGTH not in request.headers:
+        inference.ticket.hold_bytes(JSON_PARSE_EXPANSION * len(body))
+    spec = pipeline.spec
+    parse = functools.partial(
+        oip.parse_request,
         body,
         request.headers.get(oip.HEADER_LENGTH),
         pixels_name=pipeline.session.input_name,
         input_shape=pipeline.input_shape(1)[1:],
+        value_range=oip.pixel_range(spec.mean, spec.std, spec.rescale_factor),
         max_batch=settings.max_images_per_request,
     )
+    # Parsing is per-element Python work: a large body would hold the event loop for seconds.
+    parsed = parse() if len(body) < PARSE_ON_LOOP_BYTES else await asyncio.to_thread(parse)
     if parsed.pixels is not None:
-        probabilities: np.ndarray = await pipeline.infer(parsed.pixels, inference.deadline)
+        inference.ticket.hold_images(len(parsed.pixels))
+        work = pipeline.infer(parsed.pixels, inference.deadline)
     else:
-        probabilities = await pipeline.classify(parsed.images or [], inference.deadline)
+        inference.ticket.hold_images(len(parsed.images or []))
+        work = pipeline.classify(parsed.images or [], inference.deadline)
+    probabilities: np.ndarray = await unless_disconnected(request, work)
     metadata = pipeline.session.metadata
     encoded = oip.encode_response(
         probabilities, model_name=metadata.name, model_version=metadata.version, request=parsed

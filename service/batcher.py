@@ -123,11 +123,13 @@ class Batcher:
         """Whether `incoming` more images would exceed the queue bound."""
         return self._held + incoming > self._max_queue
 
-    def retry_after(self) -> int:
-        """Seconds until the work already held should be done, at the measured throughput
-        (per call, times the calls running at once: under load every worker is busy)."""
+    def retry_after(self, images: int | None = None) -> int:
+        """Seconds until the work for `images` (default: those held here) should be done, at
+        the measured throughput (per call, times the calls running at once: under load every
+        worker is busy)."""
         rate = self._throughput.images_per_second * self._workers
-        return max(1, math.ceil(self._held / rate)) if rate > 0 else 1
+        held = self._held if images is None else images
+        return max(1, math.ceil(held / rate)) if rate > 0 else 1
 
     async def submit(self, inputs: np.ndarray, deadline: float) -> np.ndarray:
         """The output rows for `inputs`; 503 when the queue is full, 504 past the deadline."""
@@ -145,9 +147,13 @@ class Batcher:
         except TimeoutError:
             if not self._withdraw(job):  # its inference is running: the answer is moments away
                 return await job.future
+            # Nobody will read an outcome the batching thread may already be settling (an
+            # expiry of its own): cancelled, the future takes none, and none goes unretrieved.
+            job.future.cancel()
             raise DeadlineExceeded("the request's deadline passed while it was queued") from None
         except asyncio.CancelledError:
             self._withdraw(job)
+            job.future.cancel()
             raise
 
     def _hold(self, count: int) -> None:
@@ -251,15 +257,10 @@ class Batcher:
         for job in batch:
             self._metrics.stage_seconds.labels("queue_wait").observe(started - job.enqueued)
         try:
-            outputs = predict(inputs)
-            if not np.isfinite(outputs).all():
-                raise FloatingPointError("the model returned NaN or infinite values")
+            outputs = _checked(predict, inputs)
         except Exception as error:
             logger.exception("inference failed on a batch of %d images", len(inputs))
-            with self._changed:
-                self.consecutive_failures += 1
-            failure = InferenceFailed(f"inference failed: {type(error).__name__}")
-            self._answer([(job, failure) for job in batch])
+            self._isolate(batch, predict, error)
             return
         finally:
             self._release(len(inputs))
@@ -271,3 +272,35 @@ class Batcher:
         self._metrics.batch_size.observe(len(inputs))
         rows = np.split(outputs, np.cumsum([len(job.inputs) for job in batch])[:-1])
         self._answer(list(zip(batch, rows, strict=True)))
+
+    def _isolate(self, batch: list[_Job], predict: Predict, error: Exception) -> None:
+        """After a failed call: each request of a batch of several alone, so that only those
+        that fail by themselves fail; then a known-good input (zeros: every channel at its
+        mean), so that only a model failing on that counts towards readiness turning off."""
+        outcomes: list[tuple[_Job, np.ndarray | Exception]] = []
+        for job in batch:
+            outcome: np.ndarray | Exception = error
+            if len(batch) > 1:
+                try:
+                    outcome = _checked(predict, job.inputs)
+                except Exception as alone:
+                    outcome = alone
+            if isinstance(outcome, Exception):
+                outcome = InferenceFailed(f"inference failed: {type(outcome).__name__}")
+            outcomes.append((job, outcome))
+        try:
+            _checked(predict, np.zeros((1, *batch[0].inputs.shape[1:]), np.float32))
+            known_good_works = True
+        except Exception:
+            known_good_works = False
+        with self._changed:
+            self.consecutive_failures = 0 if known_good_works else self.consecutive_failures + 1
+        self._answer(outcomes)
+
+
+def _checked(predict: Predict, inputs: np.ndarray) -> np.ndarray:
+    """`predict`, raising where the model returned NaN or infinite values."""
+    outputs = predict(inputs)
+    if not np.isfinite(outputs).all():
+        raise FloatingPointError("the model returned NaN or infinite values")
+    return outputs

@@ -12,6 +12,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from service.budget import Ticket
 from service.errors import InvalidRequest
 from service.pipeline import Pipeline
 from service.settings import Settings
@@ -46,6 +47,8 @@ class Inference:
     pipeline: Pipeline
     settings: Settings
     deadline: float
+    ticket: Ticket
+    """What the request holds of the replica's budget (set by admission control)."""
 
 
 async def inference(
@@ -56,7 +59,12 @@ async def inference(
     ] = None,
 ) -> Inference:
     settings: Settings = request.state.settings
-    return Inference(request.state.pipeline, settings, request_deadline(settings, timeout_ms))
+    return Inference(
+        request.state.pipeline,
+        settings,
+        request_deadline(settings, timeout_ms),
+        request.state.ticket,
+    )
 
 
 PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]

@@ -30,6 +30,12 @@ class RequestTimeout(ServiceError):
     status_code, type = 408, "request_timeout"
 
 
+class ClientClosedRequest(ServiceError):
+    """The client disconnected first; nobody reads this answer, but the metrics count it."""
+
+    status_code, type = 499, "client_closed_request"
+
+
 class PayloadTooLarge(ServiceError):
     status_code, type = 413, "payload_too_large"
 
@@ -48,6 +54,12 @@ class UndecodableImage(ServiceError):
 
 class TooManyPixels(ServiceError):
     status_code, type = 422, "too_many_pixels"
+
+
+class TooExpensiveToDecode(ServiceError):
+    """The image overran its decoder's memory or time limit (a bomb, or just too big)."""
+
+    status_code, type = 422, "too_expensive_to_decode"
 
 
 class InferenceFailed(ServiceError):
@@ -77,11 +89,13 @@ ERROR_TYPES: tuple[type[ServiceError], ...] = (
     InvalidRequest,
     ModelNotFound,
     RequestTimeout,
+    ClientClosedRequest,
     PayloadTooLarge,
     UnsupportedMediaType,
     UnsupportedImageFormat,
     UndecodableImage,
     TooManyPixels,
+    TooExpensiveToDecode,
     InferenceFailed,
     NotReady,
     Overloaded,

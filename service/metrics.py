@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-from service.decode import DecodedImage
-
 # Sub-millisecond (one CPU inference of a small model) to seconds (a queue under overload).
 LATENCY_BUCKETS = (
     0.0005,
@@ -68,12 +66,28 @@ class Metrics:
         self.queue_depth = Gauge(
             "vit_queue_depth_images", "Images queued or in inference (places held).", registry=r
         )
+        self.images_in_flight = Gauge(
+            "vit_images_in_flight",
+            "Image places held by admitted requests (read, decoded, queued or in inference).",
+            registry=r,
+        )
+        self.body_bytes_in_flight = Gauge(
+            "vit_body_bytes_in_flight", "Request body bytes held by admitted requests.", registry=r
+        )
         self.in_flight = Gauge(
             "vit_requests_in_flight", "Requests being answered right now.", registry=r
         )
         self.images = Counter("vit_images_processed", "Images classified.", registry=r)
         self.rejections = Counter(
             "vit_rejections", "Requests refused, by error type.", ["reason"], registry=r
+        )
+        self.decode_workers_replaced = Counter(
+            "vit_decode_workers_replaced",
+            "Decoding workers killed and replaced, by why: memory or time (the image overran "
+            "that limit: a 422 too_expensive_to_decode), crash (the decoder died), abandoned "
+            "(the image's request failed, timed out or lost its client).",
+            ["reason"],
+            registry=r,
         )
         self.model = Info("vit_model", "The served model and where it runs.", registry=r)
         self.top1_probability = Histogram(
@@ -101,12 +115,12 @@ class Metrics:
             registry=r,
         )
 
-    def observe_decoded(self, decoded: DecodedImage) -> None:
-        self.input_format.labels(decoded.format).inc()
-        if decoded.exif_rotated:
+    def observe_decoded(self, image_format: str, original_mode: str, exif_rotated: bool) -> None:
+        self.input_format.labels(image_format).inc()
+        if exif_rotated:
             self.exif_rotated.inc()
-        if decoded.original_mode != "RGB":
-            self.mode_converted.labels(decoded.original_mode).inc()
+        if original_mode != "RGB":
+            self.mode_converted.labels(original_mode).inc()
 
     def observe_predictions(self, top1: list[float], labels: list[str]) -> None:
         self.images.inc(len(top1))

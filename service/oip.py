@@ -12,6 +12,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
@@ -30,6 +31,22 @@ FP32 = "FP32"
 BYTES = "BYTES"
 IMAGE_INPUT = "image"
 PROBABILITIES_OUTPUT = "probabilities"
+RANGE_TOLERANCE = 0.01
+"""Slack on each channel's range, as a fraction of its width (rounding in other clients'
+preprocessing); values outside it cannot come from any image."""
+
+PixelRange = tuple[np.ndarray, np.ndarray]
+
+
+def pixel_range(
+    mean: tuple[float, ...], std: tuple[float, ...], rescale_factor: float = 1 / 255
+) -> PixelRange:
+    """Per channel, the lowest and highest value preprocessing can give: (0 - mean) / std and
+    (255 * rescale_factor - mean) / std, widened by RANGE_TOLERANCE of the width."""
+    low = (0 - np.asarray(mean)) / np.asarray(std)
+    high = (255 * rescale_factor - np.asarray(mean)) / np.asarray(std)
+    slack = RANGE_TOLERANCE * np.abs(high - low)
+    return np.minimum(low, high) - slack, np.maximum(low, high) + slack
 
 
 @dataclass(frozen=True)
@@ -55,9 +72,11 @@ def parse_request(
     *,
     pixels_name: str,
     input_shape: tuple[int, int, int],
+    value_range: PixelRange,
     max_batch: int,
 ) -> InferRequest:
-    """Validate an infer request against the model's input; every flaw is a 400 with a reason."""
+    """Validate an infer request against the model's input; every flaw is a 400 with a reason.
+    Counts (inputs, batch, elements) are checked before any per-element work."""
     header, binary = _split(body, header_length)
     try:
         request = OipInferenceRequest.model_validate_json(header)
@@ -75,7 +94,7 @@ def parse_request(
         raise InvalidRequest(f"batch size must be 1..{max_batch}, got shape {tensor.shape}")
     pixels, images = None, None
     if tensor.name == pixels_name and tensor.datatype == FP32:
-        pixels = _pixels(tensor, raw, input_shape)
+        pixels = _pixels(tensor, raw, input_shape, value_range)
     elif tensor.name == IMAGE_INPUT and tensor.datatype == BYTES:
         images = _images(tensor, raw)
     else:
@@ -142,7 +161,10 @@ def _binary_part(tensor: OipRequestInput, binary: bytes) -> bytes | None:
 
 
 def _pixels(
-    tensor: OipRequestInput, raw: bytes | None, input_shape: tuple[int, int, int]
+    tensor: OipRequestInput,
+    raw: bytes | None,
+    input_shape: tuple[int, int, int],
+    value_range: PixelRange,
 ) -> np.ndarray:
     if tuple(tensor.shape[1:]) != input_shape or len(tensor.shape) != 4:
         raise InvalidRequest(
@@ -154,34 +176,67 @@ def _pixels(
             raise InvalidRequest(f"shape {tensor.shape} needs {count * 4} bytes, got {len(raw)}")
         values = np.frombuffer(raw, dtype="<f4").astype(np.float32)
     else:
-        try:
-            values = np.asarray(tensor.data, dtype=np.float32).ravel()
-        except (ValueError, TypeError) as error:
-            raise InvalidRequest(
-                "FP32 data must be numbers, flat or nested as the shape"
-            ) from error
+        data = tensor.data or []
+        if len(data) not in (count, tensor.shape[0]):  # flat, or nested as the shape
+            raise InvalidRequest(f"shape {tensor.shape} needs {count} values, got {len(data)}")
+        values = _numbers(data)
         if values.size != count:
             raise InvalidRequest(f"shape {tensor.shape} needs {count} values, got {values.size}")
     if not np.isfinite(values).all():
         raise InvalidRequest("FP32 data contains NaN or infinity")
-    return values.reshape(tensor.shape)
+    pixels = values.reshape(tensor.shape)
+    low, high = value_range
+    channels = pixels.transpose(1, 0, 2, 3).reshape(len(low), -1)
+    if (channels.min(axis=1) < low).any() or (channels.max(axis=1) > high).any():
+        ranges = ", ".join(f"{lo:.3g}..{hi:.3g}" for lo, hi in zip(low, high, strict=True))
+        raise InvalidRequest(
+            f"FP32 data outside what the model's preprocessing can give (per channel {ranges})"
+        )
+    return pixels
+
+
+def _numbers(data: list[Any]) -> np.ndarray:
+    """JSON numbers (flat or nested) as float32; strings, booleans, nulls and integers beyond
+    any float are refused, not converted."""
+    try:
+        values = np.asarray(data)
+    except ValueError as error:  # ragged nesting
+        raise InvalidRequest("FP32 data must be numbers, flat or nested as the shape") from error
+    if values.dtype.kind not in "iuf" or _has_bool(data):
+        raise InvalidRequest("FP32 data must be JSON numbers within float range, flat or nested")
+    with np.errstate(over="ignore"):  # beyond float32 becomes infinity, refused after
+        return values.astype(np.float32).ravel()
+
+
+def _has_bool(data: list[Any]) -> bool:
+    """numpy turns true and false among numbers into 1 and 0; JSON booleans are not numbers."""
+    kinds = set(map(type, data))
+    return bool in kinds or (list in kinds and any(_has_bool(x) for x in data if type(x) is list))
 
 
 def _images(tensor: OipRequestInput, raw: bytes | None) -> list[bytes]:
     if math.prod(tensor.shape) != tensor.shape[0] or len(tensor.shape) > 2:
         raise InvalidRequest(f"BYTES input must have shape [N] or [N,1], got {tensor.shape}")
-    images = _length_prefixed(raw) if raw is not None else _base64_elements(tensor.data or [])
-    if len(images) != tensor.shape[0]:
+    count = tensor.shape[0]
+    if raw is None and len(tensor.data or []) != count:
         raise InvalidRequest(
-            f"shape {tensor.shape} needs {tensor.shape[0]} images, got {len(images)}"
+            f"shape {tensor.shape} needs {count} images, got {len(tensor.data or [])}"
         )
+    images = (
+        _length_prefixed(raw, count) if raw is not None else _base64_elements(tensor.data or [])
+    )
+    if len(images) != count:
+        got = "more" if len(images) > count else str(len(images))
+        raise InvalidRequest(f"shape {tensor.shape} needs {count} images, got {got}")
     return images
 
 
-def _length_prefixed(raw: bytes) -> list[bytes]:
-    """BYTES elements in binary form: each a 4-byte little-endian length, then that many bytes."""
-    elements, offset = [], 0
-    while offset < len(raw):
+def _length_prefixed(raw: bytes, count: int) -> list[bytes]:
+    """BYTES elements in binary form: each a 4-byte little-endian length, then that many bytes.
+    Stops at one more than `count`: millions of empty elements cost no more than a few."""
+    elements: list[bytes] = []
+    offset = 0
+    while offset < len(raw) and len(elements) <= count:
         if offset + 4 > len(raw):
             raise InvalidRequest("BYTES binary data ends inside an element's length prefix")
         (length,) = struct.unpack_from("<I", raw, offset)
@@ -216,8 +271,15 @@ def _wants_binary(request: OipInferenceRequest) -> bool:
                 f"unknown output {output.name!r}; the model has {PROBABILITIES_OUTPUT!r}"
             )
         if output.parameters and "binary_data" in output.parameters:
-            return bool(output.parameters["binary_data"])
-    return bool((request.parameters or {}).get("binary_data_output", False))
+            return _flag(output.parameters["binary_data"], "binary_data")
+    return _flag((request.parameters or {}).get("binary_data_output", False), "binary_data_output")
+
+
+def _flag(value: object, name: str) -> bool:
+    """A JSON boolean: the string "false" would otherwise be taken as true."""
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"{name} must be true or false, got {value!r}")
+    return value
 
 
 def _first_error(error: ValidationError) -> str:

@@ -1,19 +1,19 @@
-"""Upload bytes -> probabilities: decoding in a thread pool, inference through the batcher."""
+"""Upload bytes -> probabilities: decoding in worker processes, inference through the batcher."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from service.batcher import Batcher
-from service.errors import NotReady, Overloaded, ServiceError
+from service.budget import Budget, Ticket
+from service.decode_workers import DecodeWorkers
+from service.errors import DeadlineExceeded, NotReady, ServiceError
 from service.graph_check import check_output_width
 from service.metrics import Metrics
-from service.preprocess import preprocess_upload
 from service.session import ModelSession
 from service.settings import Settings
 
@@ -29,7 +29,6 @@ class Pipeline:
         self.session = session
         self.metrics = metrics
         self.spec = session.metadata.preprocessing
-        self.max_pixels = settings.max_pixels
         self._warmed_up = False
         self.warm_up_error: str | None = None
         self._preparing = 0
@@ -39,7 +38,14 @@ class Pipeline:
         self._failures_until_unready = settings.unready_after_failures
         self._recovery_interval = settings.recovery_probe_interval_s
         self._recovery: asyncio.Task[None] | None = None
-        self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        self.decoders = DecodeWorkers(
+            self.spec,
+            workers=settings.decode_workers,
+            max_pixels=settings.max_pixels,
+            memory_bytes=settings.decode_memory_bytes,
+            timeout_s=settings.decode_timeout_s,
+            on_replaced=lambda why: metrics.decode_workers_replaced.labels(why).inc(),
+        )
         self.batcher = Batcher(
             session.predict,
             max_batch_size=settings.max_batch_size,
@@ -51,6 +57,13 @@ class Pipeline:
             busy_elsewhere=lambda: self._preparing > 0,
             nice=settings.inference_nice,
         )
+        self.budget = Budget(
+            max_images=settings.max_queue,
+            max_body_bytes=settings.max_body_bytes_in_flight,
+            retry_after=self.batcher.retry_after,
+        )
+        metrics.images_in_flight.set_function(lambda: self.budget.images)
+        metrics.body_bytes_in_flight.set_function(lambda: self.budget.body_bytes)
         metrics.model.info(
             {
                 "name": session.metadata.name,
@@ -65,19 +78,15 @@ class Pipeline:
         size = self.spec.input_size
         return batch_size, 3, size, size
 
-    def _prepare_now(self, data: bytes) -> np.ndarray:
+    async def prepare(self, data: bytes) -> np.ndarray:
+        """One upload as a (1, 3, S, S) model input, decoded in a worker process."""
         started = time.perf_counter()
-        tensor, decoded = preprocess_upload(data, self.spec, max_pixels=self.max_pixels)
+        decoded = await self.decoders.decode(data)
         self.metrics.stage_seconds.labels("decode_preprocess").observe(
             time.perf_counter() - started
         )
-        self.metrics.observe_decoded(decoded)
-        return tensor
-
-    async def prepare(self, data: bytes) -> np.ndarray:
-        """One upload as a (1, 3, S, S) model input, decoded off the event loop."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._decode_pool, self._prepare_now, data)
+        self.metrics.observe_decoded(decoded.format, decoded.original_mode, decoded.exif_rotated)
+        return decoded.tensor
 
     async def infer(self, batch: np.ndarray, deadline: float) -> np.ndarray:
         """Probabilities (N, classes) for a preprocessed batch, batched with other requests."""
@@ -91,22 +100,28 @@ class Pipeline:
         return probabilities
 
     async def classify(self, images: list[bytes], deadline: float) -> np.ndarray:
-        """Probabilities for uploads, one row per image in request order."""
+        """Probabilities for uploads, one row per image in request order. The first image that
+        fails, or the deadline, stops the others: unstarted ones never start."""
         self.require_ready()
         self._preparing += len(images)
+        tasks = [asyncio.ensure_future(self.prepare(data)) for data in images]
         try:
-            tensors = await asyncio.gather(*(self.prepare(data) for data in images))
+            async with asyncio.timeout_at(deadline):
+                tensors = await asyncio.gather(*tasks)
+        except TimeoutError:
+            raise DeadlineExceeded("the request's deadline passed while it was decoded") from None
         finally:
+            for task in tasks:  # after a failure, the deadline or the client's going
+                task.cancel()
             self._preparing -= len(images)
         return await self.infer(np.concatenate(tensors), deadline)
 
-    def admit(self) -> None:
-        """Raise the 503 an inference request would end in, before its body is even read: not
-        ready, or the queue (with the uploads being decoded) full. Under overload a refused
+    def admit(self) -> Ticket:
+        """A new inference request's ticket (one image place), or the 503 it would end in,
+        before its body is even read: not ready, or every place taken. Under overload a refused
         request must cost next to nothing, or refusing starves the requests being served."""
         self.require_ready()
-        if self.batcher.is_full(self._preparing + 1):
-            raise Overloaded("the inference queue is full", retry_after=self.batcher.retry_after())
+        return self.budget.admit()
 
     @property
     def ready(self) -> bool:
@@ -131,6 +146,7 @@ class Pipeline:
         for onnxruntime's setup; their output must have one column per label. A failure is
         kept (readiness reports it) and raised: the server stops rather than stay unready."""
         self.batcher.start()
+        await asyncio.to_thread(self.decoders.start)
         deadline = time.monotonic() + WARM_UP_SECONDS
         try:
             for batch_size in self.session.warm_up_batch_sizes():
@@ -163,4 +179,4 @@ class Pipeline:
         if self._recovery is not None:
             self._recovery.cancel()
         await self.batcher.stop()
-        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.decoders.close()

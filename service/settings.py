@@ -57,11 +57,29 @@ class Settings(BaseSettings):
     of the spinning's cost under load. Costs a second copy of the session: +24 MB resident
     with the default model (165 -> 189 MB)."""
 
-    decode_threads: int = Field(2, ge=1)
-    """Threads decoding and preprocessing uploads (Pillow releases the GIL while decoding)."""
+    decode_workers: int = Field(2, ge=1)
+    """Processes decoding and preprocessing uploads, each one image at a time. Each holds
+    ~35 MB at rest, plus up to `decode_memory_bytes` while it decodes."""
+
+    decode_memory_bytes: int = Field(192 * 1024 * 1024, ge=16 * 1024 * 1024)
+    """Memory one image's decoding may take beyond what its worker holds at rest (the worker's
+    address space limit, RLIMIT_AS); over it the image is a 422 `too_expensive_to_decode` and
+    the worker is replaced. A 40 MP RGB PNG needs ~130 MB; a 40 MP 16-bit or RGBA one more.
+    The Deployment's memory limit follows from it (docs/RELIABILITY.md, "Memory budget")."""
+
+    decode_timeout_s: float = Field(2.0, gt=0)
+    """Wall-clock time one image's decoding may take; over it the worker is killed and
+    replaced and the image is a 422 `too_expensive_to_decode`. A 40 MP PNG takes ~0.5 s on
+    one core."""
 
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1)
     """Largest request body accepted, enforced while it streams (chunked bodies too): 413 above."""
+
+    max_body_bytes_in_flight: int = Field(64 * 1024 * 1024, ge=1)
+    """Budget for the request bodies held at once, counted while they stream in (multipart
+    bodies twice: the body and the files parsed from it; OIP JSON bodies five times: the
+    Python objects parsing makes) and held until each request has left: a request that would
+    go over it gets 503 with Retry-After before more is read."""
 
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
     """Largest image (width x height) decoded, checked from the header first: 422 above."""
@@ -90,8 +108,10 @@ class Settings(BaseSettings):
     one batch runs the next one fills up anyway, so waiting only adds latency on CPU."""
 
     max_queue: int = Field(256, ge=1)
-    """Images accepted (queued or in inference) before new requests get 503 with Retry-After:
-    about one second of work for the default model on 2 cores (~250 images/s)."""
+    """Images admitted before new requests get 503 with Retry-After: every image of every
+    admitted request counts, from admission (one place while its body is read) until its
+    answer has gone, whether it is being read, decoded, queued or in inference. About one
+    second of work for the default model on 2 cores (~250 images/s)."""
 
     request_timeout_ms: float = Field(10_000, gt=0)
     """Deadline for a request's queue wait; requests still queued then get 504 and never reach

@@ -64,6 +64,9 @@ def test_server_and_health(client: TestClient) -> None:
     assert client.get("/v2").json()["extensions"] == ["binary_tensor_data"]
     assert client.get("/v2/health/live").json() == {"live": True}
     assert client.get("/v2/health/ready").json() == {"ready": True}
+    # Probes and load balancers that ask with HEAD.
+    assert client.head("/v2/health/live").status_code == 200
+    assert client.head("/v2/health/ready").status_code == 200
 
 
 def test_model_metadata_names_inputs_and_outputs(
@@ -254,3 +257,68 @@ def test_unknown_model_is_404(client: TestClient, reference: ModelSession) -> No
     assert client.post("/v2/models/nope/infer", json={"inputs": []}).status_code == 404
     version_url = f"/v2/models/{reference.metadata.name}/versions/999/infer"
     assert client.post(version_url, json={"inputs": []}).json()["type"] == "model_not_found"
+
+
+def test_fp32_data_no_image_could_give_is_400(client: TestClient, reference: ModelSession) -> None:
+    size = reference.metadata.preprocessing.input_size
+    count = 3 * size * size
+    url = infer_url(reference)
+    edge = np.zeros(count, np.float32)  # mean 0.5, std 0.5: every channel spans -1..1
+    edge[:2] = (-1.0, 1.0)
+    assert client.post(
+        url, json=fp32_request(reference, [1, 3, size, size], edge.tolist())
+    ).is_success
+    for value in (3e38, -3e38, 1.05, -1.05):
+        data = np.zeros(count, np.float32)
+        data[count // 2] = value
+        response = client.post(url, json=fp32_request(reference, [1, 3, size, size], data.tolist()))
+        assert response.status_code == 400, value
+        assert "outside what the model's preprocessing can give" in response.json()["error"]
+    assert client.get("/v2/health/ready").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("element", "why"),
+    [(10**400, "an integer beyond any float"), ("0.5", "a string"), (True, "a boolean")],
+)
+def test_fp32_data_must_be_json_numbers(
+    client: TestClient, reference: ModelSession, element: object, why: str
+) -> None:
+    size = reference.metadata.preprocessing.input_size
+    data: list[object] = [0.0] * (3 * size * size)
+    data[5] = element
+    body = json.dumps(fp32_request(reference, [1, 3, size, size], data))
+    response = client.post(
+        infer_url(reference), content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400, why
+    assert response.json()["type"] == "invalid_request"
+
+
+def test_binary_data_output_must_be_a_boolean(client: TestClient, reference: ModelSession) -> None:
+    request = {
+        "parameters": {"binary_data_output": "false"},
+        "inputs": [
+            {
+                "name": "image",
+                "shape": [1],
+                "datatype": "BYTES",
+                "data": [base64.b64encode(UPLOADS["jpeg"][0]).decode()],
+            }
+        ],
+    }
+    response = client.post(infer_url(reference), json=request)
+    assert response.status_code == 400
+    assert "binary_data_output must be true or false" in response.json()["error"]
+
+
+def test_millions_of_bytes_elements_are_refused_at_the_declared_count(
+    client: TestClient, reference: ModelSession
+) -> None:
+    payload = b"\0\0\0\0" * 4_000_000  # 4 M empty elements, 16 MB
+    tensor = {"name": "image", "shape": [2], "datatype": "BYTES"}
+    header = {"inputs": [{**tensor, "parameters": {"binary_data_size": len(payload)}}]}
+    body, headers = binary_request(header, payload)
+    response = client.post(infer_url(reference), content=body, headers=headers)
+    assert response.status_code == 400
+    assert response.json()["error"].endswith("needs 2 images, got more")

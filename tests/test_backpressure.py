@@ -139,3 +139,52 @@ def test_expired_deadline_is_504_and_never_reaches_the_model(
 def test_bad_timeout_header_is_400(client: TestClient) -> None:
     status, _, body = classify(client, **{"X-Request-Timeout-Ms": "soon"})
     assert status == 400 and body["type"] == "invalid_request"
+
+
+def test_every_image_of_an_admitted_request_holds_a_place_until_it_has_left(
+    served_model: Path, gate: Gate
+) -> None:
+    """Three images of one request, held in inference, leave one place of four: a request of
+    two is refused once its body is read, a request of one is served."""
+    settings = cpu_settings(served_model, max_queue=4, max_batch_size=4, inference_workers=1)
+    files = [("file", (f"{i}.jpg", JPEG, "image/jpeg")) for i in range(3)]
+    with ready_client(settings) as client, ThreadPoolExecutor(2) as pool:
+        gate.open.clear()
+        held = pool.submit(client.post, "/v1/classify", files=files)
+        deadline = time.monotonic() + 10
+        while metric_value(client, "vit_images_in_flight") != 3:
+            assert time.monotonic() < deadline, "the three images never held their places"
+            time.sleep(0.01)
+        two = client.post("/v1/classify", files=files[:2])
+        assert two.status_code == 503 and two.json()["type"] == "overloaded"
+        assert int(two.headers["retry-after"]) >= 1
+        one = pool.submit(classify, client)
+        gate.open.set()
+        assert held.result().status_code == 200 and one.result()[0] == 200
+        assert metric_value(client, "vit_images_in_flight") == 0
+
+
+def test_bodies_over_the_in_flight_budget_are_503_and_multipart_never_touches_disk(
+    served_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_disk(self: object) -> None:
+        raise AssertionError("a multipart file was spooled to disk")
+
+    monkeypatch.setattr("tempfile.SpooledTemporaryFile.rollover", no_disk)
+    settings = cpu_settings(served_model, max_body_bytes_in_flight=3 * 1024 * 1024)
+    big = JPEG + b"\0" * (2 * 1024 * 1024)  # trailing bytes after a JPEG's end are ignored
+    with ready_client(settings) as client:
+        declared = client.post(
+            "/v1/classify", content=big * 2, headers={"content-type": "image/jpeg"}
+        )
+        assert declared.status_code == 503 and declared.json()["type"] == "overloaded"
+        assert "retry-after" in declared.headers
+        raw = client.post("/v1/classify", content=big, headers={"content-type": "image/jpeg"})
+        assert raw.status_code == 200
+        # The multipart body and the file parsed from it count twice: over 3 MiB.
+        form = client.post("/v1/classify", files=[("file", ("big.jpg", big, "image/jpeg"))])
+        assert form.status_code == 503 and form.json()["type"] == "overloaded"
+        small = JPEG + b"\0" * (1024 * 1024)
+        form = client.post("/v1/classify", files=[("file", ("small.jpg", small, "image/jpeg"))])
+        assert form.status_code == 200
+        assert metric_value(client, "vit_body_bytes_in_flight") == 0

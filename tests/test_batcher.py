@@ -336,3 +336,57 @@ def test_inference_threads_run_at_the_added_niceness() -> None:
         assert seen == [os.getpriority(os.PRIO_PROCESS, 0) + 3]  # this thread is untouched
 
     asyncio.run(scenario())
+
+
+class PoisonableModel(GatedModel):
+    """Returns NaN for a whole call when any of its inputs is 1e30 (one client's poison)."""
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        outputs = super().predict(batch)
+        return outputs * np.nan if (batch == 1e30).any() else outputs
+
+
+def test_a_batch_with_nan_output_is_split_so_only_the_culprit_fails() -> None:
+    async def scenario() -> None:
+        model = PoisonableModel()
+        batcher = make(model)
+        batcher.start()
+        first = asyncio.create_task(batcher.submit(rows(1), far()))
+        await wait_until_inference_runs(model)
+        culprit = asyncio.create_task(batcher.submit(rows(1e30), far()))
+        others = [asyncio.create_task(batcher.submit(rows(v), far())) for v in (10, 20)]
+        await asyncio.sleep(0.02)
+        model.gate.set()
+        assert (await first)[0, 0] == 1
+        with pytest.raises(InferenceFailed):
+            await culprit
+        assert [(await task)[0, 0] for task in others] == [10, 20]
+        # The batch of three, then each alone, then the known-good probe.
+        assert [len(call) for call in model.calls] == [1, 3, 1, 1, 1, 1]
+        assert batcher.consecutive_failures == 0  # the model works: the input was at fault
+        for _ in range(5):
+            with pytest.raises(InferenceFailed):
+                await batcher.submit(rows(1e30), far())
+        assert batcher.consecutive_failures == 0
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_failures_count_towards_readiness_only_when_known_good_input_fails_too() -> None:
+    async def scenario() -> None:
+        model = GatedModel()
+        model.gate.set()
+        model.fail = True
+        batcher = make(model)
+        batcher.start()
+        for expected in (1, 2):
+            with pytest.raises(InferenceFailed):
+                await batcher.submit(rows(1), far())
+            assert batcher.consecutive_failures == expected
+        model.fail = False
+        assert (await batcher.submit(rows(4), far()))[0, 0] == 4
+        assert batcher.consecutive_failures == 0
+        await batcher.stop()
+
+    asyncio.run(scenario())

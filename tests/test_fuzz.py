@@ -118,7 +118,12 @@ def test_oip_parsing_stays_in_the_closed_error_set(case: tuple[bytes, str | None
     body, header_length = case
     try:
         request = oip.parse_request(
-            body, header_length, pixels_name="pixel_values", input_shape=(3, 2, 2), max_batch=4
+            body,
+            header_length,
+            pixels_name="pixel_values",
+            input_shape=(3, 2, 2),
+            value_range=oip.pixel_range((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+            max_batch=4,
         )
     except InvalidRequest:
         return

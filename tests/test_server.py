@@ -283,6 +283,8 @@ def test_an_over_limit_chunked_body_is_refused_long_before_it_ends(served_model:
                 if select.select([connection], [], [], 0)[0]:
                     answer = connection.recv(4096)
             answer = answer or connection.recv(4096)
+            if b"\r\n\r\n" in answer and answer.endswith(b"\r\n\r\n"):  # the body came apart
+                answer += connection.recv(4096)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert b'"type":"payload_too_large"' in answer
     assert sent < 32 * limit, f"the server answered only after {sent} bytes"

@@ -1,0 +1,261 @@
+"""Attacks on a real server: files made to be expensive to decode, floods of large bodies and
+poison tensors. Each gets its answer in time while the server stays within its memory budget,
+health keeps answering and ordinary clients keep getting 200."""
+
+from __future__ import annotations
+
+import json
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests import attacks
+from tests.conftest import ROOT
+from tests.images import upload_variety
+from tests.service_support import Server, served
+
+MEMORY_BUDGET = 1024 * 1024 * 1024  # the default Deployment's limit (docs/RELIABILITY.md)
+JPEG = upload_variety()["jpeg"][0]
+HEALTH_MEDIAN_S = 0.1
+HEALTH_WORST_S = 2.0
+"""Loose: the suite shares two cores with the attack's own clients (40 threads pushing 760 MB
+through loopback); benchmarks/attacks.py measures the real figures. The liveness probe gives
+up after 3 s."""
+
+
+@pytest.fixture(scope="module")
+def server(served_model: Path) -> Iterator[Server]:
+    with served(served_model, ROOT) as running:
+        yield running
+
+
+def resident_bytes(pid: int) -> int:
+    """Resident memory of a process and all its descendants (the decoding workers)."""
+    total, pending = 0, [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            with open(f"/proc/{current}/status") as status:
+                for line in status:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending.extend(int(child) for child in (task / "children").read_text().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a worker replaced while we looked
+    return total
+
+
+@dataclass
+class Watch:
+    """While an attack runs: peak resident memory, health latencies, ordinary clients' statuses."""
+
+    server: Server
+    peak_bytes: int = 0
+    health_seconds: list[float] = field(default_factory=list)
+    health_failures: int = 0
+    ordinary: list[int] = field(default_factory=list)
+    ordinary_seconds: list[float] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __enter__(self) -> Watch:
+        self._threads = [
+            threading.Thread(target=self._memory),
+            threading.Thread(target=self._health),
+            threading.Thread(target=self._ordinary),
+        ]
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+    def _memory(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, resident_bytes(self.server.process.pid))
+            time.sleep(0.02)
+
+    def _health(self) -> None:
+        with httpx.Client(base_url=self.server.url, timeout=5) as client:
+            while not self._stop.is_set():
+                started = time.perf_counter()
+                try:
+                    ok = client.get("/v2/health/live").status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                self.health_seconds.append(time.perf_counter() - started)
+                self.health_failures += not ok
+                time.sleep(0.05)
+
+    def _ordinary(self) -> None:
+        with httpx.Client(base_url=self.server.url, timeout=30) as client:
+            while not self._stop.is_set():
+                started = time.perf_counter()
+                response = client.post(
+                    "/v1/classify", content=JPEG, headers={"content-type": "image/jpeg"}
+                )
+                self.ordinary_seconds.append(time.perf_counter() - started)
+                self.ordinary.append(response.status_code)
+                time.sleep(0.05)
+
+    def check(self) -> None:
+        assert self.peak_bytes < MEMORY_BUDGET, f"peak resident {self.peak_bytes / 2**20:.0f} MiB"
+        assert self.health_failures == 0 and self.health_seconds
+        assert statistics.median(self.health_seconds) < HEALTH_MEDIAN_S
+        assert max(self.health_seconds) < HEALTH_WORST_S
+        assert self.ordinary and set(self.ordinary) == {200}, self.ordinary
+
+
+def metric(server: Server, name: str, **labels: str) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                return sample.value
+    return 0.0
+
+
+def post_image(server: Server, data: bytes) -> httpx.Response:
+    """A raw image upload (the server finds the format from the bytes, not the media type)."""
+    return httpx.post(
+        f"{server.url}/v1/classify",
+        content=data,
+        headers={"content-type": "image/jpeg"},
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("attack", "limit", "seconds"),
+    [
+        (attacks.tiled_tiff, "memory", 5),
+        (attacks.sixteen_bit_png, "memory", 5),
+        (attacks.rle_bmp, "time", 8),  # the 2 s limit, with room for a loaded machine
+        (attacks.repeated_scan_jpeg, "time", 8),
+    ],
+)
+def test_an_expensive_file_is_422_in_time_and_nobody_else_notices(
+    server: Server, attack: attacks.Attack, limit: str, seconds: float
+) -> None:
+    data = attack()
+    before = metric(server, "vit_decode_workers_replaced_total", reason=limit)
+    with Watch(server) as watch:
+        time.sleep(0.2)
+        started = time.monotonic()
+        response = post_image(server, data)
+        elapsed = time.monotonic() - started
+        time.sleep(0.2)
+    assert response.status_code == 422 and response.json()["type"] == "too_expensive_to_decode"
+    assert elapsed < seconds
+    assert metric(server, "vit_decode_workers_replaced_total", reason=limit) == before + 1
+    watch.check()
+
+
+def test_a_multipart_of_64_bombs_is_one_quick_422(server: Server) -> None:
+    bomb = attacks.tiled_tiff()
+    files = [("file", (f"{i}.tif", bomb, "image/tiff")) for i in range(64)]
+    with Watch(server) as watch:
+        started = time.monotonic()
+        response = httpx.post(f"{server.url}/v1/classify", files=files, timeout=60)
+        elapsed = time.monotonic() - started
+        time.sleep(0.3)
+    assert response.status_code == 422 and response.json()["type"] == "too_expensive_to_decode"
+    assert elapsed < 5
+    watch.check()
+
+
+def test_many_concurrent_large_uploads_stay_within_the_memory_budget(server: Server) -> None:
+    large = JPEG + b"\0" * (19 * 1024 * 1024)  # bytes after the JPEG's end are ignored
+
+    with Watch(server) as watch, ThreadPoolExecutor(40) as pool:
+        statuses = [r.status_code for r in pool.map(lambda _: post_image(server, large), range(40))]
+    assert set(statuses) <= {200, 503} and 200 in statuses and 503 in statuses, statuses
+    watch.check()
+    assert metric(server, "vit_body_bytes_in_flight") == 0
+
+
+def infer(server: Server, body: bytes, headers: dict[str, str]) -> httpx.Response:
+    return httpx.post(f"{server.url}/v2/models/shapes-vit/infer", content=body, headers=headers)
+
+
+def test_an_extreme_fp32_tensor_is_400_and_does_not_touch_the_model(server: Server) -> None:
+    data = np.full((1, 3, 128, 128), 3e38, "<f4").tobytes()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "pixel_values",
+                    "shape": [1, 3, 128, 128],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(data)},
+                }
+            ]
+        }
+    ).encode()
+    binary = {
+        "inference-header-content-length": str(len(header)),
+        "content-type": "application/octet-stream",
+    }
+    with Watch(server) as watch:
+        for _ in range(10):
+            response = infer(server, header + data, binary)
+            assert response.status_code == 400
+    assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
+    watch.check()
+
+
+def test_millions_of_bytes_elements_are_400_without_stalling_health(server: Server) -> None:
+    payload = b"\0\0\0\0" * 4_900_000
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": [1],
+                    "datatype": "BYTES",
+                    "parameters": {"binary_data_size": len(payload)},
+                }
+            ]
+        }
+    ).encode()
+    binary = {
+        "inference-header-content-length": str(len(header)),
+        "content-type": "application/octet-stream",
+    }
+    with Watch(server) as watch:
+        started = time.monotonic()
+        response = infer(server, header + payload, binary)
+        elapsed = time.monotonic() - started
+    assert response.status_code == 400
+    assert elapsed < 5
+    watch.check()
+
+
+def test_a_client_that_disconnects_has_its_decoding_stopped(server: Server) -> None:
+    slow = attacks.rle_bmp()
+    before = metric(server, "vit_decode_workers_replaced_total", reason="abandoned")
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as connection:
+        head = (
+            f"POST /v1/classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/bmp\r\n"
+            f"Content-Length: {len(slow)}\r\n\r\n"
+        )
+        connection.sendall(head.encode() + slow)
+        time.sleep(0.5)  # decoding has started
+    deadline = time.monotonic() + 5
+    while metric(server, "vit_decode_workers_replaced_total", reason="abandoned") == before:
+        assert time.monotonic() < deadline, "the abandoned decode was never stopped"
+        time.sleep(0.05)
