@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from model_export import shapes
-from model_export.importing import image_files
+from model_export.importing import ImportRefused, image_files
 from service.errors import ServiceError
 from service.preprocess import PreprocessSpec, preprocess
 from service.providers import CPU
@@ -88,16 +88,24 @@ def evaluate(session: ModelSession, *, seed: int, count: int, batch_size: int = 
 
 
 def labelled_images(folder: Path, labels: tuple[str, ...]) -> list[tuple[Path, int]]:
-    """(file, class index) for `folder/<label>/*`; every subfolder must name a label."""
+    """(file, class index) for `folder/<label>/*`; every visible subfolder must name a label."""
     index = {label: i for i, label in enumerate(labels)}
-    classes = sorted(d for d in folder.iterdir() if d.is_dir())
+    classes = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     unknown = [d.name for d in classes if d.name not in index]
     if unknown or not classes:
         raise UnlabelledImages(
             f"{folder} needs one folder per label; {', '.join(unknown) or 'none found'} "
             f"not among the model's labels: {', '.join(labels)}"
         )
-    return [(path, index[d.name]) for d in classes for path in image_files(d)]
+    samples = []
+    for class_folder in classes:
+        try:
+            samples += [(path, index[class_folder.name]) for path in image_files(class_folder)]
+        except ImportRefused:
+            continue  # a label without images yet: nothing to count
+    if not samples:
+        raise UnlabelledImages(f"no image files in the label folders of {folder}")
+    return samples
 
 
 def evaluate_folder(

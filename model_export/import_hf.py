@@ -7,6 +7,7 @@ onnxruntime on this project's preprocessing of the same image files, as the serv
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import warnings
 from dataclasses import dataclass
@@ -28,9 +29,14 @@ from model_export.export import (
     write_metadata,
 )
 from model_export.hf_preprocessing import UnexpressibleProcessor, spec_from_processor
-from model_export.importing import ImportRefused, image_files, model_name
+from model_export.importing import (
+    ImportRefused,
+    image_files,
+    model_name,
+    served_logits,
+    staged,
+)
 from service.model_metadata import ModelMetadata
-from service.preprocess import preprocess
 from service.providers import CPU
 from service.session import ModelSession, softmax
 
@@ -106,6 +112,12 @@ def load(source: str) -> tuple[nn.Module, Any]:
 
     transformers_logging.disable_progress_bar()
 
+    if importlib.util.find_spec("torchvision") is not None:
+        logger.warning(
+            "torchvision is installed, so pipeline() defaults to transformers' torchvision "
+            "backend; the served numbers are those of its PIL backend (pass "
+            "image_processor=AutoImageProcessor.from_pretrained(SOURCE, backend='pil'))"
+        )
     model = AutoModelForImageClassification.from_pretrained(source).eval()
     processor = AutoImageProcessor.from_pretrained(source, backend="pil")
     config = model.config
@@ -141,8 +153,7 @@ def check_parity(
     model: nn.Module, processor: Any, session: ModelSession, files: list[Path], *, fp16: bool
 ) -> ParityReport:
     expected = framework_logits(model, processor, files)
-    spec = session.metadata.preprocessing
-    actual = session.logits(np.concatenate([preprocess(p.read_bytes(), spec) for p in files]))
+    actual = served_logits(session, files, session.metadata.preprocessing)
     return ParityReport(
         images=len(files),
         max_logit_diff=float(np.abs(expected - actual).max()),
@@ -169,11 +180,6 @@ def import_hf(
     except UnexpressibleProcessor as error:
         raise ImportRefused(f"the image processor cannot be expressed: {error}") from error
     files = image_files(check_images)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    graph = LogitsOnly(model)
-    with warnings.catch_warnings():  # the tracer's notes on shape checks it folds away
-        warnings.simplefilter("ignore", TracerWarning)
-        to_onnx(Float16Inside(graph) if fp16 else graph, output, spec.input_size)
     config: Any = model.config
     metadata = ModelMetadata(
         name=name or model_name(source),
@@ -191,6 +197,14 @@ def import_hf(
             "image_processor": type(processor).__name__,
         },
     )
-    write_metadata(output, metadata, producer="vit-import")
-    session = ModelSession(output, providers=(CPU,))
-    return check_parity(model, processor, session, files, fp16=fp16)
+    graph = LogitsOnly(model)
+    with staged(output) as staged_path:
+        with warnings.catch_warnings():  # the tracer's notes on shape checks it folds away
+            warnings.simplefilter("ignore", TracerWarning)
+            to_onnx(Float16Inside(graph) if fp16 else graph, staged_path, spec.input_size)
+        write_metadata(staged_path, metadata, producer="vit-import")
+        session = ModelSession(staged_path, providers=(CPU,))
+        report = check_parity(model, processor, session, files, fp16=fp16)
+        if report.passed:
+            staged_path.replace(output)
+    return report

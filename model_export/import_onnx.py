@@ -16,10 +16,11 @@ import onnx
 from pydantic import ValidationError
 
 from model_export.hf_preprocessing import UnexpressibleProcessor, spec_from_processor
-from model_export.importing import ImportRefused, model_name
-from service.graph_check import inspect_model
+from model_export.importing import ImportRefused, model_name, served_logits, staged
+from service.errors import ServiceError
+from service.graph_check import check_output_width, inspect_model
 from service.model_metadata import InvalidModelMetadata, ModelMetadata, one_line
-from service.preprocess import PreprocessSpec, preprocess
+from service.preprocess import PreprocessSpec
 from service.providers import CPU
 from service.session import ModelSession
 
@@ -44,12 +45,23 @@ class SmokeReport:
         )
 
 
+def _last_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__
+
+
 def read_labels(path: Path) -> tuple[str, ...]:
     """Labels from a text file (one per line), a JSON list, or an HF config.json (id2label)."""
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ImportRefused(f"{path}: {error.strerror or error}") from error
     if path.suffix.lower() != ".json":
         return tuple(line.strip() for line in text.splitlines() if line.strip())
-    data = json.loads(text)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ImportRefused(f"{path}: not JSON ({error})") from error
     if isinstance(data, list):
         return tuple(str(label) for label in data)
     if isinstance(data, dict) and "id2label" in data:
@@ -66,8 +78,12 @@ def spec_from_preprocessor_config(path: Path, *, jpeg_draft: bool) -> Preprocess
     from transformers import AutoImageProcessor
 
     with tempfile.TemporaryDirectory() as folder:
-        shutil.copy(path, Path(folder) / HF_PREPROCESSOR)
-        processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
+        try:
+            shutil.copy(path, Path(folder) / HF_PREPROCESSOR)
+            processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
+        except (OSError, ValueError) as error:
+            reason = _last_line(error)
+            raise ImportRefused(f"{path}: not a readable image processor ({reason})") from error
     try:
         return spec_from_processor(processor, jpeg_draft=jpeg_draft)
     except UnexpressibleProcessor as error:
@@ -108,9 +124,16 @@ def choose_output(proto: onnx.ModelProto, named: str | None) -> str | None:
 
 def smoke(session: ModelSession, files: list[Path]) -> SmokeReport:
     """Real images through the stamped file; warn where the output kind looks wrong."""
-    spec = session.metadata.preprocessing
-    batch = np.concatenate([preprocess(path.read_bytes(), spec) for path in files])
-    raw = session.logits(batch)
+    try:
+        raw = served_logits(session, files, session.metadata.preprocessing)
+    except ServiceError as error:
+        raise ImportRefused(f"a check image could not be used: {error.message}") from error
+    except Exception as error:  # onnxruntime's own errors, untyped
+        raise ImportRefused(
+            f"the model failed on the check images ({_last_line(error)}); does the input size "
+            "match what the graph computes?"
+        ) from error
+    check_output_width(raw.shape[1], session.metadata, session.path)
     if not np.isfinite(raw).all():
         raise ImportRefused("the model returned NaN or Inf on ordinary photos")
     sums = raw.sum(axis=1)
@@ -155,10 +178,16 @@ def import_onnx(
     model_file = source / ONNX_FILE if folder else source
     if not model_file.is_file():
         raise ImportRefused(f"{model_file}: no such file")
-    proto = onnx.load(str(model_file))
+    try:
+        proto = onnx.load(str(model_file))
+    except Exception as error:  # protobuf's decode errors and onnx's own, untyped
+        raise ImportRefused(f"{model_file}: not an ONNX file ({_last_line(error)})") from error
     old = existing_metadata(proto)
     config_file = folder / HF_CONFIG if folder and (folder / HF_CONFIG).is_file() else None
-    config = json.loads(config_file.read_text()) if config_file else {}
+    try:
+        config = json.loads(config_file.read_text()) if config_file else {}
+    except json.JSONDecodeError as error:
+        raise ImportRefused(f"{config_file}: not JSON ({error})") from error
 
     labels_file = labels or config_file
     label_names = read_labels(labels_file) if labels_file else old.get("labels")
@@ -204,17 +233,15 @@ def import_onnx(
 
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, metadata.to_props())
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=output.parent, suffix=".onnx", delete=False) as staged:
-        staged_path = Path(staged.name)
-    try:
+    with staged(output) as staged_path:
         onnx.save(proto, str(staged_path))
         try:
             inspect_model(staged_path)
         except InvalidModelMetadata as error:
             raise ImportRefused(str(error).replace(str(staged_path), str(output))) from error
-        report = smoke(ModelSession(staged_path, providers=(CPU,)), check_images)
+        try:
+            report = smoke(ModelSession(staged_path, providers=(CPU,)), check_images)
+        except InvalidModelMetadata as error:
+            raise ImportRefused(str(error).replace(str(staged_path), str(output))) from error
         staged_path.replace(output)
-    finally:
-        staged_path.unlink(missing_ok=True)
     return report

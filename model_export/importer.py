@@ -48,8 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         )
         sub.add_argument(
             "--jpeg-draft",
-            action="store_true",
-            default=None,
+            action=argparse.BooleanOptionalAction,
             help="decode large JPEGs at a reduced scale (faster; check accuracy with vit-eval)",
         )
     hf.add_argument(

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import numpy as np
+
+from service.preprocess import PreprocessSpec, preprocess
+from service.session import ModelSession
 
 PHOTOS = Path(__file__).resolve().parent / "photos"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+CHECK_BATCH_SIZE = 16
 
 
 class ImportRefused(ValueError):
@@ -26,3 +35,28 @@ def model_name(source: str) -> str:
     """A name fit for URLs (/v2/models/{name}) from a path or hub id: its last part."""
     last = Path(source.rstrip("/")).name
     return re.sub(r"[^A-Za-z0-9._-]+", "-", last).strip("-.") or "model"
+
+
+@contextmanager
+def staged(output: Path) -> Iterator[Path]:
+    """A temporary file beside `output`: the caller moves it over `output` once every check has
+    passed, so a failed import never leaves a servable file or replaces a good one."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=output.parent, suffix=".onnx", delete=False) as file:
+        path = Path(file.name)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def served_logits(session: ModelSession, files: list[Path], spec: PreprocessSpec) -> np.ndarray:
+    """What the service computes for each file (its decoding and preprocessing, then the model),
+    in batches of CHECK_BATCH_SIZE however many files there are."""
+    rows = []
+    for start in range(0, len(files), CHECK_BATCH_SIZE):
+        chunk = files[start : start + CHECK_BATCH_SIZE]
+        rows.append(
+            session.logits(np.concatenate([preprocess(p.read_bytes(), spec) for p in chunk]))
+        )
+    return np.concatenate(rows)

@@ -74,7 +74,11 @@ def _stop_if_warm_up_failed(app: FastAPI, warm_up: asyncio.Task[None]) -> None:
     `app.state.stop_server`) instead of answering "not ready" forever."""
     if warm_up.cancelled() or (error := warm_up.exception()) is None:
         return
-    logger.error("warm-up failed, stopping: %s", error)
+    logger.error(
+        "warm-up failed, stopping: %s (does the metadata describe this graph? "
+        "docs/MODEL-FORMAT.md)",
+        error,
+    )
     stop = getattr(app.state, "stop_server", None)
     if stop is not None:
         stop()

@@ -97,11 +97,14 @@ def upright(image: Image.Image) -> Image.Image:
 
 def to_rgb(image: Image.Image, alpha_background: RGB | None) -> Image.Image:
     """Any Pillow mode as 8-bit RGB: high bit depths scaled, transparency composited onto
-    `alpha_background`, or with None dropped as Pillow's `convert("RGB")` drops it (what
-    Hugging Face pipelines do when they load an image)."""
+    `alpha_background`; or with None, Pillow's own `convert("RGB")` for every mode (alpha
+    dropped, 16-bit and float samples clipped), which is how Hugging Face pipelines load
+    images."""
     mode = image.mode
     if mode == "RGB":
         return image
+    if alpha_background is None:
+        return image.convert("RGB")
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit samples span 0..65535 (Pillow widens 16-bit PNGs to I); scale, never clip.
         samples = np.asarray(image, dtype=np.float64)
@@ -112,8 +115,6 @@ def to_rgb(image: Image.Image, alpha_background: RGB | None) -> Image.Image:
         full_scale = 1.0 if samples.max(initial=0.0) <= 1.0 else 255.0
         levels = np.clip(np.round(samples * (255.0 / full_scale)), 0, 255).astype(np.uint8)
         return Image.fromarray(levels).convert("RGB")
-    if alpha_background is None:
-        return image.convert("RGB")
     if mode == "La":  # premultiplied alpha has no direct path to RGBA
         image = image.convert("LA")
     if mode == "P" and "transparency" in image.info or image.mode in ("PA", "LA", "RGBa"):

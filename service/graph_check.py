@@ -28,6 +28,8 @@ class GraphContract:
     """The batch axis's size where the graph fixes it; None where it is dynamic."""
     output_width: int | None
     """The output's class axis where the graph fixes it; None where it is symbolic."""
+    output_type: str
+    """The output's element type: tensor(float) or tensor(float16)."""
 
 
 def _dims(shape: list[int | str | None]) -> str:
@@ -60,6 +62,8 @@ def check_graph(
         )
     size = metadata.preprocessing.input_size
     spatial = [d for d in shape[2:] if isinstance(d, int)]
+    if len(set(spatial)) > 1:
+        raise ModelMismatch(f"{where} is not square; the service feeds S x S images")
     if any(d != size for d in spatial):
         graph_size = spatial[0]
         raise ModelMismatch(
@@ -93,6 +97,7 @@ def check_graph(
         output_name=output_name,
         fixed_batch_size=fixed_batch_size,
         output_width=width,
+        output_type=output.type,
     )
 
 

@@ -12,6 +12,22 @@ from service.preprocess import PreprocessSpec
 
 _JSON_FIELDS = ("labels", "preprocessing", "dataset", "source")
 REQUIRED_KEYS = ("name", "version", "labels", "preprocessing", "output")
+# What vit-export wrote before the spec said how JPEGs are decoded: those files were always
+# served with draft decoding, and keep it.
+_LEGACY_SPEC_KEYS = frozenset(
+    {
+        "input_size",
+        "resize",
+        "interpolation",
+        "crop",
+        "crop_pct",
+        "mean",
+        "std",
+        "channel_order",
+        "layout",
+        "alpha_background",
+    }
+)
 
 
 class InvalidModelMetadata(ValueError):
@@ -73,6 +89,9 @@ class ModelMetadata(BaseModel):
         known = {key: value for key, value in props.items() if key in cls.model_fields}
         try:
             decoded = {k: json.loads(v) if k in _JSON_FIELDS else v for k, v in known.items()}
+            spec = decoded["preprocessing"]
+            if isinstance(spec, dict) and set(spec) == _LEGACY_SPEC_KEYS:
+                decoded["preprocessing"] = {**spec, "jpeg_draft": True}
             return cls.model_validate(decoded)
         except (json.JSONDecodeError, ValidationError) as error:
             reason = one_line(error) if isinstance(error, ValidationError) else str(error)

@@ -65,8 +65,9 @@ class PreprocessSpec(BaseModel):
     )
     alpha_background: tuple[int, int, int] | None = Field(
         (255, 255, 255),
-        description="Colour transparent pixels are composited onto; null drops the alpha "
-        "channel as Pillow's convert('RGB') does (what Hugging Face pipelines see).",
+        description="Colour transparent pixels are composited onto (and 16-bit or float "
+        "samples are scaled to 8 bits); null: Pillow's own convert('RGB') for every mode, "
+        "alpha dropped and high bit depths clipped, as Hugging Face pipelines load images.",
     )
     jpeg_draft: bool = Field(
         False,

@@ -106,11 +106,9 @@ class ModelSession:
             # A CPU-only machine serving from the CPU is expected, not a warning.
             level = logging.INFO if fallback.endswith(NO_NVIDIA_DRIVER) else logging.WARNING
             logger.log(level, "serving on %s: %s", self.provider, fallback)
-        if self.fixed_batch_size is not None and (acceleration.io_binding or cuda_graph):
-            fallback = (
-                f"io_binding and cuda_graph: off (the graph fixes the batch at "
-                f"{self.fixed_batch_size}; its buffers are sized per bucket)"
-            )
+        unbindable = self._unbindable()
+        if unbindable and (acceleration.io_binding or cuda_graph):
+            fallback = f"io_binding and cuda_graph: off ({unbindable})"
             self.fallbacks = (*self.fallbacks, fallback)
             logger.warning("fallback: %s", fallback)
             acceleration = dataclasses.replace(acceleration, io_binding=False)
@@ -166,6 +164,14 @@ class ModelSession:
             self.metadata.version,
             ", ".join(f"{key} {value}" for key, value in self.runtime.items()),
         )
+
+    def _unbindable(self) -> str | None:
+        """Why the bound buffers (float32, one per batch-size bucket) cannot serve this graph."""
+        if self.fixed_batch_size is not None:
+            return f"the graph fixes the batch at {self.fixed_batch_size}"
+        if self.graph.output_type != "tensor(float)":
+            return f"the graph's output is {self.graph.output_type}"
+        return None
 
     def _workers(self, requested: int, one_call_at_a_time: bool) -> int:
         """Calls that may run at once: `requested`, or for 0 two on the CPU provider and one

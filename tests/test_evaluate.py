@@ -65,3 +65,12 @@ def test_folders_that_are_not_labels_are_refused(served_model: Path, tmp_path: P
     (tmp_path / "kitten").mkdir()
     with pytest.raises(SystemExit, match="kitten not among the model's labels: circle"):
         main([str(served_model), "--images", str(tmp_path)])
+
+
+def test_hidden_and_empty_folders_are_not_labels(session: ModelSession, tmp_path: Path) -> None:
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "heart").mkdir()  # a label with no images yet
+    (tmp_path / "star").mkdir()
+    (tmp_path / "star" / "a.jpg").write_bytes(next(shapes.samples(5, 1)).data)
+    evaluation, skipped = evaluate_folder(session, tmp_path, session.metadata.preprocessing)
+    assert evaluation.count == 1 and skipped == []

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -131,3 +132,53 @@ def test_a_fixed_batch_of_one_serves_multi_image_requests(tmp_path: Path) -> Non
     assert response.status_code == 200, response.text
     got = np.array([p["probabilities"] for p in response.json()["predictions"]])
     np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_a_non_square_input_is_refused_as_such(tmp_path: Path) -> None:
+    import onnx
+
+    model = classifier(tmp_path / "m.onnx", metadata=metadata_for(LABELS, 32))
+    proto = onnx.load(str(model))
+    proto.graph.input[0].type.tensor_type.shape.dim[3].dim_value = 40
+    onnx.save(proto, str(model))
+    with pytest.raises(ModelMismatch, match=r"\[batch, 3, 32, 40\] is not square"):
+        inspect_model(model)
+
+
+def test_a_float16_output_is_served_without_the_float32_bound_buffers(tmp_path: Path) -> None:
+    import onnx
+    from onnx import helper
+
+    from service.providers import Acceleration
+
+    model = classifier(tmp_path / "m.onnx", metadata=metadata_for(LABELS, 32))
+    proto = onnx.load(str(model))
+    proto.graph.node[-1].output[0] = "logits32"
+    proto.graph.node.append(
+        helper.make_node("Cast", ["logits32"], ["logits"], to=TensorProto.FLOAT16)
+    )
+    proto.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    onnx.save(proto, str(model))
+    session = ModelSession(model, providers=(CPU,), acceleration=Acceleration(io_binding=True))
+    assert session.runtime["io_binding"] == "off"
+    assert any("tensor(float16)" in fallback for fallback in session.fallbacks)
+    batch = np.random.default_rng(1).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    probabilities = session.predict(batch)
+    assert probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities, softmax(expected_logits(batch)), atol=2e-3)
+
+
+def test_files_from_before_jpeg_draft_existed_keep_draft_decoding() -> None:
+    from service.model_metadata import ModelMetadata
+
+    legacy = {
+        "input_size": 128, "resize": "shorter_side", "interpolation": "bilinear",
+        "crop": "center", "crop_pct": 1.0, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+        "channel_order": "RGB", "layout": "NCHW", "alpha_background": [255, 255, 255],
+    }  # fmt: skip
+    props = metadata_for(LABELS, 128).to_props()
+    old = ModelMetadata.from_props({**props, "preprocessing": json.dumps(legacy)})
+    assert old.preprocessing.jpeg_draft is True
+    by_hand = {"input_size": 128, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    new = ModelMetadata.from_props({**props, "preprocessing": json.dumps(by_hand)})
+    assert new.preprocessing.jpeg_draft is False

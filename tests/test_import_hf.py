@@ -201,3 +201,18 @@ def test_the_parity_check_fails_when_the_preprocessing_differs(tmp_path: Path) -
     )
     assert not report.passed and report.max_logit_diff > 1e-2
     assert "FAIL" in report.line()
+
+
+def test_a_failed_check_leaves_no_file_and_keeps_the_old_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from model_export import import_hf
+
+    checkpoint = vit_imagenet_bicubic(tmp_path / "vit")
+    output = tmp_path / "model.onnx"
+    output.write_bytes(b"the model in service")
+    monkeypatch.setattr(import_hf, "LOGIT_TOLERANCE", -1.0)  # no graph can pass
+    report = import_hf.import_hf(str(checkpoint.folder), output)
+    assert not report.passed
+    assert output.read_bytes() == b"the model in service"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "vit"]

@@ -212,3 +212,29 @@ def test_a_symbolic_input_size_needs_the_flag(tmp_path: Path) -> None:
     )
     assert given.returncode == 0, given.stderr
     assert metadata_of(tmp_path / "o.onnx").preprocessing == PreprocessSpec(input_size=40)
+
+
+def test_unreadable_inputs_are_refused_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "labels.txt").write_text("\n".join(LABELS))
+    not_onnx = tmp_path / "notes.onnx"
+    not_onnx.write_text("not a graph")
+    symbolic = classifier(
+        tmp_path / "s.onnx", size="s", classes="c", width_from_input=True, weights_classes=64
+    )
+    cases = [
+        (["onnx", str(not_onnx), "--labels", str(tmp_path / "labels.txt")], "not an ONNX file"),
+        (
+            ["onnx", str(classifier(tmp_path / "m.onnx")), "--labels", str(tmp_path / "nope")],
+            "No such file or directory",
+        ),
+        (
+            ["onnx", str(symbolic), "--labels", str(tmp_path / "labels.txt"), "--input-size", "5"],
+            "the graph's output has 5 classes",
+        ),
+    ]
+    for args, message in cases:
+        result = run_import(*args, "-o", str(tmp_path / "out.onnx"))
+        assert result.returncode != 0
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "out.onnx").exists()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.preprocess import PreprocessSpec, preprocess
+from service.preprocess import PreprocessSpec, normalize, preprocess
 from tests.images import asymmetric, encode, with_orientation
 
 
@@ -135,3 +135,12 @@ def test_a_spec_refuses_two_crop_rules_or_a_resize_smaller_than_the_input() -> N
         PreprocessSpec(input_size=32, resize_size=40, crop_pct=0.875)
     with pytest.raises(ValidationError, match="at least input_size"):
         PreprocessSpec(input_size=32, resize_size=16)
+
+
+def test_without_a_background_every_mode_converts_as_pillow_does() -> None:
+    deep = Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # 16-bit
+    spec = PreprocessSpec(input_size=8, alpha_background=None, resize="squash")
+    expected = normalize(deep.convert("RGB"), spec)  # clipped at 255, as pipelines see it
+    assert np.array_equal(preprocess(deep, spec), expected)
+    scaled = preprocess(deep, PreprocessSpec(input_size=8, resize="squash"))
+    assert not np.array_equal(scaled, expected)  # the service's own choice: scaled, not clipped
