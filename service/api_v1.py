@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 
 from service.body import FILE_FIELD, unless_disconnected, uploaded_images
 from service.dependencies import InferenceDep, PipelineDep
-from service.errors import InvalidRequest
+from service.errors import InvalidRequest, ServiceError
 from service.pipeline import Pipeline
 from service.responses import classify_response, error_responses
 from service.schemas import ClassifyResponse, ModelInfo, ModelList
@@ -67,9 +67,19 @@ async def classify(
             ticket=inference.ticket,
         )
     inference.ticket.hold_images(len(images))
-    result = await unless_disconnected(request, pipeline.classify(images, inference.deadline))
+    work = pipeline.classify_each([image.data for image in images], inference.deadline)
+    outcomes = await unless_disconnected(request, work)
+    failed = [outcome for outcome in outcomes if isinstance(outcome, ServiceError)]
+    if len(outcomes) == 1 and failed:
+        raise failed[0]  # one file: its error is the request's, with its status
+    for error in failed:
+        pipeline.metrics.rejections.labels(error.type).inc()
     return classify_response(
-        result, pipeline.session.metadata, top_k=top_k or settings.default_top_k, full=probabilities
+        outcomes,
+        [image.name for image in images],
+        pipeline.session.metadata,
+        top_k=top_k or settings.default_top_k,
+        full=probabilities,
     )
 
 

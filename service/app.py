@@ -58,10 +58,25 @@ async def _validation_error(request: Request, error: Exception) -> JSONResponse:
     return error_response(_metrics(request), 400, message, InvalidRequest.type)
 
 
+ROUTES_HINT = (
+    "the routes: POST /v1/classify, GET /v1/models, GET /v2/health/ready, "
+    "POST /v2/models/{name}/infer, GET /metrics; all of them, with a form to try each, at /docs"
+)
+
+
 async def _http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, HTTPException)
     kind = _HTTP_ERROR_TYPES.get(error.status_code, "http_error")
-    return error_response(_metrics(request), error.status_code, str(error.detail), kind)
+    message = str(error.detail)
+    if error.status_code == 404:  # no route matched: a route's own 404s are ServiceErrors
+        path = request.url.path
+        near = f" (did you mean {path.rstrip('/')}?)" if path.endswith("/") and path != "/" else ""
+        message = f"no route {request.method} {path}{near}; {ROUTES_HINT}"
+    headers = dict(error.headers or {})
+    if error.status_code == 405:
+        allowed = headers.get("allow", headers.get("Allow", ""))
+        message = f"{request.method} is not allowed on {request.url.path}; use {allowed}"
+    return error_response(_metrics(request), error.status_code, message, kind, headers or None)
 
 
 async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
@@ -149,6 +164,8 @@ def create_app(settings: Settings) -> FastAPI:
         description="Image classification with a self-describing ONNX Vision Transformer. "
         "/v1 takes image uploads; /v2 speaks the Open Inference Protocol.",
         lifespan=_lifespan(settings),
+        # /v1/classify/ answers 404 with a hint, not a bodiless 307 that POST clients lose.
+        redirect_slashes=False,
     )
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

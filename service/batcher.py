@@ -257,7 +257,7 @@ class Batcher:
         for job in batch:
             self._metrics.stage_seconds.labels("queue_wait").observe(started - job.enqueued)
         try:
-            outputs = _checked(predict, inputs)
+            outputs = self._calls(predict, inputs)
         except Exception as error:
             logger.exception("inference failed on a batch of %d images", len(inputs))
             self._isolate(batch, predict, error)
@@ -269,7 +269,6 @@ class Batcher:
             self.consecutive_failures = 0
             self._throughput.observe(len(inputs), elapsed)
         self._metrics.stage_seconds.labels("inference").observe(elapsed)
-        self._metrics.batch_size.observe(len(inputs))
         rows = np.split(outputs, np.cumsum([len(job.inputs) for job in batch])[:-1])
         self._answer(list(zip(batch, rows, strict=True)))
 
@@ -282,7 +281,7 @@ class Batcher:
             outcome: np.ndarray | Exception = error
             if len(batch) > 1:
                 try:
-                    outcome = _checked(predict, job.inputs)
+                    outcome = self._calls(predict, job.inputs)
                 except Exception as alone:
                     outcome = alone
             if isinstance(outcome, Exception):
@@ -296,6 +295,18 @@ class Batcher:
         with self._changed:
             self.consecutive_failures = 0 if known_good_works else self.consecutive_failures + 1
         self._answer(outcomes)
+
+
+    def _calls(self, predict: Predict, inputs: np.ndarray) -> np.ndarray:
+        """`inputs` through onnxruntime in calls of at most max_batch_size images: a request
+        larger than that is split, never run as one larger call."""
+        step = self._max_batch_size
+        outputs = []
+        for start in range(0, len(inputs), step):
+            chunk = inputs[start : start + step]
+            outputs.append(_checked(predict, chunk))
+            self._metrics.batch_size.observe(len(chunk))
+        return np.concatenate(outputs)
 
 
 def _checked(predict: Predict, inputs: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Awaitable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from starlette.datastructures import UploadFile
@@ -17,6 +18,7 @@ from service.errors import (
     InvalidRequest,
     PayloadTooLarge,
     RequestTimeout,
+    TooManyImages,
     UnsupportedMediaType,
 )
 
@@ -56,25 +58,42 @@ async def read_body(request: Request, limit: int, timeout: float, ticket: Ticket
     return b"".join(chunks)
 
 
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded file: its name where the client gave one (multipart), and its bytes."""
+
+    name: str | None
+    data: bytes
+
+
 async def uploaded_images(
     request: Request, *, limit: int, timeout: float, max_files: int, ticket: Ticket
-) -> list[bytes]:
+) -> list[Upload]:
     """Image files from a multipart form (field `file`, repeatable) or a raw `image/*` body."""
     kind = media_type(request)
-    if kind != "multipart/form-data" and not kind.startswith("image/"):
+    accepted = kind == "multipart/form-data" or kind.startswith("image/")
+    if kind and not accepted:
         raise UnsupportedMediaType(
             f"send multipart/form-data with field {FILE_FIELD!r} or an image/* body, not {kind!r}"
         )
     body = await read_body(request, limit, timeout, ticket)
     if not body:
-        raise EmptyBody("the request body is empty")
+        raise EmptyBody(
+            f"the request body is empty: send an image as multipart/form-data (field "
+            f"{FILE_FIELD!r}) or as an image/* body"
+        )
+    if not accepted:
+        raise UnsupportedMediaType(
+            f"the body has no Content-Type: send multipart/form-data with field {FILE_FIELD!r} "
+            "or an image/* body"
+        )
     if kind.startswith("image/"):
-        return [body]
+        return [Upload(name=None, data=body)]
     ticket.hold_bytes(len(body))  # the files parsed from it are a second copy at most
     return await _form_files(request, body, max_files)
 
 
-async def _form_files(request: Request, body: bytes, max_files: int) -> list[bytes]:
+async def _form_files(request: Request, body: bytes, max_files: int) -> list[Upload]:
     """The files of a multipart body, never spooled to disk: they are in memory already, and
     counted (a pod's /tmp is small, and a disk is no bound on what is in flight)."""
 
@@ -92,16 +111,24 @@ async def _form_files(request: Request, body: bytes, max_files: int) -> list[byt
     try:
         form = await parser.parse()
     except MultiPartException as error:
+        if error.message.startswith("Too many files"):
+            raise TooManyImages(
+                f"at most {max_files} images in one request (VIT_MAX_IMAGES_PER_REQUEST); "
+                "send the rest in another"
+            ) from error
         raise InvalidRequest(f"malformed multipart body: {error.message}") from error
     try:
         uploads = [item for item in form.getlist(FILE_FIELD) if isinstance(item, UploadFile)]
         if not uploads:
             raise InvalidRequest(f"the form has no file in the field {FILE_FIELD!r}")
-        files = [await upload.read() for upload in uploads]
+        files = [
+            Upload(name=upload.filename or None, data=await upload.read()) for upload in uploads
+        ]
     finally:
         await form.close()
-    if not all(files):
-        raise EmptyBody("an uploaded file is empty")
+    for number, file in enumerate(files, 1):
+        if not file.data:
+            raise EmptyBody(f"uploaded file {number} ({file.name or 'no name'}) is empty")
     return files
 
 

@@ -40,6 +40,12 @@ class PayloadTooLarge(ServiceError):
     status_code, type = 413, "payload_too_large"
 
 
+class TooManyImages(ServiceError):
+    """More files in one request than VIT_MAX_IMAGES_PER_REQUEST allows."""
+
+    status_code, type = 413, "too_many_images"
+
+
 class UnsupportedMediaType(ServiceError):
     status_code, type = 415, "unsupported_media_type"
 
@@ -91,6 +97,7 @@ ERROR_TYPES: tuple[type[ServiceError], ...] = (
     RequestTimeout,
     ClientClosedRequest,
     PayloadTooLarge,
+    TooManyImages,
     UnsupportedMediaType,
     UnsupportedImageFormat,
     UndecodableImage,

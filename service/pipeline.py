@@ -11,7 +11,15 @@ import numpy as np
 from service.batcher import Batcher
 from service.budget import Budget, Ticket
 from service.decode_workers import DecodeWorkers
-from service.errors import DeadlineExceeded, NotReady, ServiceError
+from service.errors import (
+    DeadlineExceeded,
+    NotReady,
+    ServiceError,
+    TooExpensiveToDecode,
+    TooManyPixels,
+    UndecodableImage,
+    UnsupportedImageFormat,
+)
 from service.graph_check import check_output_width
 from service.metrics import Metrics
 from service.session import ModelSession
@@ -20,6 +28,8 @@ from service.settings import Settings
 logger = logging.getLogger(__name__)
 
 WARM_UP_SECONDS = 600.0
+FILE_ERRORS = (UnsupportedImageFormat, UndecodableImage, TooManyPixels, TooExpensiveToDecode)
+"""What one uploaded file can be at fault for, as opposed to its request."""
 
 
 class Pipeline:
@@ -115,6 +125,34 @@ class Pipeline:
                 task.cancel()
             self._preparing -= len(images)
         return await self.infer(np.concatenate(tensors), deadline)
+
+    async def classify_each(
+        self, images: list[bytes], deadline: float
+    ) -> list[np.ndarray | ServiceError]:
+        """One outcome per upload, in request order: its probabilities, or the error its file
+        alone caused, so that nine good photos are answered when the tenth is corrupt. What is
+        not one file's fault (the deadline, the model, the queue) fails the request."""
+        self.require_ready()
+        self._preparing += len(images)
+        tasks = [asyncio.ensure_future(self._prepare_file(data)) for data in images]
+        try:
+            async with asyncio.timeout_at(deadline):
+                decoded = await asyncio.gather(*tasks)
+        except TimeoutError:
+            raise DeadlineExceeded("the request's deadline passed while it was decoded") from None
+        finally:
+            for task in tasks:  # after the deadline, or the client's going
+                task.cancel()
+            self._preparing -= len(images)
+        good = [tensor for tensor in decoded if isinstance(tensor, np.ndarray)]
+        rows = iter(await self.infer(np.concatenate(good), deadline) if good else ())
+        return [next(rows) if isinstance(outcome, np.ndarray) else outcome for outcome in decoded]
+
+    async def _prepare_file(self, data: bytes) -> np.ndarray | ServiceError:
+        try:
+            return await self.prepare(data)
+        except FILE_ERRORS as error:
+            return error
 
     def admit(self) -> Ticket:
         """A new inference request's ticket (one image place), or the 503 it would end in,

@@ -14,16 +14,29 @@ from service.schemas import ClassifyResponse, ErrorBody, ModelRef, Prediction, T
 
 
 def classify_response(
-    probabilities: np.ndarray, metadata: ModelMetadata, *, top_k: int, full: bool
+    outcomes: list[np.ndarray | ServiceError],
+    names: list[str | None],
+    metadata: ModelMetadata,
+    *,
+    top_k: int,
+    full: bool,
 ) -> ClassifyResponse:
-    """Top-k per image, most probable first (ties in label order), and all if asked."""
+    """Per file, in request order: top-k most probable first (ties in label order), and all if
+    asked; or the file's own error."""
     labels = metadata.labels
     k = min(top_k, len(labels))
     predictions = []
-    for row in probabilities:
-        order = np.argsort(-row, kind="stable")[:k]
-        top = [TopClass(label=labels[i], index=int(i), probability=float(row[i])) for i in order]
-        predictions.append(Prediction(top=top, probabilities=row.tolist() if full else None))
+    for outcome, name in zip(outcomes, names, strict=True):
+        if isinstance(outcome, ServiceError):
+            error = ErrorBody(error=outcome.message, type=outcome.type)
+            predictions.append(Prediction(file=name, error=error))
+            continue
+        order = np.argsort(-outcome, kind="stable")[:k]
+        top = [
+            TopClass(label=labels[i], index=int(i), probability=float(outcome[i])) for i in order
+        ]
+        full_row = outcome.tolist() if full else None
+        predictions.append(Prediction(file=name, top=top, probabilities=full_row))
     return ClassifyResponse(
         model=ModelRef(name=metadata.name, version=metadata.version), predictions=predictions
     )

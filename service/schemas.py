@@ -28,9 +28,18 @@ class TopClass(BaseModel):
 
 
 class Prediction(BaseModel):
-    top: list[TopClass] = Field(description="Most probable classes, most probable first.")
+    """One uploaded file's outcome: its classes, or (in a request of several files) the error
+    that this file alone caused."""
+
+    file: str | None = Field(None, description="The file's name, where the upload gave one.")
+    top: list[TopClass] | None = Field(
+        None, description="Most probable classes, most probable first (absent on error)."
+    )
     probabilities: list[float] | None = Field(
         None, description="The full distribution in label order (only when asked)."
+    )
+    error: ErrorBody | None = Field(
+        None, description="Why this file has no classes; the request's other files do."
     )
 
 

@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     """Classes listed in `top` when the request does not say."""
 
     max_batch_size: int = Field(16, ge=1)
-    """Most images in one onnxruntime call. On 2 CPU cores the in-process pipeline with the
+    """Most images in one onnxruntime call (a request with more is split into several calls). On 2 CPU cores the in-process pipeline with the
     default model gains under 10% from batch 8 to 32 (docs/BENCHMARKS.md), and a larger batch
     only adds latency for the requests that fill it."""
 

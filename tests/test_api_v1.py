@@ -188,9 +188,11 @@ def test_multipart_without_the_file_field_is_400(client: TestClient) -> None:
     assert error_of(response) == (400, "invalid_request")
 
 
-def test_too_many_files_is_400(client: TestClient) -> None:
+def test_too_many_files_is_413_saying_the_limit(client: TestClient) -> None:
     files = [("file", (f"{i}.png", png(), "image/png")) for i in range(9)]
-    assert error_of(client.post("/v1/classify", files=files)) == (400, "invalid_request")
+    response = client.post("/v1/classify", files=files)
+    assert error_of(response) == (413, "too_many_images")
+    assert "at most 8 images in one request" in response.json()["error"]
 
 
 @pytest.mark.parametrize("top_k", ["0", "-3", "many"])
@@ -218,3 +220,70 @@ def test_every_status_is_documented_in_openapi(client: TestClient) -> None:
     assert {"200", "400", "413", "415", "422", "503"} <= set(classify["responses"])
     assert {"multipart/form-data", "image/*"} <= set(classify["requestBody"]["content"])
     assert client.get("/docs").status_code == 200
+
+
+def test_a_post_with_nothing_at_all_is_400_empty_body(client: TestClient) -> None:
+    assert error_of(client.post("/v1/classify")) == (400, "empty_body")
+    assert error_of(client.post("/v1/classify", content=b"x")) == (415, "unsupported_media_type")
+
+
+@pytest.mark.parametrize("path", ["/", "/classify", "/health", "/v1/classify/"])
+def test_unknown_routes_point_to_the_real_ones(client: TestClient, path: str) -> None:
+    response = client.post(path)
+    assert error_of(response) == (404, "not_found")
+    message = response.json()["error"]
+    assert f"no route POST {path}" in message and "POST /v1/classify" in message
+    assert "/docs" in message
+    if path.endswith("/") and path != "/":
+        assert "did you mean /v1/classify?" in message
+
+
+def test_a_wrong_method_says_which_one_to_use(client: TestClient) -> None:
+    response = client.get("/v1/classify")
+    assert error_of(response) == (405, "method_not_allowed")
+    assert response.json()["error"] == "GET is not allowed on /v1/classify; use POST"
+    assert response.headers["allow"] == "POST"
+
+
+def test_each_file_of_several_has_its_own_outcome_and_name(
+    client: TestClient, reference: ModelSession
+) -> None:
+    good = encode(asymmetric((80, 60)), "JPEG")
+    files = [
+        ("file", ("first.jpg", good, "image/jpeg")),
+        ("file", ("broken.png", b"\x89PNG\r\n\x1a\n truncated", "image/png")),
+        ("file", ("notes.txt", b"plain words", "text/plain")),
+        ("file", ("last.png", png(), "image/png")),
+    ]
+    before = client.get("/metrics").text
+    response = client.post("/v1/classify?top_k=1", files=files)
+    assert response.status_code == 200, response.text
+    first, broken, notes, last = response.json()["predictions"]
+    assert [p["file"] for p in (first, broken, notes, last)] == [
+        "first.jpg",
+        "broken.png",
+        "notes.txt",
+        "last.png",
+    ]
+    assert broken == {"file": "broken.png", "error": broken["error"]}
+    assert broken["error"]["type"] == "undecodable_image"
+    assert notes["error"]["type"] == "unsupported_image_format"
+    for answer, data in ((first, good), (last, png())):
+        expected = in_process(reference, data)
+        assert answer["top"][0]["index"] == int(expected.argmax())
+        assert abs(answer["top"][0]["probability"] - float(expected.max())) < 1e-5
+        assert "error" not in answer
+    after = client.get("/metrics").text
+    for reason in ("undecodable_image", "unsupported_image_format"):
+        assert _counter(after, reason) == _counter(before, reason) + 1
+
+
+def _counter(metrics: str, reason: str) -> float:
+    prefix = f'vit_rejections_total{{reason="{reason}"}} '
+    lines = metrics.splitlines()
+    return sum(float(line[len(prefix) :]) for line in lines if line.startswith(prefix))
+
+
+def test_a_single_bad_file_keeps_its_status(client: TestClient) -> None:
+    files = {"file": ("broken.png", b"\x89PNG\r\n\x1a\n truncated", "image/png")}
+    assert error_of(client.post("/v1/classify", files=files)) == (422, "undecodable_image")

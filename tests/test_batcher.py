@@ -297,7 +297,7 @@ def test_a_lone_image_next_to_a_running_call_goes_through_predict() -> None:
         model, alone = GatedModel(), Recorder()
         batcher = Batcher(
             model.predict,
-            max_batch_size=1,
+            max_batch_size=2,
             max_delay=0.0,
             max_queue=100,
             metrics=Metrics(),
@@ -313,6 +313,19 @@ def test_a_lone_image_next_to_a_running_call_goes_through_predict() -> None:
         model.gate.set()
         await asyncio.gather(first, second)
         assert alone.sizes == [] and model.started == [2, 1]
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_request_larger_than_the_batch_limit_runs_as_several_calls() -> None:
+    async def scenario() -> None:
+        model = Recorder()
+        batcher = Batcher(model, max_batch_size=2, max_delay=0.0, max_queue=100, metrics=Metrics())
+        batcher.start()
+        result = await batcher.submit(rows(1, 2, 3, 4, 5), far())
+        assert model.sizes == [2, 2, 1]
+        assert result[:, 0].tolist() == [1, 2, 3, 4, 5]  # each row its own answer, in order
         await batcher.stop()
 
     asyncio.run(scenario())

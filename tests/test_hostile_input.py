@@ -109,7 +109,7 @@ def test_multipart_without_the_file_field(client: TestClient) -> None:
 
 def test_multipart_with_too_many_files(client: TestClient) -> None:
     files = [("file", (f"{i}.png", png(8, 8))) for i in range(MAX_FILES + 1)]
-    refused(client, 400, "invalid_request", files=files)
+    refused(client, 413, "too_many_images", files=files)
 
 
 def test_multipart_without_a_boundary(client: TestClient) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -31,7 +32,9 @@ def test_the_quickstart_command_gives_the_answer_shown() -> None:
     url = urlsplit("http://" + words[-1])
     with ready_client(cpu_settings(DEFAULT_MODEL)) as client:
         data = (ROOT / path).read_bytes()
-        answer = client.post(f"{url.path}?{url.query}", files={field: (path, data)}).json()
+        # curl names the part after the file, without its folder
+        files = {field: (Path(path).name, data)}
+        answer = client.post(f"{url.path}?{url.query}", files=files).json()
     assert answer["model"] == shown["model"]
     got, expected = answer["predictions"], shown["predictions"]
     assert isinstance(expected, list) and len(got) == len(expected)
