@@ -91,9 +91,9 @@ class Settings(BaseSettings):
     """Classes listed in `top` when the request does not say."""
 
     max_batch_size: int = Field(16, ge=1)
-    """Most images in one onnxruntime call (a request with more is split into several calls). On 2 CPU cores the in-process pipeline with the
-    default model gains under 10% from batch 8 to 32 (docs/BENCHMARKS.md), and a larger batch
-    only adds latency for the requests that fill it."""
+    """Most images in one onnxruntime call; a request with more runs as several calls. On 2
+    CPU cores the in-process pipeline with the default model gains under 10% from batch 8 to 32
+    (docs/BENCHMARKS.md), and a larger batch only adds latency for the requests that fill it."""
 
     inference_workers: int = Field(0, ge=0)
     """onnxruntime calls running at once, each on its own batch. 0 chooses: 2 on the CPU
