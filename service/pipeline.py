@@ -15,7 +15,6 @@ from service.errors import (
     DeadlineExceeded,
     NotReady,
     ServiceError,
-    TooExpensiveToDecode,
     TooManyPixels,
     UndecodableImage,
     UnsupportedImageFormat,
@@ -28,8 +27,10 @@ from service.settings import Settings
 logger = logging.getLogger(__name__)
 
 WARM_UP_SECONDS = 600.0
-FILE_ERRORS = (UnsupportedImageFormat, UndecodableImage, TooManyPixels, TooExpensiveToDecode)
-"""What one uploaded file can be at fault for, as opposed to its request."""
+FILE_ERRORS = (UnsupportedImageFormat, UndecodableImage, TooManyPixels)
+"""What one uploaded file can be at fault for, as opposed to its request. Not a file that
+overran its decoder's limits: that fails the whole request at once and stops its other files,
+or one request of 64 bombs would hold the decoders for 64 time limits."""
 
 
 class Pipeline:
@@ -131,7 +132,8 @@ class Pipeline:
     ) -> list[np.ndarray | ServiceError]:
         """One outcome per upload, in request order: its probabilities, or the error its file
         alone caused, so that nine good photos are answered when the tenth is corrupt. What is
-        not one file's fault (the deadline, the model, the queue) fails the request."""
+        not one file's fault (the deadline, the model, the queue), and a file too expensive to
+        decode, fail the request, and its files not yet decoded never are."""
         self.require_ready()
         self._preparing += len(images)
         tasks = [asyncio.ensure_future(self._prepare_file(data)) for data in images]
