@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
         log_level=args.log_level,
         access_log=settings.access_log,
         timeout_graceful_shutdown=settings.graceful_shutdown_s,
-        http=head_deadline_protocol(settings.head_timeout_s),
+        http=head_deadline_protocol(settings.head_timeout_s, settings.http_parser),
+        loop=settings.event_loop,
     )
     server = DrainingServer(config, app)
     server.run()

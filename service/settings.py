@@ -169,6 +169,13 @@ class Settings(BaseSettings):
     at most this long. Keep it below the orchestrator's grace period minus any preStop delay
     (Kubernetes: 30 s by default; the shipped Deployment waits 5 s in preStop)."""
 
+    http_parser: Literal["httptools", "h11"] = "httptools"
+    """uvicorn's HTTP/1.1 parser: httptools (C) or h11 (pure Python). Both keep the head and
+    body deadlines. httptools is the default: measured A/B in docs/BENCHMARKS-analysis.md."""
+
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    """The event loop: uvloop (libuv) or the standard library's asyncio."""
+
     access_log: bool = False
     """Log a line per request. Off by default: /metrics already counts and times every request
     by route and status, and at ~500 requests/s the log lines cost about a tenth of the event

@@ -18,10 +18,16 @@ HEAD_TIMEOUT_S = 1.0
 BODY_TIMEOUT_S = 1.0
 
 
-@pytest.fixture(scope="module")
-def server(served_model: Path) -> Iterator[Server]:
+@pytest.fixture(scope="module", params=[("httptools", "uvloop"), ("h11", "asyncio")])
+def server(served_model: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
+    parser, loop = request.param
     with served(
-        served_model, ROOT, head_timeout_s=str(HEAD_TIMEOUT_S), body_timeout_s=str(BODY_TIMEOUT_S)
+        served_model,
+        ROOT,
+        head_timeout_s=str(HEAD_TIMEOUT_S),
+        body_timeout_s=str(BODY_TIMEOUT_S),
+        http_parser=parser,
+        event_loop=loop,
     ) as running:
         yield running
 
@@ -85,3 +91,14 @@ def test_a_prompt_client_on_a_keep_alive_connection_is_not_cut_off(server: Serve
         for _ in range(3):
             assert client.get("/v2/health/live").status_code == 200
             time.sleep(HEAD_TIMEOUT_S / 3)
+
+
+def test_both_parsers_get_the_head_deadline() -> None:
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from service.slow_clients import head_deadline_protocol
+
+    fast, plain = head_deadline_protocol(2.5), head_deadline_protocol(2.5, "h11")
+    assert issubclass(fast, HttpToolsProtocol) and issubclass(plain, H11Protocol)
+    assert fast.head_timeout_s == plain.head_timeout_s == 2.5  # type: ignore[attr-defined]
