@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import io
 import json
 import os
@@ -73,7 +74,9 @@ def random_vit_ti_224(path: Path) -> Path:
     return path
 
 
-def start(command: list[str], env: dict[str, str], url: str) -> subprocess.Popen[bytes]:
+def start(
+    command: list[str], env: dict[str, str], url: str, ready_path: str = "/docs"
+) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
         command,
         cwd=ROOT,
@@ -84,7 +87,7 @@ def start(command: list[str], env: dict[str, str], url: str) -> subprocess.Popen
     deadline = time.monotonic() + 60
     while True:
         try:
-            with urllib.request.urlopen(f"{url}/docs", timeout=1):
+            with urllib.request.urlopen(f"{url}{ready_path}", timeout=1):
                 break
         except OSError:
             if time.monotonic() > deadline or process.poll() is not None:
@@ -108,32 +111,29 @@ def resident_mb(pid: int) -> float:
     return 0.0
 
 
-def sweep(url: str, images: list[bytes], concurrencies: list[int], seconds: float) -> list[Report]:
+def sweep(
+    url: str,
+    images: list[bytes],
+    concurrencies: list[int],
+    seconds: float,
+    route: str = "/v1/classify",
+) -> list[Report]:
     bodies = [(data, "image/jpeg") for data in images]
     reports = []
     for concurrency in concurrencies:
-        asyncio.run(
-            load(
-                url,
-                bodies,
-                concurrency=concurrency,
-                count=0,
-                duration=1.0,
-                rate=None,
-                progress=False,
+        for duration in (1.0, seconds):  # the first warms the connections and the server
+            report = asyncio.run(
+                load(
+                    url,
+                    bodies,
+                    concurrency=concurrency,
+                    count=0,
+                    duration=duration,
+                    rate=None,
+                    progress=False,
+                    route=route,
+                )
             )
-        )  # warm the connections and the server
-        report = asyncio.run(
-            load(
-                url,
-                bodies,
-                concurrency=concurrency,
-                count=0,
-                duration=seconds,
-                rate=None,
-                progress=False,
-            )
-        )
         print("   ", report.line(), flush=True)
         reports.append(report)
     return reports
@@ -228,25 +228,14 @@ def measure(
     single = single_image(model, images)
     print("   ", best.line(), f"(batch {best.batch_size})", flush=True)
     results: dict[str, Any] = {"ceiling": asdict(best), "single_image_ms": single.p50_ms}
-    for name, command, env in (
-        (
-            "service",
-            [sys.executable, "-m", "service.cli", "--model", str(model)],
-            {"VIT_PROVIDERS": '["CPUExecutionProvider"]'},
-        ),
-        (
-            "naive",
-            [sys.executable, "-m", "uvicorn", "benchmarks.naive_app:app", "--log-level", "warning"],
-            {"VIT_MODEL": str(model)},
-        ),
-    ):
+    for name, command, env, route in servers(model):
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        full = [*command, "--port", str(port)]
         print(f"  {name}", flush=True)
-        process = start(full, env, url)
+        ready = "/docs" if name != "kserve" else "/v1/models"
+        process = start([*command, *port_flag(name, port)], env, url, ready)
         try:
-            reports = sweep(url, images, concurrencies, seconds)
+            reports = sweep(url, images, concurrencies, seconds, route)
             results[name] = {
                 "runs": [asdict(r) for r in reports],
                 "resident_mb": resident_mb(process.pid),
@@ -260,6 +249,43 @@ def measure(
     return results
 
 
+def servers(model: Path) -> list[tuple[str, list[str], dict[str, str], str]]:
+    """(name, command, environment, route) of each server measured: the service, the naive
+    app, and KServe's ModelServer where kserve is installed (the bench extra)."""
+    listed = [
+        (
+            "service",
+            [sys.executable, "-m", "service.cli", "--model", str(model)],
+            {"VIT_PROVIDERS": '["CPUExecutionProvider"]'},
+            "/v1/classify",
+        ),
+        (
+            "naive",
+            [sys.executable, "-m", "uvicorn", "benchmarks.naive_app:app", "--log-level", "warning"],
+            {"VIT_MODEL": str(model)},
+            "/v1/classify",
+        ),
+    ]
+    if importlib.util.find_spec("kserve") is not None:
+        from benchmarks import kserve_app
+
+        listed.append(
+            (
+                "kserve",
+                [sys.executable, "-m", "benchmarks.kserve_app"],
+                {"VIT_MODEL": str(model)},
+                kserve_app.ROUTE,
+            )
+        )
+    else:
+        print("kserve is not installed: no KServe row (pip install -e '.[bench]')")
+    return listed
+
+
+def port_flag(name: str, port: int) -> list[str]:
+    return ["--http_port", str(port)] if name == "kserve" else ["--port", str(port)]
+
+
 def ratio(results: dict[str, Any], concurrency: int) -> dict[str, float]:
     """The targets' figures: medians of the paired rounds; the naive ratio from the sweeps."""
 
@@ -267,11 +293,15 @@ def ratio(results: dict[str, Any], concurrency: int) -> dict[str, float]:
         return next(r for r in results[name]["runs"] if r["concurrency"] == concurrency)
 
     paired = results["paired"]
-    return {
+    ratios = {
         "service_vs_ceiling": statistics.median(r["service_vs_ceiling"] for r in paired),
         "c1_overhead_ms": statistics.median(r["c1_overhead_ms"] for r in paired),
         "service_vs_naive": at("service")["images_per_second"] / at("naive")["images_per_second"],
     }
+    if "kserve" in results:
+        service = at("service")["images_per_second"]
+        ratios["service_vs_kserve"] = service / at("kserve")["images_per_second"]
+    return ratios
 
 
 def plot(all_results: dict[str, Any], path: Path) -> None:
@@ -284,7 +314,9 @@ def plot(all_results: dict[str, Any], path: Path) -> None:
     figure, axes = plt.subplots(2, len(cases), figsize=(4.5 * len(cases), 7), squeeze=False)
     for column, case in enumerate(cases):
         results = all_results[case]
-        for name, style in (("service", "-o"), ("naive", "--s")):
+        for name, style in (("service", "-o"), ("naive", "--s"), ("kserve", "-.^")):
+            if name not in results:
+                continue
             runs = results[name]["runs"]
             x = [r["concurrency"] for r in runs]
             axes[0][column].plot(x, [r["images_per_second"] for r in runs], style, label=name)
@@ -307,6 +339,10 @@ def plot(all_results: dict[str, Any], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def peers(results: dict[str, Any]) -> list[str]:
+    return [name for name in ("service", "naive", "kserve") if name in results]
+
+
 def report(all_results: dict[str, Any], command: str) -> str:
     """docs/BENCHMARKS.md: per case, the ceiling, then service and naive per concurrency."""
     lines = [
@@ -322,6 +358,8 @@ def report(all_results: dict[str, Any], command: str) -> str:
         "at 16 clients; a lone image in-process, then the service at 1 client), because this",
         "machine's speed drifts between minutes by more than the gaps measured.",
         "Naive: `benchmarks/naive_app.py`, plain FastAPI, one onnxruntime call per request.",
+        "KServe: `benchmarks/kserve_app.py`, KServe's Python ModelServer with its defaults, the",
+        "same model, decoding and preprocessing, the raw body to its v1 predict route.",
         "",
         "![throughput and p99 against concurrency](benchmarks.png)",
         "",
@@ -345,22 +383,30 @@ def report(all_results: dict[str, Any], command: str) -> str:
             "naive baseline.",
             f"- At concurrency 1 the service's p50 is **{ratios['c1_overhead_ms']:.1f} ms** over a"
             f" lone image in-process (pairs, service vs in-process p50 ms: {overheads}).",
-            f"- Resident memory after the sweep: service "
-            f"{results['service']['resident_mb']:.0f} MB, naive "
-            f"{results['naive']['resident_mb']:.0f} MB.",
-            "",
-            "| clients | service img/s | p50 ms | p99 ms | naive img/s | p50 ms | p99 ms |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "- Resident memory after the sweep: "
+            + ", ".join(f"{name} {results[name]['resident_mb']:.0f} MB" for name in peers(results))
+            + ".",
         ]
-        for service, naive in zip(
-            results["service"]["runs"], results["naive"]["runs"], strict=True
-        ):
+        if "service_vs_kserve" in ratios:
             lines.append(
-                f"| {service['concurrency']} | {service['images_per_second']:.1f} | "
-                f"{service['p50_ms']:.1f} | {service['p99_ms']:.1f} | "
-                f"{naive['images_per_second']:.1f} | {naive['p50_ms']:.1f} | "
-                f"{naive['p99_ms']:.1f} |"
+                f"- At concurrency 16 the service serves **{ratios['service_vs_kserve']:.2f}x** "
+                "the images/s of KServe's ModelServer."
             )
+        header = " | ".join(f"{name} img/s | p50 ms | p99 ms" for name in peers(results))
+        lines += [
+            "",
+            f"| clients | {header} |",
+            "| ---: |" + " ---: | ---: | ---: |" * len(peers(results)),
+        ]
+        for index, run in enumerate(results["service"]["runs"]):
+            cells = []
+            for name in peers(results):
+                other = results[name]["runs"][index]
+                cells.append(
+                    f"{other['images_per_second']:.1f} | {other['p50_ms']:.1f} | "
+                    f"{other['p99_ms']:.1f}"
+                )
+            lines.append(f"| {run['concurrency']} | " + " | ".join(cells) + " |")
         lines.append("")
     lines.append(
         "Against the targets, and what holds the service back: "

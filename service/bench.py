@@ -143,11 +143,13 @@ async def load(
     duration: float,
     rate: float | None,
     progress: bool,
+    route: str = "/v1/classify",
 ) -> Report:
-    """Closed loop with `concurrency` clients, or open loop at `rate` requests per second."""
+    """Closed loop with `concurrency` clients, or open loop at `rate` requests per second, each
+    request an image body POSTed to `route` (another server's, to compare with a peer)."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    path = f"{parts.path.rstrip('/')}/v1/classify"
+    path = f"{parts.path.rstrip('/')}{route}"
     latencies: list[float] = []
     statuses: Counter[int] = Counter()
     by_status: dict[int, list[float]] = {}
