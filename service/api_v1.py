@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 
 from service.body import FILE_FIELD, unless_disconnected, uploaded_images
-from service.dependencies import InferenceDep, PipelineDep
+from service.dependencies import InferenceDep, RegistryDep
 from service.errors import InvalidRequest, ServiceError
 from service.pipeline import Pipeline
 from service.responses import classify_response, error_responses
 from service.schemas import ClassifyResponse, ModelInfo, ModelList
 
 router = APIRouter(prefix="/v1", tags=["v1"])
+inference_router = APIRouter(prefix="/v1", tags=["v1"])
+"""Every route here is under admission control (service/admission.py)."""
 
 _UPLOAD_BODY = {
     "requestBody": {
@@ -39,13 +41,24 @@ _UPLOAD_BODY = {
 }
 
 
-@router.post(
-    "/classify",
-    response_model=ClassifyResponse,
-    response_model_exclude_none=True,
-    responses=error_responses(400, 408, 413, 415, 422, 500, 503, 504),
-    openapi_extra=_UPLOAD_BODY,
-    summary="Classify one or more uploaded images",
+_CLASSIFY: dict[str, Any] = {
+    "response_model": ClassifyResponse,
+    "response_model_exclude_none": True,
+    "responses": error_responses(400, 401, 404, 408, 413, 415, 422, 500, 503, 504),
+    "openapi_extra": _UPLOAD_BODY,
+}
+
+
+@inference_router.post(
+    "/models/{name}/versions/{version}/classify",
+    summary="Classify uploads with one version of a model",
+    **_CLASSIFY,
+)
+@inference_router.post(
+    "/models/{name}/classify", summary="Classify uploads with a model's latest version", **_CLASSIFY
+)
+@inference_router.post(
+    "/classify", summary="Classify one or more uploaded images (the default model)", **_CLASSIFY
 )
 async def classify(
     request: Request,
@@ -104,6 +117,18 @@ def model_info(pipeline: Pipeline) -> ModelInfo:
     )
 
 
-@router.get("/models", response_model=ModelList, summary="The loaded model and how it runs")
-async def models(pipeline: PipelineDep) -> ModelList:
-    return ModelList(models=[model_info(pipeline)])
+@router.get("/models", response_model=ModelList, summary="The models served and how they run")
+async def models(registry: RegistryDep) -> ModelList:
+    return ModelList(models=[model_info(pipeline) for pipeline in registry.pipelines()])
+
+
+@router.get(
+    "/models/{name}",
+    response_model=ModelList,
+    responses=error_responses(404),
+    summary="The versions of one model served",
+)
+async def model(name: str, registry: RegistryDep) -> ModelList:
+    registry.get(name)  # 404 unless served
+    pipelines = [p for p in registry.pipelines() if p.session.metadata.name == name]
+    return ModelList(models=[model_info(pipeline) for pipeline in pipelines])

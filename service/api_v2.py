@@ -8,11 +8,11 @@ import functools
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
 from service import oip
 from service.body import read_body, unless_disconnected
-from service.dependencies import Inference, InferenceDep, PipelineDep
-from service.errors import ModelNotFound
+from service.dependencies import AdminDep, Inference, InferenceDep, RegistryDep
 from service.pipeline import Pipeline
 from service.responses import error_responses
 from service.schemas import (
@@ -26,6 +26,10 @@ from service.schemas import (
 )
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
+inference_router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
+"""Every route here is under admission control (service/admission.py)."""
+repository_router = APIRouter(prefix="/v2/repository", tags=["model repository"])
+"""The model-repository extension: changes what the server runs, so behind VIT_ADMIN_TOKEN."""
 SERVER_NAME = "vit-inference"
 JSON_PARSE_EXPANSION = 4
 """Bytes of Python objects parsing makes per byte of an OIP JSON body, beyond the body: a
@@ -35,18 +39,12 @@ PARSE_ON_LOOP_BYTES = 64 * 1024
 thread, so health checks keep being answered."""
 
 
-def loaded_model(pipeline: Pipeline, name: str, version: str | None = None) -> Pipeline:
-    metadata = pipeline.session.metadata
-    if name != metadata.name or version not in (None, metadata.version):
-        wanted = name if version is None else f"{name} version {version}"
-        raise ModelNotFound(f"no model {wanted!r}; this server serves {metadata.name!r}")
-    return pipeline
-
-
 @router.get("", response_model=OipServerMetadata)
 async def server_metadata(request: Request) -> OipServerMetadata:
     return OipServerMetadata(
-        name=SERVER_NAME, version=request.app.version, extensions=["binary_tensor_data"]
+        name=SERVER_NAME,
+        version=request.app.version,
+        extensions=["binary_tensor_data", "model_repository"],
     )
 
 
@@ -58,15 +56,23 @@ async def live() -> OipLive:
 
 @router.get("/health/ready", response_model=OipReady, responses={503: {"model": OipReady}})
 @router.head("/health/ready", include_in_schema=False)
-async def ready(pipeline: PipelineDep) -> Response:
-    return JSONResponse({"ready": pipeline.ready}, status_code=200 if pipeline.ready else 503)
+async def ready(registry: RegistryDep) -> Response:
+    """Ready when every model version served is ready."""
+    return JSONResponse({"ready": registry.ready}, status_code=200 if registry.ready else 503)
 
 
-def _model_metadata(pipeline: Pipeline) -> OipModelMetadata:
+def _model_metadata(registry: RegistryDep, name: str, version: str | None) -> OipModelMetadata:
+    pipeline = registry.get(name, version)
     session, metadata = pipeline.session, pipeline.session.metadata
     return OipModelMetadata(
         name=metadata.name,
-        versions=[metadata.version],
+        versions=[
+            p.session.metadata.version
+            for p in registry.pipelines()
+            if p.session.metadata.name == metadata.name
+        ]
+        if version is None
+        else [metadata.version],
         platform="onnxruntime_onnx",
         inputs=[
             OipTensorMetadata(
@@ -83,8 +89,8 @@ def _model_metadata(pipeline: Pipeline) -> OipModelMetadata:
 
 
 @router.get("/models/{name}", response_model=OipModelMetadata, responses=error_responses(404))
-async def model_metadata(name: str, pipeline: PipelineDep) -> OipModelMetadata:
-    return _model_metadata(loaded_model(pipeline, name))
+async def model_metadata(name: str, registry: RegistryDep) -> OipModelMetadata:
+    return _model_metadata(registry, name, None)
 
 
 @router.get(
@@ -93,18 +99,23 @@ async def model_metadata(name: str, pipeline: PipelineDep) -> OipModelMetadata:
     responses=error_responses(404),
 )
 async def model_version_metadata(
-    name: str, version: str, pipeline: PipelineDep
+    name: str, version: str, registry: RegistryDep
 ) -> OipModelMetadata:
-    return _model_metadata(loaded_model(pipeline, name, version))
+    return _model_metadata(registry, name, version)
 
 
+@router.get(
+    "/models/{name}/versions/{version}/ready",
+    response_model=OipModelReady,
+    responses={**error_responses(404), 503: {"model": OipModelReady}},
+)
 @router.get(
     "/models/{name}/ready",
     response_model=OipModelReady,
     responses={**error_responses(404), 503: {"model": OipModelReady}},
 )
-async def model_ready(name: str, pipeline: PipelineDep) -> Response:
-    model = loaded_model(pipeline, name)
+async def model_ready(name: str, registry: RegistryDep, version: str | None = None) -> Response:
+    model = registry.get(name, version)
     return JSONResponse(
         {"name": name, "ready": model.ready}, status_code=200 if model.ready else 503
     )
@@ -155,17 +166,18 @@ async def _infer(request: Request, pipeline: Pipeline, inference: Inference) -> 
     return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers)
 
 
-@router.post(
+@inference_router.post(
     "/models/{name}/infer",
     response_model=OipInferenceResponse,
     responses=error_responses(400, 404, 408, 413, 415, 422, 500, 503, 504),
     openapi_extra=_INFER_DOC,
 )
 async def infer(name: str, request: Request, inference: InferenceDep) -> Response:
-    return await _infer(request, loaded_model(inference.pipeline, name), inference)
+    """The model's latest version (admission resolved it from the path)."""
+    return await _infer(request, inference.pipeline, inference)
 
 
-@router.post(
+@inference_router.post(
     "/models/{name}/versions/{version}/infer",
     response_model=OipInferenceResponse,
     responses=error_responses(400, 404, 408, 413, 415, 422, 500, 503, 504),
@@ -177,4 +189,53 @@ async def infer_version(
     request: Request,
     inference: InferenceDep,
 ) -> Response:
-    return await _infer(request, loaded_model(inference.pipeline, name, version), inference)
+    return await _infer(request, inference.pipeline, inference)
+
+
+class RepositoryModel(BaseModel):
+    """One model version in the repository index (Triton's fields, plus its memory)."""
+
+    name: str
+    version: str
+    state: str = Field(description="LOADING, READY or UNAVAILABLE.")
+    reason: str = Field(description="Why it is unavailable, or what failed to replace it.")
+    memory_bytes: int = Field(description="Resident memory the version took when it loaded.")
+
+
+@repository_router.post(
+    "/index",
+    response_model=list[RepositoryModel],
+    responses=error_responses(401, 403),
+    summary="Every model version the repository holds and its state",
+)
+async def repository_index(_: AdminDep, registry: RegistryDep) -> list[RepositoryModel]:
+    return [
+        RepositoryModel(
+            name=entry.name,
+            version=str(entry.version),
+            state=entry.state,
+            reason=entry.reason,
+            memory_bytes=entry.memory_bytes,
+        )
+        for entry in registry.index()
+    ]
+
+
+@repository_router.post(
+    "/models/{name}/load",
+    responses=error_responses(400, 401, 403, 404),
+    summary="Load a model, or reload it from the repository as it is now",
+)
+async def load_model(name: str, _: AdminDep, registry: RegistryDep) -> JSONResponse:
+    await registry.load(name)
+    return JSONResponse({})
+
+
+@repository_router.post(
+    "/models/{name}/unload",
+    responses=error_responses(401, 403, 404),
+    summary="Stop serving a model once the requests it has taken are answered",
+)
+async def unload_model(name: str, _: AdminDep, registry: RegistryDep) -> JSONResponse:
+    await registry.unload(name)
+    return JSONResponse({})

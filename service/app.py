@@ -14,7 +14,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from service import api_v1, api_v2
@@ -22,10 +21,9 @@ from service.admission import Admission
 from service.errors import InvalidRequest, ServiceError
 from service.metrics import Metrics
 from service.middleware import RequestMetrics
-from service.pipeline import Pipeline
+from service.registry import ModelRegistry
 from service.responses import error_response, service_error_response
 from service.schemas import OipInferenceRequest
-from service.session import ModelSession
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -85,8 +83,8 @@ async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
 
 
 def _stop_if_warm_up_failed(app: FastAPI, warm_up: asyncio.Task[None]) -> None:
-    """A model that cannot answer its warm-up never will: stop the server (vit-serve sets
-    `app.state.stop_server`) instead of answering "not ready" forever."""
+    """Models that cannot load or answer their warm-up at start never will: stop the server
+    (vit-serve sets `app.state.stop_server`) instead of answering "not ready" forever."""
     if warm_up.cancelled() or (error := warm_up.exception()) is None:
         return
     logger.error(
@@ -102,31 +100,19 @@ def _stop_if_warm_up_failed(app: FastAPI, warm_up: asyncio.Task[None]) -> None:
 def _lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        # Loading fails fast (bad file, no metadata, CUDA required but absent); the warm-up
-        # runs while the server already answers liveness, and readiness waits for it.
-        session = await run_in_threadpool(
-            ModelSession,
-            settings.model,
-            providers=settings.providers,
-            intra_op_threads=settings.intra_op_threads,
-            inter_op_threads=settings.inter_op_threads,
-            intra_op_spinning=settings.intra_op_spinning,
-            require_cuda=settings.require_cuda,
-            acceleration=settings.acceleration(),
-            max_batch_size=settings.max_batch_size,
-            inference_workers=settings.inference_workers,
-            lone_call_spinning=settings.lone_call_spinning,
-        )
+        # Models load and warm up while the server already answers liveness; readiness waits
+        # for them (service/registry.py).
         metrics = Metrics()
-        pipeline = Pipeline(session, settings, metrics)
-        app.state.pipeline = pipeline  # for the server's SIGTERM handler (service/cli.py)
-        start = asyncio.create_task(pipeline.start())
+        registry = ModelRegistry(settings, metrics)
+        app.state.registry = registry  # for the server's SIGTERM handler (service/cli.py)
+        prepared = await registry.open()  # a file that cannot load fails startup here
+        start = asyncio.create_task(registry.serve(prepared))
         start.add_done_callback(lambda task: _stop_if_warm_up_failed(app, task))
         try:
-            yield {"pipeline": pipeline, "settings": settings, "metrics": metrics}
+            yield {"registry": registry, "settings": settings, "metrics": metrics}
         finally:
             start.cancel()
-            await pipeline.close()
+            await registry.close()
 
     return lifespan
 
@@ -173,11 +159,13 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(Exception, _unexpected_error)
     app.include_router(api_v1.router)
     app.include_router(api_v2.router)
-    inference = {api_v1.classify, api_v2.infer, api_v2.infer_version}
-    routes = [*api_v1.router.routes, *api_v2.router.routes]
+    app.include_router(api_v1.inference_router)
+    app.include_router(api_v2.inference_router)
+    app.include_router(api_v2.repository_router)
+    # Every route of the inference routers is under admission control, by construction.
     app.add_middleware(
         Admission,
-        inference_routes=[r for r in routes if getattr(r, "endpoint", None) in inference],
+        inference_routes=[*api_v1.inference_router.routes, *api_v2.inference_router.routes],
     )
     app.add_middleware(RequestMetrics)  # added last, so outermost: it sees refusals too
     app.add_api_route("/metrics", metrics_endpoint, include_in_schema=False)

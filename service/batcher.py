@@ -296,7 +296,6 @@ class Batcher:
             self.consecutive_failures = 0 if known_good_works else self.consecutive_failures + 1
         self._answer(outcomes)
 
-
     def _calls(self, predict: Predict, inputs: np.ndarray) -> np.ndarray:
         """`inputs` through onnxruntime in calls of at most max_batch_size images: a request
         larger than that is split, never run as one larger call."""

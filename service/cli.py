@@ -35,9 +35,9 @@ class DrainingServer(uvicorn.Server):
     warm_up_failed = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        pipeline = getattr(self.app.state, "pipeline", None)
-        if pipeline is not None:
-            pipeline.draining = True
+        registry = getattr(self.app.state, "registry", None)
+        if registry is not None:
+            registry.draining = True
         super().handle_exit(sig, frame)
 
 
@@ -47,7 +47,11 @@ def main(argv: list[str] | None = None) -> None:
         description="Serve a self-describing ONNX ViT over HTTP. "
         "Every option is also an environment variable (VIT_MODEL, VIT_HOST, VIT_PORT, ...).",
     )
-    parser.add_argument("--model", type=Path, help="ONNX file (default models/shapes-vit.onnx)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="ONNX file or model repository directory (default models/shapes-vit.onnx)",
+    )
     parser.add_argument("--host", help="interface to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default 8000)")
     parser.add_argument("--log-level", default="info")
@@ -59,10 +63,13 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    try:
-        inspect_model(settings.model)
-    except InvalidModelMetadata as error:
-        sys.exit(f"vit-serve: cannot serve {settings.model}: {error}")
+    if not settings.model.exists():
+        sys.exit(f"vit-serve: {settings.model}: no such file or directory")
+    if settings.model.is_file():  # a repository's versions are checked as they load
+        try:
+            inspect_model(settings.model)
+        except InvalidModelMetadata as error:
+            sys.exit(f"vit-serve: cannot serve {settings.model}: {error}")
     app = create_app(settings)
     config = uvicorn.Config(
         app,

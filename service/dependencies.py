@@ -12,17 +12,31 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from service.admission import bearer_token_matches
 from service.budget import Ticket
-from service.errors import InvalidRequest
+from service.errors import Forbidden, InvalidRequest, Unauthorized
 from service.pipeline import Pipeline
+from service.registry import ModelRegistry
 from service.settings import Settings
 
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 
 
-async def get_pipeline(request: Request) -> Pipeline:
-    pipeline: Pipeline = request.state.pipeline
-    return pipeline
+async def get_registry(request: Request) -> ModelRegistry:
+    registry: ModelRegistry = request.state.registry
+    return registry
+
+
+async def require_admin(request: Request) -> None:
+    """The repository API changes what the server runs: a bearer token, or nothing at all."""
+    settings: Settings = request.state.settings
+    if settings.admin_token is None:
+        raise Forbidden(
+            "the repository API is off: set VIT_ADMIN_TOKEN to enable it, then send "
+            "Authorization: Bearer <token>"
+        )
+    if not bearer_token_matches(request.scope, settings.admin_token):
+        raise Unauthorized("the repository API requires Authorization: Bearer <VIT_ADMIN_TOKEN>")
 
 
 def request_deadline(settings: Settings, timeout_ms: str | None) -> float:
@@ -67,5 +81,6 @@ async def inference(
     )
 
 
-PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
+RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+AdminDep = Annotated[None, Depends(require_admin)]
 InferenceDep = Annotated[Inference, Depends(inference)]

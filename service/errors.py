@@ -22,6 +22,24 @@ class InvalidRequest(ServiceError):
     status_code, type = 400, "invalid_request"
 
 
+class Unauthorized(ServiceError):
+    """A bearer token is required and the request's is missing or wrong."""
+
+    status_code, type = 401, "unauthorized"
+
+
+class Forbidden(ServiceError):
+    """The route is turned off in this server's configuration."""
+
+    status_code, type = 403, "forbidden"
+
+
+class ModelLoadFailed(ServiceError):
+    """A model version asked for could not be loaded (checks, warm-up or memory budget)."""
+
+    status_code, type = 400, "load_failed"
+
+
 class ModelNotFound(ServiceError):
     status_code, type = 404, "model_not_found"
 
@@ -93,6 +111,9 @@ class DeadlineExceeded(ServiceError):
 ERROR_TYPES: tuple[type[ServiceError], ...] = (
     EmptyBody,
     InvalidRequest,
+    Unauthorized,
+    Forbidden,
+    ModelLoadFailed,
     ModelNotFound,
     RequestTimeout,
     ClientClosedRequest,

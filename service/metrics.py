@@ -90,6 +90,12 @@ class Metrics:
             registry=r,
         )
         self.model = Info("vit_model", "The served model and where it runs.", registry=r)
+        self.model_load_failures = Counter(
+            "vit_model_load_failures",
+            "Model versions that failed to load (checks, warm-up or memory budget), by model.",
+            ["model"],
+            registry=r,
+        )
         self.top1_probability = Histogram(
             "vit_top1_probability",
             "Probability of the predicted class (confidence drift).",

@@ -43,9 +43,6 @@ class Pipeline:
         self._warmed_up = False
         self.warm_up_error: str | None = None
         self._preparing = 0
-        self.draining = False
-        """Set on SIGTERM: readiness turns false while in-flight (and arriving) requests are
-        still served, so load balancers stop sending traffic before the server stops."""
         self._failures_until_unready = settings.unready_after_failures
         self._recovery_interval = settings.recovery_probe_interval_s
         self._recovery: asyncio.Task[None] | None = None
@@ -165,9 +162,8 @@ class Pipeline:
 
     @property
     def ready(self) -> bool:
-        """Warmed up, not draining, and onnxruntime has not failed `unready_after_failures`
-        times in a row."""
-        return self._warmed_up and not self.draining and not self.failing
+        """Warmed up, and onnxruntime has not failed `unready_after_failures` times in a row."""
+        return self._warmed_up and not self.failing
 
     @property
     def failing(self) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.decode import DEFAULT_MAX_PIXELS
@@ -18,7 +18,35 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VIT_", frozen=True)
 
     model: Path = Path("models/shapes-vit.onnx")
-    """The self-describing ONNX file to serve (written by vit-export)."""
+    """The self-describing ONNX file to serve (written by vit-export or vit-import), or a model
+    repository: a directory laid out as `<name>/<version>/model.onnx` (docs/REPOSITORY.md)."""
+
+    model_control: Literal["none", "poll", "explicit"] = "none"
+    """none: load every model at start, change nothing afterwards; poll: also load new and
+    changed versions and unload removed ones every repository_poll_s; explicit: change only on
+    POST /v2/repository/models/{name}/load or unload (every model is loaded at start)."""
+
+    repository_poll_s: float = Field(5.0, gt=0)
+    """How often poll mode scans the repository."""
+
+    version_policy: str = "latest:1"
+    """Which versions of each model to serve, as Triton's: latest, latest:N, all, specific:1,3."""
+
+    default_model: str | None = None
+    """The model /v1/classify serves; unset, the only one (with several, name it in the URL)."""
+
+    admin_token: SecretStr | None = None
+    """Bearer token for the repository API (index, load, unload). Unset, that API is refused:
+    it changes what the server runs."""
+
+    api_token: SecretStr | None = None
+    """Bearer token for the inference routes, if set. Health, readiness and /metrics stay open
+    for probes and scrapers."""
+
+    models_memory_bytes: int = Field(0, ge=0)
+    """The most resident memory the loaded model versions may take together (0: no bound); a
+    load that would exceed it is refused with the reason. Each version's memory is measured as
+    it loads (and estimated at three times its file's size before)."""
 
     host: str = "127.0.0.1"
     """Interface uvicorn binds; 0.0.0.0 inside a container."""

@@ -61,7 +61,7 @@ def binary_output(response: Any) -> tuple[dict[str, Any], np.ndarray]:
 
 
 def test_server_and_health(client: TestClient) -> None:
-    assert client.get("/v2").json()["extensions"] == ["binary_tensor_data"]
+    assert client.get("/v2").json()["extensions"] == ["binary_tensor_data", "model_repository"]
     assert client.get("/v2/health/live").json() == {"live": True}
     assert client.get("/v2/health/ready").json() == {"ready": True}
     # Probes and load balancers that ask with HEAD.
