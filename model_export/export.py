@@ -6,6 +6,7 @@ import argparse
 import copy
 import logging
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from torch import nn
 from model_export import shapes
 from model_export.checkpoint import Checkpoint, NotACheckpoint, sha256_of
 from model_export.evaluate import evaluate
+from model_export.importing import staged
+from model_export.quantize import Int8Report, compare, quantize
 from model_export.vit import VisionTransformer
 from service.model_metadata import ModelMetadata
 from service.preprocess import PreprocessSpec, preprocess
@@ -34,6 +37,8 @@ PARITY_BATCH_SIZES = (1, 8)
 # every held-out image and move no probability by more than this.
 FP16_MIN_TOP1_AGREEMENT = 0.995
 FP16_PROBABILITY_TOLERANCE = 1e-2
+# The fewest held-out images the FP16 and int8 checks use, whatever --eval-count says.
+PRECISION_MIN_IMAGES = 256
 
 
 @dataclass(frozen=True)
@@ -148,26 +153,69 @@ def check_parity(model: VisionTransformer, session: ModelSession, seed: int) -> 
     return results
 
 
+def held_out(
+    spec: PreprocessSpec, *, seed: int, count: int, batch_size: int = 64
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Held-out images preprocessed as the service does, with their class indices, in batches."""
+    for start in range(0, count, batch_size):
+        batch = list(shapes.samples(seed, min(batch_size, count - start), start))
+        yield (
+            np.concatenate([preprocess(s.data, spec) for s in batch]),
+            np.array([s.label for s in batch]),
+        )
+
+
 def compare_precision(
     model: VisionTransformer, session: ModelSession, *, seed: int, count: int
 ) -> PrecisionReport:
     """Probabilities of the FP16 file against the FP32 PyTorch model, image by image."""
-    spec = session.metadata.preprocessing
     agree, largest = 0, 0.0
-    batch_size = 64
-    for start in range(0, count, batch_size):
-        batch = np.concatenate(
-            [
-                preprocess(s.data, spec)
-                for s in shapes.samples(seed, min(batch_size, count - start), start)
-            ]
-        )
+    for batch, _ in held_out(session.metadata.preprocessing, seed=seed, count=count):
         with torch.no_grad():
             expected = softmax(model(torch.from_numpy(batch)).numpy())
         actual = session.predict(batch)
         agree += int((expected.argmax(1) == actual.argmax(1)).sum())
         largest = max(largest, float(np.abs(expected - actual).max()))
     return PrecisionReport(count=count, top1_agreement=agree / count, max_probability_diff=largest)
+
+
+def export_int8(
+    model: VisionTransformer,
+    metadata: ModelMetadata,
+    output: Path,
+    *,
+    image_size: int,
+    eval_seed: int,
+    count: int,
+) -> list[ParityCase] | Int8Report:
+    """The FP32 file, proven equal to PyTorch, quantized to int8 and compared with it on the
+    held-out images; `output` is written only if both checks pass."""
+    with staged(output) as fp32_path, staged(output) as int8_path:
+        to_onnx(model, fp32_path, image_size)
+        write_metadata(fp32_path, metadata)
+        fp32 = ModelSession(fp32_path, providers=(CPU,))
+        parity = check_parity(model, fp32, seed=eval_seed)
+        if not all(case.passed for case in parity):
+            return parity
+        quantize(fp32_path, int8_path)
+        write_metadata(int8_path, metadata.model_copy(update={"precision": "int8"}))
+        int8 = ModelSession(int8_path, providers=(CPU,))
+        batches = list(held_out(metadata.preprocessing, seed=eval_seed, count=count))
+        report = compare(
+            np.concatenate([fp32.logits(batch) for batch, _ in batches]),
+            np.concatenate([int8.logits(batch) for batch, _ in batches]),
+            np.concatenate([truth for _, truth in batches]),
+        )
+        if report.passed:
+            held = {"held_out_seed": eval_seed, "held_out_count": count}
+            stamped = {
+                "precision": "int8",
+                "held_out_accuracy": report.int8_accuracy,
+                "dataset": {**metadata.dataset, **held},
+            }
+            write_metadata(int8_path, metadata.model_copy(update=stamped))
+            int8_path.replace(output)
+    return report
 
 
 def export(
@@ -178,16 +226,16 @@ def export(
     eval_seed: int,
     eval_count: int,
     fp16: bool = False,
-) -> tuple[list[ParityCase] | PrecisionReport, float | None]:
+    int8: bool = False,
+) -> tuple[list[ParityCase] | PrecisionReport | Int8Report, float | None]:
     """Write the ONNX file, check it against PyTorch, measure held-out accuracy and store it.
 
     FP32 files must match PyTorch to LOGIT_TOLERANCE; FP16 files are compared with the FP32
-    model on the held-out images instead (`PrecisionReport`).
+    model on the held-out images instead (`PrecisionReport`), and int8 files with the FP32 file
+    (`Int8Report`, and no file unless it passes).
     """
     checkpoint = Checkpoint.load(checkpoint_path)
     model = checkpoint.build_model()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    to_onnx(Float16Inside(model) if fp16 else model, output, checkpoint.config.image_size)
     metadata = ModelMetadata(
         name=checkpoint.name,
         version=version,
@@ -203,11 +251,26 @@ def export(
         },
         checkpoint_sha256=sha256_of(checkpoint_path),
     )
+    if int8:
+        count = max(eval_count, PRECISION_MIN_IMAGES)
+        report = export_int8(
+            model,
+            metadata,
+            output,
+            image_size=checkpoint.config.image_size,
+            eval_seed=eval_seed,
+            count=count,
+        )
+        return report, report.int8_accuracy if isinstance(report, Int8Report) else None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    to_onnx(Float16Inside(model) if fp16 else model, output, checkpoint.config.image_size)
     write_metadata(output, metadata)
     session = ModelSession(output, providers=(CPU,))
     parity: list[ParityCase] | PrecisionReport
     if fp16:
-        parity = compare_precision(model, session, seed=eval_seed, count=max(eval_count, 256))
+        parity = compare_precision(
+            model, session, seed=eval_seed, count=max(eval_count, PRECISION_MIN_IMAGES)
+        )
     else:
         parity = check_parity(model, session, seed=eval_seed)
     accuracy = None
@@ -241,10 +304,17 @@ def main(argv: list[str] | None = None) -> None:
         default=2000,
         help="Held-out images whose accuracy is stored in the file (0: skip).",
     )
-    parser.add_argument(
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument(
         "--fp16",
         action="store_true",
         help="Half-precision weights and compute; input and output stay float32.",
+    )
+    precision.add_argument(
+        "--int8",
+        action="store_true",
+        help="int8 weights, activations quantized per call; written only if it agrees with the "
+        "FP32 model on >= 99%% of the held-out images and loses <= 0.5 points of accuracy.",
     )
     args = parser.parse_args(argv)
     try:
@@ -255,10 +325,11 @@ def main(argv: list[str] | None = None) -> None:
             eval_seed=args.eval_seed,
             eval_count=args.eval_count,
             fp16=args.fp16,
+            int8=args.int8,
         )
     except NotACheckpoint as error:
         sys.exit(f"vit-export: {error}")
-    if isinstance(parity, PrecisionReport):
+    if isinstance(parity, PrecisionReport | Int8Report):
         print(parity.line())
         passed = parity.passed
     else:
@@ -266,10 +337,11 @@ def main(argv: list[str] | None = None) -> None:
         for case in parity:
             print("  " + case.line())
         passed = all(case.passed for case in parity)
+    if args.int8 and not passed:
+        sys.exit(f"vit-export: the int8 model failed its check; {args.output} not written")
     if accuracy is not None:
-        print(
-            f"held-out accuracy {accuracy:.2%} on {args.eval_count} images (seed {args.eval_seed})"
-        )
+        count = max(args.eval_count, PRECISION_MIN_IMAGES) if args.int8 else args.eval_count
+        print(f"held-out accuracy {accuracy:.2%} on {count} images (seed {args.eval_seed})")
     print(f"wrote {args.output} ({args.output.stat().st_size / 1e6:.1f} MB)")
     if not passed:
         sys.exit(1)

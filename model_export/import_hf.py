@@ -36,6 +36,7 @@ from model_export.importing import (
     served_logits,
     staged,
 )
+from model_export.quantize import Int8Report, check_on_images, quantize
 from service.model_metadata import ModelMetadata
 from service.providers import CPU
 from service.session import ModelSession, softmax
@@ -171,9 +172,11 @@ def import_hf(
     version: str = "1",
     check_images: Path | None = None,
     fp16: bool = False,
+    int8: bool = False,
     jpeg_draft: bool = False,
-) -> ParityReport:
-    """Write the ONNX file with its metadata, then check it against transformers."""
+) -> ParityReport | Int8Report:
+    """Write the ONNX file with its metadata, then check it against transformers; with `int8`,
+    quantize the FP32 file once it passes and check the int8 file against it instead."""
     model, processor = load(source)
     try:
         spec = spec_from_processor(processor, jpeg_draft=jpeg_draft)
@@ -205,6 +208,18 @@ def import_hf(
         write_metadata(staged_path, metadata, producer="vit-import")
         session = ModelSession(staged_path, providers=(CPU,))
         report = check_parity(model, processor, session, files, fp16=fp16)
-        if report.passed:
-            staged_path.replace(output)
-    return report
+        if not report.passed or not int8:
+            if report.passed:
+                staged_path.replace(output)
+            return report
+        with staged(output) as int8_path:
+            quantize(staged_path, int8_path)
+            write_metadata(
+                int8_path, metadata.model_copy(update={"precision": "int8"}), producer="vit-import"
+            )
+            int8_report = check_on_images(
+                session, ModelSession(int8_path, providers=(CPU,)), check_images
+            )
+            if int8_report.passed:
+                int8_path.replace(output)
+    return int8_report

@@ -52,8 +52,10 @@ class ModelMetadata(BaseModel):
     output_name: str | None = Field(
         None, description="The graph output to serve, where it has several; null: the first."
     )
-    precision: Literal["fp32", "fp16"] = Field(
-        "fp32", description="The weights' precision; input and output are float32 either way."
+    precision: Literal["fp32", "fp16", "int8"] = Field(
+        "fp32",
+        description="The weights' precision (int8: activations quantized per call); input and "
+        "output are float32 either way.",
     )
     dataset: dict[str, object] = Field(
         default_factory=dict, description="What the model was trained and evaluated on."
