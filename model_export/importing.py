@@ -44,6 +44,7 @@ def staged(output: Path) -> Iterator[Path]:
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=output.parent, suffix=".onnx", delete=False) as file:
         path = Path(file.name)
+    path.chmod(0o644)  # a model file others (a container's user) must be able to read
     try:
         yield path
     finally:
