@@ -68,11 +68,13 @@ class ModelRegistry:
         self.policy = VersionPolicy.parse(settings.version_policy)
         self._serving: dict[str, dict[int, Pipeline]] = {}
         self._files: dict[tuple[str, int], VersionFile] = {}
+        self._unloadable: dict[tuple[str, int], VersionFile] = {}
         self._index: dict[tuple[str, int], IndexEntry] = {}
         self._changes = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
         self._last_scan: Scan = {}
+        self._started = False
         self.draining = False
         """Set on SIGTERM: readiness turns false while requests are still answered."""
 
@@ -117,9 +119,12 @@ class ModelRegistry:
 
     @property
     def ready(self) -> bool:
-        """Some model is served, and every version served is ready."""
+        """Every model that should be loaded at start has loaded, some model is served, and
+        every version served is ready (later loads and swaps do not take readiness away)."""
         serving = self.pipelines()
-        return bool(serving) and not self.draining and all(p.ready for p in serving)
+        return (
+            self._started and bool(serving) and not self.draining and all(p.ready for p in serving)
+        )
 
     def index(self) -> list[IndexEntry]:
         return [self._index[key] for key in sorted(self._index)]
@@ -163,6 +168,7 @@ class ModelRegistry:
                     strict=self.settings.model_control == "none",
                     session=item.session,
                 )
+        self._started = True
         if self.settings.model_control == "poll":
             self._poller = asyncio.create_task(self._poll(), name="repository-poll")
 
@@ -222,12 +228,29 @@ class ModelRegistry:
         """Make what is served of `name` what the policy chooses of `versions`: load new and
         changed files (all chosen ones with `reload`), retire the others (except `keep`)."""
         async with self._changes:
-            wanted = self.policy.choose(list(versions))
-            serving = self._serving.get(name, {})
-            for version in wanted:
-                file = versions[version]
-                if reload or self._files.get((name, version)) != file or version not in serving:
-                    await self._load(name, version, file, strict=strict)
+            # A file that failed to load is not tried again until it changes, and never
+            # displaces a version that serves: the policy chooses among the others.
+            candidates = {
+                v: f for v, f in versions.items() if reload or self._unloadable.get((name, v)) != f
+            }
+            while True:
+                wanted = self.policy.choose(list(candidates))
+                failed = []
+                for version in wanted:
+                    file = candidates[version]
+                    serving = self._serving.get(name, {})
+                    changed = self._files.get((name, version)) != file
+                    if reload or changed or version not in serving:
+                        await self._load(name, version, file, strict=strict)
+                        if self._files.get((name, version)) != file:
+                            failed.append(version)
+                if not failed or strict:
+                    break
+                for version in failed:
+                    if version not in self._serving.get(name, {}):
+                        candidates.pop(version)
+                if all(v in self._serving.get(name, {}) for v in failed):
+                    break
             for version in list(self._serving.get(name, {})):
                 if version not in wanted and version not in (keep or set()):
                     self._retire(name, version)
@@ -235,6 +258,7 @@ class ModelRegistry:
                 gone = key[1] not in versions and key[1] not in (keep or set())
                 if gone and self._index[key].state == "UNAVAILABLE":
                     del self._index[key]
+                    self._unloadable.pop(key, None)
 
     async def _load(
         self,
@@ -262,9 +286,11 @@ class ModelRegistry:
             measured = max(resident_bytes() - before, file.size)
         except Exception as error:
             self._failed(name, version, error, previous)
+            self._unloadable[key] = file
             if strict:
                 raise
             return
+        self._unloadable.pop(key, None)
         old = self._serving.setdefault(name, {}).get(version)
         self._serving[name][version] = pipeline  # the swap: new requests go to the new one
         self._files[key] = file

@@ -37,11 +37,15 @@ def classifier(
     metadata: ModelMetadata | None = None,
     extra_output: bool = False,
     width_from_input: bool = False,
+    scale: float = 1.0,
 ) -> Path:
     """Logits = mean colour per channel @ W: a real graph whose answer depends on the image.
     `classes` is the declared width (a name makes it symbolic); `weights_classes` the real one,
-    or with `width_from_input` the input's width (known only when it runs)."""
-    weights = np.arange(3 * weights_classes, dtype=np.float32).reshape(3, weights_classes) - 2
+    or with `width_from_input` the input's width (known only when it runs). `scale` multiplies
+    the weights, so that versions of a model answer differently."""
+    weights = scale * (
+        np.arange(3 * weights_classes, dtype=np.float32).reshape(3, weights_classes) - 2
+    )
     nodes = [
         helper.make_node("Cast", ["pixels"], ["pixels32"], to=TensorProto.FLOAT),
         helper.make_node("ReduceMean", ["pixels32", "axes"], ["means"], keepdims=0),
@@ -85,7 +89,7 @@ def classifier(
     return path
 
 
-def expected_logits(batch: np.ndarray, classes: int = 3) -> np.ndarray:
+def expected_logits(batch: np.ndarray, classes: int = 3, scale: float = 1.0) -> np.ndarray:
     """What `classifier` computes, in numpy."""
-    weights = np.arange(3 * classes, dtype=np.float32).reshape(3, classes) - 2
+    weights = scale * (np.arange(3 * classes, dtype=np.float32).reshape(3, classes) - 2)
     return np.asarray(batch.mean(axis=(2, 3)) @ weights)
