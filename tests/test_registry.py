@@ -207,7 +207,7 @@ def test_a_broken_new_version_never_serves_and_the_index_says_why(
                 break
             time.sleep(0.1)
         assert entry.get("state") == "UNAVAILABLE", entry
-        expected_reason = "2 labels" if breakage == "labels" else "Protobuf parsing failed"
+        expected_reason = "2 labels" if breakage == "labels" else "INVALID_PROTOBUF"
         assert expected_reason in entry["reason"], entry
         answer = classify(client, "/v1/models/colours/classify")
         assert answer.status_code == 200 and answer.json()["model"]["version"] == "2"
