@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.errors import DeadlineExceeded, InferenceFailed, Overloaded
-from service.metrics import Metrics
+from service.metrics import ModelMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class Batcher:
         max_batch_size: int,
         max_delay: float,
         max_queue: int,
-        metrics: Metrics,
+        metrics: ModelMetrics,
         workers: int = 1,
         predict_alone: Predict | None = None,
         busy_elsewhere: Callable[[], bool] = lambda: False,

@@ -1,6 +1,9 @@
-"""Prometheus metrics on a registry owned by the app (so tests can build many apps)."""
+"""Prometheus metrics on a registry owned by the app (so tests can build many apps); what a
+model version does is labelled with its `model` and `version`."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
@@ -31,6 +34,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128)
 PROBABILITY_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
 
 
+MODEL = ["model", "version"]
+
+
 class Metrics:
     """Every metric the service exports, names prefixed `vit_`, units in the names."""
 
@@ -50,86 +56,166 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.stage_seconds = Histogram(
-            "vit_stage_duration_seconds",
-            "Time per stage: read_body, decode_preprocess (per image), queue_wait, inference.",
-            ["stage"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.batch_size = Histogram(
-            "vit_batch_size_images",
-            "Images per onnxruntime call.",
-            buckets=BATCH_BUCKETS,
-            registry=r,
-        )
-        self.queue_depth = Gauge(
-            "vit_queue_depth_images", "Images queued or in inference (places held).", registry=r
-        )
-        self.images_in_flight = Gauge(
-            "vit_images_in_flight",
-            "Image places held by admitted requests (read, decoded, queued or in inference).",
-            registry=r,
-        )
-        self.body_bytes_in_flight = Gauge(
-            "vit_body_bytes_in_flight", "Request body bytes held by admitted requests.", registry=r
-        )
         self.in_flight = Gauge(
             "vit_requests_in_flight", "Requests being answered right now.", registry=r
         )
-        self.images = Counter("vit_images_processed", "Images classified.", registry=r)
         self.rejections = Counter(
             "vit_rejections", "Requests refused, by error type.", ["reason"], registry=r
         )
-        self.decode_workers_replaced = Counter(
-            "vit_decode_workers_replaced",
-            "Decoding workers killed and replaced, by why: memory or time (the image overran "
-            "that limit: a 422 too_expensive_to_decode), crash (the decoder died), abandoned "
-            "(the image's request failed, timed out or lost its client).",
-            ["reason"],
-            registry=r,
-        )
-        self.model = Info("vit_model", "The served model and where it runs.", registry=r)
         self.model_load_failures = Counter(
             "vit_model_load_failures",
             "Model versions that failed to load (checks, warm-up or memory budget), by model.",
             ["model"],
             registry=r,
         )
+        self.models_memory_bytes = Gauge(
+            "vit_models_memory_bytes",
+            "Resident memory the served model versions took as they loaded, in all.",
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "vit_stage_duration_seconds",
+            "Time per stage: read_body, decode_preprocess (per image), queue_wait, inference.",
+            [*MODEL, "stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "vit_batch_size_images",
+            "Images per onnxruntime call.",
+            MODEL,
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "vit_queue_depth_images",
+            "Images queued or in inference (places held).",
+            MODEL,
+            registry=r,
+        )
+        self.images_in_flight = Gauge(
+            "vit_images_in_flight",
+            "Image places held by admitted requests (read, decoded, queued or in inference).",
+            MODEL,
+            registry=r,
+        )
+        self.body_bytes_in_flight = Gauge(
+            "vit_body_bytes_in_flight",
+            "Request body bytes held by admitted requests.",
+            MODEL,
+            registry=r,
+        )
+        self.memory_bytes = Gauge(
+            "vit_model_memory_bytes",
+            "Resident memory the model version took as it loaded.",
+            MODEL,
+            registry=r,
+        )
+        self.ready = Gauge(
+            "vit_model_ready", "1 while the model version is ready.", MODEL, registry=r
+        )
+        self.images = Counter("vit_images_processed", "Images classified.", MODEL, registry=r)
+        self.decode_workers_replaced = Counter(
+            "vit_decode_workers_replaced",
+            "Decoding workers killed and replaced, by why: memory or time (the image overran "
+            "that limit: a 422 too_expensive_to_decode), crash (the decoder died), abandoned "
+            "(the image's request failed, timed out or lost its client).",
+            [*MODEL, "reason"],
+            registry=r,
+        )
+        self.model = Info(
+            "vit_model", "A served model version and where it runs.", MODEL, registry=r
+        )
         self.top1_probability = Histogram(
             "vit_top1_probability",
             "Probability of the predicted class (confidence drift).",
+            MODEL,
             buckets=PROBABILITY_BUCKETS,
             registry=r,
         )
         self.predicted_class = Counter(
             "vit_predicted_class",
             "Predictions by top-1 label (input drift).",
-            ["label"],
+            [*MODEL, "label"],
             registry=r,
         )
         self.input_format = Counter(
-            "vit_input_images", "Decoded uploads by file format.", ["format"], registry=r
+            "vit_input_images", "Decoded uploads by file format.", [*MODEL, "format"], registry=r
         )
         self.exif_rotated = Counter(
-            "vit_input_exif_rotated_images", "Uploads turned upright from EXIF.", registry=r
+            "vit_input_exif_rotated_images", "Uploads turned upright from EXIF.", MODEL, registry=r
         )
         self.mode_converted = Counter(
             "vit_input_mode_converted_images",
             "Uploads converted to RGB, by original mode.",
-            ["mode"],
+            [*MODEL, "mode"],
             registry=r,
         )
 
+    def for_model(self, name: str, version: str) -> ModelMetrics:
+        return ModelMetrics(self, name, version)
+
+
+class _Labelled:
+    """A metric family with its first labels given: `labels(*rest)` gives the child."""
+
+    def __init__(self, family: Any, *given: str) -> None:
+        self._family = family
+        self._given = given
+
+    def labels(self, *rest: str) -> Any:
+        return self._family.labels(*self._given, *rest)
+
+
+class ModelMetrics:
+    """One model version's view of the metrics: every series it writes carries its labels."""
+
+    def __init__(self, metrics: Metrics, name: str, version: str) -> None:
+        self._metrics = metrics
+        self._labels = (name, version)
+        self.rejections = metrics.rejections  # by error type, for the whole server
+        self.stage_seconds = _Labelled(metrics.stage_seconds, name, version)
+        self.decode_workers_replaced = _Labelled(metrics.decode_workers_replaced, name, version)
+        self.batch_size = metrics.batch_size.labels(name, version)
+        self.queue_depth = metrics.queue_depth.labels(name, version)
+        self.images_in_flight = metrics.images_in_flight.labels(name, version)
+        self.body_bytes_in_flight = metrics.body_bytes_in_flight.labels(name, version)
+        self.memory_bytes = metrics.memory_bytes.labels(name, version)
+        self.ready = metrics.ready.labels(name, version)
+        self.model = metrics.model.labels(name, version)
+        self._images = metrics.images.labels(name, version)
+        self._top1 = metrics.top1_probability.labels(name, version)
+        self._predicted = _Labelled(metrics.predicted_class, name, version)
+        self._format = _Labelled(metrics.input_format, name, version)
+        self._rotated = metrics.exif_rotated.labels(name, version)
+        self._converted = _Labelled(metrics.mode_converted, name, version)
+
     def observe_decoded(self, image_format: str, original_mode: str, exif_rotated: bool) -> None:
-        self.input_format.labels(image_format).inc()
+        self._format.labels(image_format).inc()
         if exif_rotated:
-            self.exif_rotated.inc()
+            self._rotated.inc()
         if original_mode != "RGB":
-            self.mode_converted.labels(original_mode).inc()
+            self._converted.labels(original_mode).inc()
 
     def observe_predictions(self, top1: list[float], labels: list[str]) -> None:
-        self.images.inc(len(top1))
+        self._images.inc(len(top1))
         for probability, label in zip(top1, labels, strict=True):
-            self.top1_probability.observe(probability)
-            self.predicted_class.labels(label).inc()
+            self._top1.observe(probability)
+            self._predicted.labels(label).inc()
+
+    def remove(self) -> None:
+        """Drop the version's gauges and info once it is retired (counters and histograms
+        stay: they only ever add up)."""
+        m = self._metrics
+        for family in (
+            m.queue_depth,
+            m.images_in_flight,
+            m.body_bytes_in_flight,
+            m.memory_bytes,
+            m.ready,
+            m.model,
+        ):
+            try:
+                family.remove(*self._labels)
+            except KeyError:
+                continue

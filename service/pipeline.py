@@ -38,7 +38,9 @@ class Pipeline:
 
     def __init__(self, session: ModelSession, settings: Settings, metrics: Metrics) -> None:
         self.session = session
-        self.metrics = metrics
+        self.metrics = model_metrics = metrics.for_model(
+            session.metadata.name, session.metadata.version
+        )
         self.spec = session.metadata.preprocessing
         self._warmed_up = False
         self.warm_up_error: str | None = None
@@ -52,14 +54,14 @@ class Pipeline:
             max_pixels=settings.max_pixels,
             memory_bytes=settings.decode_memory_bytes,
             timeout_s=settings.decode_timeout_s,
-            on_replaced=lambda why: metrics.decode_workers_replaced.labels(why).inc(),
+            on_replaced=lambda why: model_metrics.decode_workers_replaced.labels(why).inc(),
         )
         self.batcher = Batcher(
             session.predict,
             max_batch_size=settings.max_batch_size,
             max_delay=settings.max_batch_delay_ms / 1000,
             max_queue=settings.max_queue,
-            metrics=metrics,
+            metrics=model_metrics,
             workers=session.inference_workers,
             predict_alone=session.predict_alone,
             busy_elsewhere=lambda: self._preparing > 0,
@@ -70,12 +72,11 @@ class Pipeline:
             max_body_bytes=settings.max_body_bytes_in_flight,
             retry_after=self.batcher.retry_after,
         )
-        metrics.images_in_flight.set_function(lambda: self.budget.images)
-        metrics.body_bytes_in_flight.set_function(lambda: self.budget.body_bytes)
-        metrics.model.info(
+        model_metrics.images_in_flight.set_function(lambda: self.budget.images)
+        model_metrics.body_bytes_in_flight.set_function(lambda: self.budget.body_bytes)
+        model_metrics.ready.set_function(lambda: float(self.ready))
+        model_metrics.model.info(
             {
-                "name": session.metadata.name,
-                "version": session.metadata.version,
                 "sha256": session.sha256,
                 **session.runtime,
                 "fallbacks": "; ".join(session.fallbacks) or "none",
@@ -216,3 +217,4 @@ class Pipeline:
             self._recovery.cancel()
         await self.batcher.stop()
         self.decoders.close()
+        self.metrics.remove()

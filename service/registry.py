@@ -74,6 +74,7 @@ class ModelRegistry:
         self._poller: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
         self._last_scan: Scan = {}
+        metrics.models_memory_bytes.set_function(lambda: float(self.memory_bytes()))
         self._started = False
         self.draining = False
         """Set on SIGTERM: readiness turns false while requests are still answered."""
@@ -295,6 +296,7 @@ class ModelRegistry:
         self._serving[name][version] = pipeline  # the swap: new requests go to the new one
         self._files[key] = file
         self._index[key] = IndexEntry(name, version, "READY", memory_bytes=measured)
+        pipeline.metrics.memory_bytes.set(measured)
         logger.info(
             "model %s version %d serving (%.1f s, %d MB)",
             name,

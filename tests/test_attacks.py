@@ -79,6 +79,9 @@ class Watch:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        deadline = time.monotonic() + 10  # an attack refused at once still sees one answer
+        while not self.ordinary and time.monotonic() < deadline:
+            time.sleep(0.02)
         self._stop.set()
         for thread in self._threads:
             thread.join()

@@ -64,7 +64,8 @@ def classify(client: TestClient, **headers: str) -> tuple[int, dict[str, str], d
 
 def wait_for_depth(client: TestClient, depth: int) -> None:
     deadline = time.monotonic() + 10
-    while f"vit_queue_depth_images {depth}.0" not in client.get("/metrics").text:
+    series = f'vit_queue_depth_images{{model="shapes-vit",version="1"}} {depth}.0'
+    while series not in client.get("/metrics").text:
         assert time.monotonic() < deadline, "the queue never reached the expected depth"
         time.sleep(0.01)
 

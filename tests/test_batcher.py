@@ -47,7 +47,7 @@ def far() -> float:
 def make(model: GatedModel, **overrides: float) -> Batcher:
     """One worker unless asked: most tests are about what one call at a time does."""
     options = {"max_batch_size": 4, "max_delay": 0.0, "max_queue": 100, **overrides}
-    return Batcher(model.predict, metrics=Metrics(), **options)  # type: ignore[arg-type]
+    return Batcher(model.predict, metrics=Metrics().for_model("m", "1"), **options)  # type: ignore[arg-type]
 
 
 async def wait_for_calls(model: GatedModel, count: int) -> None:
@@ -275,7 +275,7 @@ def test_a_lone_image_goes_through_predict_alone_and_anything_else_does_not() ->
             max_batch_size=4,
             max_delay=0.0,
             max_queue=100,
-            metrics=Metrics(),
+            metrics=Metrics().for_model("m", "1"),
             predict_alone=alone,
             busy_elsewhere=lambda: busy["elsewhere"],
         )
@@ -300,7 +300,7 @@ def test_a_lone_image_next_to_a_running_call_goes_through_predict() -> None:
             max_batch_size=2,
             max_delay=0.0,
             max_queue=100,
-            metrics=Metrics(),
+            metrics=Metrics().for_model("m", "1"),
             workers=2,
             predict_alone=alone,
         )
@@ -321,7 +321,13 @@ def test_a_lone_image_next_to_a_running_call_goes_through_predict() -> None:
 def test_a_request_larger_than_the_batch_limit_runs_as_several_calls() -> None:
     async def scenario() -> None:
         model = Recorder()
-        batcher = Batcher(model, max_batch_size=2, max_delay=0.0, max_queue=100, metrics=Metrics())
+        batcher = Batcher(
+            model,
+            max_batch_size=2,
+            max_delay=0.0,
+            max_queue=100,
+            metrics=Metrics().for_model("m", "1"),
+        )
         batcher.start()
         result = await batcher.submit(rows(1, 2, 3, 4, 5), far())
         assert model.sizes == [2, 2, 1]
@@ -341,7 +347,12 @@ def test_inference_threads_run_at_the_added_niceness() -> None:
             return batch.reshape(len(batch), -1)
 
         batcher = Batcher(
-            predict, max_batch_size=1, max_delay=0.0, max_queue=10, metrics=Metrics(), nice=3
+            predict,
+            max_batch_size=1,
+            max_delay=0.0,
+            max_queue=10,
+            metrics=Metrics().for_model("m", "1"),
+            nice=3,
         )
         batcher.start()
         await batcher.submit(rows(1), far())

@@ -38,6 +38,10 @@ def value(
     return all_samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+MODEL = {"model": "shapes-vit", "version": "1"}
+"""The labels of every series the served model version writes."""
+
+
 def test_counters_move_by_exactly_what_was_sent(client: TestClient) -> None:
     before = samples(client)
     files = [("file", (f"{n}.img", UPLOADS[n][0], UPLOADS[n][1])) for n in ("jpeg", "png-rgba")]
@@ -67,20 +71,23 @@ def test_counters_move_by_exactly_what_was_sent(client: TestClient) -> None:
     assert delta("vit_requests_total", route="/v1/classify", status="200") == 2
     assert delta("vit_requests_total", route="/v1/classify", status="400") == 1
     assert delta("vit_requests_total", route="/v1/classify", status="415") == 1
-    assert delta("vit_images_processed_total") == 3
+    assert delta("vit_images_processed_total", **MODEL) == 3
     assert delta("vit_rejections_total", reason="empty_body") == 1
     assert delta("vit_rejections_total", reason="unsupported_media_type") == 1
-    assert delta("vit_input_images_total", format="JPEG") == 1
-    assert delta("vit_input_images_total", format="PNG") == 2
-    assert delta("vit_input_exif_rotated_images_total") == 1
-    assert delta("vit_input_mode_converted_images_total", mode="RGBA") == 1
-    assert delta("vit_top1_probability_count") == 3
-    assert sum(delta("vit_predicted_class_total", label=label) for label in shapes.LABELS) == 3
-    assert delta("vit_batch_size_images_count") == 2
-    assert delta("vit_batch_size_images_sum") == 3
-    assert delta("vit_stage_duration_seconds_count", stage="decode_preprocess") == 3
-    assert delta("vit_stage_duration_seconds_count", stage="inference") == 2
-    assert delta("vit_stage_duration_seconds_count", stage="queue_wait") == 2
+    assert delta("vit_input_images_total", **MODEL, format="JPEG") == 1
+    assert delta("vit_input_images_total", **MODEL, format="PNG") == 2
+    assert delta("vit_input_exif_rotated_images_total", **MODEL) == 1
+    assert delta("vit_input_mode_converted_images_total", **MODEL, mode="RGBA") == 1
+    assert delta("vit_top1_probability_count", **MODEL) == 3
+    assert (
+        sum(delta("vit_predicted_class_total", **MODEL, label=label) for label in shapes.LABELS)
+        == 3
+    )
+    assert delta("vit_batch_size_images_count", **MODEL) == 2
+    assert delta("vit_batch_size_images_sum", **MODEL) == 3
+    assert delta("vit_stage_duration_seconds_count", **MODEL, stage="decode_preprocess") == 3
+    assert delta("vit_stage_duration_seconds_count", **MODEL, stage="inference") == 2
+    assert delta("vit_stage_duration_seconds_count", **MODEL, stage="queue_wait") == 2
     assert delta("vit_request_duration_seconds_count", route="/v1/classify") == 4
 
 
@@ -88,9 +95,10 @@ def test_model_info_and_gauges(client: TestClient) -> None:
     current = samples(client)
     (info,) = [labels for (name, labels) in current if name == "vit_model_info"]
     info_labels = dict(info)
+    assert (info_labels["model"], info_labels["version"]) == ("shapes-vit", "1")
     model = client.get("/v1/models").json()["models"][0]
     assert info_labels["sha256"] == model["sha256"] and info_labels["provider"] == model["provider"]
-    assert value(current, "vit_queue_depth_images") == 0
+    assert value(current, "vit_queue_depth_images", **MODEL) == 0
     assert value(current, "vit_requests_in_flight") == 1  # the /metrics request itself
 
 
