@@ -222,8 +222,8 @@ def test_the_dashboards_route_filter_matches_the_inference_routes(app_routes: se
     patterns = {m for expr in dashboard_queries() for m in re.findall(r'route=~"([^"]+)"', expr)}
     (pattern,) = patterns
     matched = {route for route in app_routes if re.fullmatch(pattern, route)}
-    assert matched == {
-        "/v1/classify",
-        "/v2/models/{name}/infer",
-        "/v2/models/{name}/versions/{version}/infer",
-    }
+    from service import api_v1, api_v2
+
+    inference = [*api_v1.inference_router.routes, *api_v2.inference_router.routes]
+    assert matched == {route.path for route in inference}  # type: ignore[attr-defined]
+    assert "/v1/models/{name}/versions/{version}/classify" in matched
