@@ -171,7 +171,7 @@ def check_compose_schema(path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*command, str(path)], capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("path", ["compose.yaml", "compose.gpu.yaml"])
+@pytest.mark.parametrize("path", ["compose.yaml", "compose.gpu.yaml", "compose.repository.yaml"])
 def test_compose_files_match_the_compose_schema(path: str) -> None:
     result = check_compose_schema(DOCKER / path)
     assert result.returncode == 0, result.stdout + result.stderr
