@@ -153,13 +153,10 @@ def default_model(folder: Path) -> dict[str, Any]:
     return {"gate": gate, "images_per_second": images_per_second(files, spec.input_size)}
 
 
-def imported_vit(folder: Path, title: str, hidden: int, heads: int) -> dict[str, Any]:
-    """A ViT at 224 with random weights, imported in FP32 and int8 (gated on the shipped photos),
-    and quantized statically (QDQ, calibrated on the photos) for the comparison."""
+def imported_checkpoint(folder: Path, title: str, hidden: int, heads: int) -> Path:
+    """A Hugging Face ViT checkpoint at 224 with random weights and 1,000 labels."""
     import torch
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
-
-    from model_export.import_hf import import_hf
 
     labels = [f"class {i}" for i in range(1000)]
     classes: dict[str, Any] = {
@@ -180,6 +177,15 @@ def imported_vit(folder: Path, title: str, hidden: int, heads: int) -> dict[str,
     checkpoint = folder / title.replace("/", "-").replace(" ", "-")
     ViTForImageClassification(config).eval().save_pretrained(checkpoint)
     ViTImageProcessorPil(size={"height": 224, "width": 224}).save_pretrained(checkpoint)
+    return checkpoint
+
+
+def imported_vit(folder: Path, title: str, hidden: int, heads: int) -> dict[str, Any]:
+    """A ViT at 224 with random weights, imported in FP32 and int8 (gated on the shipped photos),
+    and quantized statically (QDQ, calibrated on the photos) for the comparison."""
+    from model_export.import_hf import import_hf
+
+    checkpoint = imported_checkpoint(folder, title, hidden, heads)
     files = {
         "fp32": checkpoint.with_suffix(".fp32.onnx"),
         "dynamic": checkpoint.with_suffix(".int8.onnx"),
