@@ -40,6 +40,8 @@ class Prepared:
     version: int
     file: VersionFile
     session: ModelSession
+    resident_before: int
+    """The process's resident memory before the session loaded (to measure what it took)."""
 
 
 @dataclass
@@ -147,6 +149,7 @@ class ModelRegistry:
         for name, versions in found.items():
             for version in self.policy.choose(list(versions)):
                 file = versions[version]
+                before = resident_bytes()
                 try:
                     session = await self._session(name, version, file.path)
                 except Exception as error:
@@ -154,7 +157,7 @@ class ModelRegistry:
                         raise
                     self._failed(name, version, error)
                     continue
-                prepared.append(Prepared(name, version, file, session))
+                prepared.append(Prepared(name, version, file, session, before))
                 self._index[(name, version)] = IndexEntry(name, version, "LOADING")
         return prepared
 
@@ -167,7 +170,7 @@ class ModelRegistry:
                     item.version,
                     item.file,
                     strict=self.settings.model_control == "none",
-                    session=item.session,
+                    prepared=item,
                 )
         self._started = True
         if self.settings.model_control == "poll":
@@ -268,7 +271,7 @@ class ModelRegistry:
         file: VersionFile,
         *,
         strict: bool,
-        session: ModelSession | None = None,
+        prepared: Prepared | None = None,
     ) -> None:
         key = (name, version)
         previous = self._index.get(key)
@@ -276,8 +279,11 @@ class ModelRegistry:
         started = time.monotonic()
         try:
             self._check_memory_budget(name, version, file)
-            before = resident_bytes()
-            session = session or await self._session(name, version, file.path)
+            if prepared is not None:
+                before, session = prepared.resident_before, prepared.session
+            else:
+                before = resident_bytes()
+                session = await self._session(name, version, file.path)
             pipeline = Pipeline(session, self.settings, self.metrics)
             try:
                 await pipeline.start()

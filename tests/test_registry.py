@@ -213,3 +213,23 @@ def test_a_broken_new_version_never_serves_and_the_index_says_why(
         assert answer.status_code == 200 and answer.json()["model"]["version"] == "2"
         metrics = client.get("/metrics").text
         assert 'vit_model_load_failures_total{model="colours"} 1.0' in metrics
+
+
+def test_a_load_over_the_memory_budget_is_refused_with_the_reason(repo: Path) -> None:
+    from service.app import create_app
+
+    settings = cpu_settings(
+        repo, admin_token=TOKEN, model_control="explicit", models_memory_bytes=1024
+    )
+    with TestClient(create_app(settings)) as client:
+        deadline = time.monotonic() + 10
+        index: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            index = client.post("/v2/repository/index", headers=admin()).json()
+            if index and all(entry["state"] == "UNAVAILABLE" for entry in index):
+                break
+            time.sleep(0.05)
+        assert index and all("VIT_MODELS_MEMORY_BYTES" in e["reason"] for e in index), index
+        refused = client.post("/v2/repository/models/colours/load", headers=admin())
+        assert refused.status_code == 400 and refused.json()["type"] == "load_failed"
+        assert client.get("/v2/health/ready").status_code == 503
