@@ -44,6 +44,7 @@ class Pipeline:
         self.spec = session.metadata.preprocessing
         self._warmed_up = False
         self.warm_up_error: str | None = None
+        self._closed = False
         self._preparing = 0
         self._failures_until_unready = settings.unready_after_failures
         self._recovery_interval = settings.recovery_probe_interval_s
@@ -212,6 +213,11 @@ class Pipeline:
             logger.info("inference works again: ready")
 
     async def close(self) -> None:
+        """Stop batching and decoding; once (a retired version may be closed as the server
+        stops)."""
+        if self._closed:
+            return
+        self._closed = True
         self._warmed_up = False
         if self._recovery is not None:
             self._recovery.cancel()

@@ -74,7 +74,7 @@ class ModelRegistry:
         self._index: dict[tuple[str, int], IndexEntry] = {}
         self._changes = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._retiring: dict[asyncio.Task[None], Pipeline] = {}
         self._last_scan: Scan = {}
         metrics.models_memory_bytes.set_function(lambda: float(self.memory_bytes()))
         self._started = False
@@ -197,8 +197,9 @@ class ModelRegistry:
         for pipeline in self.pipelines():
             await pipeline.close()
         self._serving.clear()
-        for task in list(self._retiring):
-            task.cancel()
+        for task, pipeline in list(self._retiring.items()):
+            task.cancel()  # the server is stopping: close now, whatever is left
+            await pipeline.close()
 
     async def _poll(self) -> None:
         """Every repository_poll_s: act on what changed, once a file is the same in two scans
@@ -383,8 +384,8 @@ class ModelRegistry:
 
     def _retire_pipeline(self, pipeline: Pipeline) -> None:
         task = asyncio.create_task(self._finish_then_close(pipeline))
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._retiring[task] = pipeline
+        task.add_done_callback(lambda done: self._retiring.pop(done, None))
 
     async def _finish_then_close(self, pipeline: Pipeline) -> None:
         """Let every request admitted to `pipeline` be answered, then close it."""
