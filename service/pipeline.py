@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import numpy as np
 
@@ -26,6 +28,7 @@ from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 WARM_UP_SECONDS = 600.0
 FILE_ERRORS = (UnsupportedImageFormat, UndecodableImage, TooManyPixels)
 """What one uploaded file can be at fault for, as opposed to its request. Not a file that
@@ -112,18 +115,7 @@ class Pipeline:
     async def classify(self, images: list[bytes], deadline: float) -> np.ndarray:
         """Probabilities for uploads, one row per image in request order. The first image that
         fails, or the deadline, stops the others: unstarted ones never start."""
-        self.require_ready()
-        self._preparing += len(images)
-        tasks = [asyncio.ensure_future(self.prepare(data)) for data in images]
-        try:
-            async with asyncio.timeout_at(deadline):
-                tensors = await asyncio.gather(*tasks)
-        except TimeoutError:
-            raise DeadlineExceeded("the request's deadline passed while it was decoded") from None
-        finally:
-            for task in tasks:  # after a failure, the deadline or the client's going
-                task.cancel()
-            self._preparing -= len(images)
+        tensors = await self._decoded(images, deadline, self.prepare)
         return await self.infer(np.concatenate(tensors), deadline)
 
     async def classify_each(
@@ -133,21 +125,28 @@ class Pipeline:
         alone caused, so that nine good photos are answered when the tenth is corrupt. What is
         not one file's fault (the deadline, the model, the queue), and a file too expensive to
         decode, fail the request, and its files not yet decoded never are."""
-        self.require_ready()
-        self._preparing += len(images)
-        tasks = [asyncio.ensure_future(self._prepare_file(data)) for data in images]
-        try:
-            async with asyncio.timeout_at(deadline):
-                decoded = await asyncio.gather(*tasks)
-        except TimeoutError:
-            raise DeadlineExceeded("the request's deadline passed while it was decoded") from None
-        finally:
-            for task in tasks:  # after the deadline, or the client's going
-                task.cancel()
-            self._preparing -= len(images)
+        decoded = await self._decoded(images, deadline, self._prepare_file)
         good = [tensor for tensor in decoded if isinstance(tensor, np.ndarray)]
         rows = iter(await self.infer(np.concatenate(good), deadline) if good else ())
         return [next(rows) if isinstance(outcome, np.ndarray) else outcome for outcome in decoded]
+
+    async def _decoded(
+        self, images: list[bytes], deadline: float, prepare: Callable[[bytes], Awaitable[T]]
+    ) -> list[T]:
+        """`prepare` of every upload at once, within the deadline; whatever ends it early (an
+        error, the deadline, the client's going) cancels the rest."""
+        self.require_ready()
+        self._preparing += len(images)
+        tasks = [asyncio.ensure_future(prepare(data)) for data in images]
+        try:
+            async with asyncio.timeout_at(deadline):
+                return list(await asyncio.gather(*tasks))
+        except TimeoutError:
+            raise DeadlineExceeded("the request's deadline passed while it was decoded") from None
+        finally:
+            for task in tasks:
+                task.cancel()
+            self._preparing -= len(images)
 
     async def _prepare_file(self, data: bytes) -> np.ndarray | ServiceError:
         try:
