@@ -10,6 +10,7 @@ replacing a killed worker costs a fork, not an interpreter start.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import io
 import logging
 import math
@@ -47,6 +48,9 @@ logger = logging.getLogger(__name__)
 MAPPED_UPLOAD_BYTES = 1024 * 1024
 """Uploads up to this size are copied through memory the server and the worker both map."""
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+"""glibc's `mallopt` parameters."""
+
 _ERRORS = {error.type: error for error in ERROR_TYPES}
 
 Replaced = Callable[[str], None]
@@ -81,6 +85,17 @@ def _caused_by_memory(error: BaseException) -> bool:
     return False
 
 
+def _keep_freed_memory_for_the_next_image() -> None:
+    """Keep an image's freed memory for the next one: by default glibc gives the top of a
+    process's heap back after each image and faults it in again for the next (~50 page faults,
+    ~4% of a 1080p JPEG's decoding). Allocations over 1 MiB (large images) are still mapped and
+    unmapped on their own, and all of it stays under the worker's memory limit."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # glibc (musl's does nothing)
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, 1024 * 1024)
+        mallopt(M_TRIM_THRESHOLD, 4 * 1024 * 1024)
+
+
 def _serve(
     conn: Connection, spec_json: str, max_pixels: int, memory_bytes: int, upload_at: int
 ) -> None:
@@ -90,6 +105,7 @@ def _serve(
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     shared = _Shared(reduction.recv_handle(conn), reduction.recv_handle(conn), upload_at)
+    _keep_freed_memory_for_the_next_image()
     spec = PreprocessSpec.model_validate_json(spec_json)
     with open("/proc/self/statm") as statm:
         mapped = int(statm.read().split()[0]) * resource.getpagesize()
