@@ -4,6 +4,8 @@ in a thread pool, measured in adjacent pairs (this machine's speed drifts betwee
     git archive <revision> | tar -x -C /tmp/base
     python -m benchmarks.decoding --baseline /tmp/base    # about 3 minutes on 2 cores
 
+More `--rounds` give a steadier median where other work shares the cores.
+
 Both servers run from this virtual environment, each from its own tree, with default settings.
 Results go to docs/decoding.json; docs/RELIABILITY.md quotes them.
 """
@@ -41,12 +43,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--baseline", type=Path, required=True, help="tree decoding in threads")
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="adjacent pairs per size")
     args = parser.parse_args()
     results: dict[str, Any] = {}
     for size_name, size in SIZES.items():
         images = photos(size)
         rounds = []
-        for _ in range(ROUNDS):
+        for _ in range(args.rounds):
             threads = measure(args.baseline, images, args.seconds)
             workers = measure(ROOT, images, args.seconds)
             print(f"{size_name} threads  {threads.line()}", flush=True)

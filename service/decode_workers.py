@@ -10,17 +10,20 @@ replacing a killed worker costs a fork, not an interpreter start.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import io
 import logging
+import math
+import mmap
 import multiprocessing
 import os
-import queue
 import resource
+import select
 import threading
-import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing import forkserver, popen_forkserver, spawn, util
 from multiprocessing.connection import Connection
 from multiprocessing.context import (  # type: ignore[attr-defined]
@@ -42,8 +45,11 @@ from service.preprocess import PreprocessSpec, preprocess_upload
 
 logger = logging.getLogger(__name__)
 
-POLL_SECONDS = 0.02
-"""How often a decoding thread checks whether its request still wants the image."""
+MAPPED_UPLOAD_BYTES = 1024 * 1024
+"""Uploads up to this size are copied through memory the server and the worker both map."""
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+"""glibc's `mallopt` parameters."""
 
 _ERRORS = {error.type: error for error in ERROR_TYPES}
 
@@ -60,17 +66,6 @@ class Decoded:
     format: str
     original_mode: str
     exif_rotated: bool
-
-
-@dataclass(eq=False)
-class _Job:
-    data: bytes
-    abandoned: threading.Event = field(default_factory=threading.Event)
-    """Set when the request no longer wants the answer: a running decode is killed."""
-
-
-class _Abandoned(Exception):
-    """The request went away while its image was being decoded."""
 
 
 MEMORY_ERROR_CODE = "decoder error -9"
@@ -90,11 +85,27 @@ def _caused_by_memory(error: BaseException) -> bool:
     return False
 
 
-def _serve(conn: Connection, spec_json: str, max_pixels: int, memory_bytes: int) -> None:
-    """A worker's life: decode each image sent, answer with its tensor or its error."""
+def _keep_freed_memory_for_the_next_image() -> None:
+    """Keep an image's freed memory for the next one: by default glibc gives the top of a
+    process's heap back after each image and faults it in again for the next (~50 page faults,
+    ~4% of a 1080p JPEG's decoding). Allocations over 1 MiB (large images) are still mapped and
+    unmapped on their own, and all of it stays under the worker's memory limit."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # glibc (musl's does nothing)
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, 1024 * 1024)
+        mallopt(M_TRIM_THRESHOLD, 4 * 1024 * 1024)
+
+
+def _serve(
+    conn: Connection, spec_json: str, max_pixels: int, memory_bytes: int, upload_at: int
+) -> None:
+    """A worker's life: decode each image put in the shared file, write its tensor there and
+    answer with what decoding found, or with its error."""
     # libtiff and libjpeg warn on stderr; the answer carries every error that matters.
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
+    shared = _Shared(reduction.recv_handle(conn), reduction.recv_handle(conn), upload_at)
+    _keep_freed_memory_for_the_next_image()
     spec = PreprocessSpec.model_validate_json(spec_json)
     with open("/proc/self/statm") as statm:
         mapped = int(statm.read().split()[0]) * resource.getpagesize()
@@ -102,23 +113,68 @@ def _serve(conn: Connection, spec_json: str, max_pixels: int, memory_bytes: int)
     limit = mapped + memory_bytes
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     while True:
-        try:
-            data = conn.recv_bytes()
-        except (EOFError, OSError):
+        readable, _, _ = select.select([shared.bell, conn.fileno()], [], [])
+        if conn.fileno() in readable:  # the server has gone: it never writes here
             return
+        size = os.eventfd_read(shared.bell) - 1
         try:
+            data = shared.take_upload(size)
             tensor, decoded = preprocess_upload(data, spec, max_pixels=max_pixels)
         except Exception as error:  # every error goes back to the parent, which raises it
-            del data
             if _caused_by_memory(error):
                 conn.send(("memory", str(error)))
                 return  # the parent replaces this worker: its heap may stay large
             kind = error.type if isinstance(error, ServiceError) else UndecodableImage.type
             conn.send(("error", kind, getattr(error, "message", str(error))))
             continue
-        del data
+        finally:
+            data = b""  # the upload's memory goes before the next one arrives
+        shared.put_tensor(tensor)
         conn.send(("ok", decoded.format, decoded.original_mode, decoded.exif_rotated, tensor.shape))
-        conn.send_bytes(tensor.data)
+
+
+class _Shared:
+    """A worker's memfd, mapped by the server and by the worker: the tensor at 0, the upload
+    at `upload_at`. A pipe would move them in 64 KB pieces, each a wake-up of the other side,
+    and `pread`/`pwrite` cost several times a copy through the mapping. An upload over
+    `MAPPED_UPLOAD_BYTES` goes into the file past the mapping, and its pages are given back
+    as soon as the worker has read it."""
+
+    def __init__(self, fd: int, bell: int, upload_at: int) -> None:
+        self.fd = fd
+        self.bell = bell
+        """An eventfd the server writes an upload's size + 1 to. A write to a pipe or a socket
+        asks the scheduler to run the woken worker on the writer's core, where it preempts the
+        event loop; an eventfd's wake-up lets it go to the other core."""
+        self._upload_at = upload_at
+        self._mapped = upload_at + MAPPED_UPLOAD_BYTES
+        os.ftruncate(fd, self._mapped)  # the pages are allocated only when written
+        self._map = mmap.mmap(fd, self._mapped)
+
+    def put_upload(self, data: bytes) -> None:
+        if len(data) <= MAPPED_UPLOAD_BYTES:
+            self._map[self._upload_at : self._upload_at + len(data)] = data
+        else:
+            os.pwrite(self.fd, data, self._upload_at)
+
+    def take_upload(self, size: int) -> bytes:
+        if size <= MAPPED_UPLOAD_BYTES:
+            return self._map[self._upload_at : self._upload_at + size]
+        data = os.pread(self.fd, size, self._upload_at)
+        os.ftruncate(self.fd, self._mapped)
+        return data
+
+    def put_tensor(self, tensor: np.ndarray) -> None:
+        self._map[: tensor.nbytes] = tensor.data
+
+    def take_tensor(self, shape: tuple[int, ...]) -> np.ndarray:
+        count = math.prod(shape)
+        return np.frombuffer(self._map, np.float32, count).reshape(shape).copy()
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self.fd)
+        os.close(self.bell)
 
 
 class _Popen(popen_forkserver.Popen):
@@ -157,19 +213,34 @@ class _Process(ForkServerProcess):
 
 @dataclass(eq=False)
 class _Worker:
-    """One decoding process and the parent's end of its pipe; replaced in place when killed."""
+    """One decoding process, the server's end of the connection its answers come back on, and
+    the file that carries the data; replaced in place when killed."""
 
     process: _Process
     conn: Connection
+    shared: _Shared
+
+
+@dataclass(eq=False)
+class _Job:
+    """One upload, its answer-to-be, and while it is being decoded, its worker and deadline."""
+
+    data: bytes
+    answer: asyncio.Future[Decoded]
+    worker: _Worker | None = None
+    deadline: asyncio.TimerHandle | None = None
 
 
 class DecodeWorkers:
-    """`workers` decoding processes and as many threads that hand them images.
+    """`workers` decoding processes, driven from the event loop.
 
     Each image may use `memory_bytes` beyond what its worker holds at rest and `timeout_s`
     seconds; a worker that overruns either is killed and replaced, and the image is a 422
     `too_expensive_to_decode`. A request that fails, times out or loses its client stops its
     images: those not started never are, and a running one has its worker killed.
+
+    A worker's answer is read in a callback of the event loop, which gives the worker the next
+    waiting image at once: under load the workers never wait for a task to be scheduled.
     """
 
     def __init__(
@@ -187,112 +258,195 @@ class DecodeWorkers:
         self._memory_bytes = memory_bytes
         self._timeout_s = timeout_s
         self._on_replaced = on_replaced
+        tensor_bytes = 3 * spec.input_size * spec.input_size * np.dtype(np.float32).itemsize
+        pages = mmap.PAGESIZE
+        self._upload_at = (tensor_bytes + pages - 1) // pages * pages
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload([__name__])
-        self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
         self._count = workers
-        self._threads = ThreadPoolExecutor(workers, thread_name_prefix="decode")
+        # Idle workers and the images waiting for one. A replaced worker may come back from
+        # a thread after its event loop has closed (tests run several loops): a lock.
+        self._lock = threading.Lock()
+        self._idle: list[_Worker] = []
+        self._waiting: deque[_Job] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._replacing = ThreadPoolExecutor(workers, thread_name_prefix="decode-replace")
         self._closed = False
 
     def start(self) -> None:
         """Start the workers (blocking: the first start also starts the fork server)."""
         for _ in range(self._count):
-            self._idle.put(self._spawn())
+            self._idle.append(self._spawn())
 
     def pids(self) -> list[int]:
         """The workers' process ids (idle ones; for tests and the memory figures)."""
-        workers = []
-        while True:
-            try:
-                workers.append(self._idle.get_nowait())
-            except queue.Empty:
-                break
-        for worker in workers:
-            self._idle.put(worker)
-        return [w.process.pid for w in workers if w.process.pid is not None]
+        with self._lock:
+            return [w.process.pid for w in self._idle if w.process.pid is not None]
 
     async def decode(self, data: bytes) -> Decoded:
         """One upload as a (1, 3, S, S) model input; cancelling the caller stops its decode."""
-        job = _Job(data)
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
+        job = _Job(data, loop.create_future())
+        with self._lock:
+            self._waiting.append(job)
+        self._dispatch()
         try:
-            return await loop.run_in_executor(self._threads, self._run, job)
+            return await job.answer
         except asyncio.CancelledError:
-            job.abandoned.set()  # unstarted, run_in_executor's cancel already dropped it
+            with self._lock:
+                if job in self._waiting:
+                    self._waiting.remove(job)  # never started
+            if job.worker is not None:
+                self._fail(job, "abandoned", None)
             raise
 
     def close(self) -> None:
-        self._closed = True
-        self._threads.shutdown(wait=False, cancel_futures=True)
-        while True:
-            try:
-                worker = self._idle.get_nowait()
-            except queue.Empty:
-                return
+        """Stop the idle workers, and the others as they finish; images still waiting are
+        cancelled."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            waiting, self._waiting = self._waiting, deque()
+        self._replacing.shutdown(wait=False, cancel_futures=True)
+        for job in waiting:
+            job.answer.cancel()
+        for worker in idle:
             self._stop(worker)
+
+    def _dispatch(self) -> None:
+        """On the event loop: give waiting images to idle workers."""
+        while True:
+            with self._lock:
+                if not self._idle or not self._waiting:
+                    return
+                worker, job = self._idle.pop(), self._waiting.popleft()
+            job.worker = worker
+            try:
+                worker.shared.put_upload(job.data)
+                os.eventfd_write(worker.shared.bell, len(job.data) + 1)
+            except OSError:
+                self._fail(job, "crash", UndecodableImage("the decoder stopped on this image"))
+                continue
+            loop = asyncio.get_running_loop()
+            job.deadline = loop.call_later(self._timeout_s, self._overran, job)
+            loop.add_reader(worker.conn.fileno(), self._answered, job)
+
+    def _answered(self, job: _Job) -> None:
+        """On the event loop, when the worker has answered or gone: settle the image, and
+        give the worker the next one before its caller even wakes."""
+        worker = job.worker
+        assert worker is not None
+        try:
+            reply = worker.conn.recv()
+        except (EOFError, OSError):
+            self._fail(job, "crash", UndecodableImage("the decoder stopped on this image"))
+            return
+        if reply[0] == "memory":
+            self._fail(
+                job,
+                "memory",
+                TooExpensiveToDecode(
+                    f"decoding needs more than the limit of {self._memory_bytes} bytes"
+                ),
+            )
+            return
+        outcome: Decoded | ServiceError
+        if reply[0] == "ok":
+            _, image_format, mode, rotated, shape = reply
+            outcome = Decoded(worker.shared.take_tensor(shape), image_format, mode, rotated)
+        else:
+            _, kind, message = reply
+            outcome = _ERRORS.get(kind, UndecodableImage)(message)
+        self._unwatch(job)
+        self._free(worker)
+        _settle(job.answer, outcome)
+
+    def _overran(self, job: _Job) -> None:
+        self._fail(
+            job,
+            "time",
+            TooExpensiveToDecode(f"decoding took longer than the limit of {self._timeout_s:g} s"),
+        )
+
+    def _fail(self, job: _Job, why: str, error: ServiceError | None) -> None:
+        """Kill the job's worker now (its successor is forked off the event loop, a fork takes
+        milliseconds) and settle the job with `error` unless its caller has gone."""
+        worker = job.worker
+        assert worker is not None
+        self._unwatch(job)
+        worker.process.kill()
+        self._on_replaced(why)
+        try:
+            self._replacing.submit(self._respawn, worker)
+        except RuntimeError:  # closed
+            self._stop(worker)
+        if error is not None:
+            _settle(job.answer, error)
+
+    def _unwatch(self, job: _Job) -> None:
+        assert job.worker is not None
+        if job.deadline is not None:
+            job.deadline.cancel()
+        asyncio.get_running_loop().remove_reader(job.worker.conn.fileno())
+        job.worker = None
+
+    def _free(self, worker: _Worker) -> None:
+        """On the event loop: `worker` is idle again; give it the next waiting image."""
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._idle.append(worker)
+        if closed:
+            self._stop(worker)
+        else:
+            self._dispatch()
 
     def _spawn(self) -> _Worker:
         parent, child = self._context.Pipe()
         process = _Process(
             target=_serve,
-            args=(child, self._spec_json, self._max_pixels, self._memory_bytes),
+            args=(child, self._spec_json, self._max_pixels, self._memory_bytes, self._upload_at),
             name="vit-decode",
             daemon=True,
         )
         process.start()
         child.close()
-        return _Worker(process, parent)
+        shared = _Shared(
+            os.memfd_create("vit-decode", os.MFD_CLOEXEC),
+            os.eventfd(0, os.EFD_CLOEXEC),
+            self._upload_at,
+        )
+        reduction.send_handle(parent, shared.fd, process.pid)
+        reduction.send_handle(parent, shared.bell, process.pid)
+        return _Worker(process, parent, shared)
 
     def _stop(self, worker: _Worker) -> None:
         worker.process.kill()
         worker.process.join()
         worker.conn.close()
+        worker.shared.close()
 
-    def _replace(self, worker: _Worker, why: str) -> None:
+    def _respawn(self, worker: _Worker) -> None:
+        """On a thread: reap the killed worker, fork its successor, hand it to the event loop
+        (or make it idle, if that loop has closed)."""
         self._stop(worker)
-        self._on_replaced(why)
         fresh = self._spawn()
-        worker.process, worker.conn = fresh.process, fresh.conn
-
-    def _run(self, job: _Job) -> Decoded:
-        """On a decode thread: send the image to an idle worker, wait for the answer while
-        watching the clock and the request; kill and replace the worker on an overrun."""
-        if job.abandoned.is_set():
-            raise _Abandoned()
-        worker = self._idle.get()  # one thread per worker: one is always idle here
+        worker.process, worker.conn, worker.shared = fresh.process, fresh.conn, fresh.shared
+        loop = self._loop
         try:
-            return self._exchange(worker, job)
-        finally:
-            if self._closed:
-                self._stop(worker)
-            else:
-                self._idle.put(worker)
+            if loop is not None:
+                loop.call_soon_threadsafe(self._free, worker)
+                return
+        except RuntimeError:  # closed
+            pass
+        with self._lock:
+            self._idle.append(worker)
 
-    def _exchange(self, worker: _Worker, job: _Job) -> Decoded:
-        try:
-            worker.conn.send_bytes(job.data)
-            deadline = time.monotonic() + self._timeout_s
-            while not worker.conn.poll(POLL_SECONDS):
-                if job.abandoned.is_set():
-                    self._replace(worker, "abandoned")
-                    raise _Abandoned()
-                if time.monotonic() >= deadline:
-                    self._replace(worker, "time")
-                    raise TooExpensiveToDecode(
-                        f"decoding took longer than the limit of {self._timeout_s:g} s"
-                    )
-            reply = worker.conn.recv()
-            if reply[0] == "ok":
-                _, image_format, mode, rotated, shape = reply
-                tensor = np.frombuffer(worker.conn.recv_bytes(), np.float32).reshape(shape)
-                return Decoded(tensor, image_format, mode, rotated)
-        except (EOFError, OSError):
-            self._replace(worker, "crash")
-            raise UndecodableImage("the decoder stopped on this image") from None
-        if reply[0] == "memory":
-            self._replace(worker, "memory")
-            raise TooExpensiveToDecode(
-                f"decoding needs more than the limit of {self._memory_bytes} bytes"
-            )
-        _, kind, message = reply
-        raise _ERRORS.get(kind, UndecodableImage)(message)
+
+def _settle(answer: asyncio.Future[Decoded], outcome: Decoded | ServiceError) -> None:
+    if answer.done():  # its caller has gone
+        return
+    if isinstance(outcome, Decoded):
+        answer.set_result(outcome)
+    else:
+        answer.set_exception(outcome)

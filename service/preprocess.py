@@ -6,6 +6,7 @@ parameterises it travels inside the ONNX file. Imports neither torch nor FastAPI
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -156,9 +157,25 @@ def crop_and_resize(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
 
 
 def normalize(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
-    """uint8 HWC RGB -> float32 (1, 3, H, W), (x * rescale_factor - mean) / std per channel."""
-    pixels = np.asarray(image, dtype=np.float32) * np.float32(spec.rescale_factor)
-    mean = np.asarray(spec.mean, dtype=np.float32)
-    std = np.asarray(spec.std, dtype=np.float32)
-    chw = ((pixels - mean) / std).transpose(2, 0, 1)
-    return np.ascontiguousarray(chw[None])
+    """uint8 HWC RGB -> float32 (1, 3, H, W), (x * rescale_factor - mean) / std per channel.
+
+    A channel has 256 possible values: each is computed once, in float32 as it would be per
+    pixel (so every number is the same to the bit), and the pixels are looked up: a 128x128
+    image in ~55 us against ~130 us computing every pixel."""
+    table = _normalized_levels(spec.rescale_factor, spec.mean, spec.std)
+    pixels = np.asarray(image)  # (H, W, 3) uint8
+    out = np.empty((1, 3, *pixels.shape[:2]), np.float32)
+    for channel in range(3):
+        np.take(table[channel], pixels[:, :, channel], out=out[0, channel])
+    return out
+
+
+@functools.cache
+def _normalized_levels(
+    rescale_factor: float, mean: tuple[float, float, float], std: tuple[float, float, float]
+) -> np.ndarray:
+    """(3, 256) float32: each channel's normalised value of each 8-bit level."""
+    levels = np.arange(256, dtype=np.float32) * np.float32(rescale_factor)
+    table = (levels - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
+    table.flags.writeable = False
+    return table

@@ -9,12 +9,13 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from service.decode_workers import DecodeWorkers
+from service.decode_workers import MAPPED_UPLOAD_BYTES, DecodeWorkers
 from service.errors import TooExpensiveToDecode, TooManyPixels, UnsupportedImageFormat
 from service.preprocess import PreprocessSpec, preprocess_upload
 from tests import attacks
-from tests.images import upload_variety
+from tests.images import encode, upload_variety
 
 SPEC = PreprocessSpec()
 UPLOADS = upload_variety()
@@ -57,6 +58,33 @@ def test_tensors_and_findings_are_those_of_decoding_in_process(pool: Pool) -> No
             )
 
     asyncio.run(decode_all())
+    assert pool.replaced == []
+
+
+def test_concurrent_decodes_each_get_their_own_tensor(pool: Pool) -> None:
+    """More images at once than workers: each waits its turn and none gets another's tensor."""
+    names = ["jpeg", "jpeg-640x480", "png-rgba", "gif-palette", "webp", "bmp-grey", "tiff-cmyk"]
+    uploads = [UPLOADS[name][0] for name in names * 3]
+
+    async def decode_all() -> list[np.ndarray]:
+        decoded = await asyncio.gather(*(pool.workers.decode(data) for data in uploads))
+        return [d.tensor for d in decoded]
+
+    for data, tensor in zip(uploads, asyncio.run(decode_all()), strict=True):
+        np.testing.assert_array_equal(tensor, preprocess_upload(data, SPEC)[0])
+
+
+def test_an_upload_larger_than_the_shared_mapping_decodes_the_same(pool: Pool) -> None:
+    noise = np.random.default_rng(0).integers(0, 256, (800, 800, 3), dtype=np.uint8)
+    large = encode(Image.fromarray(noise), "PNG")
+    assert len(large) > MAPPED_UPLOAD_BYTES
+
+    async def large_then_small() -> None:
+        for data in (large, UPLOADS["jpeg"][0], large):
+            decoded = await pool.workers.decode(data)
+            np.testing.assert_array_equal(decoded.tensor, preprocess_upload(data, SPEC)[0])
+
+    asyncio.run(large_then_small())
     assert pool.replaced == []
 
 

@@ -24,6 +24,28 @@ def test_normalisation_is_per_channel_mean_and_std() -> None:
         np.testing.assert_allclose(tensor[0, channel], value, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("rescale_factor", "mean", "std"),
+    [
+        (1 / 255, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        (1 / 255, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        (1 / 127.5, (1.0, 1.0, 1.0), (1.0, 1.0, 1.0)),
+    ],
+)
+def test_normalisation_is_the_per_pixel_formula_to_the_bit(
+    rescale_factor: float, mean: tuple[float, float, float], std: tuple[float, float, float]
+) -> None:
+    spec = PreprocessSpec(rescale_factor=rescale_factor, mean=mean, std=std)
+    levels = np.arange(256, dtype=np.uint8)
+    pixels = np.stack([levels, levels[::-1], np.roll(levels, 100)], axis=-1).reshape(16, 16, 3)
+    scaled = pixels.astype(np.float32) * np.float32(rescale_factor)
+    per_pixel = (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    expected = per_pixel.transpose(2, 0, 1)[None]
+    tensor = normalize(Image.fromarray(pixels), spec)
+    assert tensor.dtype == np.float32 and tensor.flags["C_CONTIGUOUS"]
+    assert tensor.tobytes() == np.ascontiguousarray(expected).tobytes()
+
+
 def test_centre_crop_keeps_the_middle_of_a_wide_image() -> None:
     image = Image.new("RGB", (200, 100), (255, 0, 0))
     image.paste((0, 255, 0), (40, 0, 160, 100))  # the kept middle, plus the filter's reach
