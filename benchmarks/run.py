@@ -452,10 +452,12 @@ def main() -> None:
     parser.add_argument(
         "--vit-b", action="store_true", help="add ViT-B/16 224 rows, FP32 and int8 (slow)"
     )
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--seconds", type=float, help="per load point (default 5, or 2 with --quick)"
+    )
     args = parser.parse_args()
     concurrencies = [1, 4, 16, 64] if args.quick else [1, 2, 4, 8, 16, 32, 64]
-    seconds = 2.0 if args.quick else args.seconds
+    seconds = args.seconds or (2.0 if args.quick else 5.0)
     models = {"shapes-vit (128px, depth 6)": ROOT / "models" / "shapes-vit.onnx"}
     with tempfile.TemporaryDirectory() as scratch:
         try:
