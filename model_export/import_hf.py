@@ -138,6 +138,21 @@ def labels_of(config: Any) -> tuple[str, ...]:
     return tuple(id2label[i] for i in range(config.num_labels))
 
 
+def architecture(config: Any) -> dict[str, Any] | None:
+    """A plain ViT's shape, in vit-export's names (for the cost /v1/models reports)."""
+    try:
+        return {
+            "image_size": int(config.image_size),
+            "patch_size": int(config.patch_size),
+            "width": int(config.hidden_size),
+            "depth": int(config.num_hidden_layers),
+            "heads": int(config.num_attention_heads),
+            "mlp_ratio": config.intermediate_size / config.hidden_size,
+        }
+    except (AttributeError, TypeError):
+        return None
+
+
 def framework_logits(model: nn.Module, processor: Any, files: list[Path]) -> np.ndarray:
     """transformers on its own: its image loading, its processor, its model, in float32."""
     from transformers.image_utils import load_image
@@ -192,6 +207,7 @@ def import_hf(
         output="logits",
         precision="fp16" if fp16 else "fp32",
         checkpoint_sha256=weights_sha256(source),
+        dataset={"config": architecture(config)} if architecture(config) else {},
         source={
             "importer": "vit-import hf",
             "source": source,

@@ -12,6 +12,7 @@ from service.errors import InvalidRequest, ServiceError
 from service.pipeline import Pipeline
 from service.responses import classify_response, error_responses
 from service.schemas import ClassifyResponse, ModelInfo, ModelList
+from service.vit_cost import cost_of
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 inference_router = APIRouter(prefix="/v1", tags=["v1"])
@@ -114,6 +115,11 @@ def model_info(pipeline: Pipeline) -> ModelInfo:
         held_out_accuracy=metadata.held_out_accuracy,
         dataset=metadata.dataset,
         source=metadata.source,
+        cost=(
+            cost.as_dict()
+            if (cost := cost_of(metadata.dataset.get("config"), len(metadata.labels)))
+            else None
+        ),
     )
 
 

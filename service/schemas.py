@@ -67,6 +67,12 @@ class ModelInfo(BaseModel):
     source: dict[str, str] = Field(
         description="Where an imported model came from: importer, source, model_type."
     )
+    cost: dict[str, int] | None = Field(
+        None,
+        description="Per image, where the metadata describes a plain ViT: tokens, attention "
+        "pairs per layer, and FLOPs (attention, projections, MLP, embedding and head, total); "
+        "docs/SCALING.md.",
+    )
 
 
 class ModelList(BaseModel):
