@@ -9,6 +9,7 @@ written is never loaded.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +74,9 @@ def scan(root: Path) -> Scan:
     """Every model and version under `root`; a single file is one model, named and versioned
     by its metadata (version 1 where its version is not a positive integer)."""
     if root.is_file():
-        name, version = single_file_identity(root)
-        return {name: {version: VersionFile.of(root)}}
+        file = VersionFile.of(root)
+        name, version = single_file_identity(file)
+        return {name: {version: file}}
     found: Scan = {}
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)):
         versions = {
@@ -87,9 +89,10 @@ def scan(root: Path) -> Scan:
     return found
 
 
-def single_file_identity(path: Path) -> tuple[str, int]:
+@functools.lru_cache(maxsize=8)
+def single_file_identity(file: VersionFile) -> tuple[str, int]:
     """A lone file's name and version, from its metadata (version 1 unless it is a positive
-    integer)."""
-    metadata, _ = inspect_model(path)
+    integer); read once per file as written, not at every poll."""
+    metadata, _ = inspect_model(file.path)
     version = int(metadata.version) if metadata.version.isdigit() else 1
     return metadata.name, max(version, 1)

@@ -233,3 +233,21 @@ def test_a_load_over_the_memory_budget_is_refused_with_the_reason(repo: Path) ->
         refused = client.post("/v2/repository/models/colours/load", headers=admin())
         assert refused.status_code == 400 and refused.json()["type"] == "load_failed"
         assert client.get("/v2/health/ready").status_code == 503
+
+
+def test_a_single_file_is_polled_and_reloaded_when_it_changes(tmp_path: Path) -> None:
+    model = classifier(tmp_path / "m.onnx", scale=1.0, metadata=metadata_for(COLOURS, 32))
+    settings = cpu_settings(model, model_control="poll", repository_poll_s=0.1)
+    with ready_client(settings) as client:
+        path = "/v1/classify?probabilities=true"
+        first = classify(client, path).json()["predictions"][0]["probabilities"]
+        np.testing.assert_allclose(first, colours_probabilities(1.0), atol=1e-6)
+        staged = classifier(tmp_path / "next.onnx", scale=2.0, metadata=metadata_for(COLOURS, 32))
+        staged.replace(model)  # write then rename, as the docs ask
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            now = classify(client, path).json()["predictions"][0]["probabilities"]
+            if np.allclose(now, colours_probabilities(2.0), atol=1e-6):
+                break
+            time.sleep(0.05)
+        np.testing.assert_allclose(now, colours_probabilities(2.0), atol=1e-6)
