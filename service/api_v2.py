@@ -8,7 +8,6 @@ import functools
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
 
 from service import oip
 from service.body import read_body, unless_disconnected
@@ -23,6 +22,7 @@ from service.schemas import (
     OipReady,
     OipServerMetadata,
     OipTensorMetadata,
+    RepositoryModel,
 )
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
@@ -190,16 +190,6 @@ async def infer_version(
     inference: InferenceDep,
 ) -> Response:
     return await _infer(request, inference.pipeline, inference)
-
-
-class RepositoryModel(BaseModel):
-    """One model version in the repository index (Triton's fields, plus its memory)."""
-
-    name: str
-    version: str
-    state: str = Field(description="LOADING, READY or UNAVAILABLE.")
-    reason: str = Field(description="Why it is unavailable, or what failed to replace it.")
-    memory_bytes: int = Field(description="Resident memory the version took when it loaded.")
 
 
 @repository_router.post(

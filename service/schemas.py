@@ -149,3 +149,13 @@ class OipInferenceResponse(BaseModel):
     model_version: str | None = None
     id: str | None = None
     outputs: list[OipResponseOutput]
+
+
+class RepositoryModel(BaseModel):
+    """One model version in the repository index (Triton's fields, plus its memory)."""
+
+    name: str
+    version: str
+    state: str = Field(description="LOADING, READY or UNAVAILABLE.")
+    reason: str = Field(description="Why it is unavailable, or what failed to replace it.")
+    memory_bytes: int = Field(description="Resident memory the version took when it loaded.")

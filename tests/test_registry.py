@@ -13,35 +13,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.preprocess import PreprocessSpec, preprocess
+from service.app import create_app
 from service.repository import VersionPolicy
-from service.session import softmax
 from tests.conftest import DEFAULT_MODEL
-from tests.images import asymmetric, encode
-from tests.onnx_models import classifier, expected_logits, metadata_for
+from tests.onnx_models import classifier, metadata_for
+from tests.repositories import COLOURS, PHOTO, TOKEN, add_version, colours_probabilities
 from tests.service_support import cpu_settings, ready_client, wait_ready
-
-COLOURS = ["red", "green", "blue"]
-TOKEN = "s3cret-admin"
-PHOTO = encode(asymmetric((90, 60)), "PNG")
-
-
-def add_version(repo: Path, name: str, version: int, *, scale: float = 1.0) -> Path:
-    """A colours classifier as `<repo>/<name>/<version>/model.onnx`, written then renamed into
-    place as the docs ask (its metadata names another model and version: the layout wins)."""
-    staging = repo / f".{name}-{version}"
-    staging.mkdir(parents=True)
-    classifier(staging / "model.onnx", scale=scale, metadata=metadata_for(COLOURS, 32))
-    target = repo / name / str(version)
-    target.parent.mkdir(exist_ok=True)
-    staging.rename(target)
-    return target / "model.onnx"
-
-
-def colours_probabilities(scale: float) -> np.ndarray:
-    return softmax(expected_logits(preprocess(PHOTO, PreprocessSpec(input_size=32)), scale=scale))[
-        0
-    ]
 
 
 @pytest.fixture()
@@ -167,11 +144,7 @@ def test_explicit_unload_and_load(repo: Path) -> None:
 
 
 def test_an_api_token_guards_inference_but_not_health(repo: Path) -> None:
-    with TestClient(
-        __import__("service.app", fromlist=["create_app"]).create_app(
-            cpu_settings(repo, api_token="infer-token")
-        )
-    ) as client:
+    with TestClient(create_app(cpu_settings(repo, api_token="infer-token"))) as client:
         wait_ready(client)
         assert classify(client, "/v1/models/shapes/classify").status_code == 401
         allowed = client.post(
@@ -216,8 +189,6 @@ def test_a_broken_new_version_never_serves_and_the_index_says_why(
 
 
 def test_a_load_over_the_memory_budget_is_refused_with_the_reason(repo: Path) -> None:
-    from service.app import create_app
-
     settings = cpu_settings(
         repo, admin_token=TOKEN, model_control="explicit", models_memory_bytes=1024
     )

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT
+from tests.repositories import PHOTO, TOKEN, add_version, colours_probabilities
 from tests.service_support import Server, served
-from tests.test_registry import PHOTO, TOKEN, add_version, colours_probabilities
 
 CLIENTS = 16
 SECONDS = 20.0
