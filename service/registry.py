@@ -238,24 +238,23 @@ class ModelRegistry:
             candidates = {
                 v: f for v, f in versions.items() if reload or self._unloadable.get((name, v)) != f
             }
+            tried: set[int] = set()
             while True:
                 wanted = self.policy.choose(list(candidates))
-                failed = []
-                for version in wanted:
+                pending = [
+                    v
+                    for v in wanted
+                    if v not in tried and (reload or self._files.get((name, v)) != candidates[v])
+                ]
+                if not pending:
+                    break
+                for version in pending:
+                    tried.add(version)
                     file = candidates[version]
-                    serving = self._serving.get(name, {})
-                    changed = self._files.get((name, version)) != file
-                    if reload or changed or version not in serving:
-                        await self._load(name, version, file, strict=strict)
-                        if self._files.get((name, version)) != file:
-                            failed.append(version)
-                if not failed or strict:
-                    break
-                for version in failed:
-                    if version not in self._serving.get(name, {}):
-                        candidates.pop(version)
-                if all(v in self._serving.get(name, {}) for v in failed):
-                    break
+                    await self._load(name, version, file, strict=strict)
+                    failed = self._files.get((name, version)) != file
+                    if failed and version not in self._serving.get(name, {}):
+                        del candidates[version]  # nothing of it serves: choose among the rest
             for version in list(self._serving.get(name, {})):
                 if version not in wanted and version not in (keep or set()):
                     self._retire(name, version)
