@@ -29,10 +29,10 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from model_contract.preprocess import preprocess
 from model_export.export import held_out
 from model_export.importing import PHOTOS, image_files, served_logits
 from model_export.quantize import Int8Report, compare, quantize, root_logger_quiet
-from service.preprocess import preprocess
 from service.providers import CPU
 from service.session import ModelSession, default_thread_count
 

@@ -22,7 +22,7 @@ import kserve
 import numpy as np
 import onnxruntime as ort
 
-from service.preprocess import PreprocessSpec, preprocess
+from model_contract.preprocess import PreprocessSpec, preprocess
 from service.session import softmax
 
 MODEL = Path(os.environ.get("VIT_MODEL", "models/shapes-vit.onnx"))

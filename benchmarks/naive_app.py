@@ -17,7 +17,7 @@ import onnxruntime as ort
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 
-from service.preprocess import PreprocessSpec, preprocess
+from model_contract.preprocess import PreprocessSpec, preprocess
 from service.session import softmax
 
 MODEL = Path(os.environ.get("VIT_MODEL", "models/shapes-vit.onnx"))

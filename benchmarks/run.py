@@ -52,10 +52,10 @@ def random_vit_ti_224(path: Path) -> Path:
     """A ViT-Ti/16 at 224x224 with random weights (speed only), exported like the real model."""
     import torch
 
+    from model_contract.preprocess import PreprocessSpec
     from model_export.checkpoint import Checkpoint
     from model_export.export import export
     from model_export.vit import VisionTransformer, preset
-    from service.preprocess import PreprocessSpec
 
     config = preset("tiny", image_size=224, num_classes=len(shapes.LABELS))
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.run import DOCS
-from service.vit_cost import vit_cost
+from model_contract.vit_cost import vit_cost
 
 SIZES = (128, 256, 512, 1024)
 BATCHES = (1, 8)

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
+from model_contract.preprocess import PreprocessSpec
 from model_export.vit import VisionTransformer, ViTConfig
-from service.preprocess import PreprocessSpec
 
 _KEYS = ("state_dict", "config", "labels", "preprocessing", "name", "dataset", "metrics", "command")
 

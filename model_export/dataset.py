@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from model_contract.preprocess import PreprocessSpec, preprocess
 from model_export import shapes
-from service.preprocess import PreprocessSpec, preprocess
 
 _CHUNK = 256
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from model_contract.preprocess import PreprocessSpec, preprocess
 from model_export import shapes
 from model_export.importing import ImportRefused, image_files
 from service.errors import ServiceError
-from service.preprocess import PreprocessSpec, preprocess
 from service.providers import CPU
 from service.session import ModelSession
 

@@ -15,14 +15,14 @@ import onnx
 import torch
 from torch import nn
 
+from model_contract.metadata import ModelMetadata
+from model_contract.preprocess import PreprocessSpec, preprocess
 from model_export import shapes
 from model_export.checkpoint import Checkpoint, NotACheckpoint, sha256_of
 from model_export.evaluate import evaluate
 from model_export.importing import staged
 from model_export.quantize import Int8Report, compare, quantize
 from model_export.vit import VisionTransformer
-from service.model_metadata import ModelMetadata
-from service.preprocess import PreprocessSpec, preprocess
 from service.providers import CPU
 from service.session import ModelSession, softmax
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.preprocess import PreprocessSpec
+from model_contract.preprocess import PreprocessSpec
 
 # PIL's resampling codes, as processors store them in `resample`.
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}

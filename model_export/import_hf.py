@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.jit._trace import TracerWarning
 
+from model_contract.metadata import ModelMetadata
 from model_export.checkpoint import sha256_of
 from model_export.export import (
     FP16_MIN_TOP1_AGREEMENT,
@@ -37,7 +38,6 @@ from model_export.importing import (
     staged,
 )
 from model_export.quantize import Int8Report, check_on_images, quantize
-from service.model_metadata import ModelMetadata
 from service.providers import CPU
 from service.session import ModelSession, softmax
 

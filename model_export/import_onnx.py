@@ -15,12 +15,12 @@ import numpy as np
 import onnx
 from pydantic import ValidationError
 
+from model_contract.metadata import InvalidModelMetadata, ModelMetadata, one_line
+from model_contract.preprocess import PreprocessSpec
 from model_export.hf_preprocessing import UnexpressibleProcessor, spec_from_processor
 from model_export.importing import ImportRefused, model_name, served_logits, staged
 from service.errors import ServiceError
 from service.graph_check import check_output_width, inspect_model
-from service.model_metadata import InvalidModelMetadata, ModelMetadata, one_line
-from service.preprocess import PreprocessSpec
 from service.providers import CPU
 from service.session import ModelSession
 

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from model_contract.metadata import InvalidModelMetadata, ModelMetadata
 from model_export.importing import ImportRefused, image_files
-from service.model_metadata import InvalidModelMetadata, ModelMetadata
 
 SPEC_FLAGS = (
     "input_size",

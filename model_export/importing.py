@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.preprocess import PreprocessSpec, preprocess
+from model_contract.preprocess import PreprocessSpec, preprocess
 from service.session import ModelSession
 
 PHOTOS = Path(__file__).resolve().parent / "photos"

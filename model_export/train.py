@@ -14,11 +14,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from model_contract.preprocess import PreprocessSpec
 from model_export import shapes
 from model_export.checkpoint import Checkpoint
 from model_export.dataset import cached_preprocessed
 from model_export.vit import PRESETS, VisionTransformer, preset
-from service.preprocess import PreprocessSpec
 
 logger = logging.getLogger(__name__)
 

@@ -6,13 +6,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 
+from model_contract.vit_cost import cost_of
 from service.body import FILE_FIELD, unless_disconnected, uploaded_images
 from service.dependencies import InferenceDep, RegistryDep
 from service.errors import InvalidRequest, ServiceError
 from service.pipeline import Pipeline
 from service.responses import classify_response, error_responses
 from service.schemas import ClassifyResponse, ModelInfo, ModelList
-from service.vit_cost import cost_of
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 inference_router = APIRouter(prefix="/v1", tags=["v1"])

@@ -23,8 +23,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from model_contract.preprocess import preprocess
 from service.client import image_files
-from service.preprocess import preprocess
 from service.providers import CPU
 from service.session import ModelSession
 

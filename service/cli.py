@@ -12,9 +12,9 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from model_contract.metadata import InvalidModelMetadata
 from service.app import create_app
 from service.graph_check import inspect_model
-from service.model_metadata import InvalidModelMetadata
 from service.settings import Settings
 from service.slow_clients import head_deadline_protocol
 

@@ -35,13 +35,15 @@ from typing import Any
 
 import numpy as np
 
+from model_contract.errors import ImageError
+from model_contract.preprocess import PreprocessSpec, preprocess_upload
 from service.errors import (
     ERROR_TYPES,
     ServiceError,
     TooExpensiveToDecode,
     UndecodableImage,
+    from_image_error,
 )
-from service.preprocess import PreprocessSpec, preprocess_upload
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +126,8 @@ def _serve(
             if _caused_by_memory(error):
                 conn.send(("memory", str(error)))
                 return  # the parent replaces this worker: its heap may stay large
+            if isinstance(error, ImageError):
+                error = from_image_error(error)
             kind = error.type if isinstance(error, ServiceError) else UndecodableImage.type
             conn.send(("error", kind, getattr(error, "message", str(error))))
             continue

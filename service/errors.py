@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import model_contract.errors as image_errors
+
 
 class ServiceError(Exception):
     """Base of every error the service reports to clients; the table below is the only mapping."""
@@ -129,3 +131,15 @@ ERROR_TYPES: tuple[type[ServiceError], ...] = (
     Overloaded,
     DeadlineExceeded,
 )
+
+
+IMAGE_ERRORS: dict[type[image_errors.ImageError], type[ServiceError]] = {
+    image_errors.UnsupportedImageFormat: UnsupportedImageFormat,
+    image_errors.UndecodableImage: UndecodableImage,
+    image_errors.TooManyPixels: TooManyPixels,
+}
+
+
+def from_image_error(error: image_errors.ImageError) -> ServiceError:
+    """The client-facing error for an upload the contract could not turn into a tensor."""
+    return IMAGE_ERRORS.get(type(error), UndecodableImage)(str(error))

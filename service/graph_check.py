@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from service.model_metadata import InvalidModelMetadata, ModelMetadata
+from model_contract.metadata import InvalidModelMetadata, ModelMetadata
 from service.providers import CPU
 
 FLOAT_TYPES = ("tensor(float)", "tensor(float16)")

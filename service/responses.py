@@ -7,9 +7,9 @@ from typing import Any
 import numpy as np
 from fastapi.responses import JSONResponse
 
+from model_contract.metadata import ModelMetadata
 from service.errors import ERROR_TYPES, Overloaded, ServiceError
 from service.metrics import Metrics
-from service.model_metadata import ModelMetadata
 from service.schemas import ClassifyResponse, ErrorBody, ModelRef, Prediction, TopClass
 
 

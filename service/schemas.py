@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.preprocess import PreprocessSpec
+from model_contract.preprocess import PreprocessSpec
 
 
 class ErrorBody(BaseModel):

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from model_contract.metadata import ModelMetadata
 from service.graph_check import check_graph
 from service.io_binding import BucketedIoBinding
-from service.model_metadata import ModelMetadata
 from service.providers import (
     CPU,
     CUDA,

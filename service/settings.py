@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.decode import DEFAULT_MAX_PIXELS
+from model_contract.decode import DEFAULT_MAX_PIXELS
 from service.providers import CPU, CUDA, Acceleration
 
 

@@ -13,8 +13,8 @@ import sys
 import httpx
 import numpy as np
 
+from model_contract.preprocess import preprocess
 from model_export import shapes
-from service.preprocess import preprocess
 from service.providers import CPU
 from service.session import ModelSession
 from tests.conftest import DEFAULT_MODEL

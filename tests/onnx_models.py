@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from service.model_metadata import ModelMetadata
-from service.preprocess import PreprocessSpec
+from model_contract.metadata import ModelMetadata
+from model_contract.preprocess import PreprocessSpec
 
 
 def metadata_for(labels: list[str], size: int, **fields: object) -> ModelMetadata:

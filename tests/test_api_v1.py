@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.preprocess import preprocess
+from model_contract.preprocess import preprocess
 from service.providers import CPU
 from service.session import ModelSession
 from tests.images import asymmetric, encode, upload_variety, with_orientation

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.preprocess import preprocess
+from model_contract.preprocess import preprocess
 from service.providers import CPU
 from service.session import ModelSession
 from tests.images import upload_variety

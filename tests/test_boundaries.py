@@ -8,9 +8,9 @@ import sys
 from tests.conftest import ROOT
 
 TORCH_FREE_MODULES = [
-    "service.decode",
-    "service.preprocess",
-    "service.model_metadata",
+    "model_contract.decode",
+    "model_contract.preprocess",
+    "model_contract.metadata",
     "service.session",
     "service.errors",
     "model_export.evaluate",

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.decode import decode
-from service.errors import TooManyPixels, UndecodableImage, UnsupportedImageFormat
+from model_contract.decode import decode
+from model_contract.errors import TooManyPixels, UndecodableImage, UnsupportedImageFormat
 from tests.images import asymmetric, encode, with_orientation
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from model_contract.preprocess import PreprocessSpec, preprocess_upload
 from service.decode_workers import MAPPED_UPLOAD_BYTES, DecodeWorkers
 from service.errors import TooExpensiveToDecode, TooManyPixels, UnsupportedImageFormat
-from service.preprocess import PreprocessSpec, preprocess_upload
 from tests import attacks
 from tests.images import encode, upload_variety
 

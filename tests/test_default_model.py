@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from model_contract.preprocess import PreprocessSpec
 from model_export import shapes
 from model_export.evaluate import evaluate
-from service.preprocess import PreprocessSpec
 from service.providers import CPU
 from service.session import ModelSession
 from tests.conftest import ROOT

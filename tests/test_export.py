@@ -8,8 +8,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.model_metadata import InvalidModelMetadata, ModelMetadata
-from service.preprocess import PreprocessSpec
+from model_contract.metadata import InvalidModelMetadata, ModelMetadata
+from model_contract.preprocess import PreprocessSpec
 
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")

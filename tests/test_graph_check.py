@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from onnx import TensorProto
 
+from model_contract.metadata import InvalidModelMetadata
+from model_contract.preprocess import PreprocessSpec, preprocess
 from service.graph_check import ModelMismatch, inspect_model
-from service.model_metadata import InvalidModelMetadata
-from service.preprocess import PreprocessSpec, preprocess
 from service.providers import CPU
 from service.session import ModelSession, softmax
 from tests.conftest import ROOT
@@ -169,7 +169,7 @@ def test_a_float16_output_is_served_without_the_float32_bound_buffers(tmp_path: 
 
 
 def test_files_from_before_jpeg_draft_existed_keep_draft_decoding() -> None:
-    from service.model_metadata import ModelMetadata
+    from model_contract.metadata import ModelMetadata
 
     legacy = {
         "input_size": 128, "resize": "shorter_side", "interpolation": "bilinear",

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 pytest.importorskip("transformers")
+from model_contract.metadata import ModelMetadata  # noqa: E402
+from model_contract.preprocess import PreprocessSpec  # noqa: E402
 from model_export.importing import PHOTOS, image_files  # noqa: E402
-from service.model_metadata import ModelMetadata  # noqa: E402
-from service.preprocess import PreprocessSpec  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 from tests.hf_checkpoints import (  # noqa: E402
     CHECKPOINTS,

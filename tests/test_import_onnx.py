@@ -14,10 +14,10 @@ pytest.importorskip("transformers")
 import torch  # noqa: E402
 from transformers import AutoModelForImageClassification  # noqa: E402
 
+from model_contract.metadata import ModelMetadata  # noqa: E402
+from model_contract.preprocess import PreprocessSpec, preprocess  # noqa: E402
 from model_export.importing import PHOTOS, image_files  # noqa: E402
 from service.graph_check import inspect_model  # noqa: E402
-from service.model_metadata import ModelMetadata  # noqa: E402
-from service.preprocess import PreprocessSpec, preprocess  # noqa: E402
 from service.session import softmax  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 from tests.hf_checkpoints import (  # noqa: E402

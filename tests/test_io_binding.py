@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from model_contract.preprocess import preprocess
 from model_export import shapes
 from service.io_binding import BucketedIoBinding, bucket_sizes
-from service.preprocess import preprocess
 from service.providers import CPU, Acceleration
 from service.session import ModelSession
 

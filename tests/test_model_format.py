@@ -8,8 +8,8 @@ import os
 import re
 from pathlib import Path
 
+from model_contract.metadata import ModelMetadata
 from service.graph_check import inspect_model
-from service.model_metadata import ModelMetadata
 from tests.conftest import ROOT
 from tests.onnx_models import classifier
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.preprocess import PreprocessSpec, normalize, preprocess
+from model_contract.preprocess import PreprocessSpec, normalize, preprocess
 from tests.images import asymmetric, encode, with_orientation
 
 

@@ -23,11 +23,11 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from model_contract.metadata import InvalidModelMetadata
+from model_contract.preprocess import preprocess
 from model_export import shapes
 from service.app import create_app
-from service.model_metadata import InvalidModelMetadata
 from service.pipeline import Pipeline
-from service.preprocess import preprocess
 from service.providers import CPU
 from service.session import CudaUnavailable, ModelSession
 from tests.conftest import ROOT

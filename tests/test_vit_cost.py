@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.vit_cost import cost_of, vit_cost
+from model_contract.vit_cost import cost_of, vit_cost
 from tests.service_support import cpu_settings, ready_client
 
 

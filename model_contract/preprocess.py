@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from service.decode import DEFAULT_MAX_PIXELS, DecodedImage, SizeHint, decode, decode_opened
+from model_contract.decode import DEFAULT_MAX_PIXELS, DecodedImage, SizeHint, decode, decode_opened
 
 _RESAMPLING = {
     "nearest": Image.Resampling.NEAREST,

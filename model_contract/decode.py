@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from service.errors import TooManyPixels, UndecodableImage, UnsupportedImageFormat
+from model_contract.errors import TooManyPixels, UndecodableImage, UnsupportedImageFormat
 
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 DEFAULT_MAX_PIXELS = 40_000_000

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.preprocess import PreprocessSpec
+from model_contract.preprocess import PreprocessSpec
 
 _JSON_FIELDS = ("labels", "preprocessing", "dataset", "source")
 REQUIRED_KEYS = ("name", "version", "labels", "preprocessing", "output")
