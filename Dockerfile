@@ -14,8 +14,10 @@ COPY pyproject.toml README.md ./
 COPY docker/runtime_requirements.py docker/
 RUN python3 docker/runtime_requirements.py "$RUNTIME" > requirements.txt \
     && /opt/venv/bin/pip install --requirement requirements.txt
+COPY model_contract/ model_contract/
 COPY service/ service/
 COPY model_export/ model_export/
+COPY vit_tools/ vit_tools/
 RUN /opt/venv/bin/pip install --no-deps . \
     && /opt/venv/bin/python -c "import service.app"
 

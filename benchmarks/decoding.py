@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.run import photos
-from service.bench import Report, load
 from tests.service_support import served
+from vit_tools.bench import Report, load
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "shapes-vit.onnx"

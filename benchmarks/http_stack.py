@@ -18,8 +18,8 @@ import sys
 from typing import Any
 
 from benchmarks.run import DOCS, ROOT, SIZES, photos, resident_mb, start
-from service.bench import Report, load
 from tests.service_support import free_port
+from vit_tools.bench import Report, load
 
 STACKS = {"httptools+uvloop": ("httptools", "uvloop"), "h11+asyncio": ("h11", "asyncio")}
 

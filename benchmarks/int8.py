@@ -33,8 +33,8 @@ from model_contract.preprocess import preprocess
 from model_export.export import held_out
 from model_export.importing import PHOTOS, image_files, served_logits
 from model_export.quantize import Int8Report, compare, quantize, root_logger_quiet
-from service.providers import CPU
-from service.session import ModelSession, default_thread_count
+from service.runtime.options import CPU, IN_PROCESS
+from service.runtime.session import ModelSession, default_thread_count
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "shapes-vit.onnx"
@@ -122,7 +122,7 @@ def gate_row(report: Int8Report) -> dict[str, Any]:
 
 def default_model(folder: Path) -> dict[str, Any]:
     """The bundled model: dynamic and both static formats, on held-out shapes images."""
-    spec = ModelSession(DEFAULT_MODEL, providers=(CPU,)).metadata.preprocessing
+    spec = ModelSession(DEFAULT_MODEL, IN_PROCESS).metadata.preprocessing
     batches = list(held_out(spec, seed=HELD_OUT_SEED, count=HELD_OUT_COUNT + CALIBRATION_COUNT))
     images = np.concatenate([b for b, _ in batches])
     truth = np.concatenate([t for _, t in batches])
@@ -196,7 +196,7 @@ def imported_vit(folder: Path, title: str, hidden: int, heads: int) -> dict[str,
         raise SystemExit(f"{title}: {fp32_report.line()}\n{int8_report.line()}")
     print(f"  {int8_report.line()}")
     photos = image_files(PHOTOS)
-    fp32 = ModelSession(files["fp32"], providers=(CPU,))
+    fp32 = ModelSession(files["fp32"], IN_PROCESS)
     spec = fp32.metadata.preprocessing
     files["static QDQ"] = checkpoint.with_suffix(".qdq.onnx")
     calibration = np.concatenate([preprocess(p.read_bytes(), spec) for p in photos])
@@ -205,7 +205,7 @@ def imported_vit(folder: Path, title: str, hidden: int, heads: int) -> dict[str,
     gate = {
         name: gate_row(
             compare(
-                reference, served_logits(ModelSession(files[name], providers=(CPU,)), photos, spec)
+                reference, served_logits(ModelSession(files[name], IN_PROCESS), photos, spec)
             )
         )
         for name in ("dynamic", "static QDQ")

@@ -23,8 +23,8 @@ from typing import Any
 import httpx
 
 from benchmarks.run import photos
-from service.bench import Report, load
 from tests.service_support import served
+from vit_tools.bench import Report, load
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "shapes-vit.onnx"

@@ -4,7 +4,7 @@
     python -m benchmarks.run --quick    # fewer concurrencies, shorter runs
 
 Everything runs on this machine over loopback: the servers as subprocesses, the load generator
-(service.bench) in this process. Results go to docs/benchmarks.json, docs/BENCHMARKS.md and
+(vit_tools.bench) in this process. Results go to docs/benchmarks.json, docs/BENCHMARKS.md and
 docs/benchmarks.png.
 """
 
@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from model_export import shapes
-from service.bench import Report, ceiling, load
 from tests.service_support import free_port
+from vit_tools.bench import Report, ceiling, load
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -361,7 +361,7 @@ def report(all_results: dict[str, Any], command: str) -> str:
         "",
         f"Reproduce with `{command}` (written by benchmarks/run.py; numbers below are from one",
         "run on this project's 2-core CPU machine, all three measured side by side in that run).",
-        "Load: `service.bench` closed loop, raw JPEG bodies to `/v1/classify`, over loopback on",
+        "Load: `vit_tools.bench` closed loop, raw JPEG bodies to `/v1/classify`, over loopback on",
         "the same two cores as the server. Ceiling: the same decode, preprocessing and onnxruntime",
         "session in one process, decoding the next batch while the current one runs: the best of",
         "every batch size, busy-wait on and off, and one or two onnxruntime calls at once.",

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.run import DOCS, ROOT, SIZES, photos, start
-from service.bench import Report, load
 from tests.service_support import free_port
+from vit_tools.bench import Report, load
 
 MODELS = ("model-a", "model-b")
 CLIENTS = 16

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from model_contract.errors import ImageError
 from model_contract.preprocess import PreprocessSpec, preprocess
 from model_export import shapes
 from model_export.importing import ImportRefused, image_files
-from service.errors import ServiceError
-from service.providers import CPU
-from service.session import ModelSession
+from service.runtime.options import IN_PROCESS
+from service.runtime.session import ModelSession
 
 DATASETS = {"shapes": shapes}
 
@@ -121,8 +121,8 @@ def evaluate_folder(
         for path, truth in samples[start : start + batch_size]:
             try:
                 tensors.append(preprocess(path.read_bytes(), spec))
-            except ServiceError as error:
-                skipped.append(f"{path}: {error.message}")
+            except ImageError as error:
+                skipped.append(f"{path}: {error}")
                 continue
             truths.append(truth)
         if tensors:
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         help="override the model's JPEG decoding, to see whether reduced decoding keeps accuracy",
     )
     args = parser.parse_args(argv)
-    session = ModelSession(args.model, providers=(CPU,))
+    session = ModelSession(args.model, IN_PROCESS)
     if args.images is None:
         if args.seed is None:
             parser.error("--seed is required with --dataset")

@@ -23,8 +23,8 @@ from model_export.evaluate import evaluate
 from model_export.importing import staged
 from model_export.quantize import Int8Report, compare, quantize
 from model_export.vit import VisionTransformer
-from service.providers import CPU
-from service.session import ModelSession, softmax
+from service.runtime.options import IN_PROCESS
+from service.runtime.session import ModelSession, softmax
 
 logger = logging.getLogger(__name__)
 
@@ -193,13 +193,13 @@ def export_int8(
     with staged(output) as fp32_path, staged(output) as int8_path:
         to_onnx(model, fp32_path, image_size)
         write_metadata(fp32_path, metadata)
-        fp32 = ModelSession(fp32_path, providers=(CPU,))
+        fp32 = ModelSession(fp32_path, IN_PROCESS)
         parity = check_parity(model, fp32, seed=eval_seed)
         if not all(case.passed for case in parity):
             return parity
         quantize(fp32_path, int8_path)
         write_metadata(int8_path, metadata.model_copy(update={"precision": "int8"}))
-        int8 = ModelSession(int8_path, providers=(CPU,))
+        int8 = ModelSession(int8_path, IN_PROCESS)
         batches = list(held_out(metadata.preprocessing, seed=eval_seed, count=count))
         report = compare(
             np.concatenate([fp32.logits(batch) for batch, _ in batches]),
@@ -265,7 +265,7 @@ def export(
     output.parent.mkdir(parents=True, exist_ok=True)
     to_onnx(Float16Inside(model) if fp16 else model, output, checkpoint.config.image_size)
     write_metadata(output, metadata)
-    session = ModelSession(output, providers=(CPU,))
+    session = ModelSession(output, IN_PROCESS)
     parity: list[ParityCase] | PrecisionReport
     if fp16:
         parity = compare_precision(

@@ -38,8 +38,8 @@ from model_export.importing import (
     staged,
 )
 from model_export.quantize import Int8Report, check_on_images, quantize
-from service.providers import CPU
-from service.session import ModelSession, softmax
+from service.runtime.options import IN_PROCESS
+from service.runtime.session import ModelSession, softmax
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def import_hf(
             warnings.simplefilter("ignore", TracerWarning)
             to_onnx(Float16Inside(graph) if fp16 else graph, staged_path, spec.input_size)
         write_metadata(staged_path, metadata, producer="vit-import")
-        session = ModelSession(staged_path, providers=(CPU,))
+        session = ModelSession(staged_path, IN_PROCESS)
         report = check_parity(model, processor, session, files, fp16=fp16)
         if not report.passed or not int8:
             if report.passed:
@@ -234,7 +234,7 @@ def import_hf(
                 int8_path, metadata.model_copy(update={"precision": "int8"}), producer="vit-import"
             )
             int8_report = check_on_images(
-                session, ModelSession(int8_path, providers=(CPU,)), check_images
+                session, ModelSession(int8_path, IN_PROCESS), check_images
             )
             if int8_report.passed:
                 int8_path.replace(output)

@@ -15,14 +15,14 @@ import numpy as np
 import onnx
 from pydantic import ValidationError
 
+from model_contract.errors import ImageError
 from model_contract.metadata import InvalidModelMetadata, ModelMetadata, one_line
 from model_contract.preprocess import PreprocessSpec
 from model_export.hf_preprocessing import UnexpressibleProcessor, spec_from_processor
 from model_export.importing import ImportRefused, model_name, served_logits, staged
-from service.errors import ServiceError
-from service.graph_check import check_output_width, inspect_model
-from service.providers import CPU
-from service.session import ModelSession
+from service.runtime.graph_check import check_output_width, inspect_model
+from service.runtime.options import IN_PROCESS
+from service.runtime.session import ModelSession
 
 HF_CONFIG = "config.json"
 HF_PREPROCESSOR = "preprocessor_config.json"
@@ -126,8 +126,8 @@ def smoke(session: ModelSession, files: list[Path]) -> SmokeReport:
     """Real images through the stamped file; warn where the output kind looks wrong."""
     try:
         raw = served_logits(session, files, session.metadata.preprocessing)
-    except ServiceError as error:
-        raise ImportRefused(f"a check image could not be used: {error.message}") from error
+    except ImageError as error:
+        raise ImportRefused(f"a check image could not be used: {error}") from error
     except Exception as error:  # onnxruntime's own errors, untyped
         raise ImportRefused(
             f"the model failed on the check images ({_last_line(error)}); does the input size "
@@ -240,7 +240,7 @@ def import_onnx(
         except InvalidModelMetadata as error:
             raise ImportRefused(str(error).replace(str(staged_path), str(output))) from error
         try:
-            report = smoke(ModelSession(staged_path, providers=(CPU,)), check_images)
+            report = smoke(ModelSession(staged_path, IN_PROCESS), check_images)
         except InvalidModelMetadata as error:
             raise ImportRefused(str(error).replace(str(staged_path), str(output))) from error
         staged_path.replace(output)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from model_contract.preprocess import PreprocessSpec, preprocess
-from service.session import ModelSession
+from service.runtime.session import ModelSession
 
 PHOTOS = Path(__file__).resolve().parent / "photos"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")

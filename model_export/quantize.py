@@ -16,7 +16,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from model_export.evaluate import UnlabelledImages, labelled_images
 from model_export.importing import image_files, served_logits
-from service.session import ModelSession
+from service.runtime.session import ModelSession
 
 # An int8 file must give the FP32 model's answer on nearly every image and lose at most half
 # a point of accuracy where the images' labels are known.

@@ -16,14 +16,15 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from service import api_v1, api_v2
-from service.admission import Admission
 from service.errors import InvalidRequest, ServiceError
+from service.http import v1, v2
+from service.http.admission import Admission
+from service.http.middleware import RequestMetrics
+from service.http.responses import error_response, service_error_response
+from service.http.routers import inference_router
+from service.http.schemas import OipInferenceRequest
+from service.inference.registry import ModelRegistry
 from service.metrics import Metrics
-from service.middleware import RequestMetrics
-from service.registry import ModelRegistry
-from service.responses import error_response, service_error_response
-from service.schemas import OipInferenceRequest
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def _lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         # Models load and warm up while the server already answers liveness; readiness waits
-        # for them (service/registry.py).
+        # for them (service/inference/registry.py).
         metrics = Metrics()
         registry = ModelRegistry(settings, metrics)
         app.state.registry = registry  # for the server's SIGTERM handler (service/cli.py)
@@ -160,16 +161,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
-    app.include_router(api_v1.router)
-    app.include_router(api_v2.router)
-    app.include_router(api_v1.inference_router)
-    app.include_router(api_v2.inference_router)
-    app.include_router(api_v2.repository_router)
-    # Every route of the inference routers is under admission control, by construction.
-    app.add_middleware(
-        Admission,
-        inference_routes=[*api_v1.inference_router.routes, *api_v2.inference_router.routes],
-    )
+    app.include_router(v1.router)
+    app.include_router(v2.router)
+    app.include_router(inference_router)
+    app.include_router(v2.repository_router)
+    app.add_middleware(Admission, inference_routes=inference_router.routes)
     app.add_middleware(RequestMetrics)  # added last, so outermost: it sees refusals too
     app.add_api_route("/metrics", metrics_endpoint, include_in_schema=False)
     app.openapi = _openapi(app)  # type: ignore[method-assign]

@@ -14,9 +14,9 @@ from fastapi import FastAPI
 
 from model_contract.metadata import InvalidModelMetadata
 from service.app import create_app
-from service.graph_check import inspect_model
+from service.http.slow_clients import head_deadline_protocol
+from service.runtime.graph_check import inspect_model
 from service.settings import Settings
-from service.slow_clients import head_deadline_protocol
 
 
 class DrainingServer(uvicorn.Server):

@@ -9,11 +9,12 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model_contract.decode import DEFAULT_MAX_PIXELS
-from service.providers import CPU, CUDA, Acceleration
+from service.runtime.options import RuntimeOptions
 
 
-class Settings(BaseSettings):
-    """Service configuration; `VIT_MODEL=...` sets `model`, and so on."""
+class Settings(BaseSettings, RuntimeOptions):
+    """Service configuration; `VIT_MODEL=...` sets `model`, and so on. The runtime options
+    (providers, threads, batch size, IO binding, ...) are RuntimeOptions', read the same way."""
 
     model_config = SettingsConfigDict(env_prefix="VIT_", frozen=True)
 
@@ -54,36 +55,11 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     """TCP port uvicorn listens on."""
 
-    providers: tuple[str, ...] = (CUDA, CPU)
-    """onnxruntime execution providers in order of preference; unavailable ones are skipped."""
-
-    require_cuda: bool = False
-    """Refuse to start unless the session really runs on CUDA (for GPU deployments)."""
-
-    intra_op_threads: int = Field(0, ge=0)
-    """onnxruntime threads inside one operator; 0 means one per core available to the process."""
-
-    inter_op_threads: int = Field(1, ge=1)
-    """onnxruntime threads across independent operators; a ViT is a chain, so 1."""
-
-    intra_op_spinning: bool = False
-    """Let onnxruntime's threads busy-wait for the next operator instead of sleeping. Off, the
-    decode threads get those cycles: at 16 concurrent clients on 2 cores the service served
-    13-23% more images/s (profiled and measured A/B, docs/BENCHMARKS-analysis.md); on, a lone
-    request's p50 was ~0.5 ms lower but its p99 higher."""
-
     inference_nice: int = Field(5, ge=0, le=19)
     """Niceness added to the inference threads (Linux). With the cores saturated, the event loop
     (health, refusals, responses) and the decoders then run first and onnxruntime takes the
     rest: at twice capacity on 2 cores the 503s' p99 was 69-93 ms against 116-312 ms at 0, with
     the same goodput; at 16 clients throughput was the same or 1-4% higher."""
-
-    lone_call_spinning: bool = True
-    """On the CPU provider, run a lone image (no other call running, nothing queued or being
-    decoded) through a second session whose threads busy-wait while it runs and stop as it
-    returns: ~1 ms off that call on 2 cores (batch 1: 3.0-4.0 ms against 4.0-4.5 ms), with none
-    of the spinning's cost under load. Costs a second copy of the session: +24 MB resident
-    with the default model (165 -> 189 MB)."""
 
     decode_workers: int = Field(2, ge=1)
     """Processes decoding and preprocessing uploads, each one image at a time. Each holds
@@ -118,19 +94,6 @@ class Settings(BaseSettings):
     default_top_k: int = Field(5, ge=1)
     """Classes listed in `top` when the request does not say."""
 
-    max_batch_size: int = Field(16, ge=1)
-    """Most images in one onnxruntime call; a request with more runs as several calls. On 2
-    CPU cores the in-process pipeline with the default model gains under 10% from batch 8 to 32
-    (docs/BENCHMARKS.md), and a larger batch only adds latency for the requests that fill it."""
-
-    inference_workers: int = Field(0, ge=0)
-    """onnxruntime calls running at once, each on its own batch. 0 chooses: 2 on the CPU
-    provider, each with its share of the cores (one thread each on 2 cores), since one call's
-    intra-op parallelism leaves cores idle between the model's many small operators: in-process
-    two calls of one thread did 339-357 images/s against 290-328 for one call of two threads
-    (batches of 4-16). 1 on a GPU, and always 1 with IO binding, whose buffers one call at a
-    time may use. A lone image still gets every core (see `lone_call_spinning`)."""
-
     max_batch_delay_ms: float = Field(0.0, ge=0)
     """How long a batch waits for more requests before running; 0 takes what is queued. While
     one batch runs the next one fills up anyway, so waiting only adds latency on CPU."""
@@ -144,37 +107,6 @@ class Settings(BaseSettings):
     request_timeout_ms: float = Field(10_000, gt=0)
     """Deadline for a request's queue wait; requests still queued then get 504 and never reach
     the model. The `X-Request-Timeout-Ms` header can lower it per request."""
-
-    io_binding: bool = False
-    """Run inference through onnxruntime IO binding with buffers preallocated per batch-size
-    bucket (powers of two up to max_batch_size). Saves per-call device allocations and copies on
-    a GPU; on the CPU provider it computes exactly the same numbers and saves little."""
-
-    cuda_graph: bool = False
-    """Capture one CUDA graph per batch bucket and replay it (implies IO binding). Falls back,
-    logged and reported in model_info, when the provider is not CUDA or the model cannot be
-    captured."""
-
-    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
-    """cuDNN's convolution algorithm search. The ViT's only convolution is the patch embedding,
-    and EXHAUSTIVE re-benchmarks for every new batch shape, a latency spike per bucket."""
-
-    gpu_mem_limit_bytes: int = Field(0, ge=0)
-    """Cap on the CUDA provider's memory arena; 0 leaves onnxruntime's default (no cap)."""
-
-    arena_extend_strategy: Literal["kNextPowerOfTwo", "kSameAsRequested"] = "kNextPowerOfTwo"
-    """How the CUDA arena grows; kSameAsRequested keeps memory tight with IO binding's few
-    fixed buffers."""
-
-    tensorrt: bool = False
-    """Put onnxruntime's TensorRT provider first (CUDA, then CPU, behind it); skipped, and
-    reported, where this onnxruntime build or machine lacks TensorRT."""
-
-    tensorrt_cache_dir: Path = Path("/tmp/vit-tensorrt-cache")
-    """Where TensorRT keeps built engines and timing caches, so a restart does not rebuild them."""
-
-    tensorrt_fp16: bool = False
-    """Let TensorRT run layers in half precision."""
 
     unready_after_failures: int = Field(5, ge=1)
     """After this many onnxruntime calls in a row raise (or return NaN/Inf), readiness turns
@@ -208,16 +140,3 @@ class Settings(BaseSettings):
     """Log a line per request. Off by default: /metrics already counts and times every request
     by route and status, and at ~500 requests/s the log lines cost about a tenth of the event
     loop's time (profiled at twice capacity on 2 cores). Turn on to debug a client."""
-
-    def acceleration(self) -> Acceleration:
-        """The GPU-side options as the session takes them."""
-        return Acceleration(
-            io_binding=self.io_binding,
-            cuda_graph=self.cuda_graph,
-            cudnn_conv_algo_search=self.cudnn_conv_algo_search,
-            gpu_mem_limit_bytes=self.gpu_mem_limit_bytes,
-            arena_extend_strategy=self.arena_extend_strategy,
-            tensorrt=self.tensorrt,
-            tensorrt_cache_dir=self.tensorrt_cache_dir,
-            tensorrt_fp16=self.tensorrt_fp16,
-        )

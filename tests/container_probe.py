@@ -15,8 +15,8 @@ import numpy as np
 
 from model_contract.preprocess import preprocess
 from model_export import shapes
-from service.providers import CPU
-from service.session import ModelSession
+from service.runtime.options import IN_PROCESS
+from service.runtime.session import ModelSession
 from tests.conftest import DEFAULT_MODEL
 
 PROBE_SEED = 777
@@ -26,7 +26,7 @@ TOLERANCE = 1e-5
 
 def probe(url: str) -> list[str]:
     """Problems found (none when the container answers exactly as the model does in-process)."""
-    reference = ModelSession(DEFAULT_MODEL, providers=(CPU,))
+    reference = ModelSession(DEFAULT_MODEL, IN_PROCESS)
     problems: list[str] = []
     with httpx.Client(base_url=url, timeout=30) as client:
         for sample in shapes.samples(PROBE_SEED, PROBE_IMAGES):

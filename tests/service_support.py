@@ -16,7 +16,7 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.providers import CPU
+from service.runtime.options import CPU
 from service.settings import Settings
 
 

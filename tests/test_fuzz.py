@@ -20,8 +20,8 @@ from PIL import Image
 
 from model_contract.errors import ImageError
 from model_contract.preprocess import PreprocessSpec, preprocess_upload
-from service import oip
 from service.errors import InvalidRequest
+from service.http import oip
 
 settings.register_profile(
     "short", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]

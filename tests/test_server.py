@@ -27,9 +27,9 @@ from model_contract.metadata import InvalidModelMetadata
 from model_contract.preprocess import preprocess
 from model_export import shapes
 from service.app import create_app
-from service.pipeline import Pipeline
-from service.providers import CPU
-from service.session import CudaUnavailable, ModelSession
+from service.inference.pipeline import Pipeline
+from service.runtime.options import IN_PROCESS
+from service.runtime.session import CudaUnavailable, ModelSession
 from tests.conftest import ROOT
 from tests.images import upload_variety
 from tests.service_support import cpu_settings, ready_client, running_server, served, wait_ready
@@ -45,7 +45,7 @@ def server(served_model: Path) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def reference(served_model: Path) -> ModelSession:
-    return ModelSession(served_model, providers=(CPU,))
+    return ModelSession(served_model, IN_PROCESS)
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
@@ -73,7 +73,7 @@ def test_vit_predict_prints_each_file(server: str, tmp_path: Path, reference: Mo
         (tmp_path / f"{name}.{name}").write_bytes(UPLOADS[name][0])
     (tmp_path / "notes.txt").write_text("not an image")
     result = subprocess.run(
-        [sys.executable, "-m", "service.client", str(tmp_path), "--url", server],
+        [sys.executable, "-m", "vit_tools.client", str(tmp_path), "--url", server],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -88,7 +88,7 @@ def test_vit_predict_prints_each_file(server: str, tmp_path: Path, reference: Mo
         assert line.startswith(str(tmp_path / f"{name}.{name}"))
         assert reference.labels[int(expected.argmax())] in line
     named = subprocess.run(
-        [sys.executable, "-m", "service.client", str(tmp_path / "notes.txt"), "--url", server],
+        [sys.executable, "-m", "vit_tools.client", str(tmp_path / "notes.txt"), "--url", server],
         capture_output=True,
         text=True,
         cwd=ROOT,

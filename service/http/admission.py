@@ -1,0 +1,88 @@
+"""Admission control ahead of routing: refuse inference the replica cannot take right now.
+
+Under overload most requests are refused, so a refusal must cost next to nothing: here it costs
+a path match, a dictionary lookup for the model and two attribute reads, where refusing inside
+the route paid for FastAPI's routing, its dependencies and its exception handlers first (about
+twice as much per refusal). The model a request names is resolved here too, once: the request
+is admitted to that pipeline, and stays with it even if a new version takes over meanwhile.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Sequence
+
+from pydantic import SecretStr
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.errors import ServiceError, Unauthorized
+from service.http.responses import service_error_response
+from service.inference.registry import ModelRegistry
+from service.metrics import Metrics
+from service.settings import Settings
+
+TICKET = "ticket"
+"""Where an admitted request finds its ticket in its state."""
+PIPELINE = "pipeline"
+"""Where an admitted request finds the pipeline (model version) it was admitted to."""
+
+
+def bearer_token_matches(scope: Scope, token: SecretStr) -> bool:
+    """Whether the request's `Authorization: Bearer ...` is `token` (constant-time compare)."""
+    for key, value in scope.get("headers", ()):
+        if key == b"authorization":
+            scheme, _, given = value.decode("latin-1").partition(" ")
+            expected = token.get_secret_value().encode()
+            return scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), expected)
+    return False
+
+
+class Admission:
+    """Answers 503 (`overloaded` with Retry-After, or `not_ready`), 404 (no such model) or 401
+    (the inference token is required) for requests to `inference_routes` before their body is
+    read; an admitted request holds its ticket (service/inference/budget.py) until it has been
+    answered."""
+
+    def __init__(self, app: ASGIApp, inference_routes: Sequence[BaseRoute]) -> None:
+        self.app = app
+        self.inference_routes = inference_routes
+
+    def _inference_route(self, scope: Scope) -> tuple[BaseRoute, Scope] | None:
+        for route in self.inference_routes:
+            match, child = route.matches(scope)
+            if match is Match.FULL:
+                return route, child
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = scope.get("state", {})
+        registry = state.get("registry")
+        matched = self._inference_route(scope) if scope["type"] == "http" else None
+        if matched is None or not isinstance(registry, ModelRegistry):
+            await self.app(scope, receive, send)
+            return
+        route, child = matched
+        params = child.get("path_params", {})
+        try:
+            settings: Settings = state["settings"]
+            if settings.api_token is not None and not bearer_token_matches(
+                scope, settings.api_token
+            ):
+                raise Unauthorized("this server requires Authorization: Bearer <VIT_API_TOKEN>")
+            pipeline = registry.get(params.get("name"), params.get("version"))
+            ticket = pipeline.admit()
+        except ServiceError as refusal:
+            scope["route"] = route  # so the request metrics name the route refused
+            metrics = state.get("metrics")
+            response = service_error_response(
+                refusal, metrics if isinstance(metrics, Metrics) else None
+            )
+            await response(scope, receive, send)
+            return
+        state[TICKET] = ticket  # this request's copy of the state
+        state[PIPELINE] = pipeline
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            ticket.release()

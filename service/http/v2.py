@@ -1,0 +1,229 @@
+"""Open Inference Protocol v2 routes (KServe / Triton REST), binary tensor data included."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from service.http import oip
+from service.http.body import read_body, unless_disconnected
+from service.http.dependencies import AdminDep, Inference, InferenceDep, RegistryDep
+from service.http.responses import error_responses
+from service.http.routers import inference_router
+from service.http.schemas import (
+    OipInferenceResponse,
+    OipLive,
+    OipModelMetadata,
+    OipModelReady,
+    OipReady,
+    OipServerMetadata,
+    OipTensorMetadata,
+    RepositoryModel,
+)
+from service.inference.pipeline import Pipeline
+
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
+repository_router = APIRouter(prefix="/v2/repository", tags=["model repository"])
+"""The model-repository extension: changes what the server runs, so behind VIT_ADMIN_TOKEN."""
+SERVER_NAME = "vit-inference"
+JSON_PARSE_EXPANSION = 4
+"""Bytes of Python objects parsing makes per byte of an OIP JSON body, beyond the body: a
+number of ~9 characters becomes a float, a list slot and two array elements (~44 bytes)."""
+PARSE_ON_LOOP_BYTES = 64 * 1024
+"""Bodies smaller than this are parsed on the event loop (~1 ms at most); larger ones in a
+thread, so health checks keep being answered."""
+
+
+@router.get("", response_model=OipServerMetadata)
+async def server_metadata(request: Request) -> OipServerMetadata:
+    return OipServerMetadata(
+        name=SERVER_NAME,
+        version=request.app.version,
+        extensions=["binary_tensor_data", "model_repository"],
+    )
+
+
+@router.get("/health/live", response_model=OipLive)
+@router.head("/health/live", include_in_schema=False)  # probes and load balancers that use HEAD
+async def live() -> OipLive:
+    return OipLive(live=True)
+
+
+@router.get("/health/ready", response_model=OipReady, responses={503: {"model": OipReady}})
+@router.head("/health/ready", include_in_schema=False)
+async def ready(registry: RegistryDep) -> Response:
+    """Ready when every model version served is ready."""
+    return JSONResponse({"ready": registry.ready}, status_code=200 if registry.ready else 503)
+
+
+def _model_metadata(registry: RegistryDep, name: str, version: str | None) -> OipModelMetadata:
+    pipeline = registry.get(name, version)
+    session, metadata = pipeline.session, pipeline.session.metadata
+    return OipModelMetadata(
+        name=metadata.name,
+        versions=[
+            p.session.metadata.version
+            for p in registry.pipelines()
+            if p.session.metadata.name == metadata.name
+        ]
+        if version is None
+        else [metadata.version],
+        platform="onnxruntime_onnx",
+        inputs=[
+            OipTensorMetadata(
+                name=session.input_name, datatype=oip.FP32, shape=[-1, *pipeline.input_shape(1)[1:]]
+            ),
+            OipTensorMetadata(name=oip.IMAGE_INPUT, datatype=oip.BYTES, shape=[-1]),
+        ],
+        outputs=[
+            OipTensorMetadata(
+                name=oip.PROBABILITIES_OUTPUT, datatype=oip.FP32, shape=[-1, len(metadata.labels)]
+            )
+        ],
+    )
+
+
+@router.get("/models/{name}", response_model=OipModelMetadata, responses=error_responses(404))
+async def model_metadata(name: str, registry: RegistryDep) -> OipModelMetadata:
+    return _model_metadata(registry, name, None)
+
+
+@router.get(
+    "/models/{name}/versions/{version}",
+    response_model=OipModelMetadata,
+    responses=error_responses(404),
+)
+async def model_version_metadata(
+    name: str, version: str, registry: RegistryDep
+) -> OipModelMetadata:
+    return _model_metadata(registry, name, version)
+
+
+@router.get(
+    "/models/{name}/versions/{version}/ready",
+    response_model=OipModelReady,
+    responses={**error_responses(404), 503: {"model": OipModelReady}},
+)
+@router.get(
+    "/models/{name}/ready",
+    response_model=OipModelReady,
+    responses={**error_responses(404), 503: {"model": OipModelReady}},
+)
+async def model_ready(name: str, registry: RegistryDep, version: str | None = None) -> Response:
+    model = registry.get(name, version)
+    return JSONResponse(
+        {"name": name, "ready": model.ready}, status_code=200 if model.ready else 503
+    )
+
+
+_INFER_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/OipInferenceRequest"}},
+            oip.BINARY_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+async def _infer(request: Request, pipeline: Pipeline, inference: Inference) -> Response:
+    settings = inference.settings
+    with pipeline.metrics.stage_seconds.labels("read_body").time():
+        body = await read_body(
+            request, settings.max_body_bytes, settings.body_timeout_s, inference.ticket
+        )
+    if oip.HEADER_LENGTH not in request.headers:
+        inference.ticket.hold_bytes(JSON_PARSE_EXPANSION * len(body))
+    spec = pipeline.spec
+    parse = functools.partial(
+        oip.parse_request,
+        body,
+        request.headers.get(oip.HEADER_LENGTH),
+        pixels_name=pipeline.session.input_name,
+        input_shape=pipeline.input_shape(1)[1:],
+        value_range=oip.pixel_range(spec.mean, spec.std, spec.rescale_factor),
+        max_batch=settings.max_images_per_request,
+    )
+    # Parsing is per-element Python work: a large body would hold the event loop for seconds.
+    parsed = parse() if len(body) < PARSE_ON_LOOP_BYTES else await asyncio.to_thread(parse)
+    if parsed.pixels is not None:
+        inference.ticket.hold_images(len(parsed.pixels))
+        work = pipeline.infer(parsed.pixels, inference.deadline)
+    else:
+        inference.ticket.hold_images(len(parsed.images or []))
+        work = pipeline.classify(parsed.images or [], inference.deadline)
+    probabilities: np.ndarray = await unless_disconnected(request, work)
+    metadata = pipeline.session.metadata
+    encoded = oip.encode_response(
+        probabilities, model_name=metadata.name, model_version=metadata.version, request=parsed
+    )
+    return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers)
+
+
+_INFER: dict[str, Any] = {
+    "tags": ["Open Inference Protocol v2"],
+    "response_model": OipInferenceResponse,
+    "responses": error_responses(400, 404, 408, 413, 415, 422, 500, 503, 504),
+    "openapi_extra": _INFER_DOC,
+}
+
+
+@inference_router.post("/v2/models/{name}/infer", **_INFER)
+async def infer(name: str, request: Request, inference: InferenceDep) -> Response:
+    """The model's latest version (admission resolved it from the path)."""
+    return await _infer(request, inference.pipeline, inference)
+
+
+@inference_router.post("/v2/models/{name}/versions/{version}/infer", **_INFER)
+async def infer_version(
+    name: str,
+    version: str,
+    request: Request,
+    inference: InferenceDep,
+) -> Response:
+    return await _infer(request, inference.pipeline, inference)
+
+
+@repository_router.post(
+    "/index",
+    response_model=list[RepositoryModel],
+    responses=error_responses(401, 403),
+    summary="Every model version the repository holds and its state",
+)
+async def repository_index(_: AdminDep, registry: RegistryDep) -> list[RepositoryModel]:
+    return [
+        RepositoryModel(
+            name=entry.name,
+            version=str(entry.version),
+            state=entry.state,
+            reason=entry.reason,
+            memory_bytes=entry.memory_bytes,
+        )
+        for entry in registry.index()
+    ]
+
+
+@repository_router.post(
+    "/models/{name}/load",
+    responses=error_responses(400, 401, 403, 404),
+    summary="Load a model, or reload it from the repository as it is now",
+)
+async def load_model(name: str, _: AdminDep, registry: RegistryDep) -> JSONResponse:
+    await registry.load(name)
+    return JSONResponse({})
+
+
+@repository_router.post(
+    "/models/{name}/unload",
+    responses=error_responses(401, 403, 404),
+    summary="Stop serving a model once the requests it has taken are answered",
+)
+async def unload_model(name: str, _: AdminDep, registry: RegistryDep) -> JSONResponse:
+    await registry.unload(name)
+    return JSONResponse({})

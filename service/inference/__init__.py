@@ -1,0 +1,1 @@
+"""Inference: the model registry and repository, one model version's pipeline, batching."""

@@ -1,0 +1,225 @@
+"""Upload bytes -> probabilities: decoding in worker processes, inference through the batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import numpy as np
+
+from service.errors import (
+    DeadlineExceeded,
+    NotReady,
+    ServiceError,
+    TooManyPixels,
+    UndecodableImage,
+    UnsupportedImageFormat,
+)
+from service.inference.batcher import Batcher
+from service.inference.budget import Budget, Ticket
+from service.metrics import Metrics
+from service.runtime.decode_workers import DecodeWorkers
+from service.runtime.graph_check import check_output_width
+from service.runtime.session import ModelSession
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+WARM_UP_SECONDS = 600.0
+FILE_ERRORS = (UnsupportedImageFormat, UndecodableImage, TooManyPixels)
+"""What one uploaded file can be at fault for, as opposed to its request. Not a file that
+overran its decoder's limits: that fails the whole request at once and stops its other files,
+or one request of 64 bombs would hold the decoders for 64 time limits."""
+
+
+class Pipeline:
+    """The model behind the routes: never blocks the event loop, ready only after a warm-up."""
+
+    def __init__(self, session: ModelSession, settings: Settings, metrics: Metrics) -> None:
+        self.session = session
+        self.metrics = model_metrics = metrics.for_model(
+            session.metadata.name, session.metadata.version
+        )
+        self.spec = session.metadata.preprocessing
+        self._warmed_up = False
+        self.warm_up_error: str | None = None
+        self._closed = False
+        self._preparing = 0
+        self._failures_until_unready = settings.unready_after_failures
+        self._recovery_interval = settings.recovery_probe_interval_s
+        self._recovery: asyncio.Task[None] | None = None
+        self.decoders = DecodeWorkers(
+            self.spec,
+            workers=settings.decode_workers,
+            max_pixels=settings.max_pixels,
+            memory_bytes=settings.decode_memory_bytes,
+            timeout_s=settings.decode_timeout_s,
+            on_replaced=lambda why: model_metrics.decode_workers_replaced.labels(why).inc(),
+        )
+        self.batcher = Batcher(
+            session.predict,
+            max_batch_size=settings.max_batch_size,
+            max_delay=settings.max_batch_delay_ms / 1000,
+            max_queue=settings.max_queue,
+            metrics=model_metrics,
+            workers=session.inference_workers,
+            predict_alone=session.predict_alone,
+            busy_elsewhere=lambda: self._preparing > 0,
+            nice=settings.inference_nice,
+        )
+        self.budget = Budget(
+            max_images=settings.max_queue,
+            max_body_bytes=settings.max_body_bytes_in_flight,
+            retry_after=self.batcher.retry_after,
+        )
+        model_metrics.images_in_flight.set_function(lambda: self.budget.images)
+        model_metrics.body_bytes_in_flight.set_function(lambda: self.budget.body_bytes)
+        model_metrics.ready.set_function(lambda: float(self.ready))
+        model_metrics.model.info(
+            {
+                "sha256": session.sha256,
+                **session.runtime,
+                "fallbacks": "; ".join(session.fallbacks) or "none",
+            }
+        )
+
+    def input_shape(self, batch_size: int) -> tuple[int, int, int, int]:
+        size = self.spec.input_size
+        return batch_size, 3, size, size
+
+    async def prepare(self, data: bytes) -> np.ndarray:
+        """One upload as a (1, 3, S, S) model input, decoded in a worker process."""
+        started = time.perf_counter()
+        decoded = await self.decoders.decode(data)
+        self.metrics.stage_seconds.labels("decode_preprocess").observe(
+            time.perf_counter() - started
+        )
+        self.metrics.observe_decoded(decoded.format, decoded.original_mode, decoded.exif_rotated)
+        return decoded.tensor
+
+    async def infer(self, batch: np.ndarray, deadline: float) -> np.ndarray:
+        """Probabilities (N, classes) for a preprocessed batch, batched with other requests."""
+        self.require_ready()
+        probabilities = await self.batcher.submit(batch, deadline)
+        top = probabilities.argmax(axis=1)
+        self.metrics.observe_predictions(
+            [float(row[i]) for row, i in zip(probabilities, top, strict=True)],
+            [self.session.labels[i] for i in top],
+        )
+        return probabilities
+
+    async def classify(self, images: list[bytes], deadline: float) -> np.ndarray:
+        """Probabilities for uploads, one row per image in request order. The first image that
+        fails, or the deadline, stops the others: unstarted ones never start."""
+        tensors = await self._decoded(images, deadline, self.prepare)
+        return await self.infer(np.concatenate(tensors), deadline)
+
+    async def classify_each(
+        self, images: list[bytes], deadline: float
+    ) -> list[np.ndarray | ServiceError]:
+        """One outcome per upload, in request order: its probabilities, or the error its file
+        alone caused, so that nine good photos are answered when the tenth is corrupt. What is
+        not one file's fault (the deadline, the model, the queue), and a file too expensive to
+        decode, fail the request, and its files not yet decoded never are."""
+        decoded = await self._decoded(images, deadline, self._prepare_file)
+        good = [tensor for tensor in decoded if isinstance(tensor, np.ndarray)]
+        rows = iter(await self.infer(np.concatenate(good), deadline) if good else ())
+        return [next(rows) if isinstance(outcome, np.ndarray) else outcome for outcome in decoded]
+
+    async def _decoded(
+        self, images: list[bytes], deadline: float, prepare: Callable[[bytes], Awaitable[T]]
+    ) -> list[T]:
+        """`prepare` of every upload at once, within the deadline; whatever ends it early (an
+        error, the deadline, the client's going) cancels the rest."""
+        self.require_ready()
+        self._preparing += len(images)
+        tasks = [asyncio.ensure_future(prepare(data)) for data in images]
+        try:
+            async with asyncio.timeout_at(deadline):
+                return list(await asyncio.gather(*tasks))
+        except TimeoutError:
+            raise DeadlineExceeded("the request's deadline passed while it was decoded") from None
+        finally:
+            for task in tasks:
+                task.cancel()
+            self._preparing -= len(images)
+
+    async def _prepare_file(self, data: bytes) -> np.ndarray | ServiceError:
+        try:
+            return await self.prepare(data)
+        except FILE_ERRORS as error:
+            return error
+
+    def admit(self) -> Ticket:
+        """A new inference request's ticket (one image place), or the 503 it would end in,
+        before its body is even read: not ready, or every place taken. Under overload a refused
+        request must cost next to nothing, or refusing starves the requests being served."""
+        self.require_ready()
+        return self.budget.admit()
+
+    @property
+    def ready(self) -> bool:
+        """Warmed up, and onnxruntime has not failed `unready_after_failures` times in a row."""
+        return self._warmed_up and not self.failing
+
+    @property
+    def failing(self) -> bool:
+        return self.batcher.consecutive_failures >= self._failures_until_unready
+
+    def require_ready(self) -> None:
+        if self.warm_up_error is not None:
+            raise NotReady(f"the model failed its warm-up: {self.warm_up_error}")
+        if not self._warmed_up:
+            raise NotReady("the model is still warming up")
+        if self.failing:
+            raise NotReady("inference keeps failing; waiting for it to recover")
+
+    async def start(self) -> None:
+        """Start batching, then real inferences (one per bound batch size) so no client pays
+        for onnxruntime's setup; their output must have one column per label. A failure is
+        kept (readiness reports it) and raised: the server stops rather than stay unready."""
+        self.batcher.start()
+        await asyncio.to_thread(self.decoders.start)
+        deadline = time.monotonic() + WARM_UP_SECONDS
+        try:
+            for batch_size in self.session.warm_up_batch_sizes():
+                zeros = np.zeros(self.input_shape(batch_size), np.float32)
+                probabilities = await self.batcher.submit(zeros, deadline)
+                check_output_width(probabilities.shape[1], self.session.metadata, self.session.path)
+        except Exception as error:
+            self.warm_up_error = str(error)
+            raise
+        self._warmed_up = True
+        self._recovery = asyncio.create_task(self._recover_when_failing(), name="recovery")
+        logger.info("warm-up done: ready")
+
+    async def _recover_when_failing(self) -> None:
+        """While not ready because inference kept failing, try one probe inference now and
+        then; the first that works makes the service ready again."""
+        while True:
+            await asyncio.sleep(self._recovery_interval)
+            if not self.failing:
+                continue
+            probe = np.zeros(self.input_shape(1), np.float32)
+            try:
+                await self.batcher.submit(probe, time.monotonic() + WARM_UP_SECONDS)
+            except ServiceError:
+                continue
+            logger.info("inference works again: ready")
+
+    async def close(self) -> None:
+        """Stop batching and decoding; once (a retired version may be closed as the server
+        stops)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._warmed_up = False
+        if self._recovery is not None:
+            self._recovery.cancel()
+        await self.batcher.stop()
+        self.decoders.close()
+        self.metrics.remove()

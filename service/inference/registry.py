@@ -1,0 +1,382 @@
+"""The models being served: name -> version -> pipeline, the one object routes ask for; loading,
+swapping and retiring versions as the repository and its control mode say.
+
+A version takes traffic only once it has loaded, passed the load-time checks and warmed up; the
+swap is one dictionary assignment on the event loop, so every request is admitted to either the
+old pipeline or the new, never to none. The old one finishes everything admitted to it, then
+closes and gives its memory back. A version that fails to load leaves the one serving in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from service.errors import ModelLoadFailed, ModelNotFound, NotReady
+from service.inference.pipeline import Pipeline
+from service.inference.repository import Scan, VersionFile, VersionPolicy, scan
+from service.metrics import Metrics
+from service.runtime.session import ModelSession
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+State = Literal["LOADING", "READY", "UNAVAILABLE", "UNLOADING"]
+MEMORY_ESTIMATE_FACTOR = 3
+"""A version's resident memory before it is measured: this many times its file's size."""
+RETIRE_POLL_S = 0.05
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A version whose session is loaded and checked, not yet warmed up."""
+
+    name: str
+    version: int
+    file: VersionFile
+    session: ModelSession
+    resident_before: int
+    """The process's resident memory before the session loaded (to measure what it took)."""
+
+
+@dataclass
+class IndexEntry:
+    """One version as the repository index reports it."""
+
+    name: str
+    version: int
+    state: State
+    reason: str = ""
+    memory_bytes: int = 0
+
+
+def resident_bytes() -> int:
+    """This process's resident memory, from /proc."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+class ModelRegistry:
+    """Serving versions by name, their index entries, and the repository's control loop."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.policy = VersionPolicy.parse(settings.version_policy)
+        self._serving: dict[str, dict[int, Pipeline]] = {}
+        self._files: dict[tuple[str, int], VersionFile] = {}
+        self._unloadable: dict[tuple[str, int], VersionFile] = {}
+        self._index: dict[tuple[str, int], IndexEntry] = {}
+        self._changes = asyncio.Lock()
+        self._poller: asyncio.Task[None] | None = None
+        self._retiring: dict[asyncio.Task[None], Pipeline] = {}
+        self._last_scan: Scan = {}
+        metrics.models_memory_bytes.set_function(lambda: float(self.memory_bytes()))
+        self._started = False
+        self.draining = False
+        """Set on SIGTERM: readiness turns false while requests are still answered."""
+
+    # What routes ask.
+
+    def get(self, name: str | None = None, version: str | None = None) -> Pipeline:
+        """The pipeline serving `name` (the default model when None) at `version` (the latest
+        served when None), or 404."""
+        if not self._serving and any(e.state == "LOADING" for e in self._index.values()):
+            raise NotReady("the models are still loading")
+        name = name or self.default_name()
+        versions = self._serving.get(name)
+        if not versions and self._loading(name):
+            raise NotReady(f"model {name!r} is still loading")
+        if not versions:
+            known = ", ".join(sorted(self._serving)) or "none"
+            raise ModelNotFound(f"no model {name!r} is served (serving: {known})")
+        if version is None:
+            return versions[max(versions)]
+        for pipeline in versions.values():
+            if pipeline.session.metadata.version == version:
+                return pipeline
+        served = ", ".join(p.session.metadata.version for p in versions.values())
+        raise ModelNotFound(f"model {name!r} has no version {version!r} (serving: {served})")
+
+    def _loading(self, name: str) -> bool:
+        return any(e.name == name and e.state == "LOADING" for e in self._index.values())
+
+    def default_name(self) -> str:
+        if self.settings.default_model:
+            return self.settings.default_model
+        if len(self._serving) == 1:
+            return next(iter(self._serving))
+        names = ", ".join(sorted(self._serving)) or "none"
+        raise ModelNotFound(
+            f"several models are served ({names}): name one, /v1/models/{{name}}/classify, "
+            "or set VIT_DEFAULT_MODEL"
+        )
+
+    def pipelines(self) -> list[Pipeline]:
+        return [p for versions in self._serving.values() for p in versions.values()]
+
+    @property
+    def ready(self) -> bool:
+        """Every model that should be loaded at start has loaded, some model is served, and
+        every version served is ready (later loads and swaps do not take readiness away)."""
+        serving = self.pipelines()
+        return (
+            self._started and bool(serving) and not self.draining and all(p.ready for p in serving)
+        )
+
+    def index(self) -> list[IndexEntry]:
+        return [self._index[key] for key in sorted(self._index)]
+
+    def memory_bytes(self) -> int:
+        return sum(e.memory_bytes for e in self._index.values() if e.state == "READY")
+
+    # Control.
+
+    async def open(self) -> list[Prepared]:
+        """The sessions of what the repository holds, loaded and checked (an error here, in
+        none mode, ends startup at once); `serve` warms them up and starts serving them."""
+        found = await asyncio.to_thread(scan, self.settings.model)
+        self._last_scan = found
+        if not found:
+            root = self.settings.model
+            raise ModelLoadFailed(f"no model under {root} (<name>/<version>/model.onnx)")
+        prepared = []
+        for name, versions in found.items():
+            for version in self.policy.choose(list(versions)):
+                file = versions[version]
+                before = resident_bytes()
+                try:
+                    session = await self._session(name, version, file.path)
+                except Exception as error:
+                    if self.settings.model_control == "none":
+                        raise
+                    self._failed(name, version, error)
+                    continue
+                prepared.append(Prepared(name, version, file, session, before))
+                self._index[(name, version)] = IndexEntry(name, version, "LOADING")
+        return prepared
+
+    async def serve(self, prepared: list[Prepared]) -> None:
+        """Warm up and serve what `open` loaded; in poll mode, then keep watching."""
+        async with self._changes:
+            for item in prepared:
+                await self._load(
+                    item.name,
+                    item.version,
+                    item.file,
+                    strict=self.settings.model_control == "none",
+                    prepared=item,
+                )
+        self._started = True
+        if self.settings.model_control == "poll":
+            self._poller = asyncio.create_task(self._poll(), name="repository-poll")
+
+    async def load(self, name: str) -> None:
+        """Load (or reload) `name` from the repository as it is now; 400 if nothing loads."""
+        found = await asyncio.to_thread(scan, self.settings.model)
+        if name not in found:
+            raise ModelNotFound(f"no model {name!r} in the repository")
+        await self._sync(name, found[name], reload=True)
+        failed = [e for e in self._index.values() if e.name == name and e.state == "UNAVAILABLE"]
+        if failed and name not in self._serving:
+            raise ModelLoadFailed(f"{name} could not be loaded: {failed[0].reason}")
+
+    async def unload(self, name: str) -> None:
+        if name not in self._serving:
+            raise ModelNotFound(f"no model {name!r} is loaded")
+        await self._sync(name, {})
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+        for pipeline in self.pipelines():
+            await pipeline.close()
+        self._serving.clear()
+        for task, pipeline in list(self._retiring.items()):
+            task.cancel()  # the server is stopping: close now, whatever is left
+            await pipeline.close()
+
+    async def _poll(self) -> None:
+        """Every repository_poll_s: act on what changed, once a file is the same in two scans
+        in a row (one still being copied is not)."""
+        while True:
+            await asyncio.sleep(self.settings.repository_poll_s)
+            try:
+                found = await asyncio.to_thread(scan, self.settings.model)
+            except OSError as error:
+                logger.warning("repository scan failed: %s", error)
+                continue
+            previous, self._last_scan = self._last_scan, found
+            for name in sorted(set(found) | set(self._serving)):
+                stable = {
+                    v: f
+                    for v, f in found.get(name, {}).items()
+                    if previous.get(name, {}).get(v) == f
+                }
+                settling = set(found.get(name, {})) - set(stable)
+                await self._sync(name, stable, keep=settling)
+
+    async def _sync(
+        self,
+        name: str,
+        versions: dict[int, VersionFile],
+        *,
+        strict: bool = False,
+        reload: bool = False,
+        keep: set[int] | None = None,
+    ) -> None:
+        """Make what is served of `name` what the policy chooses of `versions`: load new and
+        changed files (all chosen ones with `reload`), retire the others (except `keep`)."""
+        async with self._changes:
+            # A file that failed to load is not tried again until it changes, and never
+            # displaces a version that serves: the policy chooses among the others.
+            candidates = {
+                v: f for v, f in versions.items() if reload or self._unloadable.get((name, v)) != f
+            }
+            tried: set[int] = set()
+            while True:
+                wanted = self.policy.choose(list(candidates))
+                pending = [
+                    v
+                    for v in wanted
+                    if v not in tried and (reload or self._files.get((name, v)) != candidates[v])
+                ]
+                if not pending:
+                    break
+                for version in pending:
+                    tried.add(version)
+                    file = candidates[version]
+                    await self._load(name, version, file, strict=strict)
+                    failed = self._files.get((name, version)) != file
+                    if failed and version not in self._serving.get(name, {}):
+                        del candidates[version]  # nothing of it serves: choose among the rest
+            for version in list(self._serving.get(name, {})):
+                if version not in wanted and version not in (keep or set()):
+                    self._retire(name, version)
+            for key in [k for k in self._index if k[0] == name]:
+                gone = key[1] not in versions and key[1] not in (keep or set())
+                if gone and self._index[key].state == "UNAVAILABLE":
+                    del self._index[key]
+                    self._unloadable.pop(key, None)
+
+    async def _load(
+        self,
+        name: str,
+        version: int,
+        file: VersionFile,
+        *,
+        strict: bool,
+        prepared: Prepared | None = None,
+    ) -> None:
+        key = (name, version)
+        previous = self._index.get(key)
+        self._index[key] = IndexEntry(name, version, "LOADING")
+        started = time.monotonic()
+        try:
+            self._check_memory_budget(name, version, file)
+            if prepared is not None:
+                before, session = prepared.resident_before, prepared.session
+            else:
+                before = resident_bytes()
+                session = await self._session(name, version, file.path)
+            pipeline = Pipeline(session, self.settings, self.metrics)
+            try:
+                await pipeline.start()
+            except BaseException:
+                await pipeline.close()
+                raise
+            measured = max(resident_bytes() - before, file.size)
+        except Exception as error:
+            self._failed(name, version, error, previous)
+            self._unloadable[key] = file
+            if strict:
+                raise
+            return
+        self._unloadable.pop(key, None)
+        old = self._serving.setdefault(name, {}).get(version)
+        self._serving[name][version] = pipeline  # the swap: new requests go to the new one
+        self._files[key] = file
+        self._index[key] = IndexEntry(name, version, "READY", memory_bytes=measured)
+        pipeline.metrics.memory_bytes.set(measured)
+        logger.info(
+            "model %s version %d serving (%.1f s, %d MB)",
+            name,
+            version,
+            time.monotonic() - started,
+            measured >> 20,
+        )
+        if old is not None:
+            self._retire_pipeline(old)
+
+    def _failed(
+        self, name: str, version: int, error: Exception, previous: IndexEntry | None = None
+    ) -> None:
+        """Record a load that failed; a version already serving keeps serving."""
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        logger.error("model %s version %d did not load: %s", name, version, reason)
+        self.metrics.model_load_failures.labels(name).inc()
+        entry = IndexEntry(name, version, "UNAVAILABLE", reason)
+        if version in self._serving.get(name, {}) and previous is not None:
+            entry = IndexEntry(
+                name, version, "READY", f"a new file failed to load: {reason}",
+                previous.memory_bytes,
+            )  # fmt: skip
+        self._index[(name, version)] = entry
+
+    def _check_memory_budget(self, name: str, version: int, file: VersionFile) -> None:
+        budget = self.settings.models_memory_bytes
+        if not budget:
+            return
+        replaced = self._index.get((name, version))
+        held = self.memory_bytes() - (replaced.memory_bytes if replaced else 0)
+        estimate = MEMORY_ESTIMATE_FACTOR * file.size
+        if held + estimate > budget:
+            raise ModelLoadFailed(
+                f"would exceed VIT_MODELS_MEMORY_BYTES: {held >> 20} MB held + ~{estimate >> 20} "
+                f"MB for this version > {budget >> 20} MB"
+            )
+
+    async def _session(self, name: str, version: int, path: Path) -> ModelSession:
+        """A loaded, checked session for one version, named as the repository names it."""
+        settings = self.settings
+        session = await asyncio.to_thread(ModelSession, path, settings)
+        stated = session.metadata
+        if not settings.model.is_dir():
+            return session
+        if (stated.name, stated.version) != (name, str(version)):
+            logger.warning(
+                "%s: the metadata says %s version %s; the repository's %s version %d wins",
+                path,
+                stated.name,
+                stated.version,
+                name,
+                version,
+            )
+        session.metadata = stated.model_copy(update={"name": name, "version": str(version)})
+        return session
+
+    def _retire(self, name: str, version: int) -> None:
+        pipeline = self._serving[name].pop(version)
+        if not self._serving[name]:
+            del self._serving[name]
+        self._files.pop((name, version), None)
+        self._index.pop((name, version), None)
+        logger.info("model %s version %d unloaded", name, version)
+        self._retire_pipeline(pipeline)
+
+    def _retire_pipeline(self, pipeline: Pipeline) -> None:
+        task = asyncio.create_task(self._finish_then_close(pipeline))
+        self._retiring[task] = pipeline
+        task.add_done_callback(lambda done: self._retiring.pop(done, None))
+
+    async def _finish_then_close(self, pipeline: Pipeline) -> None:
+        """Let every request admitted to `pipeline` be answered, then close it."""
+        deadline = time.monotonic() + self.settings.request_timeout_ms / 1000 + 5
+        while pipeline.budget.images and time.monotonic() < deadline:
+            await asyncio.sleep(RETIRE_POLL_S)
+        await pipeline.close()

@@ -1,0 +1,98 @@
+"""The model repository on disk: `<repo>/<name>/<version>/model.onnx`, as Triton lays it out, or
+one file; which versions of each model should be served (the version policy); and what changed.
+
+A version is a directory named by a positive integer holding `model.onnx`. Copy a new version in
+under another name and rename it into place (`cp -r v3 repo/vit/.3 && mv repo/vit/.3 repo/vit/3`):
+a rename is atomic, a copy is not. Files are also compared between two scans, so one still being
+written is never loaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.runtime.graph_check import inspect_model
+
+MODEL_FILE = "model.onnx"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class VersionFile:
+    """One version's file as the repository scan saw it: where, how big, when last written."""
+
+    path: Path
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: Path) -> VersionFile:
+        stat = path.stat()
+        return cls(path, stat.st_size, stat.st_mtime_ns)
+
+
+Scan = dict[str, dict[int, VersionFile]]
+"""name -> version -> file."""
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions of a model to serve, as Triton's: the latest N, all, or specific ones."""
+
+    kind: str
+    count: int = 1
+    versions: tuple[int, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> VersionPolicy:
+        """`latest`, `latest:N`, `all` or `specific:1,3`."""
+        kind, _, argument = text.partition(":")
+        if kind == "all" and not argument:
+            return cls("all")
+        if kind == "latest":
+            count = int(argument) if argument else 1
+            if count < 1:
+                raise ValueError("latest:N needs N >= 1")
+            return cls("latest", count=count)
+        if kind == "specific" and argument:
+            return cls("specific", versions=tuple(int(v) for v in argument.split(",")))
+        raise ValueError(f"version policy {text!r}: use latest, latest:N, all or specific:1,3")
+
+    def choose(self, versions: list[int]) -> list[int]:
+        ordered = sorted(versions)
+        if self.kind == "all":
+            return ordered
+        if self.kind == "latest":
+            return ordered[-self.count :]
+        return [v for v in ordered if v in self.versions]
+
+
+def scan(root: Path) -> Scan:
+    """Every model and version under `root`; a single file is one model, named and versioned
+    by its metadata (version 1 where its version is not a positive integer)."""
+    if root.is_file():
+        file = VersionFile.of(root)
+        name, version = single_file_identity(file)
+        return {name: {version: file}}
+    found: Scan = {}
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)):
+        versions = {
+            int(v.name): VersionFile.of(v / MODEL_FILE)
+            for v in model_dir.iterdir()
+            if v.is_dir() and v.name.isdigit() and int(v.name) > 0 and (v / MODEL_FILE).is_file()
+        }
+        if versions:
+            found[model_dir.name] = versions
+    return found
+
+
+@functools.lru_cache(maxsize=8)
+def single_file_identity(file: VersionFile) -> tuple[str, int]:
+    """A lone file's name and version, from its metadata (version 1 unless it is a positive
+    integer); read once per file as written, not at every poll."""
+    metadata, _ = inspect_model(file.path)
+    version = int(metadata.version) if metadata.version.isdigit() else 1
+    return metadata.name, max(version, 1)

@@ -1,0 +1,1 @@
+"""The runtime: onnxruntime sessions, providers and their options, IO binding, decoding workers."""

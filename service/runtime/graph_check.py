@@ -1,0 +1,126 @@
+"""The model's graph against its metadata, checked at load: what the service feeds and reads must
+be what the graph takes and gives, or the model is refused before it takes traffic."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+
+from model_contract.metadata import InvalidModelMetadata, ModelMetadata
+from service.runtime.options import CPU
+
+FLOAT_TYPES = ("tensor(float)", "tensor(float16)")
+
+
+class ModelMismatch(InvalidModelMetadata):
+    """The metadata describes a different graph from the one in the file."""
+
+
+@dataclass(frozen=True)
+class GraphContract:
+    """The one input and the one output the service uses, as the graph declares them."""
+
+    input_name: str
+    output_name: str
+    fixed_batch_size: int | None
+    """The batch axis's size where the graph fixes it; None where it is dynamic."""
+    output_width: int | None
+    """The output's class axis where the graph fixes it; None where it is symbolic."""
+    output_type: str
+    """The output's element type: tensor(float) or tensor(float16)."""
+
+
+def _dims(shape: list[int | str | None]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def check_graph(
+    session: ort.InferenceSession, metadata: ModelMetadata, path: Path
+) -> GraphContract:
+    """The graph's input and output, or ModelMismatch naming what disagrees and the fix."""
+    restamp = f"vit-import onnx {path} -o {path}"
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        names = ", ".join(i.name for i in inputs)
+        raise ModelMismatch(
+            f"the graph has {len(inputs)} inputs ({names}); the service feeds exactly "
+            "one image tensor [N, 3, S, S]: export the model with one input"
+        )
+    model_input = inputs[0]
+    shape = list(model_input.shape)
+    where = f"the graph's input {model_input.name} {_dims(shape)}"
+    if model_input.type != "tensor(float)":
+        raise ModelMismatch(
+            f"{where} is {model_input.type}; the service sends float32 pixels: export it with a "
+            "float32 input (vit-import --fp16 keeps float32 at the boundary)"
+        )
+    if len(shape) != 4 or isinstance(shape[1], int) and shape[1] != 3:
+        raise ModelMismatch(
+            f"{where} is not an image batch [N, 3, S, S] (channels first, RGB); export it so"
+        )
+    size = metadata.preprocessing.input_size
+    spatial = [d for d in shape[2:] if isinstance(d, int)]
+    if len(set(spatial)) > 1:
+        raise ModelMismatch(f"{where} is not square; the service feeds S x S images")
+    if any(d != size for d in spatial):
+        graph_size = spatial[0]
+        raise ModelMismatch(
+            f"{where} disagrees with the metadata's preprocessing.input_size {size}; "
+            f"fix the metadata with `{restamp} --input-size {graph_size}`"
+        )
+    batch = shape[0]
+    fixed_batch_size = batch if isinstance(batch, int) and batch > 0 else None
+
+    outputs = {o.name: o for o in session.get_outputs()}
+    output_name = metadata.output_name or session.get_outputs()[0].name
+    if output_name not in outputs:
+        raise ModelMismatch(
+            f"the metadata names the output {output_name!r}, the graph has "
+            f"{', '.join(outputs)}; fix it with `{restamp} --output-name NAME`"
+        )
+    output = outputs[output_name]
+    out_shape = list(output.shape)
+    out_where = f"the graph's output {output_name} {_dims(out_shape)}"
+    if output.type not in FLOAT_TYPES:
+        raise ModelMismatch(f"{out_where} is {output.type}, not float scores per class")
+    if len(out_shape) != 2:
+        raise ModelMismatch(
+            f"{out_where} is not one row of class scores per image [N, classes]"
+            + (f"; choose another with `{restamp} --output-name NAME`" if len(outputs) > 1 else "")
+        )
+    width = out_shape[1] if isinstance(out_shape[1], int) else None
+    check_output_width(width, metadata, path)
+    return GraphContract(
+        input_name=model_input.name,
+        output_name=output_name,
+        fixed_batch_size=fixed_batch_size,
+        output_width=width,
+        output_type=output.type,
+    )
+
+
+def check_output_width(width: int | None, metadata: ModelMetadata, path: Path) -> None:
+    """The class axis against the labels (at load where the graph fixes it, else at warm-up)."""
+    labels = len(metadata.labels)
+    if width is not None and width != labels:
+        raise ModelMismatch(
+            f"the metadata has {labels} labels but the graph's output has {width} "
+            f"classes; fix the labels with `vit-import onnx {path} -o {path} --labels FILE`"
+        )
+
+
+def inspect_model(path: Path) -> tuple[ModelMetadata, GraphContract]:
+    """The file's metadata and graph, checked against each other in about the time it takes to
+    read the file (no graph optimisation, CPU only): for refusing a model before serving."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3  # errors only: the verdict is the one line that matters
+    try:
+        session = ort.InferenceSession(str(path), options, providers=[CPU])
+    except Exception as error:  # onnxruntime raises its own untyped errors
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error)
+        raise InvalidModelMetadata(f"not an ONNX model onnxruntime can load: {reason}") from error
+    metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
+    return metadata, check_graph(session, metadata, path)

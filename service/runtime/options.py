@@ -1,0 +1,94 @@
+"""How a model runs: the onnxruntime options, defined once. `Settings` takes them from `VIT_*`
+variables; the session, the export and evaluation tools and the benchmarks take them whole."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+TENSORRT = "TensorrtExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+class RuntimeOptions(BaseModel):
+    """The session's options; each GPU-side one falls back cleanly, and says so, where it
+    cannot apply (service/runtime/providers.py)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    providers: tuple[str, ...] = (CUDA, CPU)
+    """onnxruntime execution providers in order of preference; unavailable ones are skipped."""
+
+    require_cuda: bool = False
+    """Refuse to start unless the session really runs on CUDA (for GPU deployments)."""
+
+    intra_op_threads: int = Field(0, ge=0)
+    """onnxruntime threads inside one operator; 0 means one per core available to the process."""
+
+    inter_op_threads: int = Field(1, ge=1)
+    """onnxruntime threads across independent operators; a ViT is a chain, so 1."""
+
+    intra_op_spinning: bool = False
+    """Let onnxruntime's threads busy-wait for the next operator instead of sleeping. Off, the
+    decode threads get those cycles: at 16 concurrent clients on 2 cores the service served
+    13-23% more images/s (profiled and measured A/B, docs/BENCHMARKS-analysis.md); on, a lone
+    request's p50 was ~0.5 ms lower but its p99 higher."""
+
+    lone_call_spinning: bool = True
+    """On the CPU provider, run a lone image (no other call running, nothing queued or being
+    decoded) through a second session whose threads busy-wait while it runs and stop as it
+    returns: ~1 ms off that call on 2 cores (batch 1: 3.0-4.0 ms against 4.0-4.5 ms), with none
+    of the spinning's cost under load. Costs a second copy of the session: +24 MB resident
+    with the default model (165 -> 189 MB)."""
+
+    max_batch_size: int = Field(16, ge=1)
+    """Most images in one onnxruntime call; a request with more runs as several calls. On 2
+    CPU cores the in-process pipeline with the default model gains under 10% from batch 8 to 32
+    (docs/BENCHMARKS.md), and a larger batch only adds latency for the requests that fill it."""
+
+    inference_workers: int = Field(0, ge=0)
+    """onnxruntime calls running at once, each on its own batch. 0 chooses: 2 on the CPU
+    provider, each with its share of the cores (one thread each on 2 cores), since one call's
+    intra-op parallelism leaves cores idle between the model's many small operators: in-process
+    two calls of one thread did 339-357 images/s against 290-328 for one call of two threads
+    (batches of 4-16). 1 on a GPU, and always 1 with IO binding, whose buffers one call at a
+    time may use. A lone image still gets every core (see `lone_call_spinning`)."""
+
+    io_binding: bool = False
+    """Run inference through onnxruntime IO binding with buffers preallocated per batch-size
+    bucket (powers of two up to max_batch_size). Saves per-call device allocations and copies on
+    a GPU; on the CPU provider it computes exactly the same numbers and saves little."""
+
+    cuda_graph: bool = False
+    """Capture one CUDA graph per batch bucket and replay it (implies IO binding). Falls back,
+    logged and reported in model_info, when the provider is not CUDA or the model cannot be
+    captured."""
+
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
+    """cuDNN's convolution algorithm search. The ViT's only convolution is the patch embedding,
+    and EXHAUSTIVE re-benchmarks for every new batch shape, a latency spike per bucket."""
+
+    gpu_mem_limit_bytes: int = Field(0, ge=0)
+    """Cap on the CUDA provider's memory arena; 0 leaves onnxruntime's default (no cap)."""
+
+    arena_extend_strategy: Literal["kNextPowerOfTwo", "kSameAsRequested"] = "kNextPowerOfTwo"
+    """How the CUDA arena grows; kSameAsRequested keeps memory tight with IO binding's few
+    fixed buffers."""
+
+    tensorrt: bool = False
+    """Put onnxruntime's TensorRT provider first (CUDA, then CPU, behind it); skipped, and
+    reported, where this onnxruntime build or machine lacks TensorRT."""
+
+    tensorrt_cache_dir: Path = Path("/tmp/vit-tensorrt-cache")
+    """Where TensorRT keeps built engines and timing caches, so a restart does not rebuild them."""
+
+    tensorrt_fp16: bool = False
+    """Let TensorRT run layers in half precision."""
+
+
+IN_PROCESS = RuntimeOptions(providers=(CPU,), lone_call_spinning=False)
+"""For tools that run a model once in-process (export checks, evaluation, tests of numbers):
+the CPU, whose numbers are the reference, and a single session."""

@@ -1,0 +1,252 @@
+"""The onnxruntime session behind one narrow call: predict(batch) -> probabilities."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from model_contract.metadata import ModelMetadata
+from service.runtime.graph_check import check_graph
+from service.runtime.io_binding import BucketedIoBinding
+from service.runtime.options import CPU, CUDA, TENSORRT, RuntimeOptions
+from service.runtime.providers import (
+    NO_NVIDIA_DRIVER,
+    ProviderPlan,
+    nvidia_driver_present,
+    plan_providers,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPTIONS = RuntimeOptions()
+
+CUDA_GRAPH_WARM_UP_RUNS = 3
+
+
+class CudaUnavailable(RuntimeError):
+    """CUDA was required but onnxruntime could not use it."""
+
+
+def default_thread_count() -> int:
+    """All cores this process may use: one session on one replica should own the machine."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def load_pip_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from the nvidia-* wheels (the GPU image's `onnxruntime-gpu[cuda,cudnn]`).
+
+    The dynamic loader does not search site-packages, so without this the CUDA provider would
+    fail to load there and the session would quietly run on the CPU.
+    """
+    if importlib.util.find_spec("nvidia") is not None:
+        ort.preload_dlls()
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 for accuracy, returned as float32."""
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+class ModelSession:
+    """A loaded self-describing model: its metadata, its providers, and inference."""
+
+    def __init__(self, path: Path, options: RuntimeOptions = DEFAULT_OPTIONS) -> None:
+        self.path = path
+        model_bytes = path.read_bytes()
+        self.sha256 = hashlib.sha256(model_bytes).hexdigest()
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = options.intra_op_threads or default_thread_count()
+        session_options.inter_op_num_threads = options.inter_op_threads
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not options.intra_op_spinning:
+            session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        plan = plan_providers(
+            options, set(ort.get_available_providers()), gpu_present=nvidia_driver_present()
+        )
+        if CUDA in plan.names:
+            load_pip_cuda_libraries()
+        self._session, plan = _create_session(model_bytes, session_options, plan)
+        self.metadata = ModelMetadata.from_props(self._session.get_modelmeta().custom_metadata_map)
+        self.graph = check_graph(self._session, self.metadata, path)
+        self.fixed_batch_size = self.graph.fixed_batch_size
+        self.providers: tuple[str, ...] = tuple(self._session.get_providers())
+        self.provider = self.providers[0]
+        if options.require_cuda and self.provider not in (CUDA, TENSORRT):
+            raise CudaUnavailable(f"CUDA was required but the session runs on {self.provider}")
+        cuda_graph = plan.cuda_graph and self.provider == CUDA
+        self.fallbacks = plan.fallbacks(self.providers)
+        for fallback in self.fallbacks:
+            # A CPU-only machine serving from the CPU is expected, not a warning.
+            level = logging.INFO if fallback.endswith(NO_NVIDIA_DRIVER) else logging.WARNING
+            logger.log(level, "serving on %s: %s", self.provider, fallback)
+        unbindable = self._unbindable()
+        if unbindable and (options.io_binding or cuda_graph):
+            fallback = f"io_binding and cuda_graph: off ({unbindable})"
+            self.fallbacks = (*self.fallbacks, fallback)
+            logger.warning("fallback: %s", fallback)
+            options = options.model_copy(update={"io_binding": False})
+            cuda_graph = False
+        one_call_at_a_time = options.io_binding or cuda_graph
+        self.inference_workers = self._workers(options.inference_workers, one_call_at_a_time)
+        cores = options.intra_op_threads or default_thread_count()
+        if self.provider == CPU and not options.intra_op_threads and self.inference_workers > 1:
+            # Calls at once share the cores: one call's threads each. With every call owning
+            # all the cores, under load onnxruntime's threads crowded out the event loop and
+            # refusals took 3x longer (503 p99 ~350-440 against ~110 ms at twice capacity).
+            session_options.intra_op_num_threads = max(1, cores // self.inference_workers)
+            self._session = ort.InferenceSession(model_bytes, session_options, providers=[CPU])
+        self.input_name = self.graph.input_name
+        self.output_name = self.graph.output_name
+        self._bound = (
+            BucketedIoBinding(
+                self._session,
+                input_name=self.input_name,
+                output_name=self.output_name,
+                image_shape=(
+                    3,
+                    self.metadata.preprocessing.input_size,
+                    self.metadata.preprocessing.input_size,
+                ),
+                classes=len(self.metadata.labels),
+                max_batch_size=options.max_batch_size,
+                device="cpu" if self.provider == CPU else "cuda",
+                cuda_graph=cuda_graph,
+            )
+            if one_call_at_a_time
+            else None
+        )
+        self._lone_session = (
+            _lone_call_session(model_bytes, session_options, threads=cores)
+            if options.lone_call_spinning and self.provider == CPU and self._bound is None
+            else None
+        )
+        self.runtime = {
+            "provider": self.provider,
+            "inference_workers": str(self.inference_workers),
+            "intra_op_threads": str(session_options.intra_op_num_threads),
+            "lone_call_spinning": "on" if self._lone_session else "off",
+            "precision": self.metadata.precision,
+            "batch": "fixed " + str(self.fixed_batch_size) if self.fixed_batch_size else "dynamic",
+            "io_binding": "on" if self._bound else "off",
+            "cuda_graph": "on" if cuda_graph else "off",
+            "tensorrt": "on" if TENSORRT in self.providers else "off",
+        }
+        logger.info(
+            "model %s %s: %s",
+            self.metadata.name,
+            self.metadata.version,
+            ", ".join(f"{key} {value}" for key, value in self.runtime.items()),
+        )
+
+    def _unbindable(self) -> str | None:
+        """Why the bound buffers (float32, one per batch-size bucket) cannot serve this graph."""
+        if self.fixed_batch_size is not None:
+            return f"the graph fixes the batch at {self.fixed_batch_size}"
+        if self.graph.output_type != "tensor(float)":
+            return f"the graph's output is {self.graph.output_type}"
+        return None
+
+    def _workers(self, requested: int, one_call_at_a_time: bool) -> int:
+        """Calls that may run at once: `requested`, or for 0 two on the CPU provider and one
+        elsewhere; always one with IO binding, whose buffers serve one call at a time."""
+        if not one_call_at_a_time:
+            return requested or (2 if self.provider == CPU else 1)
+        if requested > 1:
+            why = "IO binding runs one call at a time"
+            fallback = f"inference_workers {requested}: 1 ({why})"
+            self.fallbacks = (*self.fallbacks, fallback)
+            logger.warning("fallback: %s", fallback)
+        return 1
+
+    def warm_up_batch_sizes(self) -> tuple[int, ...]:
+        """Every bound batch size (each has its buffers, and on CUDA its graph, to set up);
+        with CUDA graphs each several times, since onnxruntime captures after a few runs;
+        unbound, one call through each session."""
+        if self._bound is None:
+            # A lone image goes through the lone-call session, two through the main one.
+            return (1, 2) if self._lone_session is not None else (1,)
+        runs = CUDA_GRAPH_WARM_UP_RUNS if self.runtime["cuda_graph"] == "on" else 1
+        return tuple(b.batch_size for b in self._bound.buckets for _ in range(runs))
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.metadata.labels
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """The model's raw output for a float32 (N, 3, S, S) batch."""
+        if self._bound is not None:
+            # Through the bound buckets only, in chunks if need be: with CUDA graphs on, a plain
+            # run would replay (or capture over) graph 0 with the wrong buffers.
+            step = self._bound.max_batch_size
+            chunks = [self._bound.run(batch[i : i + step]) for i in range(0, len(batch), step)]
+            return np.concatenate(chunks)
+        return self._run(self._session, batch)
+
+    def _run(self, session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
+        """One plain run, float32; a graph with a fixed batch gets exactly that many rows per
+        call (the last call padded with zeros, which are never returned)."""
+        fixed = self.fixed_batch_size
+        if fixed is None or len(batch) == fixed:
+            (output,) = session.run([self.output_name], {self.input_name: batch})
+            return np.asarray(output, dtype=np.float32)
+        rows = []
+        for start in range(0, len(batch), fixed):
+            chunk = batch[start : start + fixed]
+            padded = np.zeros((fixed, *batch.shape[1:]), dtype=batch.dtype)
+            padded[: len(chunk)] = chunk
+            rows.append(self._run(session, padded)[: len(chunk)])
+        return np.concatenate(rows)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities (N, classes), float32, each row summing to 1."""
+        return self._probabilities(self.logits(batch))
+
+    def predict_alone(self, batch: np.ndarray) -> np.ndarray:
+        """`predict` for a call with nothing else to do on the machine: through the session
+        whose threads busy-wait between operators while it runs, when there is one."""
+        if self._lone_session is None:
+            return self.predict(batch)
+        return self._probabilities(self._run(self._lone_session, batch))
+
+    def _probabilities(self, output: np.ndarray) -> np.ndarray:
+        if self.metadata.output == "probabilities":
+            return output.astype(np.float32)
+        return softmax(output)
+
+
+def _lone_call_session(
+    model_bytes: bytes, options: ort.SessionOptions, *, threads: int
+) -> ort.InferenceSession:
+    """The CPU session for lone calls, on all `threads`: they busy-wait between operators
+    instead of sleeping (a lone image's call ~1 ms faster on 2 cores), and stop the moment the
+    call returns, so they never take cycles from work that arrives afterwards."""
+    lone = ort.SessionOptions()
+    lone.intra_op_num_threads = threads
+    lone.inter_op_num_threads = options.inter_op_num_threads
+    lone.graph_optimization_level = options.graph_optimization_level
+    lone.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    lone.add_session_config_entry("session.force_spinning_stop", "1")
+    return ort.InferenceSession(model_bytes, lone, providers=[CPU])
+
+
+def _create_session(
+    model_bytes: bytes, options: ort.SessionOptions, plan: ProviderPlan
+) -> tuple[ort.InferenceSession, ProviderPlan]:
+    """The session for `plan`; without CUDA graph capture if the model cannot be captured."""
+    try:
+        return ort.InferenceSession(model_bytes, options, providers=list(plan.entries)), plan
+    except Exception as error:  # onnxruntime raises its own untyped errors here
+        if not plan.cuda_graph:
+            raise
+        fallback = plan.without_cuda_graph(f"cuda_graph could not be used ({error}): off")
+        return ort.InferenceSession(
+            model_bytes, options, providers=list(fallback.entries)
+        ), fallback

@@ -1,0 +1,224 @@
+"""A model repository: several models and versions at once, addressed by name and version, the
+version policy, the repository API behind its token, and broken versions that never serve."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.inference.repository import VersionPolicy
+from tests.conftest import DEFAULT_MODEL
+from tests.onnx_models import classifier, metadata_for
+from tests.repositories import COLOURS, PHOTO, TOKEN, add_version, colours_probabilities
+from tests.service_support import cpu_settings, ready_client, wait_ready
+
+
+@pytest.fixture()
+def repo(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    add_version(root, "colours", 1, scale=1.0)
+    add_version(root, "colours", 2, scale=2.0)
+    (root / "shapes" / "1").mkdir(parents=True)
+    shutil.copy(DEFAULT_MODEL, root / "shapes" / "1" / "model.onnx")
+    return root
+
+
+@pytest.fixture()
+def client(repo: Path) -> Iterator[TestClient]:
+    with ready_client(cpu_settings(repo, admin_token=TOKEN, version_policy="all")) as client:
+        yield client
+
+
+def classify(client: TestClient, path: str) -> Any:
+    return client.post(path, content=PHOTO, headers={"content-type": "image/png"})
+
+
+def test_two_models_and_two_versions_each_answer_as_in_process(client: TestClient) -> None:
+    for version, scale in (("1", 1.0), ("2", 2.0)):
+        answer = classify(
+            client, f"/v1/models/colours/versions/{version}/classify?probabilities=true"
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model"] == {"name": "colours", "version": version}
+        got = answer.json()["predictions"][0]["probabilities"]
+        np.testing.assert_allclose(got, colours_probabilities(scale), atol=1e-6)
+    latest = classify(client, "/v1/models/colours/classify").json()
+    assert latest["model"] == {"name": "colours", "version": "2"}
+    shapes = classify(client, "/v1/models/shapes/classify")
+    assert shapes.status_code == 200 and shapes.json()["model"]["name"] == "shapes"
+    names = {(m["name"], m["version"]) for m in client.get("/v1/models").json()["models"]}
+    assert names == {("colours", "1"), ("colours", "2"), ("shapes", "1")}
+
+
+def test_oip_addresses_models_and_versions(client: TestClient) -> None:
+    body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": []}]}
+    import base64
+
+    body["inputs"][0]["data"] = [base64.b64encode(PHOTO).decode()]
+    answer = client.post("/v2/models/colours/versions/1/infer", json=body).json()
+    assert (answer["model_name"], answer["model_version"]) == ("colours", "1")
+    np.testing.assert_allclose(answer["outputs"][0]["data"], colours_probabilities(1.0), atol=1e-6)
+    assert client.get("/v2/models/colours").json()["versions"] == ["1", "2"]
+    assert client.get("/v2/models/colours/versions/2/ready").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/models/nope/classify",
+        "/v1/models/colours/versions/7/classify",
+        "/v2/models/nope/infer",
+        "/v2/models/colours/versions/7/infer",
+    ],
+)
+def test_an_unknown_model_or_version_is_404(client: TestClient, path: str) -> None:
+    answer = classify(client, path)
+    assert answer.status_code == 404 and answer.json()["type"] == "model_not_found"
+
+
+def test_with_several_models_the_default_route_asks_for_a_name(repo: Path) -> None:
+    with ready_client(cpu_settings(repo)) as client:
+        answer = classify(client, "/v1/classify")
+        assert answer.status_code == 404 and "name one" in answer.json()["error"]
+    with ready_client(cpu_settings(repo, default_model="shapes")) as client:
+        assert classify(client, "/v1/classify").json()["model"]["name"] == "shapes"
+
+
+def test_the_version_policy_chooses_what_is_served() -> None:
+    assert VersionPolicy.parse("latest").choose([3, 1, 2]) == [3]
+    assert VersionPolicy.parse("latest:2").choose([3, 1, 2]) == [2, 3]
+    assert VersionPolicy.parse("all").choose([3, 1]) == [1, 3]
+    assert VersionPolicy.parse("specific:1,3").choose([1, 2, 3, 4]) == [1, 3]
+    with pytest.raises(ValueError, match="use latest"):
+        VersionPolicy.parse("newest")
+
+
+def test_by_default_only_the_latest_version_is_served(repo: Path) -> None:
+    with ready_client(cpu_settings(repo)) as client:
+        assert classify(client, "/v1/models/colours/versions/1/classify").status_code == 404
+        assert classify(client, "/v1/models/colours/classify").json()["model"]["version"] == "2"
+
+
+def admin(token: str = TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_the_repository_api_needs_its_token(repo: Path, client: TestClient) -> None:
+    assert client.post("/v2/repository/index").status_code == 401
+    assert client.post("/v2/repository/index", headers=admin("wrong")).status_code == 401
+    index = client.post("/v2/repository/index", headers=admin()).json()
+    assert {(e["name"], e["version"], e["state"]) for e in index} == {
+        ("colours", "1", "READY"),
+        ("colours", "2", "READY"),
+        ("shapes", "1", "READY"),
+    }
+    with ready_client(cpu_settings(repo)) as closed:
+        refused = closed.post("/v2/repository/index", headers=admin())
+        assert refused.status_code == 403 and "VIT_ADMIN_TOKEN" in refused.json()["error"]
+        assert closed.post("/v2/repository/models/shapes/unload").status_code == 403
+
+
+def test_explicit_unload_and_load(repo: Path) -> None:
+    settings = cpu_settings(repo, admin_token=TOKEN, model_control="explicit")
+    with ready_client(settings) as client:
+        assert (
+            client.post("/v2/repository/models/shapes/unload", headers=admin()).status_code == 200
+        )
+        assert classify(client, "/v1/models/shapes/classify").status_code == 404
+        add_version(repo, "colours", 3, scale=3.0)  # explicit: nothing happens by itself
+        assert classify(client, "/v1/models/colours/classify").json()["model"]["version"] == "2"
+        assert client.post("/v2/repository/models/shapes/load", headers=admin()).status_code == 200
+        assert client.post("/v2/repository/models/colours/load", headers=admin()).status_code == 200
+        assert classify(client, "/v1/models/colours/classify").json()["model"]["version"] == "3"
+        assert classify(client, "/v1/models/shapes/classify").status_code == 200
+        missing = client.post("/v2/repository/models/nope/load", headers=admin())
+        assert missing.status_code == 404
+
+
+def test_an_api_token_guards_inference_but_not_health(repo: Path) -> None:
+    with TestClient(create_app(cpu_settings(repo, api_token="infer-token"))) as client:
+        wait_ready(client)
+        assert classify(client, "/v1/models/shapes/classify").status_code == 401
+        allowed = client.post(
+            "/v1/models/shapes/classify",
+            content=PHOTO,
+            headers={"content-type": "image/png", "Authorization": "Bearer infer-token"},
+        )
+        assert allowed.status_code == 200
+        assert client.get("/v2/health/ready").status_code == 200
+        assert client.get("/metrics").status_code == 200
+
+
+@pytest.mark.parametrize("breakage", ["truncated", "labels"])
+def test_a_broken_new_version_never_serves_and_the_index_says_why(
+    repo: Path, breakage: str
+) -> None:
+    settings = cpu_settings(repo, admin_token=TOKEN, model_control="poll", repository_poll_s=0.2)
+    with ready_client(settings) as client:
+        staging = repo / ".broken"
+        staging.mkdir()
+        if breakage == "truncated":
+            data = (repo / "colours" / "2" / "model.onnx").read_bytes()
+            (staging / "model.onnx").write_bytes(data[: len(data) // 2])
+        else:
+            classifier(staging / "model.onnx", metadata=metadata_for(["a", "b"], 32))
+        staging.rename(repo / "colours" / "3")
+        deadline = time.monotonic() + 10
+        entry: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            index = client.post("/v2/repository/index", headers=admin()).json()
+            entry = next((e for e in index if e["version"] == "3"), {})
+            if entry.get("state") == "UNAVAILABLE":
+                break
+            time.sleep(0.1)
+        assert entry.get("state") == "UNAVAILABLE", entry
+        expected_reason = "2 labels" if breakage == "labels" else "INVALID_PROTOBUF"
+        assert expected_reason in entry["reason"], entry
+        answer = classify(client, "/v1/models/colours/classify")
+        assert answer.status_code == 200 and answer.json()["model"]["version"] == "2"
+        metrics = client.get("/metrics").text
+        assert 'vit_model_load_failures_total{model="colours"} 1.0' in metrics
+
+
+def test_a_load_over_the_memory_budget_is_refused_with_the_reason(repo: Path) -> None:
+    settings = cpu_settings(
+        repo, admin_token=TOKEN, model_control="explicit", models_memory_bytes=1024
+    )
+    with TestClient(create_app(settings)) as client:
+        deadline = time.monotonic() + 10
+        index: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            index = client.post("/v2/repository/index", headers=admin()).json()
+            if index and all(entry["state"] == "UNAVAILABLE" for entry in index):
+                break
+            time.sleep(0.05)
+        assert index and all("VIT_MODELS_MEMORY_BYTES" in e["reason"] for e in index), index
+        refused = client.post("/v2/repository/models/colours/load", headers=admin())
+        assert refused.status_code == 400 and refused.json()["type"] == "load_failed"
+        assert client.get("/v2/health/ready").status_code == 503
+
+
+def test_a_single_file_is_polled_and_reloaded_when_it_changes(tmp_path: Path) -> None:
+    model = classifier(tmp_path / "m.onnx", scale=1.0, metadata=metadata_for(COLOURS, 32))
+    settings = cpu_settings(model, model_control="poll", repository_poll_s=0.1)
+    with ready_client(settings) as client:
+        path = "/v1/classify?probabilities=true"
+        first = classify(client, path).json()["predictions"][0]["probabilities"]
+        np.testing.assert_allclose(first, colours_probabilities(1.0), atol=1e-6)
+        staged = classifier(tmp_path / "next.onnx", scale=2.0, metadata=metadata_for(COLOURS, 32))
+        staged.replace(model)  # write then rename, as the docs ask
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            now = classify(client, path).json()["predictions"][0]["probabilities"]
+            if np.allclose(now, colours_probabilities(2.0), atol=1e-6):
+                break
+            time.sleep(0.05)
+        np.testing.assert_allclose(now, colours_probabilities(2.0), atol=1e-6)

@@ -1,0 +1,76 @@
+"""`vit-eval --images DIR`: accuracy, recall per class and the confusion matrix on a user's own
+labelled folders, with the service's preprocessing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model_export import shapes
+from model_export.evaluate import evaluate, evaluate_folder, main
+from service.runtime.options import IN_PROCESS
+from service.runtime.session import ModelSession
+
+SEED, COUNT = 4242, 48
+
+
+@pytest.fixture(scope="module")
+def session(served_model: Path) -> ModelSession:
+    return ModelSession(served_model, IN_PROCESS)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same samples `evaluate(seed=SEED, count=COUNT)` classifies, as a folder per label."""
+    root = tmp_path_factory.mktemp("labelled")
+    for i, sample in enumerate(shapes.samples(SEED, COUNT)):
+        folder = root / shapes.LABELS[sample.label]
+        folder.mkdir(exist_ok=True)
+        suffix = ".jpg" if sample.data[:2] == b"\xff\xd8" else ".png"
+        (folder / f"{i:03}{suffix}").write_bytes(sample.data)
+    return root
+
+
+def test_a_folder_per_label_gives_the_datasets_confusion(
+    session: ModelSession, folders: Path
+) -> None:
+    evaluation, skipped = evaluate_folder(session, folders, session.metadata.preprocessing)
+    reference = evaluate(session, seed=SEED, count=COUNT)
+    assert skipped == [] and evaluation.count == COUNT
+    assert np.array_equal(evaluation.confusion, reference.confusion)
+    recall = evaluation.recall()
+    for i, label in enumerate(shapes.LABELS):
+        row = reference.confusion[i]
+        if row.sum():
+            assert recall[label] == pytest.approx(row[i] / row.sum())
+
+
+def test_the_command_reports_accuracy_recall_and_skips_broken_files(
+    served_model: Path, folders: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = folders / "star" / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    try:
+        main([str(served_model), "--images", str(folders), "--jpeg-draft", "off"])
+    finally:
+        broken.unlink()
+    out = capsys.readouterr().out
+    assert f"skipped {broken}" in out
+    assert "accuracy" in out and "recall per class" in out and "confusion" in out
+
+
+def test_folders_that_are_not_labels_are_refused(served_model: Path, tmp_path: Path) -> None:
+    (tmp_path / "kitten").mkdir()
+    with pytest.raises(SystemExit, match="kitten not among the model's labels: circle"):
+        main([str(served_model), "--images", str(tmp_path)])
+
+
+def test_hidden_and_empty_folders_are_not_labels(session: ModelSession, tmp_path: Path) -> None:
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "heart").mkdir()  # a label with no images yet
+    (tmp_path / "star").mkdir()
+    (tmp_path / "star" / "a.jpg").write_bytes(next(shapes.samples(5, 1)).data)
+    evaluation, skipped = evaluate_folder(session, tmp_path, session.metadata.preprocessing)
+    assert evaluation.count == 1 and skipped == []

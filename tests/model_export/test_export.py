@@ -1,0 +1,147 @@
+"""Export: a real tiny training run, exported, checked, proven equal, its metadata readable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from model_contract.metadata import InvalidModelMetadata, ModelMetadata
+from model_contract.preprocess import PreprocessSpec
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+
+from model_export.checkpoint import Checkpoint, sha256_of  # noqa: E402
+from model_export.export import LOGIT_TOLERANCE, OPSET, check_parity  # noqa: E402
+from service.runtime.options import CPU, IN_PROCESS  # noqa: E402
+from service.runtime.session import ModelSession  # noqa: E402
+
+
+def test_checkpoint_holds_everything_needed_to_rebuild(tiny_checkpoint: Path) -> None:
+    checkpoint = Checkpoint.load(tiny_checkpoint)
+    assert checkpoint.config.depth == 2 and checkpoint.config.image_size == 64
+    assert checkpoint.preprocessing == PreprocessSpec(input_size=64, jpeg_draft=True)
+    assert checkpoint.labels[0] == "circle" and len(checkpoint.labels) == 8
+    assert "--depth 2" in checkpoint.command and checkpoint.metrics["steps"] == 8
+    assert torch.count_nonzero(checkpoint.state_dict["head.weight"]) > 0  # training moved it
+
+
+def test_graph_is_valid_with_named_io_and_dynamic_batch(tiny_onnx: Path) -> None:
+    proto = onnx.load(str(tiny_onnx))
+    onnx.checker.check_model(proto, full_check=True)
+    assert proto.opset_import[0].version >= OPSET
+    (model_input,) = proto.graph.input
+    assert model_input.name == "pixel_values"
+    assert model_input.type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert [output.name for output in proto.graph.output] == ["logits"]
+
+
+def test_metadata_round_trips_through_onnxruntime_alone(
+    tiny_onnx: Path, tiny_checkpoint: Path
+) -> None:
+    session = ort.InferenceSession(str(tiny_onnx), providers=[CPU])
+    metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
+    assert metadata.name == "tiny-shapes" and metadata.version == "7"
+    assert metadata.preprocessing == PreprocessSpec(input_size=64, jpeg_draft=True)
+    assert metadata.output == "logits" and len(metadata.labels) == 8
+    assert metadata.checkpoint_sha256 == sha256_of(tiny_checkpoint)
+    assert metadata.held_out_accuracy is not None and 0 <= metadata.held_out_accuracy <= 1
+    assert metadata.dataset["name"] == "shapes" and metadata.dataset["held_out_seed"] == 99
+
+
+def test_onnxruntime_matches_pytorch_within_tolerance(
+    tiny_onnx: Path, tiny_checkpoint: Path
+) -> None:
+    model = Checkpoint.load(tiny_checkpoint).build_model()
+    cases = check_parity(model, ModelSession(tiny_onnx, IN_PROCESS), seed=5)
+    assert {(case.name, case.batch_size) for case in cases} == {
+        ("random", 1),
+        ("random", 8),
+        ("images", 1),
+        ("images", 8),
+    }
+    for case in cases:
+        assert case.max_abs_diff <= LOGIT_TOLERANCE and case.top1_agree == case.batch_size
+
+
+def test_parity_check_fails_loudly_when_the_graph_differs(
+    tiny_onnx: Path, tiny_checkpoint: Path
+) -> None:
+    model = Checkpoint.load(tiny_checkpoint).build_model()
+    with torch.no_grad():
+        model.head.bias.add_(1e-3)
+    cases = check_parity(model, ModelSession(tiny_onnx, IN_PROCESS), seed=5)
+    assert not any(case.passed for case in cases)
+
+
+def test_session_probabilities_are_the_softmax_of_the_logits(tiny_onnx: Path) -> None:
+    session = ModelSession(tiny_onnx, IN_PROCESS)
+    batch = np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32)
+    logits = session.logits(batch).astype(np.float64)
+    expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(session.predict(batch), expected, atol=1e-7)
+
+
+def test_a_model_without_metadata_is_refused(tiny_onnx: Path, tmp_path: Path) -> None:
+    proto = onnx.load(str(tiny_onnx))
+    del proto.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(proto, str(bare))
+    with pytest.raises(InvalidModelMetadata, match="lacks name, version, labels"):
+        ModelSession(bare, IN_PROCESS)
+
+
+@pytest.fixture(scope="module")
+def tiny_fp16(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from model_export.export import PrecisionReport, export
+
+    path = tmp_path_factory.mktemp("fp16") / "tiny-fp16.onnx"
+    report, _ = export(tiny_checkpoint, path, version="7", eval_seed=99, eval_count=64, fp16=True)
+    assert isinstance(report, PrecisionReport) and report.passed, report
+    return path
+
+
+def test_fp16_export_keeps_float32_at_the_boundary_and_says_so(
+    tiny_fp16: Path, tiny_onnx: Path
+) -> None:
+    session = ModelSession(tiny_fp16, IN_PROCESS)
+    assert session.metadata.precision == "fp16" and session.runtime["precision"] == "fp16"
+    assert ModelSession(tiny_onnx, IN_PROCESS).metadata.precision == "fp32"
+    raw = ort.InferenceSession(str(tiny_fp16), providers=[CPU])
+    assert raw.get_inputs()[0].type == raw.get_outputs()[0].type == "tensor(float)"
+    initializers = onnx.load(str(tiny_fp16)).graph.initializer
+    weights = [w for w in initializers if len(w.dims) == 2]
+    assert weights and all(w.data_type == onnx.TensorProto.FLOAT16 for w in weights)
+    assert tiny_fp16.stat().st_size < 0.6 * tiny_onnx.stat().st_size
+
+
+def test_fp16_probabilities_stay_close_to_fp32(tiny_fp16: Path, tiny_checkpoint: Path) -> None:
+    from model_export.export import FP16_PROBABILITY_TOLERANCE, compare_precision
+
+    model = Checkpoint.load(tiny_checkpoint).build_model()
+    session = ModelSession(tiny_fp16, IN_PROCESS)
+    report = compare_precision(model, session, seed=123, count=128)
+    assert report.count == 128 and report.passed
+    assert 0 < report.max_probability_diff <= FP16_PROBABILITY_TOLERANCE  # half, not float32
+    # The same comparison catches a model that is not the one exported.
+    with torch.no_grad():
+        model.head.bias.add_(0.5 * torch.arange(8.0))
+    assert not compare_precision(model, session, seed=123, count=128).passed
+
+
+@pytest.mark.parametrize("kind", ["onnx", "foreign"])
+def test_a_file_vit_train_did_not_write_is_refused_pointing_to_the_importer(
+    tiny_onnx: Path, tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from model_export.export import main
+
+    if kind == "onnx":
+        source, hint = tiny_onnx, "vit-import onnx"
+    else:
+        source, hint = tmp_path / "foreign.pt", "vit-import hf"
+        torch.save({"model": {"w": torch.zeros(2)}}, source)
+    with pytest.raises(SystemExit, match=hint):
+        main([str(source), "-o", str(tmp_path / "out.onnx")])

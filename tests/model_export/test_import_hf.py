@@ -1,0 +1,218 @@
+"""`vit-import hf`: tiny ViT, DeiT and DeiT-with-teacher checkpoints made here, imported, served by
+a real server, and answering with transformers' own pipeline's numbers (1e-4, same top-1)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+from model_contract.metadata import ModelMetadata  # noqa: E402
+from model_contract.preprocess import PreprocessSpec  # noqa: E402
+from model_export.importing import PHOTOS, image_files  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
+from tests.hf_checkpoints import (  # noqa: E402
+    CHECKPOINTS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PROBABILITY_TOLERANCE,
+    Checkpoint,
+    classify_v1,
+    classify_v2,
+    deit_resize_then_crop,
+    deit_with_teacher_shortest_edge,
+    pipeline_probabilities,
+    run_import,
+    vit_imagenet_bicubic,
+)
+from tests.service_support import served  # noqa: E402
+
+
+@pytest.fixture(scope="module", params=sorted(CHECKPOINTS))
+def imported(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Checkpoint, Path]]:
+    folder = tmp_path_factory.mktemp("hf") / request.param
+    checkpoint = CHECKPOINTS[request.param](folder)
+    output = folder.parent / f"{request.param}.onnx"
+    result = run_import("hf", str(folder), "-o", str(output))
+    assert result.returncode == 0, result.stderr
+    assert "top-1 equal 5/5  ok" in result.stdout
+    yield checkpoint, output
+
+
+def test_served_probabilities_equal_the_transformers_pipeline(
+    imported: tuple[Checkpoint, Path],
+) -> None:
+    checkpoint, model = imported
+    files = image_files(PHOTOS)
+    expected = pipeline_probabilities(checkpoint.folder, files, checkpoint.labels)
+    assert len({int(i) for i in expected.argmax(1)}) > 1, (
+        "a model that answers one class proves little"
+    )
+    with served(model, ROOT) as server:
+        v1, answer = classify_v1(server.url, files)
+        v2 = classify_v2(server.url, answer["model"]["name"], files)
+    for served_probabilities in (v1, v2):
+        assert np.abs(served_probabilities - expected).max() <= PROBABILITY_TOLERANCE
+        assert (served_probabilities.argmax(1) == expected.argmax(1)).all()
+    tops = [p["top"][0]["label"] for p in answer["predictions"]]
+    assert tops == [checkpoint.labels[i] for i in expected.argmax(1)]
+
+
+def test_the_file_says_where_it_came_from(imported: tuple[Checkpoint, Path]) -> None:
+    import onnx
+
+    checkpoint, model = imported
+    props = {p.key: p.value for p in onnx.load(str(model)).metadata_props}
+    metadata = ModelMetadata.from_props(props)
+    assert metadata.labels == tuple(checkpoint.labels)
+    assert metadata.name == checkpoint.folder.name
+    assert metadata.source["importer"] == "vit-import hf"
+    assert metadata.source["source"] == str(checkpoint.folder)
+    assert metadata.source["model_type"] in ("vit", "deit")
+    assert (
+        metadata.preprocessing.jpeg_draft is False
+        and metadata.preprocessing.alpha_background is None
+    )
+
+    weights = (checkpoint.folder / "model.safetensors").read_bytes()
+    assert metadata.checkpoint_sha256 == hashlib.sha256(weights).hexdigest()
+
+
+def test_the_processors_become_the_specs_they_describe(tmp_path: Path) -> None:
+    from transformers import AutoImageProcessor
+
+    from model_export.hf_preprocessing import spec_from_processor
+
+    def spec_of(build: Any) -> PreprocessSpec:
+        folder = build(tmp_path / build.__name__).folder
+        return spec_from_processor(AutoImageProcessor.from_pretrained(folder, backend="pil"))
+
+    vit = spec_of(vit_imagenet_bicubic)
+    assert (vit.input_size, vit.resize, vit.resize_size, vit.interpolation) == (
+        64,
+        "squash",
+        64,
+        "bicubic",
+    )
+    assert vit.mean == tuple(IMAGENET_MEAN) and vit.std == tuple(IMAGENET_STD)
+    deit = spec_of(deit_resize_then_crop)
+    assert (deit.input_size, deit.resize, deit.resize_size) == (48, "squash", 56)
+    teacher = spec_of(deit_with_teacher_shortest_edge)
+    assert (teacher.input_size, teacher.resize, teacher.resize_size) == (64, "shorter_side", 70)
+    assert teacher.interpolation == "bilinear"
+
+
+def test_fp16_import_keeps_the_answers(tmp_path: Path) -> None:
+    checkpoint = deit_resize_then_crop(tmp_path / "deit")
+    output = tmp_path / "deit-fp16.onnx"
+    result = run_import("hf", str(checkpoint.folder), "-o", str(output), "--fp16")
+    assert result.returncode == 0, result.stderr
+    assert "fp16 onnxruntime vs fp32 transformers" in result.stdout and "ok" in result.stdout
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(output)).metadata_props}
+    assert ModelMetadata.from_props(props).precision == "fp16"
+
+
+def test_the_users_own_check_images_are_used(tmp_path: Path) -> None:
+    checkpoint = vit_imagenet_bicubic(tmp_path / "vit")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for photo in image_files(PHOTOS)[:2]:
+        (mine / photo.name).write_bytes(photo.read_bytes())
+    result = run_import(
+        "hf", str(checkpoint.folder), "-o", str(tmp_path / "m.onnx"), "--check-images", str(mine)
+    )
+    assert result.returncode == 0, result.stderr
+    assert "on 2 images" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("processor", "field"),
+    [
+        ({"size": {"height": 64, "width": 48}}, "size 64x48: not square"),
+        (
+            {"size": {"shortest_edge": 64}, "do_center_crop": False},
+            "shortest_edge without a centre crop",
+        ),
+        ({"do_resize": False}, "do_resize: false"),
+    ],
+)
+def test_a_processor_that_cannot_be_expressed_is_refused_in_one_line(
+    tmp_path: Path, processor: dict[str, Any], field: str
+) -> None:
+    checkpoint = vit_imagenet_bicubic(tmp_path / "vit")
+    config_file = checkpoint.folder / "preprocessor_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **processor}))
+    result = run_import("hf", str(checkpoint.folder), "-o", str(tmp_path / "m.onnx"))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert field in lines[-1] and lines[-1].startswith("vit-import: "), result.stderr
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_model_specific_processor_step_is_refused(tmp_path: Path) -> None:
+    from transformers import ConvNextImageProcessorPil
+
+    checkpoint = vit_imagenet_bicubic(tmp_path / "vit")
+    (checkpoint.folder / "preprocessor_config.json").unlink()
+    ConvNextImageProcessorPil(size={"shortest_edge": 64}).save_pretrained(checkpoint.folder)
+    result = run_import("hf", str(checkpoint.folder), "-o", str(tmp_path / "m.onnx"))
+    assert result.returncode != 0
+    assert "ConvNextImageProcessorPil" in result.stderr and "model-specific step" in result.stderr
+
+
+def test_a_multi_label_classifier_is_refused(tmp_path: Path) -> None:
+    checkpoint = vit_imagenet_bicubic(tmp_path / "vit")
+    config_file = checkpoint.folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "problem_type": "multi_label_classification"}))
+    result = run_import("hf", str(checkpoint.folder), "-o", str(tmp_path / "m.onnx"))
+    assert result.returncode != 0 and "multi_label_classification" in result.stderr
+
+
+def test_the_parity_check_fails_when_the_preprocessing_differs(tmp_path: Path) -> None:
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from model_export.import_hf import check_parity
+    from service.runtime.options import IN_PROCESS
+    from service.runtime.session import ModelSession
+
+    checkpoint = vit_imagenet_bicubic(tmp_path / "vit")
+    model = tmp_path / "m.onnx"
+    assert run_import("hf", str(checkpoint.folder), "-o", str(model)).returncode == 0
+    bilinear = tmp_path / "bilinear.onnx"
+    restamp = run_import("onnx", str(model), "-o", str(bilinear), "--interpolation", "bilinear")
+    assert restamp.returncode == 0, restamp.stderr
+    report = check_parity(
+        AutoModelForImageClassification.from_pretrained(checkpoint.folder).eval(),
+        AutoImageProcessor.from_pretrained(checkpoint.folder, backend="pil"),
+        ModelSession(bilinear, IN_PROCESS),
+        image_files(PHOTOS),
+        fp16=False,
+    )
+    assert not report.passed and report.max_logit_diff > 1e-2
+    assert "FAIL" in report.line()
+
+
+def test_a_failed_check_leaves_no_file_and_keeps_the_old_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from model_export import import_hf
+
+    checkpoint = vit_imagenet_bicubic(tmp_path / "vit")
+    output = tmp_path / "model.onnx"
+    output.write_bytes(b"the model in service")
+    monkeypatch.setattr(import_hf, "LOGIT_TOLERANCE", -1.0)  # no graph can pass
+    report = import_hf.import_hf(str(checkpoint.folder), output)
+    assert not report.passed
+    assert output.read_bytes() == b"the model in service"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "vit"]

@@ -1,0 +1,119 @@
+"""int8 models: written only when they keep the FP32 model's answers, and served like any other."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model_export import quantize, shapes
+from model_export.importing import PHOTOS, image_files
+from model_export.quantize import Int8Report, compare
+from service.runtime.options import IN_PROCESS
+from service.runtime.session import ModelSession
+from tests.service_support import cpu_settings, ready_client
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("torch")
+
+from model_export.export import held_out, main, write_metadata  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def shapes_int8(served_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled model quantized as `vit-export --int8` quantizes (its checkpoint is not in
+    the repository; an undertrained tiny model's answers are near ties that int8 flips)."""
+    path = tmp_path_factory.mktemp("int8") / "shapes-int8.onnx"
+    quantize.quantize(served_model, path)
+    metadata = ModelSession(served_model, IN_PROCESS).metadata
+    write_metadata(path, metadata.model_copy(update={"precision": "int8"}))
+    return path
+
+
+def test_the_bundled_model_passes_the_gate(served_model: Path, shapes_int8: Path) -> None:
+    fp32 = ModelSession(served_model, IN_PROCESS)
+    int8 = ModelSession(shapes_int8, IN_PROCESS)
+    batches = list(held_out(fp32.metadata.preprocessing, seed=1_000_003, count=256))
+    report = compare(
+        np.concatenate([fp32.logits(batch) for batch, _ in batches]),
+        np.concatenate([int8.logits(batch) for batch, _ in batches]),
+        np.concatenate([truth for _, truth in batches]),
+    )
+    assert report.passed, report.line()
+    assert report.int8_accuracy is not None and report.int8_accuracy > 0.95
+
+
+def test_the_gate_counts_agreement_and_accuracy() -> None:
+    fp32 = np.eye(4)[[0, 1, 2, 3] * 25]  # 100 images, all right
+    int8 = fp32.copy()
+    int8[0] = np.eye(4)[1]  # one answer changed: 99% agreement, one point of accuracy lost
+    truth = np.array([0, 1, 2, 3] * 25)
+    assert compare(fp32, int8).passed  # labels unknown: agreement alone
+    report = compare(fp32, int8, truth)
+    assert report.top1_agreement == 0.99 and report.accuracy_drop == pytest.approx(0.01)
+    assert not report.passed and "FAIL" in report.line()
+
+
+def test_an_int8_file_is_smaller_quantized_and_says_so(
+    shapes_int8: Path, served_model: Path
+) -> None:
+    proto = onnx.load(str(shapes_int8))
+    assert "MatMulInteger" in {node.op_type for node in proto.graph.node}
+    assert shapes_int8.stat().st_size < 0.3 * served_model.stat().st_size
+    session = ModelSession(shapes_int8, IN_PROCESS)
+    assert session.metadata.precision == "int8" and session.runtime["precision"] == "int8"
+
+
+def test_a_failed_gate_exits_non_zero_and_writes_nothing(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output = tmp_path / "model.onnx"
+    output.write_bytes(b"the model in service")
+    monkeypatch.setattr(quantize, "INT8_MIN_TOP1_AGREEMENT", 1.01)  # no model can agree more
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tiny_checkpoint), "-o", str(output), "--int8", "--eval-count", "64"])
+    assert exit_.value.code not in (0, None) and "not written" in str(exit_.value.code)
+    assert output.read_bytes() == b"the model in service"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no staged file left
+
+
+def test_the_service_serves_an_int8_file(shapes_int8: Path) -> None:
+    (star,) = [s for s in shapes.samples(1_000_003, 16) if shapes.LABELS[s.label] == "star"][:1]
+    with ready_client(cpu_settings(shapes_int8)) as client:
+        (model,) = client.get("/v1/models").json()["models"]
+        answer = client.post("/v1/classify", files={"file": ("star", star.data)})
+    assert model["runtime"]["precision"] == "int8"
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["predictions"][0]["top"][0]["label"] == "star"
+
+
+def test_hf_import_int8_is_gated_on_the_check_images(tmp_path: Path) -> None:
+    from model_export.import_hf import import_hf
+    from tests.hf_checkpoints import vit_imagenet_bicubic
+
+    checkpoint = vit_imagenet_bicubic(tmp_path / "vit")
+    mine = tmp_path / "mine"  # a folder per label: accuracy is measured too
+    for label, photo in zip(checkpoint.labels, image_files(PHOTOS), strict=False):
+        (mine / label).mkdir(parents=True)
+        (mine / label / photo.name).write_bytes(photo.read_bytes())
+    output = tmp_path / "vit-int8.onnx"
+    report = import_hf(str(checkpoint.folder), output, check_images=mine, int8=True)
+    assert isinstance(report, Int8Report) and report.passed, report.line()
+    assert report.images == 5 and report.fp32_accuracy is not None
+    assert ModelSession(output, IN_PROCESS).metadata.precision == "int8"
+
+
+def test_hf_import_int8_that_fails_its_gate_exits_non_zero(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from model_export.importer import main as vit_import
+    from tests.hf_checkpoints import vit_imagenet_bicubic
+
+    checkpoint = vit_imagenet_bicubic(tmp_path / "vit")
+    output = tmp_path / "out" / "vit-int8.onnx"
+    monkeypatch.setattr(quantize, "INT8_MIN_TOP1_AGREEMENT", 1.01)
+    with pytest.raises(SystemExit) as exit_:
+        vit_import(["hf", str(checkpoint.folder), "-o", str(output), "--int8"])
+    assert exit_.value.code == 1
+    assert list(output.parent.iterdir()) == []

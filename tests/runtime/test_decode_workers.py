@@ -1,0 +1,146 @@
+"""Decoding in worker processes: the same tensors as in-process, errors kept, every overrun a
+422 with the worker replaced, and abandoned work stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model_contract.preprocess import PreprocessSpec, preprocess_upload
+from service.errors import TooExpensiveToDecode, TooManyPixels, UnsupportedImageFormat
+from service.runtime.decode_workers import MAPPED_UPLOAD_BYTES, DecodeWorkers
+from tests import attacks
+from tests.images import encode, upload_variety
+
+SPEC = PreprocessSpec()
+UPLOADS = upload_variety()
+
+
+class Pool:
+    """A started pool and the worker replacements it reported."""
+
+    def __init__(self, workers: int, timeout_s: float) -> None:
+        self.replaced: list[str] = []
+        self.workers = DecodeWorkers(
+            SPEC,
+            workers=workers,
+            max_pixels=40_000_000,
+            memory_bytes=256 * 1024 * 1024,
+            timeout_s=timeout_s,
+            on_replaced=self.replaced.append,
+        )
+        self.workers.start()
+
+
+@pytest.fixture
+def pool() -> Iterator[Pool]:
+    started = Pool(workers=2, timeout_s=1.0)
+    yield started
+    started.workers.close()
+
+
+def test_tensors_and_findings_are_those_of_decoding_in_process(pool: Pool) -> None:
+    async def decode_all() -> None:
+        for name in ("jpeg-640x480", "png-rgba", "gif-palette", "tiff-cmyk", "bmp-grey"):
+            data = UPLOADS[name][0]
+            decoded = await pool.workers.decode(data)
+            expected, found = preprocess_upload(data, SPEC)
+            np.testing.assert_array_equal(decoded.tensor, expected)
+            assert (decoded.format, decoded.original_mode, decoded.exif_rotated) == (
+                found.format,
+                found.original_mode,
+                found.exif_rotated,
+            )
+
+    asyncio.run(decode_all())
+    assert pool.replaced == []
+
+
+def test_concurrent_decodes_each_get_their_own_tensor(pool: Pool) -> None:
+    """More images at once than workers: each waits its turn and none gets another's tensor."""
+    names = ["jpeg", "jpeg-640x480", "png-rgba", "gif-palette", "webp", "bmp-grey", "tiff-cmyk"]
+    uploads = [UPLOADS[name][0] for name in names * 3]
+
+    async def decode_all() -> list[np.ndarray]:
+        decoded = await asyncio.gather(*(pool.workers.decode(data) for data in uploads))
+        return [d.tensor for d in decoded]
+
+    for data, tensor in zip(uploads, asyncio.run(decode_all()), strict=True):
+        np.testing.assert_array_equal(tensor, preprocess_upload(data, SPEC)[0])
+
+
+def test_an_upload_larger_than_the_shared_mapping_decodes_the_same(pool: Pool) -> None:
+    noise = np.random.default_rng(0).integers(0, 256, (800, 800, 3), dtype=np.uint8)
+    large = encode(Image.fromarray(noise), "PNG")
+    assert len(large) > MAPPED_UPLOAD_BYTES
+
+    async def large_then_small() -> None:
+        for data in (large, UPLOADS["jpeg"][0], large):
+            decoded = await pool.workers.decode(data)
+            np.testing.assert_array_equal(decoded.tensor, preprocess_upload(data, SPEC)[0])
+
+    asyncio.run(large_then_small())
+    assert pool.replaced == []
+
+
+def test_decoding_errors_come_back_as_they_were_raised(pool: Pool) -> None:
+    async def decode(data: bytes) -> None:
+        await pool.workers.decode(data)
+
+    with pytest.raises(UnsupportedImageFormat):
+        asyncio.run(decode(b"%PDF-1.4 not an image"))
+    with pytest.raises(TooManyPixels):
+        asyncio.run(decode(attacks.sixteen_bit_png(width=9000, height=5000)))
+    assert pool.replaced == []
+
+
+@pytest.mark.parametrize(
+    ("attack", "limit"),
+    [
+        (attacks.tiled_tiff, "memory"),
+        (attacks.sixteen_bit_png, "memory"),
+        (attacks.rle_bmp, "time"),
+        (attacks.repeated_scan_jpeg, "time"),
+    ],
+)
+def test_an_overrun_is_too_expensive_and_its_worker_is_replaced(
+    pool: Pool, attack: attacks.Attack, limit: str
+) -> None:
+    ordinary = UPLOADS["jpeg"][0]
+
+    async def attack_then_ordinary() -> None:
+        started = time.monotonic()
+        with pytest.raises(TooExpensiveToDecode):
+            await pool.workers.decode(attack())
+        assert time.monotonic() - started < 10
+        decoded = await pool.workers.decode(ordinary)
+        assert decoded.tensor.shape == (1, 3, SPEC.input_size, SPEC.input_size)
+
+    asyncio.run(attack_then_ordinary())
+    assert pool.replaced == [limit]
+
+
+def test_an_abandoned_decode_is_stopped_and_queued_ones_never_start() -> None:
+    single = Pool(workers=1, timeout_s=60.0)
+    slow = attacks.rle_bmp()
+
+    async def abandon() -> None:
+        tasks = [asyncio.ensure_future(single.workers.decode(slow)) for _ in range(5)]
+        await asyncio.sleep(0.3)  # the first is being decoded, the others wait for the worker
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        started = time.monotonic()
+        await single.workers.decode(UPLOADS["jpeg"][0])
+        assert time.monotonic() - started < 5  # not behind four decodes of a minute each
+
+    try:
+        asyncio.run(abandon())
+        assert single.replaced == ["abandoned"]  # only the running one had to be killed
+    finally:
+        single.workers.close()
