@@ -1,0 +1,1 @@
+"""The HTTP layer: routes, request bodies, response schemas and the pages served to browsers."""
