@@ -19,12 +19,17 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[export,import,dev]'
 	touch $@ $(VENV)/.serve-installed
 
-# Tools some tests drive for real, from Debian: a Prometheus server. (Podman for the container
-# test is installed by ../shared/container/smoke.sh itself.) Without root or apt the test skips.
-$(VENV)/.system-installed: | $(BIN)/python
+# Tools some tests drive for real, from Debian: a Prometheus server, and Chromium with its
+# chromedriver for the web page. (Podman for the container test is installed by
+# ../shared/container/smoke.sh itself.) Without root or apt the tests that need them skip.
+$(VENV)/.system-installed: Makefile | $(BIN)/python
 	command -v prometheus >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } || \
 		echo "prometheus could not be installed: tests/test_prometheus.py will skip"
+	{ command -v chromium && command -v chromedriver; } >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		chromium chromium-driver >/dev/null; } || \
+		echo "chromium could not be installed: tests/http/test_web.py will skip"
 	touch $@
 
 serve: $(VENV)/.serve-installed

@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from service.errors import InvalidRequest, ServiceError
-from service.http import v1, v2
+from service.http import v1, v2, web
 from service.http.admission import Admission
 from service.http.middleware import RequestMetrics
 from service.http.responses import error_response, service_error_response
@@ -151,6 +151,10 @@ def create_app(settings: Settings) -> FastAPI:
         description="Image classification with a self-describing ONNX Vision Transformer. "
         "/v1 takes image uploads; /v2 speaks the Open Inference Protocol.",
         lifespan=_lifespan(settings),
+        # /docs comes from service/http/web.py with swagger-ui served locally; ReDoc, which
+        # only loads from a CDN, is off.
+        docs_url=None,
+        redoc_url=None,
         # /v1/classify/ answers 404 with a hint, not a bodiless 307 that POST clients lose.
         redirect_slashes=False,
         # FastAPI's OpenTelemetry bridge looked up its providers (and the environment) on every
@@ -161,6 +165,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
+    app.include_router(web.router)
     app.include_router(v1.router)
     app.include_router(v2.router)
     app.include_router(inference_router)

@@ -1,0 +1,349 @@
+"""The web page at `/` and the API docs at `/docs`: served from the package, and driven in a real
+headless Chromium (Debian's, through its chromedriver) against a real server, offline.
+
+`VIT_WEB_SCREENSHOT=docs/web-page.png pytest tests/http/test_web.py -k screenshot` rewrites the
+screenshot the README shows.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from selenium import webdriver
+from selenium.webdriver import Chrome as WebDriver
+from selenium.webdriver.chrome.service import Service as ChromeService
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
+
+from tests.conftest import ROOT
+from tests.service_support import cpu_settings, ready_client, served
+
+CHROMIUM = shutil.which("chromium")
+CHROMEDRIVER = shutil.which("chromedriver")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="Debian's chromium and chromium-driver are not installed (make test installs them)",
+)
+
+TOKEN = "a-token-for-the-web-page"
+PHOTO = ROOT / "model_export" / "photos" / "cat.jpg"
+WAIT_S = 60.0
+
+
+# Without a browser: what the server sends.
+
+
+@pytest.fixture(scope="module")
+def client(served_model: Path) -> Iterator[TestClient]:
+    with ready_client(cpu_settings(served_model)) as client:
+        yield client
+
+
+def test_the_page_and_its_assets_are_served_from_the_package(client: TestClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assets = re.findall(r'(?:src|href)="(static/[^"]+)"', page.text)
+    assert sorted(assets) == [
+        "static/web/app.js",
+        "static/web/favicon.svg",
+        "static/web/style.css",
+    ]
+    types = {"js": "text/javascript", "css": "text/css", "svg": "image/svg+xml"}
+    for asset in assets:
+        answer = client.get(f"/{asset}")
+        assert answer.status_code == 200, asset
+        assert answer.headers["content-type"].startswith(types[asset.rsplit(".", 1)[1]])
+        assert answer.content
+    assert client.get("/static/web/index.html").status_code == 404  # only the files named
+    assert client.get("/static/web/../app.py").status_code == 404
+
+
+def test_docs_load_nothing_from_other_hosts(client: TestClient) -> None:
+    docs = client.get("/docs")
+    assert docs.status_code == 200
+    urls = re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", docs.text)
+    assert urls and all(url.startswith("/") for url in urls), urls
+    for url in urls:
+        assert client.get(url).status_code == 200, url
+    assert client.get("/redoc").status_code == 404  # ReDoc loads only from a CDN: it is off
+
+
+def test_a_post_to_the_page_says_to_get_it(client: TestClient) -> None:
+    answer = client.post("/")
+    assert answer.status_code == 405 and answer.headers["allow"] == "GET"
+    assert answer.json()["type"] == "method_not_allowed"
+
+
+def test_the_page_is_not_in_the_api_schema(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert not {"/", "/docs"} & set(paths)
+    assert not any(path.startswith("/static") for path in paths)
+
+
+# In Chromium, against a real server with an API token.
+
+
+@pytest.fixture(scope="module")
+def server(served_model: Path) -> Iterator[str]:
+    with served(served_model, ROOT, api_token=TOKEN) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[WebDriver]:
+    assert CHROMIUM is not None and CHROMEDRIVER is not None
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",  # tests run as root in CI
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1000",
+        # Only loopback resolves: a page that reached for a CDN could not load it.
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+    ):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    driver = webdriver.Chrome(options=options, service=ChromeService(executable_path=CHROMEDRIVER))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def requested_urls(browser: WebDriver) -> list[str]:
+    """Every URL the browser asked for since the last call (the log drains as it is read)."""
+    urls = []
+    for entry in browser.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            urls.append(message["params"]["request"]["url"])
+    return urls
+
+
+def assert_only_loopback(urls: list[str], server: str) -> None:
+    elsewhere = [
+        url for url in urls if not url.startswith(("data:", "blob:")) and not url.startswith(server)
+    ]
+    assert not elsewhere, f"requests beyond the server: {elsewhere}"
+    assert urlsplit(server).hostname == "127.0.0.1"
+
+
+def wait_for(browser: WebDriver, condition: Any, message: str) -> Any:
+    return WebDriverWait(browser, WAIT_S).until(condition, message)
+
+
+def open_page(browser: WebDriver, server: str, token: str | None = TOKEN) -> None:
+    browser.get(f"{server}/")
+    browser.execute_script("sessionStorage.clear()")
+    browser.get(f"{server}/")
+    wait_for(
+        browser,
+        lambda b: b.find_element(By.ID, "model").is_enabled(),
+        "the model list never loaded",
+    )
+    if token is not None:
+        browser.find_element(By.ID, "token").send_keys(token)
+
+
+def upload(browser: WebDriver, photo: Path) -> str:
+    """Choose `photo` in the file input; wait until the page has finished with it."""
+    browser.find_element(By.ID, "file").send_keys(str(photo))
+    results = browser.find_element(By.ID, "results")
+    wait_for(
+        browser,
+        lambda b: results.get_attribute("data-state") in ("done", "failed"),
+        "the page never finished with the upload",
+    )
+    return str(results.get_attribute("data-state"))
+
+
+def classify_by_api(server: str, photo: Path) -> dict[str, Any]:
+    answer = httpx.post(
+        f"{server}/v1/classify?top_k=5",
+        files={"file": (photo.name, photo.read_bytes(), "image/jpeg")},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=30,
+    )
+    assert answer.status_code == 200, answer.text
+    prediction: dict[str, Any] = answer.json()["predictions"][0]
+    return prediction
+
+
+def served_models(server: str) -> list[dict[str, Any]]:
+    models: list[dict[str, Any]] = httpx.get(f"{server}/v1/models", timeout=10).json()["models"]
+    return models
+
+
+@needs_chromium
+def test_the_page_answers_as_the_api_does(server: str, browser: WebDriver) -> None:
+    expected = classify_by_api(server, PHOTO)
+    requested_urls(browser)
+    open_page(browser, server)
+    assert upload(browser, PHOTO) == "done"
+
+    bars = browser.find_elements(By.CSS_SELECTOR, "#top-k li")
+    shown = [(b.get_attribute("data-label"), b.get_attribute("data-probability")) for b in bars]
+    assert [(label, float(str(p))) for label, p in shown] == [
+        (entry["label"], entry["probability"]) for entry in expected["top"]
+    ]
+    best = expected["top"][0]
+    assert bars[0].find_element(By.CSS_SELECTOR, ".label").text == best["label"]
+    assert bars[0].find_element(By.CSS_SELECTOR, ".value").text == f"{best['probability']:.1%}"
+    assert best["label"] in browser.find_element(By.ID, "status").text
+
+    photo = browser.find_element(By.ID, "photo")
+    assert browser.execute_script("return arguments[0].naturalWidth", photo) > 0
+    assert PHOTO.name in str(photo.get_attribute("alt"))
+    flag = {None: "unknown", True: "true", False: "false"}[expected.get("in_distribution")]
+    assert browser.find_element(By.ID, "ood").get_attribute("data-in-distribution") == flag
+    assert float(str(browser.find_element(By.ID, "latency").get_attribute("data-ms"))) > 0
+    assert_only_loopback(requested_urls(browser), server)
+
+
+@needs_chromium
+def test_the_attention_overlay_is_shown_beside_the_photo(server: str, browser: WebDriver) -> None:
+    open_page(browser, server)
+    upload(browser, PHOTO)
+    figure = browser.find_element(By.ID, "overlay-figure")
+    wait_for(
+        browser,
+        lambda b: figure.get_attribute("data-state") != "loading",
+        "the overlay never finished",
+    )
+    caption = browser.find_element(By.ID, "overlay-caption").text
+    assert figure.get_attribute("data-state") == "loaded", caption
+    overlay = browser.find_element(By.ID, "overlay")
+    assert browser.execute_script("return arguments[0].naturalWidth", overlay) > 0
+    assert PHOTO.name in str(overlay.get_attribute("alt"))
+
+
+@needs_chromium
+def test_the_model_card_describes_the_served_model(server: str, browser: WebDriver) -> None:
+    (model,) = served_models(server)
+    open_page(browser, server, token=None)
+
+    def card(field: str) -> str:
+        return str(browser.find_element(By.ID, f"card-{field}").text)
+
+    options = browser.find_elements(By.CSS_SELECTOR, "#model option")
+    assert [option.text for option in options] == [
+        f"{model['name']} version {model['version']}"
+    ]
+    assert card("labels") == f"{len(model['labels'])}: {', '.join(model['labels'])}"
+    assert card("input-size") == "128 × 128 pixels"
+    assert card("patches") == "64 (8 × 8 of 16 × 16 pixels)"
+    assert card("tokens") == str(model["cost"]["tokens"]) == "65"
+    assert card("attention-pairs") == "4,225 (65 tokens squared)"
+    assert card("precision") == model["runtime"]["precision"] == "fp32"
+    assert card("accuracy").startswith(f"{model['held_out_accuracy']:.2%}")
+    assert card("provider") == "CPUExecutionProvider"
+
+
+@needs_chromium
+def test_the_model_card_reports_the_self_test(server: str, browser: WebDriver) -> None:
+    (model,) = served_models(server)
+    open_page(browser, server, token=None)
+    self_test = browser.find_element(By.ID, "card-self-test")
+    assert self_test.get_attribute("data-status") == model["self_test"]["status"]
+    assert self_test.text.startswith(model["self_test"]["status"])
+
+
+@needs_chromium
+def test_without_the_token_the_page_says_why(server: str, browser: WebDriver) -> None:
+    open_page(browser, server, token=None)
+    assert upload(browser, PHOTO) == "failed"
+    status = browser.find_element(By.ID, "status").text
+    assert "401 unauthorized" in status and PHOTO.name in status
+    assert not browser.find_element(By.ID, "result").is_displayed()
+
+
+@needs_chromium
+def test_the_token_is_kept_for_the_tab_only(server: str, browser: WebDriver) -> None:
+    open_page(browser, server)
+    browser.refresh()
+    wait_for(browser, lambda b: b.find_element(By.ID, "model").is_enabled(), "no models")
+    assert browser.find_element(By.ID, "token").get_attribute("value") == TOKEN
+    assert browser.execute_script("return localStorage.length") == 0
+
+
+@needs_chromium
+def test_every_control_is_labelled_and_reached_by_keyboard(
+    server: str, browser: WebDriver
+) -> None:
+    open_page(browser, server)
+    for control in ("model", "token", "file"):
+        assert browser.find_elements(By.CSS_SELECTOR, f"label[for='{control}']"), control
+    assert browser.find_element(By.ID, "drop-zone").tag_name == "button"
+    assert browser.find_element(By.ID, "results").get_attribute("aria-live") == "polite"
+
+    reached: list[str | None] = []
+    browser.find_element(By.TAG_NAME, "body").click()
+    while "drop-zone" not in reached and len(reached) < 12:
+        ActionChains(browser).send_keys(Keys.TAB).perform()
+        reached.append(browser.switch_to.active_element.get_attribute("id"))
+    order = [control for control in reached if control in ("model", "token", "file", "drop-zone")]
+    assert order == ["model", "token", "file", "drop-zone"], reached
+
+    upload(browser, PHOTO)
+    images = browser.find_elements(By.CSS_SELECTOR, "#result img")
+    assert all(image.get_attribute("alt") for image in images if image.is_displayed())
+    for bar in browser.find_elements(By.CSS_SELECTOR, "#top-k li"):
+        assert re.fullmatch(r"(<0\.1|\d+\.\d)%", bar.find_element(By.CSS_SELECTOR, ".value").text)
+
+
+@needs_chromium
+def test_docs_render_offline(server: str, browser: WebDriver) -> None:
+    requested_urls(browser)
+    browser.get(f"{server}/docs")
+    wait_for(
+        browser,
+        lambda b: b.find_elements(By.CSS_SELECTOR, ".swagger-ui .opblock"),
+        "swagger-ui never rendered the operations",
+    )
+    title = browser.find_element(By.CSS_SELECTOR, ".swagger-ui .info .title").text
+    assert title.startswith("ViT inference service")
+    paths = [
+        element.text
+        for element in browser.find_elements(By.CSS_SELECTOR, ".swagger-ui .opblock-summary-path")
+    ]
+    assert "/v1/classify" in paths
+    assert_only_loopback(requested_urls(browser), server)
+
+
+@needs_chromium
+@pytest.mark.skipif(
+    "VIT_WEB_SCREENSHOT" not in os.environ, reason="set VIT_WEB_SCREENSHOT=PATH to rewrite it"
+)
+def test_screenshot(server: str, browser: WebDriver) -> None:
+    browser.set_window_size(1280, 1000)
+    open_page(browser, server)
+    upload(browser, PHOTO)
+    wait_for(
+        browser,
+        lambda b: b.find_element(By.ID, "overlay-figure").get_attribute("data-state")
+        != "loading",
+        "the overlay never finished",
+    )
+    browser.execute_script("document.activeElement.blur()")
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    whole_page = {"x": 0, "y": 0, "width": 1280, "height": height, "scale": 1}
+    shot = browser.execute_cdp_cmd(
+        "Page.captureScreenshot",
+        {"format": "png", "captureBeyondViewport": True, "clip": whole_page},
+    )
+    Path(os.environ["VIT_WEB_SCREENSHOT"]).write_bytes(base64.b64decode(shot["data"]))
