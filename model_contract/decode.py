@@ -27,6 +27,9 @@ class DecodedImage:
     format: str
     original_mode: str
     exif_rotated: bool
+    upright_size: tuple[int, int]
+    """The stored image's full size, as seen upright: `image` is smaller where JPEG draft
+    decoding reduced it."""
 
 
 def decode(
@@ -72,16 +75,19 @@ def decode_opened(
     both give the same pixels. A JPEG not yet loaded is decoded at a reduced scale when
     `size_hint` is given; an image already loaded is used as it is."""
     image_format, original_mode = str(image.format), image.mode
+    width, height = image.size
     try:
         if size_hint is not None and image_format == "JPEG":
             image.draft(None, size_hint(image.size))
         image.load()
         rotated = upright(image)
+        turned = rotated.size != image.size  # a quarter turn swaps the axes
         return DecodedImage(
             image=to_rgb(rotated, alpha_background),
             format=image_format,
             original_mode=original_mode,
             exif_rotated=rotated is not image,
+            upright_size=(height, width) if turned else (width, height),
         )
     except Exception as error:  # truncated or corrupt data surfaces as many exception types
         raise UndecodableImage(f"cannot decode the image: {error}") from error

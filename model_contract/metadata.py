@@ -52,6 +52,11 @@ class ModelMetadata(BaseModel):
     output_name: str | None = Field(
         None, description="The graph output to serve, where it has several; null: the first."
     )
+    attention_output: str | None = Field(
+        None,
+        description="The graph output holding each image's attention rollout over the patch "
+        "grid [N, grid_h, grid_w]; null: the model has none.",
+    )
     precision: Literal["fp32", "fp16", "int8"] = Field(
         "fp32",
         description="The weights' precision (int8: activations quantized per call); input and "

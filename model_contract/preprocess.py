@@ -156,6 +156,26 @@ def crop_and_resize(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
     return image.resize((spec.input_size, spec.input_size), resample, box=box, reducing_gap=None)
 
 
+def seen_box(decoded: DecodedImage, spec: PreprocessSpec) -> tuple[float, float, float, float]:
+    """The box (left, top, right, bottom) of the upright original, in its own pixels, that
+    `crop_and_resize` turns into the model's input: where a map over the patches belongs."""
+    width, height = decoded.image.size
+    if spec.resize_size is not None:
+        whole = _whole_image_size((width, height), spec.resize, spec.resize_size)
+        x, y = (whole[0] - spec.input_size) // 2, (whole[1] - spec.input_size) // 2
+        sx, sy = width / whole[0], height / whole[1]
+        box = (x * sx, y * sy, (x + spec.input_size) * sx, (y + spec.input_size) * sy)
+    elif spec.resize == "squash":
+        box = (0.0, 0.0, float(width), float(height))
+    else:
+        side = min(width, height) * spec.crop_pct
+        left, top = (width - side) / 2, (height - side) / 2
+        box = (left, top, left + side, top + side)
+    # A draft-decoded JPEG is smaller than the original by a whole factor per axis.
+    fx, fy = decoded.upright_size[0] / width, decoded.upright_size[1] / height
+    return box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy
+
+
 def normalize(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     """uint8 HWC RGB -> float32 (1, 3, H, W), (x * rescale_factor - mean) / std per channel.
 

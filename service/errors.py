@@ -42,6 +42,12 @@ class ModelLoadFailed(ServiceError):
     status_code, type = 400, "load_failed"
 
 
+class NoAttention(ServiceError):
+    """Explain was asked of a model whose file carries no attention rollout."""
+
+    status_code, type = 400, "no_attention_output"
+
+
 class ModelNotFound(ServiceError):
     status_code, type = 404, "model_not_found"
 
@@ -116,6 +122,7 @@ ERROR_TYPES: tuple[type[ServiceError], ...] = (
     Unauthorized,
     Forbidden,
     ModelLoadFailed,
+    NoAttention,
     ModelNotFound,
     RequestTimeout,
     ClientClosedRequest,

@@ -1,4 +1,5 @@
-"""Open Inference Protocol v2 tensors: JSON or binary tensor data in, probabilities out.
+"""Open Inference Protocol v2 tensors: JSON or binary tensor data in; the probabilities, and the
+attention rollout when asked for by name, out.
 
 The binary tensor data extension puts a JSON header first (its length in the
 `Inference-Header-Content-Length` header) and raw tensor bytes after it, in input order.
@@ -24,13 +25,14 @@ from service.http.schemas import (
     OipRequestInput,
     OipResponseOutput,
 )
+from service.runtime.session import PROBABILITIES
 
 HEADER_LENGTH = "inference-header-content-length"
 BINARY_MEDIA_TYPE = "application/octet-stream"
 FP32 = "FP32"
 BYTES = "BYTES"
 IMAGE_INPUT = "image"
-PROBABILITIES_OUTPUT = "probabilities"
+PROBABILITIES_OUTPUT = PROBABILITIES
 RANGE_TOLERANCE = 0.01
 """Slack on each channel's range, as a fraction of its width (rounding in other clients'
 preprocessing); values outside it cannot come from any image."""
@@ -56,7 +58,8 @@ class InferRequest:
     id: str | None
     pixels: np.ndarray | None
     images: list[bytes] | None
-    binary_output: bool
+    outputs: dict[str, bool]
+    """The outputs to answer with, in order, each with whether its data goes as binary."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ def parse_request(
     input_shape: tuple[int, int, int],
     value_range: PixelRange,
     max_batch: int,
+    outputs: tuple[str, ...] = (PROBABILITIES_OUTPUT,),
 ) -> InferRequest:
     """Validate an infer request against the model's input; every flaw is a 400 with a reason.
     Counts (inputs, batch, elements) are checked before any per-element work."""
@@ -104,28 +108,33 @@ def parse_request(
             f"[N,{','.join(map(str, input_shape))}] or {IMAGE_INPUT!r} as BYTES [N]"
         )
     return InferRequest(
-        id=request.id, pixels=pixels, images=images, binary_output=_wants_binary(request)
+        id=request.id, pixels=pixels, images=images, outputs=_requested(request, outputs)
     )
 
 
 def encode_response(
-    probabilities: np.ndarray, *, model_name: str, model_version: str, request: InferRequest
+    outputs: dict[str, np.ndarray], *, model_name: str, model_version: str, request: InferRequest
 ) -> EncodedResponse:
-    """The FP32 [N, classes] probabilities as JSON data or as binary tensor data."""
-    data = np.ascontiguousarray(probabilities, dtype="<f4")
-    output = OipResponseOutput(name=PROBABILITIES_OUTPUT, shape=list(data.shape), datatype=FP32)
-    if request.binary_output:
-        output.parameters = {"binary_data_size": data.nbytes}
-    else:
-        output.data = data.ravel().tolist()
+    """The requested FP32 outputs (the [N, classes] probabilities; the [N, grid_h, grid_w]
+    rollout), each as JSON data or as binary tensor data, in the order asked."""
+    encoded, binary = [], []
+    for name, as_binary in request.outputs.items():
+        data = np.ascontiguousarray(outputs[name], dtype="<f4")
+        output = OipResponseOutput(name=name, shape=list(data.shape), datatype=FP32)
+        if as_binary:
+            output.parameters = {"binary_data_size": data.nbytes}
+            binary.append(data.tobytes())
+        else:
+            output.data = data.ravel().tolist()
+        encoded.append(output)
     response = OipInferenceResponse(
-        model_name=model_name, model_version=model_version, id=request.id, outputs=[output]
+        model_name=model_name, model_version=model_version, id=request.id, outputs=encoded
     )
     header = response.model_dump_json(exclude_none=True).encode()
-    if not request.binary_output:
+    if not binary:
         return EncodedResponse(header, "application/json", {})
     return EncodedResponse(
-        header + data.tobytes(), BINARY_MEDIA_TYPE, {HEADER_LENGTH: str(len(header))}
+        header + b"".join(binary), BINARY_MEDIA_TYPE, {HEADER_LENGTH: str(len(header))}
     )
 
 
@@ -263,16 +272,24 @@ def _base64_elements(data: list[object]) -> list[bytes]:
     return elements
 
 
-def _wants_binary(request: OipInferenceRequest) -> bool:
-    """Binary output if the output asks, else if the request asks for all outputs."""
-    for output in request.outputs or []:
-        if output.name != PROBABILITIES_OUTPUT:
+def _requested(request: OipInferenceRequest, available: tuple[str, ...]) -> dict[str, bool]:
+    """The outputs asked for by name (none named: the probabilities alone, so that plain
+    classification carries nothing more), each binary if it asks, else if the request asks
+    for all outputs to be."""
+    every = _flag((request.parameters or {}).get("binary_data_output", False), "binary_data_output")
+    if not request.outputs:
+        return {PROBABILITIES_OUTPUT: every}
+    requested: dict[str, bool] = {}
+    for output in request.outputs:
+        if output.name not in available:
             raise InvalidRequest(
-                f"unknown output {output.name!r}; the model has {PROBABILITIES_OUTPUT!r}"
+                f"unknown output {output.name!r}; the model has {', '.join(available)}"
             )
+        binary = every
         if output.parameters and "binary_data" in output.parameters:
-            return _flag(output.parameters["binary_data"], "binary_data")
-    return _flag((request.parameters or {}).get("binary_data_output", False), "binary_data_output")
+            binary = _flag(output.parameters["binary_data"], "binary_data")
+        requested[output.name] = binary
+    return requested
 
 
 def _flag(value: object, name: str) -> bool:

@@ -1,4 +1,4 @@
-"""Probabilities -> response bodies; the one error body, and the documented errors of each route."""
+"""Outputs -> response bodies; the one error body, and the documented errors of each route."""
 
 from __future__ import annotations
 
@@ -9,20 +9,30 @@ from fastapi.responses import JSONResponse
 
 from model_contract.metadata import ModelMetadata
 from service.errors import ERROR_TYPES, Overloaded, ServiceError
-from service.http.schemas import ClassifyResponse, ErrorBody, ModelRef, Prediction, TopClass
+from service.http.schemas import (
+    Attention,
+    ClassifyResponse,
+    ErrorBody,
+    ModelRef,
+    Prediction,
+    TopClass,
+)
+from service.inference.pipeline import Answer
 from service.metrics import Metrics
+from service.runtime.session import ATTENTION_ROLLOUT, PROBABILITIES
 
 
 def classify_response(
-    outcomes: list[np.ndarray | ServiceError],
+    outcomes: list[Answer | ServiceError],
     names: list[str | None],
     metadata: ModelMetadata,
     *,
     top_k: int,
     full: bool,
+    attention: bool = False,
 ) -> ClassifyResponse:
-    """Per file, in request order: top-k most probable first (ties in label order), and all if
-    asked; or the file's own error."""
+    """Per file, in request order: top-k most probable first (ties in label order), all if
+    asked, and where the model looked if asked; or the file's own error."""
     labels = metadata.labels
     k = min(top_k, len(labels))
     predictions = []
@@ -31,14 +41,27 @@ def classify_response(
             error = ErrorBody(error=outcome.message, type=outcome.type)
             predictions.append(Prediction(file=name, error=error))
             continue
-        order = np.argsort(-outcome, kind="stable")[:k]
-        top = [
-            TopClass(label=labels[i], index=int(i), probability=float(outcome[i])) for i in order
-        ]
-        full_row = outcome.tolist() if full else None
-        predictions.append(Prediction(file=name, top=top, probabilities=full_row))
+        row = outcome.outputs[PROBABILITIES][0]
+        order = np.argsort(-row, kind="stable")[:k]
+        top = [TopClass(label=labels[i], index=int(i), probability=float(row[i])) for i in order]
+        predictions.append(
+            Prediction(
+                file=name,
+                top=top,
+                probabilities=row.tolist() if full else None,
+                attention=attention_of(outcome) if attention else None,
+            )
+        )
     return ClassifyResponse(
         model=ModelRef(name=metadata.name, version=metadata.version), predictions=predictions
+    )
+
+
+def attention_of(answer: Answer) -> Attention:
+    return Attention(
+        grid=answer.outputs[ATTENTION_ROLLOUT][0].tolist(),
+        box=answer.decoded.box,
+        image_size=answer.decoded.upright_size,
     )
 
 

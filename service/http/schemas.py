@@ -27,6 +27,21 @@ class TopClass(BaseModel):
     probability: float
 
 
+class Attention(BaseModel):
+    """Where the model looked: the class token's attention rollout over the patch grid, and
+    the part of the upright original that the grid covers."""
+
+    grid: list[list[float]] = Field(
+        description="Rows of the patch grid, top to bottom, each left to right (e.g. 8x8): "
+        "the rollout (Abnar & Zuidema, 2020), unscaled."
+    )
+    box: tuple[float, float, float, float] = Field(
+        description="[left, top, right, bottom] in pixels of the upright original: the region "
+        "resized and cropped into the model's input, which the grid covers."
+    )
+    image_size: tuple[int, int] = Field(description="[width, height] of the upright original.")
+
+
 class Prediction(BaseModel):
     """One uploaded file's outcome: its classes, or (in a request of several files) the error
     that this file alone caused."""
@@ -41,6 +56,7 @@ class Prediction(BaseModel):
     error: ErrorBody | None = Field(
         None, description="Why this file has no classes; the request's other files do."
     )
+    attention: Attention | None = Field(None, description="Where the model looked (explain).")
 
 
 class ClassifyResponse(BaseModel):

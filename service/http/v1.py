@@ -1,19 +1,24 @@
-"""The /v1 routes: classify uploads, describe the loaded model."""
+"""The /v1 routes: classify uploads, explain them (where the model looked), describe the
+loaded models."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 
 from model_contract.vit_cost import cost_of
-from service.errors import InvalidRequest, ServiceError
+from service.errors import InvalidRequest, NoAttention, ServiceError
 from service.http.body import FILE_FIELD, unless_disconnected, uploaded_images
-from service.http.dependencies import InferenceDep, RegistryDep
+from service.http.dependencies import Inference, InferenceDep, RegistryDep
+from service.http.overlay import overlay_png
 from service.http.responses import classify_response, error_responses
 from service.http.routers import inference_router
 from service.http.schemas import ClassifyResponse, ModelInfo, ModelList
-from service.inference.pipeline import Pipeline
+from service.inference.pipeline import Answer, Pipeline
+from service.runtime.decode_workers import PICTURE_SIDE
+from service.runtime.session import ATTENTION_ROLLOUT, PROBABILITIES
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 
@@ -71,6 +76,97 @@ async def classify(
     ] = None,
     probabilities: Annotated[bool, Query(description="Also return the full distribution.")] = False,
 ) -> ClassifyResponse:
+    answers, names = await _answers(request, inference, top_k, pictures=False)
+    return classify_response(
+        answers,
+        names,
+        inference.pipeline.session.metadata,
+        top_k=top_k or inference.settings.default_top_k,
+        full=probabilities,
+    )
+
+
+_EXPLAIN: dict[str, Any] = {
+    **_CLASSIFY,
+    "responses": {
+        **_CLASSIFY["responses"],
+        200: {
+            "description": "JSON, or with `Accept: image/png` (one file) the upright photo, "
+            f"at most {PICTURE_SIDE} pixels on its longest side, with the attention map over "
+            "the part the model saw and the rest dimmed.",
+            "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+        },
+    },
+}
+
+
+@inference_router.post(
+    "/v1/models/{name}/versions/{version}/explain",
+    summary="Classify uploads with one version of a model, and show where it looked",
+    **_EXPLAIN,
+)
+@inference_router.post(
+    "/v1/models/{name}/explain",
+    summary="Classify uploads with a model's latest version, and show where it looked",
+    **_EXPLAIN,
+)
+@inference_router.post(
+    "/v1/explain",
+    summary="Classify uploads with the default model, and show where it looked",
+    **_EXPLAIN,
+)
+async def explain(
+    request: Request,
+    inference: InferenceDep,
+    top_k: Annotated[
+        int | None, Query(description="Classes in `top`; clamped to the labels.")
+    ] = None,
+    probabilities: Annotated[bool, Query(description="Also return the full distribution.")] = False,
+) -> Response:
+    """Each prediction with `attention`: the class token's attention rollout over the patch
+    grid and the box of the upright original it covers, to lay the map over the photo."""
+    session = inference.pipeline.session
+    if session.attention_output is None:
+        raise NoAttention(
+            f"model {session.metadata.name} version {session.metadata.version} carries no "
+            "attention rollout; export or import it again with this version's vit-export or "
+            "vit-import"
+        )
+    png = "image/png" in request.headers.get("accept", "")
+    answers, names = await _answers(request, inference, top_k, pictures=png)
+    if not png:
+        body = classify_response(
+            answers,
+            names,
+            session.metadata,
+            top_k=top_k or inference.settings.default_top_k,
+            full=probabilities,
+            attention=True,
+        )
+        return Response(body.model_dump_json(exclude_none=True), media_type="application/json")
+    if len(answers) != 1:
+        raise InvalidRequest(f"a PNG answer shows one image; this request has {len(answers)}")
+    (answer,) = answers
+    if isinstance(answer, ServiceError):
+        raise answer
+    decoded = answer.decoded
+    assert decoded.picture is not None  # asked for above
+    grid = answer.outputs[ATTENTION_ROLLOUT][0]
+    png_bytes = await asyncio.to_thread(
+        overlay_png, decoded.picture, grid, decoded.box, decoded.upright_size
+    )
+    top = int(answer.outputs[PROBABILITIES][0].argmax())
+    headers = {
+        "X-Model": f"{session.metadata.name}/{session.metadata.version}",
+        "X-Top-Label": session.labels[top],
+    }
+    return Response(png_bytes, media_type="image/png", headers=headers)
+
+
+async def _answers(
+    request: Request, inference: Inference, top_k: int | None, *, pictures: bool
+) -> tuple[list[Answer | ServiceError], list[str | None]]:
+    """The uploads' outcomes, one per file; a single file's error is the request's."""
     pipeline, settings = inference.pipeline, inference.settings
     if top_k is not None and top_k < 1:
         raise InvalidRequest(f"top_k must be at least 1, got {top_k}")
@@ -83,20 +179,16 @@ async def classify(
             ticket=inference.ticket,
         )
     inference.ticket.hold_images(len(images))
-    work = pipeline.classify_each([image.data for image in images], inference.deadline)
+    work = pipeline.classify_each(
+        [image.data for image in images], inference.deadline, pictures=pictures
+    )
     outcomes = await unless_disconnected(request, work)
     failed = [outcome for outcome in outcomes if isinstance(outcome, ServiceError)]
     if len(outcomes) == 1 and failed:
         raise failed[0]  # one file: its error is the request's, with its status
     for error in failed:
         pipeline.metrics.rejections.labels(error.type).inc()
-    return classify_response(
-        outcomes,
-        [image.name for image in images],
-        pipeline.session.metadata,
-        top_k=top_k or settings.default_top_k,
-        full=probabilities,
-    )
+    return outcomes, [image.name for image in images]
 
 
 def model_info(pipeline: Pipeline) -> ModelInfo:

@@ -6,7 +6,6 @@ import asyncio
 import functools
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
@@ -26,6 +25,7 @@ from service.http.schemas import (
     RepositoryModel,
 )
 from service.inference.pipeline import Pipeline
+from service.runtime.session import ATTENTION_ROLLOUT, ModelSession, Outputs
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 repository_router = APIRouter(prefix="/v2/repository", tags=["model repository"])
@@ -83,9 +83,22 @@ def _model_metadata(registry: RegistryDep, name: str, version: str | None) -> Oi
         outputs=[
             OipTensorMetadata(
                 name=oip.PROBABILITIES_OUTPUT, datatype=oip.FP32, shape=[-1, len(metadata.labels)]
-            )
+            ),
+            *(
+                [OipTensorMetadata(name=ATTENTION_ROLLOUT, datatype=oip.FP32, shape=grid)]
+                if (grid := _attention_shape(session)) is not None
+                else []
+            ),
         ],
     )
+
+
+def _attention_shape(session: ModelSession) -> list[int] | None:
+    """The rollout output's shape, -1 where the graph leaves it open; None without one."""
+    if session.attention_output is None:
+        return None
+    rows, columns = session.graph.attention_grid or (-1, -1)
+    return [-1, rows, columns]
 
 
 @router.get("/models/{name}", response_model=OipModelMetadata, responses=error_responses(404))
@@ -149,6 +162,7 @@ async def _infer(request: Request, pipeline: Pipeline, inference: Inference) -> 
         input_shape=pipeline.input_shape(1)[1:],
         value_range=oip.pixel_range(spec.mean, spec.std, spec.rescale_factor),
         max_batch=settings.max_images_per_request,
+        outputs=pipeline.session.output_names,
     )
     # Parsing is per-element Python work: a large body would hold the event loop for seconds.
     parsed = parse() if len(body) < PARSE_ON_LOOP_BYTES else await asyncio.to_thread(parse)
@@ -158,10 +172,10 @@ async def _infer(request: Request, pipeline: Pipeline, inference: Inference) -> 
     else:
         inference.ticket.hold_images(len(parsed.images or []))
         work = pipeline.classify(parsed.images or [], inference.deadline)
-    probabilities: np.ndarray = await unless_disconnected(request, work)
+    outputs: Outputs = await unless_disconnected(request, work)
     metadata = pipeline.session.metadata
     encoded = oip.encode_response(
-        probabilities, model_name=metadata.name, model_version=metadata.version, request=parsed
+        outputs, model_name=metadata.name, model_version=metadata.version, request=parsed
     )
     return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers)
 

@@ -1,4 +1,5 @@
-"""Dynamic batching with backpressure: queued tensors -> one onnxruntime call -> each caller's rows.
+"""Dynamic batching with backpressure: queued tensors -> one onnxruntime call -> each caller's
+rows of every named output.
 
 Places are counted in images and held from submission until the caller's inference has really
 returned, so the queue bound is a bound on the work the service has accepted.
@@ -26,10 +27,11 @@ import numpy as np
 
 from service.errors import DeadlineExceeded, InferenceFailed, Overloaded
 from service.metrics import ModelMetrics
+from service.runtime.session import Outputs
 
 logger = logging.getLogger(__name__)
 
-Predict = Callable[[np.ndarray], np.ndarray]
+Predict = Callable[[np.ndarray], Outputs]
 
 
 @dataclass(eq=False)
@@ -37,7 +39,7 @@ class _Job:
     inputs: np.ndarray
     deadline: float
     enqueued: float
-    future: asyncio.Future[np.ndarray]
+    future: asyncio.Future[Outputs]
     started: bool = False
     """Taken by the batching thread: its answer will come, whatever its deadline says."""
 
@@ -131,8 +133,8 @@ class Batcher:
         held = self._held if images is None else images
         return max(1, math.ceil(held / rate)) if rate > 0 else 1
 
-    async def submit(self, inputs: np.ndarray, deadline: float) -> np.ndarray:
-        """The output rows for `inputs`; 503 when the queue is full, 504 past the deadline."""
+    async def submit(self, inputs: np.ndarray, deadline: float) -> Outputs:
+        """The outputs' rows for `inputs`; 503 when the queue is full, 504 past the deadline."""
         count = len(inputs)
         now = time.monotonic()
         job = _Job(inputs, deadline, now, asyncio.get_running_loop().create_future())
@@ -235,7 +237,7 @@ class Batcher:
     def _queued_images(self) -> int:
         return sum(len(job.inputs) for job in self._queue)
 
-    def _answer(self, outcomes: list[tuple[_Job, np.ndarray | Exception]]) -> None:
+    def _answer(self, outcomes: list[tuple[_Job, Outputs | Exception]]) -> None:
         """Settle jobs' futures on the event loop (one wake-up for a whole batch), skipping
         callers that have given up."""
 
@@ -269,16 +271,18 @@ class Batcher:
             self.consecutive_failures = 0
             self._throughput.observe(len(inputs), elapsed)
         self._metrics.stage_seconds.labels("inference").observe(elapsed)
-        rows = np.split(outputs, np.cumsum([len(job.inputs) for job in batch])[:-1])
+        ends = np.cumsum([len(job.inputs) for job in batch])
+        starts = ends - [len(job.inputs) for job in batch]
+        rows = [{k: v[a:b] for k, v in outputs.items()} for a, b in zip(starts, ends, strict=True)]
         self._answer(list(zip(batch, rows, strict=True)))
 
     def _isolate(self, batch: list[_Job], predict: Predict, error: Exception) -> None:
         """After a failed call: each request of a batch of several alone, so that only those
         that fail by themselves fail; then a known-good input (zeros: every channel at its
         mean), so that only a model failing on that counts towards readiness turning off."""
-        outcomes: list[tuple[_Job, np.ndarray | Exception]] = []
+        outcomes: list[tuple[_Job, Outputs | Exception]] = []
         for job in batch:
-            outcome: np.ndarray | Exception = error
+            outcome: Outputs | Exception = error
             if len(batch) > 1:
                 try:
                     outcome = self._calls(predict, job.inputs)
@@ -296,21 +300,23 @@ class Batcher:
             self.consecutive_failures = 0 if known_good_works else self.consecutive_failures + 1
         self._answer(outcomes)
 
-    def _calls(self, predict: Predict, inputs: np.ndarray) -> np.ndarray:
+    def _calls(self, predict: Predict, inputs: np.ndarray) -> Outputs:
         """`inputs` through onnxruntime in calls of at most max_batch_size images: a request
         larger than that is split, never run as one larger call."""
         step = self._max_batch_size
-        outputs = []
+        chunks = []
         for start in range(0, len(inputs), step):
             chunk = inputs[start : start + step]
-            outputs.append(_checked(predict, chunk))
+            chunks.append(_checked(predict, chunk))
             self._metrics.batch_size.observe(len(chunk))
-        return np.concatenate(outputs)
+        if len(chunks) == 1:
+            return chunks[0]
+        return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
 
 
-def _checked(predict: Predict, inputs: np.ndarray) -> np.ndarray:
-    """`predict`, raising where the model returned NaN or infinite values."""
+def _checked(predict: Predict, inputs: np.ndarray) -> Outputs:
+    """`predict`, raising where the model returned NaN or infinite values in any output."""
     outputs = predict(inputs)
-    if not np.isfinite(outputs).all():
+    if not all(np.isfinite(values).all() for values in outputs.values()):
         raise FloatingPointError("the model returned NaN or infinite values")
     return outputs

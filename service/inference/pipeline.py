@@ -1,11 +1,14 @@
-"""Upload bytes -> probabilities: decoding in worker processes, inference through the batcher."""
+"""Upload bytes -> the model's outputs: decoding in worker processes, inference through the
+batcher."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
@@ -21,9 +24,9 @@ from service.errors import (
 from service.inference.batcher import Batcher
 from service.inference.budget import Budget, Ticket
 from service.metrics import Metrics
-from service.runtime.decode_workers import DecodeWorkers
+from service.runtime.decode_workers import Decoded, DecodeWorkers
 from service.runtime.graph_check import check_output_width
-from service.runtime.session import ModelSession
+from service.runtime.session import PROBABILITIES, ModelSession, Outputs, per_image
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -34,6 +37,14 @@ FILE_ERRORS = (UnsupportedImageFormat, UndecodableImage, TooManyPixels)
 """What one uploaded file can be at fault for, as opposed to its request. Not a file that
 overran its decoder's limits: that fails the whole request at once and stops its other files,
 or one request of 64 bombs would hold the decoders for 64 time limits."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One upload's outputs (one row each) and what decoding found (the box the model saw)."""
+
+    outputs: Outputs
+    decoded: Decoded
 
 
 class Pipeline:
@@ -61,13 +72,13 @@ class Pipeline:
             on_replaced=lambda why: model_metrics.decode_workers_replaced.labels(why).inc(),
         )
         self.batcher = Batcher(
-            session.predict,
+            session.infer,
             max_batch_size=settings.max_batch_size,
             max_delay=settings.max_batch_delay_ms / 1000,
             max_queue=settings.max_queue,
             metrics=model_metrics,
             workers=session.inference_workers,
-            predict_alone=session.predict_alone,
+            predict_alone=session.infer_alone,
             busy_elsewhere=lambda: self._preparing > 0,
             nice=settings.inference_nice,
         )
@@ -91,44 +102,53 @@ class Pipeline:
         size = self.spec.input_size
         return batch_size, 3, size, size
 
-    async def prepare(self, data: bytes) -> np.ndarray:
-        """One upload as a (1, 3, S, S) model input, decoded in a worker process."""
+    async def prepare(self, data: bytes, *, picture: bool = False) -> Decoded:
+        """One upload as a (1, 3, S, S) model input, decoded in a worker process (with
+        `picture`, also the upright image, bounded, for an overlay)."""
         started = time.perf_counter()
-        decoded = await self.decoders.decode(data)
+        decoded = await self.decoders.decode(data, picture=picture)
         self.metrics.stage_seconds.labels("decode_preprocess").observe(
             time.perf_counter() - started
         )
         self.metrics.observe_decoded(decoded.format, decoded.original_mode, decoded.exif_rotated)
-        return decoded.tensor
+        return decoded
 
-    async def infer(self, batch: np.ndarray, deadline: float) -> np.ndarray:
-        """Probabilities (N, classes) for a preprocessed batch, batched with other requests."""
+    async def infer(self, batch: np.ndarray, deadline: float) -> Outputs:
+        """The outputs (one row per image) for a preprocessed batch, batched with other
+        requests."""
         self.require_ready()
-        probabilities = await self.batcher.submit(batch, deadline)
+        outputs = await self.batcher.submit(batch, deadline)
+        probabilities = outputs[PROBABILITIES]
         top = probabilities.argmax(axis=1)
         self.metrics.observe_predictions(
             [float(row[i]) for row, i in zip(probabilities, top, strict=True)],
             [self.session.labels[i] for i in top],
         )
-        return probabilities
+        return outputs
 
-    async def classify(self, images: list[bytes], deadline: float) -> np.ndarray:
-        """Probabilities for uploads, one row per image in request order. The first image that
+    async def classify(self, images: list[bytes], deadline: float) -> Outputs:
+        """The outputs for uploads, one row per image in request order. The first image that
         fails, or the deadline, stops the others: unstarted ones never start."""
-        tensors = await self._decoded(images, deadline, self.prepare)
-        return await self.infer(np.concatenate(tensors), deadline)
+        decoded = await self._decoded(images, deadline, self.prepare)
+        return await self.infer(np.concatenate([d.tensor for d in decoded]), deadline)
 
     async def classify_each(
-        self, images: list[bytes], deadline: float
-    ) -> list[np.ndarray | ServiceError]:
-        """One outcome per upload, in request order: its probabilities, or the error its file
-        alone caused, so that nine good photos are answered when the tenth is corrupt. What is
-        not one file's fault (the deadline, the model, the queue), and a file too expensive to
-        decode, fail the request, and its files not yet decoded never are."""
-        decoded = await self._decoded(images, deadline, self._prepare_file)
-        good = [tensor for tensor in decoded if isinstance(tensor, np.ndarray)]
-        rows = iter(await self.infer(np.concatenate(good), deadline) if good else ())
-        return [next(rows) if isinstance(outcome, np.ndarray) else outcome for outcome in decoded]
+        self, images: list[bytes], deadline: float, *, pictures: bool = False
+    ) -> list[Answer | ServiceError]:
+        """One outcome per upload, in request order: its outputs and what decoding found, or
+        the error its file alone caused, so that nine good photos are answered when the tenth
+        is corrupt. What is not one file's fault (the deadline, the model, the queue), and a
+        file too expensive to decode, fail the request, and its files not yet decoded never
+        are."""
+        prepare = functools.partial(self._prepare_file, picture=pictures)
+        decoded = await self._decoded(images, deadline, prepare)
+        good = [d for d in decoded if isinstance(d, Decoded)]
+        batch = np.concatenate([d.tensor for d in good]) if good else None
+        rows = iter(per_image(await self.infer(batch, deadline)) if batch is not None else ())
+        return [
+            Answer(next(rows), outcome) if isinstance(outcome, Decoded) else outcome
+            for outcome in decoded
+        ]
 
     async def _decoded(
         self, images: list[bytes], deadline: float, prepare: Callable[[bytes], Awaitable[T]]
@@ -148,9 +168,9 @@ class Pipeline:
                 task.cancel()
             self._preparing -= len(images)
 
-    async def _prepare_file(self, data: bytes) -> np.ndarray | ServiceError:
+    async def _prepare_file(self, data: bytes, *, picture: bool) -> Decoded | ServiceError:
         try:
-            return await self.prepare(data)
+            return await self.prepare(data, picture=picture)
         except FILE_ERRORS as error:
             return error
 
@@ -188,8 +208,9 @@ class Pipeline:
         try:
             for batch_size in self.session.warm_up_batch_sizes():
                 zeros = np.zeros(self.input_shape(batch_size), np.float32)
-                probabilities = await self.batcher.submit(zeros, deadline)
-                check_output_width(probabilities.shape[1], self.session.metadata, self.session.path)
+                outputs = await self.batcher.submit(zeros, deadline)
+                width = outputs[PROBABILITIES].shape[1]
+                check_output_width(width, self.session.metadata, self.session.path)
         except Exception as error:
             self.warm_up_error = str(error)
             raise

@@ -34,9 +34,10 @@ from multiprocessing.context import (  # type: ignore[attr-defined]
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from model_contract.errors import ImageError
-from model_contract.preprocess import PreprocessSpec, preprocess_upload
+from model_contract.preprocess import PreprocessSpec, preprocess_upload, seen_box
 from service.errors import (
     ERROR_TYPES,
     ServiceError,
@@ -49,6 +50,11 @@ logger = logging.getLogger(__name__)
 
 MAPPED_UPLOAD_BYTES = 1024 * 1024
 """Uploads up to this size are copied through memory the server and the worker both map."""
+
+PICTURE_SIDE = 512
+"""The longest side of the upright picture a worker sends back when asked (for an overlay):
+bounded so that it fits where the upload was, in the mapped memory."""
+assert PICTURE_SIDE * PICTURE_SIDE * 3 <= MAPPED_UPLOAD_BYTES
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 """glibc's `mallopt` parameters."""
@@ -68,6 +74,13 @@ class Decoded:
     format: str
     original_mode: str
     exif_rotated: bool
+    upright_size: tuple[int, int]
+    """The original's size, upright."""
+    box: tuple[float, float, float, float]
+    """The box of the upright original that became the model's input (model_contract)."""
+    picture: np.ndarray | None = None
+    """The upright image, at most PICTURE_SIDE on its longest side, as (H, W, 3) uint8: only
+    when asked for."""
 
 
 MEMORY_ERROR_CODE = "decoder error -9"
@@ -118,10 +131,13 @@ def _serve(
         readable, _, _ = select.select([shared.bell, conn.fileno()], [], [])
         if conn.fileno() in readable:  # the server has gone: it never writes here
             return
-        size = os.eventfd_read(shared.bell) - 1
+        request = os.eventfd_read(shared.bell) - 1
+        size, wants_picture = request >> 1, bool(request & 1)
         try:
             data = shared.take_upload(size)
             tensor, decoded = preprocess_upload(data, spec, max_pixels=max_pixels)
+            box = seen_box(decoded, spec)
+            picture = _picture(decoded.image) if wants_picture else None
         except Exception as error:  # every error goes back to the parent, which raises it
             if _caused_by_memory(error):
                 conn.send(("memory", str(error)))
@@ -134,7 +150,17 @@ def _serve(
         finally:
             data = b""  # the upload's memory goes before the next one arrives
         shared.put_tensor(tensor)
-        conn.send(("ok", decoded.format, decoded.original_mode, decoded.exif_rotated, tensor.shape))
+        if picture is not None:
+            shared.put_picture(picture)
+        found = (decoded.format, decoded.original_mode, decoded.exif_rotated, decoded.upright_size)
+        conn.send(("ok", *found, box, tensor.shape, None if picture is None else picture.shape))
+
+
+def _picture(image: Image.Image) -> np.ndarray:
+    """The decoded upright RGB image shrunk, in place (it is not needed any more), to at most
+    PICTURE_SIDE on its longest side."""
+    image.thumbnail((PICTURE_SIDE, PICTURE_SIDE), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
 
 
 class _Shared:
@@ -174,6 +200,15 @@ class _Shared:
     def take_tensor(self, shape: tuple[int, ...]) -> np.ndarray:
         count = math.prod(shape)
         return np.frombuffer(self._map, np.float32, count).reshape(shape).copy()
+
+    def put_picture(self, picture: np.ndarray) -> None:
+        """Where the upload was: the worker has read it by now."""
+        self._map[self._upload_at : self._upload_at + picture.nbytes] = picture.tobytes()
+
+    def take_picture(self, shape: tuple[int, ...]) -> np.ndarray:
+        count = math.prod(shape)
+        picture = np.frombuffer(self._map, np.uint8, count, offset=self._upload_at)
+        return picture.reshape(shape).copy()
 
     def close(self) -> None:
         self._map.close()
@@ -231,6 +266,7 @@ class _Job:
 
     data: bytes
     answer: asyncio.Future[Decoded]
+    picture: bool = False
     worker: _Worker | None = None
     deadline: asyncio.TimerHandle | None = None
 
@@ -287,10 +323,11 @@ class DecodeWorkers:
         with self._lock:
             return [w.process.pid for w in self._idle if w.process.pid is not None]
 
-    async def decode(self, data: bytes) -> Decoded:
-        """One upload as a (1, 3, S, S) model input; cancelling the caller stops its decode."""
+    async def decode(self, data: bytes, *, picture: bool = False) -> Decoded:
+        """One upload as a (1, 3, S, S) model input, and with `picture` the upright image
+        (bounded); cancelling the caller stops its decode."""
         self._loop = loop = asyncio.get_running_loop()
-        job = _Job(data, loop.create_future())
+        job = _Job(data, loop.create_future(), picture)
         with self._lock:
             self._waiting.append(job)
         self._dispatch()
@@ -327,7 +364,7 @@ class DecodeWorkers:
             job.worker = worker
             try:
                 worker.shared.put_upload(job.data)
-                os.eventfd_write(worker.shared.bell, len(job.data) + 1)
+                os.eventfd_write(worker.shared.bell, (len(job.data) << 1 | job.picture) + 1)
             except OSError:
                 self._fail(job, "crash", UndecodableImage("the decoder stopped on this image"))
                 continue
@@ -356,8 +393,16 @@ class DecodeWorkers:
             return
         outcome: Decoded | ServiceError
         if reply[0] == "ok":
-            _, image_format, mode, rotated, shape = reply
-            outcome = Decoded(worker.shared.take_tensor(shape), image_format, mode, rotated)
+            _, image_format, mode, rotated, upright_size, box, shape, picture_shape = reply
+            outcome = Decoded(
+                worker.shared.take_tensor(shape),
+                image_format,
+                mode,
+                rotated,
+                upright_size,
+                box,
+                None if picture_shape is None else worker.shared.take_picture(picture_shape),
+            )
         else:
             _, kind, message = reply
             outcome = _ERRORS.get(kind, UndecodableImage)(message)

@@ -30,6 +30,10 @@ class GraphContract:
     """The output's class axis where the graph fixes it; None where it is symbolic."""
     output_type: str
     """The output's element type: tensor(float) or tensor(float16)."""
+    attention_output: str | None = None
+    """The output holding the attention rollout [N, grid_h, grid_w], where the model has one."""
+    attention_grid: tuple[int, int] | None = None
+    """The rollout's grid where the graph fixes it; None where it is symbolic."""
 
 
 def _dims(shape: list[int | str | None]) -> str:
@@ -92,13 +96,38 @@ def check_graph(
         )
     width = out_shape[1] if isinstance(out_shape[1], int) else None
     check_output_width(width, metadata, path)
+    grid = _attention_grid(outputs, metadata, restamp)
     return GraphContract(
         input_name=model_input.name,
         output_name=output_name,
         fixed_batch_size=fixed_batch_size,
         output_width=width,
         output_type=output.type,
+        attention_output=metadata.attention_output,
+        attention_grid=grid,
     )
+
+
+def _attention_grid(
+    outputs: dict[str, ort.NodeArg], metadata: ModelMetadata, restamp: str
+) -> tuple[int, int] | None:
+    """The rollout output the metadata names, checked: one float grid per image."""
+    name = metadata.attention_output
+    if name is None:
+        return None
+    if name not in outputs:
+        raise ModelMismatch(
+            f"the metadata names the attention output {name!r}, the graph has "
+            f"{', '.join(outputs)}; re-stamp it with `{restamp}`"
+        )
+    shape = list(outputs[name].shape)
+    if outputs[name].type not in FLOAT_TYPES or len(shape) != 3:
+        raise ModelMismatch(
+            f"the graph's attention output {name} {_dims(shape)} is not one float grid per "
+            "image [N, grid_h, grid_w]"
+        )
+    rows, columns = shape[1], shape[2]
+    return (rows, columns) if isinstance(rows, int) and isinstance(columns, int) else None
 
 
 def check_output_width(width: int | None, metadata: ModelMetadata, path: Path) -> None:

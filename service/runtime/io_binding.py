@@ -32,47 +32,49 @@ class _Bucket:
         *,
         batch_size: int,
         input_name: str,
-        output_name: str,
+        outputs: dict[str, tuple[int, ...]],
         image_shape: tuple[int, ...],
-        classes: int,
         device: str,
         graph_id: int | None,
     ) -> None:
         self.batch_size = batch_size
         self.staging = np.zeros((batch_size, *image_shape), dtype=np.float32)
         self.input = ort.OrtValue.ortvalue_from_numpy(self.staging, device, 0)
-        self.output = ort.OrtValue.ortvalue_from_shape_and_type(
-            (batch_size, classes), np.float32, device, 0
-        )
+        self.outputs = {
+            name: ort.OrtValue.ortvalue_from_shape_and_type(
+                (batch_size, *row), np.float32, device, 0
+            )
+            for name, row in outputs.items()
+        }
         self.binding = session.io_binding()
         self.binding.bind_ortvalue_input(input_name, self.input)
-        self.binding.bind_ortvalue_output(output_name, self.output)
+        for name, value in self.outputs.items():
+            self.binding.bind_ortvalue_output(name, value)
         self.run_options = ort.RunOptions()
         if graph_id is not None:
             self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
 
-    def run(self, session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
+    def run(self, session: ort.InferenceSession, batch: np.ndarray) -> dict[str, np.ndarray]:
         count = len(batch)
         self.staging[:count] = batch
         self.staging[count:] = 0.0
         if self.input.device_name() != "cpu":  # a CPU OrtValue shares `staging`'s memory
             self.input.update_inplace(self.staging)
         session.run_with_iobinding(self.binding, self.run_options)
-        output: np.ndarray = self.output.numpy()
-        return output[:count].copy()
+        return {name: value.numpy()[:count].copy() for name, value in self.outputs.items()}
 
 
 class BucketedIoBinding:
-    """`run(batch) -> logits` through bound buffers; not thread-safe (one inference thread)."""
+    """`run(batch) -> outputs` through bound buffers; not thread-safe (one inference thread).
+    `outputs` gives each bound output's shape per image (classes; the attention grid)."""
 
     def __init__(
         self,
         session: ort.InferenceSession,
         *,
         input_name: str,
-        output_name: str,
+        outputs: dict[str, tuple[int, ...]],
         image_shape: tuple[int, ...],
-        classes: int,
         max_batch_size: int,
         device: str,
         cuda_graph: bool,
@@ -83,9 +85,8 @@ class BucketedIoBinding:
                 session,
                 batch_size=size,
                 input_name=input_name,
-                output_name=output_name,
+                outputs=outputs,
                 image_shape=image_shape,
-                classes=classes,
                 device=device,
                 graph_id=index if cuda_graph else None,
             )
@@ -96,8 +97,8 @@ class BucketedIoBinding:
     def max_batch_size(self) -> int:
         return self.buckets[-1].batch_size
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """Logits for a batch of at most `max_batch_size` images."""
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Every bound output for a batch of at most `max_batch_size` images."""
         for bucket in self.buckets:
             if len(batch) <= bucket.batch_size:
                 return bucket.run(self._session, batch)

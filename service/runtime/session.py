@@ -1,4 +1,5 @@
-"""The onnxruntime session behind one narrow call: predict(batch) -> probabilities."""
+"""The onnxruntime session behind one narrow call: infer(batch) -> named outputs (the
+probabilities, and the attention rollout where the model has one)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,18 @@ from service.runtime.providers import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_OPTIONS = RuntimeOptions()
+
+PROBABILITIES = "probabilities"
+ATTENTION_ROLLOUT = "attention_rollout"
+Outputs = dict[str, np.ndarray]
+"""A batch's outputs by name, each with one row per image: `PROBABILITIES` always, and
+`ATTENTION_ROLLOUT` where the model carries one. A new output is a new key, not a new path."""
+
+
+def per_image(outputs: Outputs) -> list[Outputs]:
+    """A batch's outputs as one mapping per image, each output keeping its leading axis."""
+    count = len(outputs[PROBABILITIES])
+    return [{name: values[i : i + 1] for name, values in outputs.items()} for i in range(count)]
 
 CUDA_GRAPH_WARM_UP_RUNS = 3
 
@@ -105,17 +118,20 @@ class ModelSession:
             self._session = ort.InferenceSession(model_bytes, session_options, providers=[CPU])
         self.input_name = self.graph.input_name
         self.output_name = self.graph.output_name
+        self.attention_output = self.graph.attention_output
+        self._graph_outputs = (self.output_name, *filter(None, [self.attention_output]))
+        self.output_names = (PROBABILITIES, *([ATTENTION_ROLLOUT] if self.attention_output else []))
+        """What `infer` answers with, by name."""
         self._bound = (
             BucketedIoBinding(
                 self._session,
                 input_name=self.input_name,
-                output_name=self.output_name,
+                outputs=self._bound_shapes(),
                 image_shape=(
                     3,
                     self.metadata.preprocessing.input_size,
                     self.metadata.preprocessing.input_size,
                 ),
-                classes=len(self.metadata.labels),
                 max_batch_size=options.max_batch_size,
                 device="cpu" if self.provider == CPU else "cuda",
                 cuda_graph=cuda_graph,
@@ -152,7 +168,16 @@ class ModelSession:
             return f"the graph fixes the batch at {self.fixed_batch_size}"
         if self.graph.output_type != "tensor(float)":
             return f"the graph's output is {self.graph.output_type}"
+        if self.graph.attention_output is not None and self.graph.attention_grid is None:
+            return "the graph does not fix its attention grid's shape"
         return None
+
+    def _bound_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each output's shape per image, for the bound buffers."""
+        shapes: dict[str, tuple[int, ...]] = {self.output_name: (len(self.metadata.labels),)}
+        if self.graph.attention_output is not None and self.graph.attention_grid is not None:
+            shapes[self.graph.attention_output] = self.graph.attention_grid
+        return shapes
 
     def _workers(self, requested: int, one_call_at_a_time: bool) -> int:
         """Calls that may run at once: `requested`, or for 0 two on the CPU provider and one
@@ -181,45 +206,64 @@ class ModelSession:
         return self.metadata.labels
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        """The model's raw output for a float32 (N, 3, S, S) batch."""
+        """The model's raw classification output for a float32 (N, 3, S, S) batch."""
+        return self._raw(batch)[self.output_name]
+
+    def _raw(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         if self._bound is not None:
             # Through the bound buckets only, in chunks if need be: with CUDA graphs on, a plain
             # run would replay (or capture over) graph 0 with the wrong buffers.
             step = self._bound.max_batch_size
             chunks = [self._bound.run(batch[i : i + step]) for i in range(0, len(batch), step)]
-            return np.concatenate(chunks)
+            return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
         return self._run(self._session, batch)
 
-    def _run(self, session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
+    def _run(self, session: ort.InferenceSession, batch: np.ndarray) -> dict[str, np.ndarray]:
         """One plain run, float32; a graph with a fixed batch gets exactly that many rows per
         call (the last call padded with zeros, which are never returned)."""
         fixed = self.fixed_batch_size
+        names = self._graph_outputs
         if fixed is None or len(batch) == fixed:
-            (output,) = session.run([self.output_name], {self.input_name: batch})
-            return np.asarray(output, dtype=np.float32)
-        rows = []
+            values = session.run(list(names), {self.input_name: batch})
+            return {
+                name: np.asarray(value, dtype=np.float32)
+                for name, value in zip(names, values, strict=True)
+            }
+        chunks = []
         for start in range(0, len(batch), fixed):
             chunk = batch[start : start + fixed]
             padded = np.zeros((fixed, *batch.shape[1:]), dtype=batch.dtype)
             padded[: len(chunk)] = chunk
-            rows.append(self._run(session, padded)[: len(chunk)])
-        return np.concatenate(rows)
+            chunks.append({k: v[: len(chunk)] for k, v in self._run(session, padded).items()})
+        return {name: np.concatenate([c[name] for c in chunks]) for name in names}
+
+    def infer(self, batch: np.ndarray) -> Outputs:
+        """Every output the service serves for a batch, by name (see `Outputs`)."""
+        return self._named(self._raw(batch))
+
+    def infer_alone(self, batch: np.ndarray) -> Outputs:
+        """`infer` for a call with nothing else to do on the machine: through the session
+        whose threads busy-wait between operators while it runs, when there is one."""
+        if self._lone_session is None:
+            return self.infer(batch)
+        return self._named(self._run(self._lone_session, batch))
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities (N, classes), float32, each row summing to 1."""
-        return self._probabilities(self.logits(batch))
+        return self.infer(batch)[PROBABILITIES]
 
-    def predict_alone(self, batch: np.ndarray) -> np.ndarray:
-        """`predict` for a call with nothing else to do on the machine: through the session
-        whose threads busy-wait between operators while it runs, when there is one."""
-        if self._lone_session is None:
-            return self.predict(batch)
-        return self._probabilities(self._run(self._lone_session, batch))
-
-    def _probabilities(self, output: np.ndarray) -> np.ndarray:
-        if self.metadata.output == "probabilities":
-            return output.astype(np.float32)
-        return softmax(output)
+    def _named(self, raw: dict[str, np.ndarray]) -> Outputs:
+        scores = raw[self.output_name]
+        named = {
+            PROBABILITIES: (
+                scores.astype(np.float32)
+                if self.metadata.output == "probabilities"
+                else softmax(scores)
+            )
+        }
+        if self.attention_output is not None:
+            named[ATTENTION_ROLLOUT] = raw[self.attention_output]
+        return named
 
 
 def _lone_call_session(

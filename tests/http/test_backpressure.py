@@ -13,12 +13,12 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.runtime.session import ModelSession
+from service.runtime.session import ModelSession, Outputs
 from tests.images import upload_variety
 from tests.service_support import cpu_settings, ready_client
 
 JPEG = upload_variety()["jpeg"][0]
-SessionCall = Callable[[ModelSession, np.ndarray], np.ndarray]
+SessionCall = Callable[[ModelSession, np.ndarray], Outputs]
 
 
 class Gate:
@@ -33,12 +33,12 @@ class Gate:
 @pytest.fixture()
 def gate(monkeypatch: pytest.MonkeyPatch) -> Gate:
     gate = Gate()
-    for name in ("predict", "predict_alone"):  # lone images take the second path
+    for name in ("infer", "infer_alone"):  # lone images take the second path
         original = getattr(ModelSession, name)
 
         def gated(
             self: ModelSession, batch: np.ndarray, original: SessionCall = original
-        ) -> np.ndarray:
+        ) -> Outputs:
             gate.open.wait(timeout=30)
             gate.batch_sizes.append(len(batch))
             return original(self, batch)

@@ -14,6 +14,7 @@ import pytest
 from service.errors import DeadlineExceeded, InferenceFailed, Overloaded
 from service.inference.batcher import Batcher
 from service.metrics import Metrics
+from service.runtime.session import PROBABILITIES, Outputs
 
 
 class GatedModel:
@@ -26,14 +27,27 @@ class GatedModel:
         self.started: list[int] = []  # batch sizes, as each call begins
         self.fail = False
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
+    def predict(self, batch: np.ndarray) -> Outputs:
         self.started.append(len(batch))
         self.entered.set()
         self.gate.wait(timeout=10)
         self.calls.append(batch.copy())
         if self.fail:
             raise RuntimeError("onnxruntime said no")
-        return batch.reshape(len(batch), -1).sum(axis=1, keepdims=True) * np.ones((1, 3))
+        return sums(batch)
+
+
+def sums(batch: np.ndarray) -> Outputs:
+    """Each image's pixel sum in three columns, and as a second output its negation."""
+    total = batch.reshape(len(batch), -1).sum(axis=1, keepdims=True)
+    return {PROBABILITIES: total * np.ones((1, 3)), "negated": -total}
+
+
+async def submitted(batcher: Batcher, inputs: np.ndarray, deadline: float) -> np.ndarray:
+    """The first output's rows for `inputs`, the second's checked to be the same rows'."""
+    outputs = await batcher.submit(inputs, deadline)
+    np.testing.assert_array_equal(outputs["negated"], -outputs[PROBABILITIES][:, :1])
+    return outputs[PROBABILITIES]
 
 
 def rows(*values: float) -> np.ndarray:
@@ -67,7 +81,7 @@ async def finish_and_check_99_never_ran(
     request carrying 99 never reached the model, then stop."""
     model.gate.set()
     await blocker
-    assert (await batcher.submit(rows(3), far()))[0, 0] == 3
+    assert (await submitted(batcher, rows(3), far()))[0, 0] == 3
     assert all(99 not in call for call in model.calls)
     await batcher.stop()
 
@@ -77,9 +91,11 @@ def test_concurrent_requests_share_a_call_and_get_their_own_rows() -> None:
         model = GatedModel()
         batcher = make(model)
         batcher.start()
-        first = asyncio.create_task(batcher.submit(rows(1), far()))
+        first = asyncio.create_task(submitted(batcher, rows(1), far()))
         await wait_until_inference_runs(model)  # the first call waits on the gate, alone
-        others = [asyncio.create_task(batcher.submit(rows(v, v + 0.5), far())) for v in (10, 20)]
+        others = [
+            asyncio.create_task(submitted(batcher, rows(v, v + 0.5), far())) for v in (10, 20)
+        ]
         await asyncio.sleep(0.02)
         model.gate.set()
         assert (await first)[:, 0].tolist() == [1]
@@ -95,14 +111,14 @@ def test_full_queue_refuses_at_once_with_retry_after() -> None:
         model = GatedModel()
         batcher = make(model, max_queue=3)
         batcher.start()
-        held = [asyncio.create_task(batcher.submit(rows(v), far())) for v in (1, 2, 3)]
+        held = [asyncio.create_task(submitted(batcher, rows(v), far())) for v in (1, 2, 3)]
         await asyncio.sleep(0.02)
         with pytest.raises(Overloaded) as refused:
-            await batcher.submit(rows(4), far())
+            await submitted(batcher, rows(4), far())
         assert refused.value.retry_after >= 1
         model.gate.set()
         await asyncio.gather(*held)
-        assert (await batcher.submit(rows(5), far()))[0, 0] == 5  # places were released
+        assert (await submitted(batcher, rows(5), far()))[0, 0] == 5  # places were released
         await batcher.stop()
 
     asyncio.run(scenario())
@@ -113,10 +129,10 @@ def test_a_place_is_held_until_inference_returns() -> None:
         model = GatedModel()
         batcher = make(model, max_queue=1)
         batcher.start()
-        running = asyncio.create_task(batcher.submit(rows(1), far()))
+        running = asyncio.create_task(submitted(batcher, rows(1), far()))
         await wait_until_inference_runs(model)  # dequeued and in inference, not returned
         with pytest.raises(Overloaded):
-            await batcher.submit(rows(2), far())
+            await submitted(batcher, rows(2), far())
         model.gate.set()
         await running
         await batcher.stop()
@@ -129,10 +145,10 @@ def test_expired_requests_get_504_and_never_reach_the_model() -> None:
         model = GatedModel()
         batcher = make(model)
         batcher.start()
-        blocker = asyncio.create_task(batcher.submit(rows(1), far()))
+        blocker = asyncio.create_task(submitted(batcher, rows(1), far()))
         await wait_until_inference_runs(model)
         with pytest.raises(DeadlineExceeded):
-            await batcher.submit(rows(99), time.monotonic() + 0.05)
+            await submitted(batcher, rows(99), time.monotonic() + 0.05)
         await finish_and_check_99_never_ran(model, batcher, blocker)
 
     asyncio.run(scenario())
@@ -146,9 +162,9 @@ def test_inference_failure_reaches_every_caller_and_the_next_call_works() -> Non
         batcher.start()
         model.gate.set()
         with pytest.raises(InferenceFailed):
-            await batcher.submit(rows(1), far())
+            await submitted(batcher, rows(1), far())
         model.fail = False
-        assert (await batcher.submit(rows(2), far()))[0, 0] == 2
+        assert (await submitted(batcher, rows(2), far()))[0, 0] == 2
         await batcher.stop()
 
     asyncio.run(scenario())
@@ -160,9 +176,9 @@ def test_delay_waits_for_more_requests() -> None:
         model.gate.set()
         batcher = make(model, max_delay=0.2)
         batcher.start()
-        first = asyncio.create_task(batcher.submit(rows(1), far()))
+        first = asyncio.create_task(submitted(batcher, rows(1), far()))
         await asyncio.sleep(0.02)
-        second = asyncio.create_task(batcher.submit(rows(2), far()))
+        second = asyncio.create_task(submitted(batcher, rows(2), far()))
         await asyncio.gather(first, second)
         assert [len(call) for call in model.calls] == [2]
         await batcher.stop()
@@ -175,9 +191,9 @@ def test_a_caller_that_gives_up_frees_its_place_and_never_reaches_the_model() ->
         model = GatedModel()
         batcher = make(model, max_queue=2)
         batcher.start()
-        blocker = asyncio.create_task(batcher.submit(rows(1), far()))
+        blocker = asyncio.create_task(submitted(batcher, rows(1), far()))
         await wait_until_inference_runs(model)
-        abandoned = asyncio.create_task(batcher.submit(rows(99), far()))
+        abandoned = asyncio.create_task(submitted(batcher, rows(99), far()))
         await asyncio.sleep(0.02)
         assert batcher.is_full(1)
         abandoned.cancel()  # what a client disconnect does to its request's task
@@ -193,7 +209,7 @@ def test_a_deadline_passing_during_its_own_inference_still_gets_the_answer() -> 
         model = GatedModel()
         batcher = make(model)
         batcher.start()
-        running = asyncio.create_task(batcher.submit(rows(7), time.monotonic() + 0.05))
+        running = asyncio.create_task(submitted(batcher, rows(7), time.monotonic() + 0.05))
         await wait_until_inference_runs(model)
         await asyncio.sleep(0.1)  # past its deadline, inside its inference
         model.gate.set()
@@ -208,7 +224,7 @@ def test_stop_waits_for_the_call_in_progress() -> None:
         model = GatedModel()
         batcher = make(model)
         batcher.start()
-        running = asyncio.create_task(batcher.submit(rows(5), far()))
+        running = asyncio.create_task(submitted(batcher, rows(5), far()))
         await wait_until_inference_runs(model)
         asyncio.get_running_loop().call_later(0.05, model.gate.set)
         await batcher.stop()
@@ -222,11 +238,11 @@ def test_workers_run_batches_at_once_and_each_caller_gets_its_rows() -> None:
         model = GatedModel()
         batcher = make(model, max_batch_size=2, workers=2)
         batcher.start()
-        first = asyncio.create_task(batcher.submit(rows(1, 2), far()))
+        first = asyncio.create_task(submitted(batcher, rows(1, 2), far()))
         await wait_for_calls(model, 1)
-        second = asyncio.create_task(batcher.submit(rows(3, 4), far()))
+        second = asyncio.create_task(submitted(batcher, rows(3, 4), far()))
         await wait_for_calls(model, 2)  # began while the first is still held by the gate
-        third = asyncio.create_task(batcher.submit(rows(5), far()))
+        third = asyncio.create_task(submitted(batcher, rows(5), far()))
         await asyncio.sleep(0.02)
         assert batcher.is_full(98)  # five images held: two calls running, one queued
         model.gate.set()
@@ -242,10 +258,10 @@ def test_with_every_worker_busy_a_request_waits_and_can_expire() -> None:
         model = GatedModel()
         batcher = make(model, max_batch_size=1, workers=2)
         batcher.start()
-        busy = [asyncio.create_task(batcher.submit(rows(v), far())) for v in (1, 2)]
+        busy = [asyncio.create_task(submitted(batcher, rows(v), far())) for v in (1, 2)]
         await wait_for_calls(model, 2)  # both workers inside predict, held by the gate
         with pytest.raises(DeadlineExceeded):
-            await batcher.submit(rows(99), time.monotonic() + 0.05)
+            await submitted(batcher, rows(99), time.monotonic() + 0.05)
         model.gate.set()
         assert sorted([(await task)[0, 0] for task in busy]) == [1, 2]
         assert all(99 not in call for call in model.calls)
@@ -260,9 +276,9 @@ class Recorder:
     def __init__(self) -> None:
         self.sizes: list[int] = []
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def __call__(self, batch: np.ndarray) -> Outputs:
         self.sizes.append(len(batch))
-        return batch.reshape(len(batch), -1).sum(axis=1, keepdims=True) * np.ones((1, 3))
+        return sums(batch)
 
 
 def test_a_lone_image_goes_through_predict_alone_and_anything_else_does_not() -> None:
@@ -280,12 +296,12 @@ def test_a_lone_image_goes_through_predict_alone_and_anything_else_does_not() ->
             busy_elsewhere=lambda: busy["elsewhere"],
         )
         batcher.start()
-        assert (await batcher.submit(rows(1), far()))[0, 0] == 1
+        assert (await submitted(batcher, rows(1), far()))[0, 0] == 1
         assert alone.sizes == [1] and model.started == []
-        assert (await batcher.submit(rows(2, 3), far()))[:, 0].tolist() == [2, 3]
+        assert (await submitted(batcher, rows(2, 3), far()))[:, 0].tolist() == [2, 3]
         assert model.started == [2]
         busy["elsewhere"] = True  # an upload being decoded wants the cores too
-        assert (await batcher.submit(rows(4), far()))[0, 0] == 4
+        assert (await submitted(batcher, rows(4), far()))[0, 0] == 4
         assert alone.sizes == [1] and model.started == [2, 1]
         await batcher.stop()
 
@@ -306,9 +322,9 @@ def test_a_lone_image_next_to_a_running_call_goes_through_predict() -> None:
         )
         batcher.start()
         model.gate.clear()
-        first = asyncio.create_task(batcher.submit(rows(1, 2), far()))  # held in predict
+        first = asyncio.create_task(submitted(batcher, rows(1, 2), far()))  # held in predict
         await wait_for_calls(model, 1)
-        second = asyncio.create_task(batcher.submit(rows(3), far()))
+        second = asyncio.create_task(submitted(batcher, rows(3), far()))
         await wait_for_calls(model, 2)
         model.gate.set()
         await asyncio.gather(first, second)
@@ -329,7 +345,7 @@ def test_a_request_larger_than_the_batch_limit_runs_as_several_calls() -> None:
             metrics=Metrics().for_model("m", "1"),
         )
         batcher.start()
-        result = await batcher.submit(rows(1, 2, 3, 4, 5), far())
+        result = await submitted(batcher, rows(1, 2, 3, 4, 5), far())
         assert model.sizes == [2, 2, 1]
         assert result[:, 0].tolist() == [1, 2, 3, 4, 5]  # each row its own answer, in order
         await batcher.stop()
@@ -342,9 +358,9 @@ def test_inference_threads_run_at_the_added_niceness() -> None:
     async def scenario() -> None:
         seen: list[int] = []
 
-        def predict(batch: np.ndarray) -> np.ndarray:
+        def predict(batch: np.ndarray) -> Outputs:
             seen.append(os.getpriority(os.PRIO_PROCESS, 0))  # 0: the calling thread
-            return batch.reshape(len(batch), -1)
+            return sums(batch)
 
         batcher = Batcher(
             predict,
@@ -355,7 +371,7 @@ def test_inference_threads_run_at_the_added_niceness() -> None:
             nice=3,
         )
         batcher.start()
-        await batcher.submit(rows(1), far())
+        await submitted(batcher, rows(1), far())
         await batcher.stop()
         assert seen == [os.getpriority(os.PRIO_PROCESS, 0) + 3]  # this thread is untouched
 
@@ -365,9 +381,10 @@ def test_inference_threads_run_at_the_added_niceness() -> None:
 class PoisonableModel(GatedModel):
     """Returns NaN for a whole call when any of its inputs is 1e30 (one client's poison)."""
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
+    def predict(self, batch: np.ndarray) -> Outputs:
         outputs = super().predict(batch)
-        return outputs * np.nan if (batch == 1e30).any() else outputs
+        poisoned = (batch == 1e30).any()
+        return {name: values * np.nan if poisoned else values for name, values in outputs.items()}
 
 
 def test_a_batch_with_nan_output_is_split_so_only_the_culprit_fails() -> None:
@@ -375,10 +392,10 @@ def test_a_batch_with_nan_output_is_split_so_only_the_culprit_fails() -> None:
         model = PoisonableModel()
         batcher = make(model)
         batcher.start()
-        first = asyncio.create_task(batcher.submit(rows(1), far()))
+        first = asyncio.create_task(submitted(batcher, rows(1), far()))
         await wait_until_inference_runs(model)
-        culprit = asyncio.create_task(batcher.submit(rows(1e30), far()))
-        others = [asyncio.create_task(batcher.submit(rows(v), far())) for v in (10, 20)]
+        culprit = asyncio.create_task(submitted(batcher, rows(1e30), far()))
+        others = [asyncio.create_task(submitted(batcher, rows(v), far())) for v in (10, 20)]
         await asyncio.sleep(0.02)
         model.gate.set()
         assert (await first)[0, 0] == 1
@@ -390,7 +407,7 @@ def test_a_batch_with_nan_output_is_split_so_only_the_culprit_fails() -> None:
         assert batcher.consecutive_failures == 0  # the model works: the input was at fault
         for _ in range(5):
             with pytest.raises(InferenceFailed):
-                await batcher.submit(rows(1e30), far())
+                await submitted(batcher, rows(1e30), far())
         assert batcher.consecutive_failures == 0
         await batcher.stop()
 
@@ -406,10 +423,10 @@ def test_failures_count_towards_readiness_only_when_known_good_input_fails_too()
         batcher.start()
         for expected in (1, 2):
             with pytest.raises(InferenceFailed):
-                await batcher.submit(rows(1), far())
+                await submitted(batcher, rows(1), far())
             assert batcher.consecutive_failures == expected
         model.fail = False
-        assert (await batcher.submit(rows(4), far()))[0, 0] == 4
+        assert (await submitted(batcher, rows(4), far()))[0, 0] == 4
         assert batcher.consecutive_failures == 0
         await batcher.stop()
 

@@ -13,12 +13,12 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from model_export import shapes
-from service.runtime.session import ModelSession
+from service.runtime.session import PROBABILITIES, ModelSession, Outputs
 from tests.service_support import cpu_settings, ready_client
 
 FAILURES_UNTIL_UNREADY = 3
 IMAGE = shapes.sample(21, 0).data
-SessionCall = Callable[[ModelSession, np.ndarray], np.ndarray]
+SessionCall = Callable[[ModelSession, np.ndarray], Outputs]
 
 
 class Fault:
@@ -29,17 +29,17 @@ class Fault:
 
 @pytest.fixture
 def client(served_model: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
-    for name in ("predict", "predict_alone"):  # lone images take the second path
+    for name in ("infer", "infer_alone"):  # lone images take the second path
         original = getattr(ModelSession, name)
 
         def faulty(
             self: ModelSession, batch: np.ndarray, original: SessionCall = original
-        ) -> np.ndarray:
+        ) -> Outputs:
             if Fault.mode == "raise":
                 raise RuntimeError("injected onnxruntime failure")
             output = original(self, batch)
             if Fault.mode == "nan":
-                output[:, 0] = np.nan
+                output[PROBABILITIES][:, 0] = np.nan
             return output
 
         monkeypatch.setattr(ModelSession, name, faulty)

@@ -54,7 +54,7 @@ def test_io_binding_gives_the_plain_paths_probabilities(
     calls: list[int] = []
     original = BucketedIoBinding.run
 
-    def counted(self: BucketedIoBinding, rows: np.ndarray) -> np.ndarray:
+    def counted(self: BucketedIoBinding, rows: np.ndarray) -> dict[str, np.ndarray]:
         calls.append(len(rows))
         return original(self, rows)
 

@@ -145,7 +145,9 @@ def test_a_lone_call_session_gives_the_same_probabilities(served_model: Path) ->
     assert session.runtime["lone_call_spinning"] == "on"
     assert session.warm_up_batch_sizes() == (1, 2)  # one call through each session
     batch = np.random.default_rng(0).standard_normal((1, 3, 128, 128)).astype(np.float32)
-    np.testing.assert_allclose(session.predict_alone(batch), session.predict(batch), atol=1e-6)
+    np.testing.assert_allclose(
+        session.infer_alone(batch)["probabilities"], session.predict(batch), atol=1e-6
+    )
     bound = ModelSession(served_model, lone.model_copy(update={"io_binding": True}))
     assert bound.runtime["lone_call_spinning"] == "off"  # bound calls go through the buckets
     plain = ModelSession(served_model, IN_PROCESS)
