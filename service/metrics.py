@@ -126,6 +126,20 @@ class Metrics:
         self.model = Info(
             "vit_model", "A served model version and where it runs.", MODEL, registry=r
         )
+        self.out_of_distribution = Counter(
+            "vit_out_of_distribution_images",
+            "Predictions flagged as unlike the model's training images (their score below the "
+            "model's calibrated threshold).",
+            MODEL,
+            registry=r,
+        )
+        self.self_test_passed = Gauge(
+            "vit_model_self_test_passed",
+            "1 once the version's startup self-test passed, 0 if it failed (the version then "
+            "never serves); absent for a model without one.",
+            MODEL,
+            registry=r,
+        )
         self.top1_probability = Histogram(
             "vit_top1_probability",
             "Probability of the predicted class (confidence drift).",
@@ -188,6 +202,8 @@ class ModelMetrics:
         self._predicted = _Labelled(metrics.predicted_class, name, version)
         self._format = _Labelled(metrics.input_format, name, version)
         self._rotated = metrics.exif_rotated.labels(name, version)
+        self._out_of_distribution = metrics.out_of_distribution.labels(name, version)
+        self.self_test_passed = metrics.self_test_passed.labels(name, version)
         self._converted = _Labelled(metrics.mode_converted, name, version)
 
     def observe_decoded(self, image_format: str, original_mode: str, exif_rotated: bool) -> None:
@@ -197,11 +213,15 @@ class ModelMetrics:
         if original_mode != "RGB":
             self._converted.labels(original_mode).inc()
 
-    def observe_predictions(self, top1: list[float], labels: list[str]) -> None:
+    def observe_predictions(
+        self, top1: list[float], labels: list[str], out_of_distribution: int = 0
+    ) -> None:
         self._images.inc(len(top1))
         for probability, label in zip(top1, labels, strict=True):
             self._top1.observe(probability)
             self._predicted.labels(label).inc()
+        if out_of_distribution:
+            self._out_of_distribution.inc(out_of_distribution)
 
     def remove(self) -> None:
         """Drop the version's gauges and info once it is retired (counters and histograms
@@ -214,6 +234,7 @@ class ModelMetrics:
             m.memory_bytes,
             m.ready,
             m.model,
+            m.self_test_passed,
         ):
             try:
                 family.remove(*self._labels)

@@ -19,7 +19,7 @@ from service.http.schemas import (
 )
 from service.inference.pipeline import Answer
 from service.metrics import Metrics
-from service.runtime.session import ATTENTION_ROLLOUT, PROBABILITIES
+from service.runtime.session import ATTENTION_ROLLOUT, OOD_SCORE, PROBABILITIES
 
 
 def classify_response(
@@ -44,11 +44,16 @@ def classify_response(
         row = outcome.outputs[PROBABILITIES][0]
         order = np.argsort(-row, kind="stable")[:k]
         top = [TopClass(label=labels[i], index=int(i), probability=float(row[i])) for i in order]
+        score = float(outcome.outputs[OOD_SCORE][0]) if metadata.ood is not None else None
         predictions.append(
             Prediction(
                 file=name,
                 top=top,
                 probabilities=row.tolist() if full else None,
+                ood_score=score,
+                in_distribution=None
+                if metadata.ood is None or score is None
+                else score >= metadata.ood.threshold,
                 attention=attention_of(outcome) if attention else None,
             )
         )

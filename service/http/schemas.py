@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from model_contract.metadata import OodCalibration
 from model_contract.preprocess import PreprocessSpec
 
 
@@ -56,6 +57,16 @@ class Prediction(BaseModel):
     error: ErrorBody | None = Field(
         None, description="Why this file has no classes; the request's other files do."
     )
+    ood_score: float | None = Field(
+        None,
+        description="How much the image looks like the model's training images (higher: more); "
+        "absent where the model has no calibration.",
+    )
+    in_distribution: bool | None = Field(
+        None,
+        description="Whether `ood_score` clears the model's calibrated threshold: false means "
+        "the answer is not to be trusted. Absent where the model has no calibration.",
+    )
     attention: Attention | None = Field(None, description="Where the model looked (explain).")
 
 
@@ -83,12 +94,28 @@ class ModelInfo(BaseModel):
     source: dict[str, str] = Field(
         description="Where an imported model came from: importer, source, model_type."
     )
+    outputs: list[str] = Field(
+        description="What inference answers with: probabilities, attention_rollout (explain), "
+        "ood_score."
+    )
+    ood: OodCalibration | None = Field(
+        description="The out-of-distribution score and threshold; null: not calibrated."
+    )
+    self_test: SelfTestInfo
     cost: dict[str, int] | None = Field(
         None,
         description="Per image, where the metadata describes a plain ViT: tokens, attention "
         "pairs per layer, and FLOPs (attention, projections, MLP, embedding and head, total); "
         "docs/SCALING.md.",
     )
+
+
+class SelfTestInfo(BaseModel):
+    status: Literal["pending", "passed", "failed", "none"] = Field(
+        description="The startup self-test: passed, failed (the version never serves), none "
+        "(the file has no golden images) or pending (warming up)."
+    )
+    detail: str
 
 
 class ModelList(BaseModel):

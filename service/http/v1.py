@@ -15,7 +15,7 @@ from service.http.dependencies import Inference, InferenceDep, RegistryDep
 from service.http.overlay import overlay_png
 from service.http.responses import classify_response, error_responses
 from service.http.routers import inference_router
-from service.http.schemas import ClassifyResponse, ModelInfo, ModelList
+from service.http.schemas import ClassifyResponse, ModelInfo, ModelList, SelfTestInfo
 from service.inference.pipeline import Answer, Pipeline
 from service.runtime.decode_workers import PICTURE_SIDE
 from service.runtime.session import ATTENTION_ROLLOUT, PROBABILITIES
@@ -209,6 +209,9 @@ def model_info(pipeline: Pipeline) -> ModelInfo:
         held_out_accuracy=metadata.held_out_accuracy,
         dataset=metadata.dataset,
         source=metadata.source,
+        outputs=list(session.output_names),
+        ood=metadata.ood,
+        self_test=SelfTestInfo(status=pipeline.self_test.status, detail=pipeline.self_test.detail),
         cost=(
             cost.as_dict()
             if (cost := cost_of(metadata.dataset.get("config"), len(metadata.labels)))

@@ -4,12 +4,13 @@ batcher."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import numpy as np
 
@@ -26,7 +27,7 @@ from service.inference.budget import Budget, Ticket
 from service.metrics import Metrics
 from service.runtime.decode_workers import Decoded, DecodeWorkers
 from service.runtime.graph_check import check_output_width
-from service.runtime.session import PROBABILITIES, ModelSession, Outputs, per_image
+from service.runtime.session import OOD_SCORE, PROBABILITIES, ModelSession, Outputs, per_image
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,19 @@ FILE_ERRORS = (UnsupportedImageFormat, UndecodableImage, TooManyPixels)
 """What one uploaded file can be at fault for, as opposed to its request. Not a file that
 overran its decoder's limits: that fails the whole request at once and stops its other files,
 or one request of 64 bombs would hold the decoders for 64 time limits."""
+
+
+@dataclass(frozen=True)
+class SelfTestStatus:
+    """Where the startup self-test stands: pending, passed, failed or none (no golden images
+    in the file), and in words."""
+
+    status: Literal["pending", "passed", "failed", "none"]
+    detail: str
+
+
+class SelfTestFailed(RuntimeError):
+    """The golden images' probabilities came out other than the model file expects."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +72,7 @@ class Pipeline:
         self.spec = session.metadata.preprocessing
         self._warmed_up = False
         self.warm_up_error: str | None = None
+        self.self_test = SelfTestStatus("pending", "runs after the warm-up")
         self._closed = False
         self._preparing = 0
         self._failures_until_unready = settings.unready_after_failures
@@ -120,9 +135,11 @@ class Pipeline:
         outputs = await self.batcher.submit(batch, deadline)
         probabilities = outputs[PROBABILITIES]
         top = probabilities.argmax(axis=1)
+        ood = self.session.metadata.ood
         self.metrics.observe_predictions(
             [float(row[i]) for row, i in zip(probabilities, top, strict=True)],
             [self.session.labels[i] for i in top],
+            int((outputs[OOD_SCORE] < ood.threshold).sum()) if ood is not None else 0,
         )
         return outputs
 
@@ -191,6 +208,8 @@ class Pipeline:
         return self.batcher.consecutive_failures >= self._failures_until_unready
 
     def require_ready(self) -> None:
+        if self.self_test.status == "failed":
+            raise NotReady(f"the model failed its self-test: {self.self_test.detail}")
         if self.warm_up_error is not None:
             raise NotReady(f"the model failed its warm-up: {self.warm_up_error}")
         if not self._warmed_up:
@@ -214,9 +233,45 @@ class Pipeline:
         except Exception as error:
             self.warm_up_error = str(error)
             raise
+        await self._self_test(deadline)
         self._warmed_up = True
         self._recovery = asyncio.create_task(self._recover_when_failing(), name="recovery")
         logger.info("warm-up done: ready")
+
+    async def _self_test(self, deadline: float) -> None:
+        """The model file's golden images through the whole serving path (decoding workers,
+        preprocessing, batching, the session with its provider, precision and IO binding);
+        any probability further from the file's expectation than its tolerance fails it:
+        the version never becomes ready (SelfTestFailed), and says why."""
+        test = self.session.metadata.self_test
+        if test is None:
+            self.self_test = SelfTestStatus("none", "the model file carries no self-test images")
+            return
+        decoded = await asyncio.gather(
+            *(self.prepare(base64.b64decode(image)) for image in test.images)
+        )
+        outputs = await self.batcher.submit(np.concatenate([d.tensor for d in decoded]), deadline)
+        difference = np.abs(outputs[PROBABILITIES] - np.asarray(test.probabilities))
+        worst = float(difference.max())
+        runtime = self.session.runtime
+        where = f"{runtime['provider']}, {runtime['precision']}, io_binding {runtime['io_binding']}"
+        if not worst <= test.tolerance:  # NaN fails too
+            image = int(np.unravel_index(np.nanargmax(difference), difference.shape)[0])
+            detail = (
+                f"golden image {image + 1} of {len(test.images)}: a probability differs by "
+                f"{worst:.2e} from the file's expectation, over its tolerance "
+                f"{test.tolerance:.1e} ({where}); the provider, precision or onnxruntime "
+                "version computes other numbers than the model was exported with"
+            )
+            self.self_test = SelfTestStatus("failed", detail)
+            self.metrics.self_test_passed.set(0)
+            raise SelfTestFailed(f"self-test failed: {detail}")
+        self.self_test = SelfTestStatus(
+            "passed",
+            f"{len(test.images)} golden images within {test.tolerance:.1e} "
+            f"(largest difference {worst:.1e}; {where})",
+        )
+        self.metrics.self_test_passed.set(1)
 
     async def _recover_when_failing(self) -> None:
         """While not ready because inference kept failing, try one probe inference now and

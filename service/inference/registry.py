@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from service.errors import ModelLoadFailed, ModelNotFound, NotReady
-from service.inference.pipeline import Pipeline
+from service.inference.pipeline import Pipeline, SelfTestFailed
 from service.inference.repository import Scan, VersionFile, VersionPolicy, scan
 from service.metrics import Metrics
 from service.runtime.session import ModelSession
@@ -287,6 +287,16 @@ class ModelRegistry:
             pipeline = Pipeline(session, self.settings, self.metrics)
             try:
                 await pipeline.start()
+            except SelfTestFailed as failed:
+                if not strict:
+                    await pipeline.close()
+                    raise
+                # At start there is nothing else to serve: the version stays, unready, and
+                # says why (readiness, the index, the log and the metric).
+                self._serving.setdefault(name, {})[version] = pipeline
+                self._index[key] = IndexEntry(name, version, "UNAVAILABLE", str(failed))
+                logger.error("model %s version %d is not ready: %s", name, version, failed)
+                return
             except BaseException:
                 await pipeline.close()
                 raise

@@ -25,7 +25,6 @@ def nvidia_driver_present() -> bool:
     return Path("/proc/driver/nvidia/version").exists() or any(Path("/dev").glob("nvidia[0-9]*"))
 
 
-
 @dataclass(frozen=True)
 class ProviderPlan:
     """The providers to request, in order, with options; and what was given up before asking."""

@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from model_contract.metadata import ModelMetadata
+from model_contract.ood import ood_scores
 from service.runtime.graph_check import check_graph
 from service.runtime.io_binding import BucketedIoBinding
 from service.runtime.options import CPU, CUDA, TENSORRT, RuntimeOptions
@@ -29,15 +30,18 @@ DEFAULT_OPTIONS = RuntimeOptions()
 
 PROBABILITIES = "probabilities"
 ATTENTION_ROLLOUT = "attention_rollout"
+OOD_SCORE = "ood_score"
 Outputs = dict[str, np.ndarray]
-"""A batch's outputs by name, each with one row per image: `PROBABILITIES` always, and
-`ATTENTION_ROLLOUT` where the model carries one. A new output is a new key, not a new path."""
+"""A batch's outputs by name, each with one row per image: `PROBABILITIES` always,
+`ATTENTION_ROLLOUT` where the model carries one, `OOD_SCORE` where it is calibrated. A new
+output is a new key, not a new path."""
 
 
 def per_image(outputs: Outputs) -> list[Outputs]:
     """A batch's outputs as one mapping per image, each output keeping its leading axis."""
     count = len(outputs[PROBABILITIES])
     return [{name: values[i : i + 1] for name, values in outputs.items()} for i in range(count)]
+
 
 CUDA_GRAPH_WARM_UP_RUNS = 3
 
@@ -120,7 +124,11 @@ class ModelSession:
         self.output_name = self.graph.output_name
         self.attention_output = self.graph.attention_output
         self._graph_outputs = (self.output_name, *filter(None, [self.attention_output]))
-        self.output_names = (PROBABILITIES, *([ATTENTION_ROLLOUT] if self.attention_output else []))
+        self.output_names = (
+            PROBABILITIES,
+            *([ATTENTION_ROLLOUT] if self.attention_output else []),
+            *([OOD_SCORE] if self.metadata.ood else []),
+        )
         """What `infer` answers with, by name."""
         self._bound = (
             BucketedIoBinding(
@@ -263,6 +271,9 @@ class ModelSession:
         }
         if self.attention_output is not None:
             named[ATTENTION_ROLLOUT] = raw[self.attention_output]
+        if (ood := self.metadata.ood) is not None:
+            # float64, as calibrated: a score on the threshold must fall on the same side.
+            named[OOD_SCORE] = ood_scores(scores, self.metadata.output, ood.score)
         return named
 
 
