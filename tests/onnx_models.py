@@ -38,11 +38,14 @@ def classifier(
     extra_output: bool = False,
     width_from_input: bool = False,
     scale: float = 1.0,
+    attention: bool = False,
 ) -> Path:
     """Logits = mean colour per channel @ W: a real graph whose answer depends on the image.
     `classes` is the declared width (a name makes it symbolic); `weights_classes` the real one,
     or with `width_from_input` the input's width (known only when it runs). `scale` multiplies
-    the weights, so that versions of a model answer differently."""
+    the weights, so that versions of a model answer differently. With `attention`, a second
+    output `attention_rollout` [N, 2, 2]: the mean brightness of each quarter of the image (a
+    stand-in map whose every cell depends on where the image is bright)."""
     weights = scale * (
         np.arange(3 * weights_classes, dtype=np.float32).reshape(3, weights_classes) - 2
     )
@@ -62,12 +65,28 @@ def classifier(
     if extra_output:
         nodes.append(helper.make_node("Identity", ["means"], ["features"]))
         outputs.insert(0, helper.make_tensor_value_info("features", TensorProto.FLOAT, [batch, 3]))
+    initializers = []
+    if attention:
+        assert isinstance(size, int) and isinstance(batch, str)
+        half = size // 2
+        nodes += [
+            helper.make_node("ReduceMean", ["pixels32", "channel"], ["grey"], keepdims=1),
+            helper.make_node(
+                "AveragePool", ["grey"], ["pooled"], kernel_shape=[half, half], strides=[half, half]
+            ),
+            helper.make_node("Squeeze", ["pooled", "channel"], ["attention_rollout"]),
+        ]
+        outputs.append(
+            helper.make_tensor_value_info("attention_rollout", TensorProto.FLOAT, [batch, 2, 2])
+        )
+        initializers.append(numpy_helper.from_array(np.array([1], dtype=np.int64), "channel"))
     graph = helper.make_graph(
         nodes,
         "classifier",
         [helper.make_tensor_value_info("pixels", input_type, [batch, 3, size, size])],
         outputs,
         initializer=[
+            *initializers,
             numpy_helper.from_array(np.array([2, 3], dtype=np.int64), "axes"),
             numpy_helper.from_array(weights, "weights"),
             *(
@@ -87,6 +106,14 @@ def classifier(
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
     return path
+
+
+def expected_attention(batch: np.ndarray) -> np.ndarray:
+    """What `classifier(attention=True)` gives as its map, in numpy."""
+    count, _, size, _ = batch.shape
+    half = size // 2
+    grey = batch.mean(axis=1).reshape(count, 2, half, 2, half)
+    return np.asarray(grey.mean(axis=(2, 4)))
 
 
 def expected_logits(batch: np.ndarray, classes: int = 3, scale: float = 1.0) -> np.ndarray:
