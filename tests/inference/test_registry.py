@@ -3,6 +3,7 @@ version policy, the repository API behind its token, and broken versions that ne
 
 from __future__ import annotations
 
+import base64
 import shutil
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from model_contract.metadata import SelfTest
 from service.app import create_app
 from service.inference.repository import VersionPolicy
 from tests.conftest import DEFAULT_MODEL
@@ -157,7 +159,7 @@ def test_an_api_token_guards_inference_but_not_health(repo: Path) -> None:
         assert client.get("/metrics").status_code == 200
 
 
-@pytest.mark.parametrize("breakage", ["truncated", "labels"])
+@pytest.mark.parametrize("breakage", ["truncated", "labels", "self_test"])
 def test_a_broken_new_version_never_serves_and_the_index_says_why(
     repo: Path, breakage: str
 ) -> None:
@@ -168,8 +170,15 @@ def test_a_broken_new_version_never_serves_and_the_index_says_why(
         if breakage == "truncated":
             data = (repo / "colours" / "2" / "model.onnx").read_bytes()
             (staging / "model.onnx").write_bytes(data[: len(data) // 2])
-        else:
+        elif breakage == "labels":
             classifier(staging / "model.onnx", metadata=metadata_for(["a", "b"], 32))
+        else:  # expectations the graph does not give: a file computing other numbers
+            expected = ((0.5, 0.25, 0.25),)
+            self_test = SelfTest(
+                images=(base64.b64encode(PHOTO).decode(),), probabilities=expected, tolerance=1e-4
+            )
+            metadata = metadata_for(COLOURS, 32, self_test=self_test)
+            classifier(staging / "model.onnx", metadata=metadata)
         staging.rename(repo / "colours" / "3")
         deadline = time.monotonic() + 10
         entry: dict[str, Any] = {}
@@ -180,7 +189,11 @@ def test_a_broken_new_version_never_serves_and_the_index_says_why(
                 break
             time.sleep(0.1)
         assert entry.get("state") == "UNAVAILABLE", entry
-        expected_reason = "2 labels" if breakage == "labels" else "INVALID_PROTOBUF"
+        expected_reason = {
+            "truncated": "INVALID_PROTOBUF",
+            "labels": "2 labels",
+            "self_test": "self-test failed",
+        }[breakage]
         assert expected_reason in entry["reason"], entry
         answer = classify(client, "/v1/models/colours/classify")
         assert answer.status_code == 200 and answer.json()["model"]["version"] == "2"
