@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from model_contract.preprocess import PreprocessSpec
 
-_JSON_FIELDS = ("labels", "preprocessing", "dataset", "source")
+_JSON_FIELDS = ("labels", "preprocessing", "dataset", "source", "ood", "self_test")
 REQUIRED_KEYS = ("name", "version", "labels", "preprocessing", "output")
 # What vit-export wrote before the spec said how JPEGs are decoded: those files were always
 # served with draft decoding, and keep it.
@@ -34,9 +34,55 @@ class InvalidModelMetadata(ValueError):
     """The model file lacks what the service needs to serve it."""
 
 
+class OodCalibration(BaseModel):
+    """How to tell an image unlike the model's training images: a score of the classification
+    output (`model_contract.ood.ood_scores`) and the threshold that accepts most in-distribution
+    images."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    score: Literal["max_softmax", "energy"] = Field(
+        description="max_softmax: the top probability; energy: logsumexp of the logits (the "
+        "negative energy). Higher is more in-distribution either way."
+    )
+    threshold: float = Field(description="An image is in distribution iff its score is >= this.")
+    accept_rate: float = Field(
+        gt=0, le=1, description="The fraction of the calibration images the threshold accepts."
+    )
+    calibration_images: int = Field(gt=0, description="How many images it was calibrated on.")
+    calibration_source: str = Field(description="What the calibration images were.")
+
+
+class SelfTest(BaseModel):
+    """Golden images and the probabilities the written model gives them, for a check at startup
+    through the whole serving path."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    images: tuple[str, ...] = Field(
+        min_length=1, description="Small images (base64 PNG) at the model's input size."
+    )
+    probabilities: tuple[tuple[float, ...], ...] = Field(
+        description="Expected probabilities, one row per image, one column per label: "
+        "model_contract.preprocess.preprocess_upload, then the model as written."
+    )
+    tolerance: float = Field(
+        gt=0,
+        description="The largest |difference| of any probability that still passes: the "
+        "measured difference of the written file from the FP32 reference, with a margin.",
+    )
+
+    @model_validator(mode="after")
+    def _one_row_per_image(self) -> SelfTest:
+        if len(self.probabilities) != len(self.images):
+            raise ValueError("probabilities must have one row per image")
+        return self
+
+
 class ModelMetadata(BaseModel):
     """Everything the service needs to serve a model, stored as string pairs in the file:
-    JSON for labels, preprocessing, dataset and source, plain strings for the rest."""
+    JSON for labels, preprocessing, dataset, source, ood and self_test, plain strings for the
+    rest."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -70,6 +116,27 @@ class ModelMetadata(BaseModel):
         default_factory=dict,
         description="Where an imported model came from: importer, model_type, source.",
     )
+    attention_output: str | None = Field(
+        None,
+        description="The graph output holding the class token's attention rollout over the "
+        "patches, float32 [N, grid, grid]; null: the model has none.",
+    )
+    ood: OodCalibration | None = Field(
+        None, description="The out-of-distribution score and threshold; null: not calibrated."
+    )
+    self_test: SelfTest | None = Field(
+        None, description="Golden images and expected probabilities for a startup check."
+    )
+
+    @model_validator(mode="after")
+    def _energy_needs_logits(self) -> ModelMetadata:
+        if self.ood is not None and self.ood.score == "energy" and self.output != "logits":
+            raise ValueError("the energy score needs logits; probabilities use max_softmax")
+        if self.self_test is not None and any(
+            len(row) != len(self.labels) for row in self.self_test.probabilities
+        ):
+            raise ValueError("self_test.probabilities must have one column per label")
+        return self
 
     def to_props(self) -> dict[str, str]:
         props: dict[str, str] = {}
