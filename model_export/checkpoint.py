@@ -80,6 +80,26 @@ class Checkpoint:
         )
 
 
+def state_dict_from_onnx(graph: Any) -> dict[str, torch.Tensor]:
+    """The VisionTransformer weights in an ONNX graph vit-export traced: initializers keep their
+    names, except each Linear's weight, which the tracer stores transposed under a generated name
+    as the second input of the node `/<module path>/MatMul`."""
+    from onnx import numpy_helper
+
+    arrays = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    state = {name: torch.from_numpy(array.copy()) for name, array in arrays.items()}
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.input[1] in arrays:
+            module = node.name.strip("/").rsplit("/", 1)[0].replace("/", ".")
+            state[f"{module}.weight"] = torch.from_numpy(arrays[node.input[1]].T.copy())
+            del state[node.input[1]]
+        elif node.op_type == "Gemm" and node.input[1] in arrays:
+            transposed = any(a.name == "transB" and a.i == 1 for a in node.attribute)
+            weight = arrays[node.input[1]]
+            state[node.input[1]] = torch.from_numpy((weight if transposed else weight.T).copy())
+    return state
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as file:

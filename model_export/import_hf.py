@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,24 +21,31 @@ from torch import nn
 from torch.jit._trace import TracerWarning
 
 from model_contract.metadata import ModelMetadata
+from model_contract.preprocess import preprocess
+from model_export.attention import hf_rollout
 from model_export.checkpoint import sha256_of
 from model_export.export import (
     FP16_MIN_TOP1_AGREEMENT,
     FP16_PROBABILITY_TOLERANCE,
     LOGIT_TOLERANCE,
+    ROLLOUT_TOLERANCE,
     Float16Inside,
     to_onnx,
+    with_rollout,
     write_metadata,
 )
 from model_export.hf_preprocessing import UnexpressibleProcessor, spec_from_processor
 from model_export.importing import (
     ImportRefused,
+    chunks,
     image_files,
     model_name,
     served_logits,
     staged,
 )
 from model_export.quantize import Int8Report, check_on_images, quantize
+from model_export.rollout import rollout_of
+from model_export.stamp import SELF_TEST_IMAGES, calibrate, golden_png, probability_diff, self_test
 from service.runtime.options import IN_PROCESS
 from service.runtime.session import ModelSession, softmax
 
@@ -67,6 +75,7 @@ class ParityReport:
     max_probability_diff: float
     top1_agree: int
     fp16: bool
+    max_rollout_diff: float
 
     @property
     def passed(self) -> bool:
@@ -75,7 +84,11 @@ class ParityReport:
                 self.top1_agree / self.images >= FP16_MIN_TOP1_AGREEMENT
                 and self.max_probability_diff <= FP16_PROBABILITY_TOLERANCE
             )
-        return self.max_logit_diff <= LOGIT_TOLERANCE and self.top1_agree == self.images
+        return (
+            self.max_logit_diff <= LOGIT_TOLERANCE
+            and self.top1_agree == self.images
+            and self.max_rollout_diff <= ROLLOUT_TOLERANCE
+        )
 
     def line(self) -> str:
         verdict = "ok" if self.passed else "FAIL"
@@ -89,7 +102,8 @@ class ParityReport:
         return (
             f"transformers vs onnxruntime on {self.images} images: max |dlogit| "
             f"{self.max_logit_diff:.2e} (<= {LOGIT_TOLERANCE:g}), top-1 equal "
-            f"{self.top1_agree}/{self.images}  {verdict}"
+            f"{self.top1_agree}/{self.images}, max |drollout| {self.max_rollout_diff:.2e} "
+            f"(<= {ROLLOUT_TOLERANCE:g})  {verdict}"
         )
 
 
@@ -168,14 +182,21 @@ def framework_logits(model: nn.Module, processor: Any, files: list[Path]) -> np.
 def check_parity(
     model: nn.Module, processor: Any, session: ModelSession, files: list[Path], *, fp16: bool
 ) -> ParityReport:
+    """Logits end to end (each side's own preprocessing); the attention rollout of the graph
+    against transformers' own attention maps on the same input tensors."""
     expected = framework_logits(model, processor, files)
     actual = served_logits(session, files, session.metadata.preprocessing)
+    batch = np.concatenate(
+        [preprocess(p.read_bytes(), session.metadata.preprocessing) for p in files]
+    )
+    reference = hf_rollout(model, torch.from_numpy(batch)).numpy()
     return ParityReport(
         images=len(files),
         max_logit_diff=float(np.abs(expected - actual).max()),
         max_probability_diff=float(np.abs(softmax(expected) - softmax(actual)).max()),
         top1_agree=int((expected.argmax(1) == actual.argmax(1)).sum()),
         fp16=fp16,
+        max_rollout_diff=float(np.abs(reference - rollout_of(session.path, batch)).max()),
     )
 
 
@@ -189,9 +210,12 @@ def import_hf(
     fp16: bool = False,
     int8: bool = False,
     jpeg_draft: bool = False,
+    calibration_images: Path | None = None,
 ) -> ParityReport | Int8Report:
-    """Write the ONNX file with its metadata, then check it against transformers; with `int8`,
-    quantize the FP32 file once it passes and check the int8 file against it instead."""
+    """Write the ONNX file with its metadata and attention rollout, then check it against
+    transformers; with `int8`, quantize the FP32 file once it passes and check the int8 file
+    against it instead. The self-test set is cut from the check images; the out-of-distribution
+    threshold is calibrated on `calibration_images` where given (otherwise the file has none)."""
     model, processor = load(source)
     try:
         spec = spec_from_processor(processor, jpeg_draft=jpeg_draft)
@@ -217,25 +241,49 @@ def import_hf(
         },
     )
     graph = LogitsOnly(model)
-    with staged(output) as staged_path:
+    with staged(output) as plain, staged(output) as staged_path:
         with warnings.catch_warnings():  # the tracer's notes on shape checks it folds away
             warnings.simplefilter("ignore", TracerWarning)
-            to_onnx(Float16Inside(graph) if fp16 else graph, staged_path, spec.input_size)
-        write_metadata(staged_path, metadata, producer="vit-import")
+            to_onnx(Float16Inside(graph) if fp16 else graph, plain, spec.input_size)
+        shutil.copyfile(plain, staged_path)
+        metadata = with_rollout(staged_path, metadata, producer="vit-import")
         session = ModelSession(staged_path, IN_PROCESS)
         report = check_parity(model, processor, session, files, fp16=fp16)
-        if not report.passed or not int8:
-            if report.passed:
-                staged_path.replace(output)
+        if not report.passed:
             return report
-        with staged(output) as int8_path:
-            quantize(staged_path, int8_path)
-            write_metadata(
-                int8_path, metadata.model_copy(update={"precision": "int8"}), producer="vit-import"
+        measured = report.max_probability_diff
+        result: ParityReport | Int8Report = report
+        if int8:
+            fp32 = session
+            quantize(plain, staged_path)
+            metadata = with_rollout(
+                staged_path,
+                metadata.model_copy(update={"precision": "int8"}),
+                producer="vit-import",
             )
-            int8_report = check_on_images(
-                session, ModelSession(int8_path, IN_PROCESS), check_images
+            session = ModelSession(staged_path, IN_PROCESS)
+            result = check_on_images(fp32, session, check_images)
+            if not result.passed:
+                return result
+            spec = metadata.preprocessing
+            measured += probability_diff(
+                served_logits(fp32, files, spec), served_logits(session, files, spec)
             )
-            if int8_report.passed:
-                int8_path.replace(output)
-    return int8_report
+        ood = None
+        if calibration_images is not None:
+            calibration = image_files(calibration_images)
+            ood = calibrate(
+                session,
+                (
+                    np.concatenate([preprocess(p.read_bytes(), spec) for p in chunk])
+                    for chunk in chunks(calibration)
+                ),
+                source=f"{len(calibration)} images under {calibration_images}",
+            )
+        golden = [golden_png(p.read_bytes(), spec) for p in files[:SELF_TEST_IMAGES]]
+        stamped = metadata.model_copy(
+            update={"ood": ood, "self_test": self_test(session, golden, measured=measured)}
+        )
+        write_metadata(staged_path, stamped, producer="vit-import")
+        staged_path.replace(output)
+    return result

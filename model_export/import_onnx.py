@@ -16,10 +16,25 @@ import onnx
 from pydantic import ValidationError
 
 from model_contract.errors import ImageError
-from model_contract.metadata import InvalidModelMetadata, ModelMetadata, one_line
-from model_contract.preprocess import PreprocessSpec
+from model_contract.metadata import (
+    InvalidModelMetadata,
+    ModelMetadata,
+    OodCalibration,
+    SelfTest,
+    one_line,
+)
+from model_contract.preprocess import PreprocessSpec, preprocess
 from model_export.hf_preprocessing import UnexpressibleProcessor, spec_from_processor
-from model_export.importing import ImportRefused, model_name, served_logits, staged
+from model_export.importing import (
+    ImportRefused,
+    chunks,
+    image_files,
+    model_name,
+    served_logits,
+    staged,
+)
+from model_export.rollout import ROLLOUT_OUTPUT, NoAttention, add_rollout, strip_rollout
+from model_export.stamp import SELF_TEST_IMAGES, calibrate, golden_png, self_test
 from service.runtime.graph_check import check_output_width, inspect_model
 from service.runtime.options import IN_PROCESS
 from service.runtime.session import ModelSession
@@ -168,11 +183,16 @@ def import_onnx(
     name: str | None = None,
     version: str | None = None,
     check_images: list[Path],
+    calibration_images: Path | None = None,
+    rollout: bool = True,
 ) -> SmokeReport:
     """Stamp `source` (a file, or an optimum-style directory) and write it to `output`.
 
     Each field comes from, in order: the flags, the files given or found beside the model
-    (config.json, preprocessor_config.json), the file's own metadata, the graph.
+    (config.json, preprocessor_config.json), the file's own metadata, the graph. The attention
+    rollout is appended (refused where the graph has no attention softmax, unless `rollout` is
+    off), the self-test set cut from the check images, and the out-of-distribution threshold
+    calibrated on `calibration_images` where given (otherwise the file has none).
     """
     folder = source if source.is_dir() else None
     model_file = source / ONNX_FILE if folder else source
@@ -183,6 +203,7 @@ def import_onnx(
     except Exception as error:  # protobuf's decode errors and onnx's own, untyped
         raise ImportRefused(f"{model_file}: not an ONNX file ({_last_line(error)})") from error
     old = existing_metadata(proto)
+    strip_rollout(proto)  # a file stamped before: its rollout is made again below
     config_file = folder / HF_CONFIG if folder and (folder / HF_CONFIG).is_file() else None
     try:
         config = json.loads(config_file.read_text()) if config_file else {}
@@ -231,6 +252,14 @@ def import_onnx(
     except ValidationError as error:
         raise ImportRefused(f"the metadata would be invalid: {one_line(error)}") from error
 
+    metadata = metadata.model_copy(
+        update={
+            "output_name": metadata.output_name or proto.graph.output[0].name,
+            "attention_output": None,
+            "ood": None,
+            "self_test": None,
+        }
+    )
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, metadata.to_props())
     with staged(output) as staged_path:
@@ -239,9 +268,64 @@ def import_onnx(
             inspect_model(staged_path)
         except InvalidModelMetadata as error:
             raise ImportRefused(str(error).replace(str(staged_path), str(output))) from error
+        if rollout:
+            metadata = with_rollout(proto, metadata)
+            onnx.save(proto, str(staged_path))
         try:
-            report = smoke(ModelSession(staged_path, IN_PROCESS), check_images)
+            session = ModelSession(staged_path, IN_PROCESS)
+            report = smoke(session, check_images)
         except InvalidModelMetadata as error:
             raise ImportRefused(str(error).replace(str(staged_path), str(output))) from error
+        metadata = metadata.model_copy(
+            update={
+                "ood": ood_of(session, calibration_images),
+                "self_test": golden(session, check_images),
+            }
+        )
+        del proto.metadata_props[:]
+        onnx.helper.set_model_props(proto, metadata.to_props())
+        onnx.save(proto, str(staged_path))
         staged_path.replace(output)
     return report
+
+
+def with_rollout(proto: onnx.ModelProto, metadata: ModelMetadata) -> ModelMetadata:
+    """The attention rollout appended to the graph, and the metadata naming it, or a refusal."""
+    size = metadata.preprocessing.input_size
+    try:
+        add_rollout(proto, input_size=size)
+    except NoAttention as error:
+        raise ImportRefused(f"{error}; import it without the rollout with --no-rollout") from error
+    except Exception as error:  # onnxruntime's own errors, untyped
+        raise ImportRefused(
+            f"the graph failed on a blank {size}x{size} image ({_last_line(error)})"
+        ) from error
+    metadata = metadata.model_copy(update={"attention_output": ROLLOUT_OUTPUT})
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, metadata.to_props())
+    return metadata
+
+
+def golden(session: ModelSession, files: list[Path]) -> SelfTest:
+    """The self-test set, from the check images. With no other framework to compare with, the
+    tolerance is the floor: this file's own numbers are the reference."""
+    spec = session.metadata.preprocessing
+    return self_test(
+        session, [golden_png(p.read_bytes(), spec) for p in files[:SELF_TEST_IMAGES]], measured=0.0
+    )
+
+
+def ood_of(session: ModelSession, folder: Path | None) -> OodCalibration | None:
+    """The out-of-distribution threshold on the images under `folder`; None without them."""
+    if folder is None:
+        return None
+    files = image_files(folder)
+    spec = session.metadata.preprocessing
+    return calibrate(
+        session,
+        (
+            np.concatenate([preprocess(p.read_bytes(), spec) for p in chunk])
+            for chunk in chunks(files)
+        ),
+        source=f"{len(files)} images under {folder}",
+    )

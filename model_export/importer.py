@@ -47,6 +47,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             help="a folder of your images for the check (default: the shipped photos)",
         )
         sub.add_argument(
+            "--calibration-images",
+            type=Path,
+            help="a folder of images like those the model will serve, to calibrate the "
+            "out-of-distribution threshold on (without it the file has none)",
+        )
+        sub.add_argument(
             "--jpeg-draft",
             action=argparse.BooleanOptionalAction,
             help="decode large JPEGs at a reduced scale (faster; check accuracy with vit-eval)",
@@ -75,6 +81,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     onnx.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"))
     onnx.add_argument("--output-kind", choices=("logits", "probabilities"))
     onnx.add_argument("--output-name", help="the graph output to serve, where it has several")
+    onnx.add_argument(
+        "--no-rollout",
+        action="store_true",
+        help="import a graph with no attention softmax, without the attention rollout output",
+    )
     return parser.parse_args(argv)
 
 
@@ -90,6 +101,7 @@ def run_hf(args: argparse.Namespace) -> bool:
         fp16=args.fp16,
         int8=args.int8,
         jpeg_draft=bool(args.jpeg_draft),
+        calibration_images=args.calibration_images,
     )
     print(report.line())
     return report.passed
@@ -114,6 +126,8 @@ def run_onnx(args: argparse.Namespace) -> bool:
         name=args.name,
         version=args.version,
         check_images=image_files(args.check_images),
+        calibration_images=args.calibration_images,
+        rollout=not args.no_rollout,
     )
     print(report.line())
     return True

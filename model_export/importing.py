@@ -51,13 +51,17 @@ def staged(output: Path) -> Iterator[Path]:
         path.unlink(missing_ok=True)
 
 
+def chunks(files: list[Path]) -> Iterator[list[Path]]:
+    """The files CHECK_BATCH_SIZE at a time."""
+    for start in range(0, len(files), CHECK_BATCH_SIZE):
+        yield files[start : start + CHECK_BATCH_SIZE]
+
+
 def served_logits(session: ModelSession, files: list[Path], spec: PreprocessSpec) -> np.ndarray:
     """What the service computes for each file (its decoding and preprocessing, then the model),
     in batches of CHECK_BATCH_SIZE however many files there are."""
-    rows = []
-    for start in range(0, len(files), CHECK_BATCH_SIZE):
-        chunk = files[start : start + CHECK_BATCH_SIZE]
-        rows.append(
-            session.logits(np.concatenate([preprocess(p.read_bytes(), spec) for p in chunk]))
-        )
+    rows = [
+        session.logits(np.concatenate([preprocess(p.read_bytes(), spec) for p in chunk]))
+        for chunk in chunks(files)
+    ]
     return np.concatenate(rows)

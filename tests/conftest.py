@@ -51,7 +51,9 @@ def tiny_onnx(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
     from model_export.export import export
 
     path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
-    parity, _ = export(tiny_checkpoint, path, version="7", eval_seed=99, eval_count=64)
+    parity, _ = export(
+        tiny_checkpoint, path, version="7", eval_seed=99, eval_count=64, calibration_count=64
+    )
     assert isinstance(parity, list)
     assert all(case.passed for case in parity), [case.line() for case in parity]
     return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,12 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
 from model_export.checkpoint import Checkpoint, sha256_of  # noqa: E402
-from model_export.export import LOGIT_TOLERANCE, OPSET, check_parity  # noqa: E402
+from model_export.export import (  # noqa: E402
+    LOGIT_TOLERANCE,
+    OPSET,
+    ROLLOUT_TOLERANCE,
+    check_parity,
+)
 from service.runtime.options import CPU, IN_PROCESS  # noqa: E402
 from service.runtime.session import ModelSession  # noqa: E402
 
@@ -36,7 +42,7 @@ def test_graph_is_valid_with_named_io_and_dynamic_batch(tiny_onnx: Path) -> None
     (model_input,) = proto.graph.input
     assert model_input.name == "pixel_values"
     assert model_input.type.tensor_type.shape.dim[0].dim_param == "batch"
-    assert [output.name for output in proto.graph.output] == ["logits"]
+    assert [output.name for output in proto.graph.output] == ["logits", "attention_rollout"]
 
 
 def test_metadata_round_trips_through_onnxruntime_alone(
@@ -65,6 +71,7 @@ def test_onnxruntime_matches_pytorch_within_tolerance(
     }
     for case in cases:
         assert case.max_abs_diff <= LOGIT_TOLERANCE and case.top1_agree == case.batch_size
+        assert case.max_rollout_diff <= ROLLOUT_TOLERANCE
 
 
 def test_parity_check_fails_loudly_when_the_graph_differs(
@@ -113,7 +120,9 @@ def test_fp16_export_keeps_float32_at_the_boundary_and_says_so(
     raw = ort.InferenceSession(str(tiny_fp16), providers=[CPU])
     assert raw.get_inputs()[0].type == raw.get_outputs()[0].type == "tensor(float)"
     initializers = onnx.load(str(tiny_fp16)).graph.initializer
-    weights = [w for w in initializers if len(w.dims) == 2]
+    weights = [
+        w for w in initializers if len(w.dims) == 2 and not w.name.startswith("/attention_rollout/")
+    ]
     assert weights and all(w.data_type == onnx.TensorProto.FLOAT16 for w in weights)
     assert tiny_fp16.stat().st_size < 0.6 * tiny_onnx.stat().st_size
 
@@ -134,14 +143,64 @@ def test_fp16_probabilities_stay_close_to_fp32(tiny_fp16: Path, tiny_checkpoint:
 
 @pytest.mark.parametrize("kind", ["onnx", "foreign"])
 def test_a_file_vit_train_did_not_write_is_refused_pointing_to_the_importer(
-    tiny_onnx: Path, tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, kind: str
 ) -> None:
     from model_export.export import main
+    from tests.onnx_models import classifier
 
     if kind == "onnx":
-        source, hint = tiny_onnx, "vit-import onnx"
+        source, hint = tmp_path / "foreign.onnx", "vit-import onnx"
+        classifier(source, size=64, classes=3)
     else:
         source, hint = tmp_path / "foreign.pt", "vit-import hf"
         torch.save({"model": {"w": torch.zeros(2)}}, source)
     with pytest.raises(SystemExit, match=hint):
         main([str(source), "-o", str(tmp_path / "out.onnx")])
+
+
+def test_the_file_carries_rollout_ood_and_self_test(tiny_onnx: Path) -> None:
+    session = ModelSession(tiny_onnx, IN_PROCESS)
+    metadata = session.metadata
+    assert metadata.output_name == "logits" and metadata.attention_output == "attention_rollout"
+    raw = ort.InferenceSession(str(tiny_onnx), providers=[CPU])
+    batch = np.random.default_rng(1).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    logits, rollout = raw.run(["logits", "attention_rollout"], {"pixel_values": batch})
+    assert logits.shape == (3, 8) and rollout.shape == (3, 4, 4) and rollout.dtype == np.float32
+    assert ((rollout > 0) & (rollout < 1)).all()
+    ood = metadata.ood
+    assert ood is not None and ood.score == "energy" and ood.accept_rate == 0.95
+    assert ood.calibration_images == 64 and "seed 2000003" in ood.calibration_source
+    test = metadata.self_test
+    assert test is not None and len(test.images) == 4 and test.tolerance >= 1e-3
+    from model_export.stamp import served_probabilities
+
+    images = [base64.b64decode(image) for image in test.images]
+    assert all(image.startswith(b"\x89PNG") and len(image) < 20_000 for image in images)
+    np.testing.assert_allclose(served_probabilities(session, images), test.probabilities, atol=1e-6)
+
+
+def test_a_file_vit_export_wrote_is_brought_up_to_date_with_the_same_numbers(
+    tiny_onnx: Path, tmp_path: Path
+) -> None:
+    from model_export.export import main
+    from model_export.rollout import strip_rollout
+
+    proto = onnx.load(str(tiny_onnx))
+    strip_rollout(proto)
+    metadata = ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props})
+    old = metadata.model_copy(
+        update={"attention_output": None, "ood": None, "self_test": None, "output_name": None}
+    )
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, old.to_props())
+    before = tmp_path / "before.onnx"
+    onnx.save(proto, str(before))
+    after = tmp_path / "after.onnx"
+    main([str(before), "-o", str(after), "--eval-seed", "99", "--eval-count", "64",
+          "--calibration-count", "64"])  # fmt: skip
+    batch = np.random.default_rng(2).standard_normal((5, 3, 64, 64)).astype(np.float32)
+    old_logits = ModelSession(before, IN_PROCESS).logits(batch)
+    new = ModelSession(after, IN_PROCESS)
+    assert np.array_equal(new.logits(batch), old_logits)
+    assert new.metadata.version == "7" and new.metadata.attention_output == "attention_rollout"
+    assert new.metadata.ood == metadata.ood and new.metadata.self_test == metadata.self_test

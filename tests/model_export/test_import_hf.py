@@ -43,7 +43,7 @@ def imported(
     output = folder.parent / f"{request.param}.onnx"
     result = run_import("hf", str(folder), "-o", str(output))
     assert result.returncode == 0, result.stderr
-    assert "top-1 equal 5/5  ok" in result.stdout
+    assert "top-1 equal 5/5, max |drollout|" in result.stdout and "  ok" in result.stdout
     yield checkpoint, output
 
 
@@ -216,3 +216,27 @@ def test_a_failed_check_leaves_no_file_and_keeps_the_old_one(
     assert not report.passed
     assert output.read_bytes() == b"the model in service"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "vit"]
+
+
+def test_the_rollout_equals_transformers_own(imported: tuple[Checkpoint, Path]) -> None:
+    import torch
+    from transformers import AutoModelForImageClassification
+
+    from model_contract.preprocess import preprocess
+    from model_export.attention import hf_rollout
+    from model_export.export import ROLLOUT_TOLERANCE
+    from model_export.rollout import rollout_of
+    from service.runtime.options import IN_PROCESS
+    from service.runtime.session import ModelSession
+
+    checkpoint, model_file = imported
+    model = AutoModelForImageClassification.from_pretrained(checkpoint.folder).eval()
+    metadata = ModelSession(model_file, IN_PROCESS).metadata
+    assert metadata.attention_output == "attention_rollout" and metadata.ood is None
+    spec = metadata.preprocessing
+    batch = np.concatenate([preprocess(p.read_bytes(), spec) for p in image_files(PHOTOS)])
+    expected = hf_rollout(model, torch.from_numpy(batch)).numpy()
+    actual = rollout_of(model_file, batch)
+    grid = spec.input_size // 16
+    assert actual.shape == expected.shape == (len(batch), grid, grid)
+    assert np.abs(actual - expected).max() <= ROLLOUT_TOLERANCE

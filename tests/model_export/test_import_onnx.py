@@ -4,6 +4,7 @@ served; every way of giving labels and preprocessing; the refusals, each in one 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,11 @@ from tests.service_support import served  # noqa: E402
 LABELS = ["red", "green", "blue"]
 
 
+def run_plain(*args: str) -> subprocess.CompletedProcess[str]:
+    """`vit-import onnx` of a graph without attention (these classifiers average colours)."""
+    return run_import("onnx", *args, "--no-rollout")
+
+
 def metadata_of(path: Path) -> ModelMetadata:
     return ModelMetadata.from_props({p.key: p.value for p in onnx.load(str(path)).metadata_props})
 
@@ -62,9 +68,14 @@ def optimum_style(folder: Path) -> Path:
 def test_an_optimum_directory_serves_the_pipelines_numbers(tmp_path: Path) -> None:
     exported = optimum_style(tmp_path)
     output = tmp_path / "served.onnx"
-    result = run_import("onnx", str(exported), "-o", str(output))
+    result = run_import(
+        "onnx", str(exported), "-o", str(output), "--calibration-images", str(PHOTOS)
+    )
     assert result.returncode == 0, result.stderr
     metadata = metadata_of(output)
+    assert metadata.attention_output == "attention_rollout" and metadata.output_name == "logits"
+    assert metadata.ood is not None and metadata.ood.calibration_images == 5
+    assert metadata.self_test is not None and len(metadata.self_test.images) == 4
     assert metadata.labels == ("left", "right", "up") and metadata.name == "optimum"
     assert (
         metadata.source["importer"] == "vit-import onnx" and metadata.source["model_type"] == "deit"
@@ -92,7 +103,7 @@ def test_labels_come_from_a_text_file_a_json_list_or_a_config(tmp_path: Path, ki
     labels_file[0].write_text(labels_file[1])
     plain = classifier(tmp_path / "plain.onnx")
     output = tmp_path / "stamped.onnx"
-    result = run_import("onnx", str(plain), "-o", str(output), "--labels", str(labels_file[0]))
+    result = run_plain(str(plain), "-o", str(output), "--labels", str(labels_file[0]))
     assert result.returncode == 0, result.stderr
     metadata = metadata_of(output)
     assert metadata.labels == tuple(LABELS) and metadata.name == "plain"
@@ -112,7 +123,7 @@ def test_flags_set_the_preprocessing_and_the_service_follows_them(tmp_path: Path
         "--name", "colours", "--version", "3",
         "--jpeg-draft",
     ]  # fmt: skip
-    result = run_import("onnx", str(classifier(tmp_path / "plain.onnx")), "-o", str(output), *flags)
+    result = run_plain(str(classifier(tmp_path / "plain.onnx")), "-o", str(output), *flags)
     assert result.returncode == 0, result.stderr
     metadata = metadata_of(output)
     spec = metadata.preprocessing
@@ -128,9 +139,9 @@ def test_flags_set_the_preprocessing_and_the_service_follows_them(tmp_path: Path
 
 def test_the_fix_a_refusal_names_works(tmp_path: Path) -> None:
     wrong = classifier(tmp_path / "m.onnx", size=32, metadata=metadata_for(LABELS, 64))
-    refused = run_import("onnx", str(wrong), "-o", str(tmp_path / "x.onnx"))
+    refused = run_plain(str(wrong), "-o", str(tmp_path / "x.onnx"))
     assert refused.returncode != 0 and "--input-size 32" in refused.stderr
-    fixed = run_import("onnx", str(wrong), "-o", str(wrong), "--input-size", "32")
+    fixed = run_plain(str(wrong), "-o", str(wrong), "--input-size", "32")
     assert fixed.returncode == 0, fixed.stderr
     metadata, graph = inspect_model(wrong)
     assert metadata.preprocessing.input_size == 32 and metadata.labels == tuple(LABELS)
@@ -141,23 +152,22 @@ def test_several_outputs_need_a_name_unless_one_is_logits(tmp_path: Path) -> Non
     (tmp_path / "labels.txt").write_text("\n".join(LABELS))
     two = classifier(tmp_path / "two.onnx", extra_output=True)
     labels = ["--labels", str(tmp_path / "labels.txt")]
-    chosen = run_import("onnx", str(two), "-o", str(tmp_path / "a.onnx"), *labels)
+    chosen = run_plain(str(two), "-o", str(tmp_path / "a.onnx"), *labels)
     assert chosen.returncode == 0, chosen.stderr
     assert metadata_of(tmp_path / "a.onnx").output_name == "logits"
-    named = run_import(
-        "onnx", str(two), "-o", str(tmp_path / "b.onnx"), *labels, "--output-name", "features"
+    named = run_plain(
+        str(two), "-o", str(tmp_path / "b.onnx"), *labels, "--output-name", "features"
     )
     assert named.returncode == 0, named.stderr  # three columns, three labels: it fits
-    missing = run_import(
-        "onnx", str(two), "-o", str(tmp_path / "c.onnx"), *labels, "--output-name", "scores"
+    missing = run_plain(
+        str(two), "-o", str(tmp_path / "c.onnx"), *labels, "--output-name", "scores"
     )
     assert missing.returncode != 0 and "names the output 'scores'" in missing.stderr
 
 
 def test_logits_called_probabilities_are_refused(tmp_path: Path) -> None:
     (tmp_path / "labels.txt").write_text("\n".join(LABELS))
-    result = run_import(
-        "onnx",
+    result = run_plain(
         str(classifier(tmp_path / "m.onnx")),
         "-o",
         str(tmp_path / "out.onnx"),
@@ -175,7 +185,7 @@ def test_a_fixed_batch_graph_imports_and_runs(tmp_path: Path) -> None:
     output = tmp_path / "out.onnx"
     fixed = classifier(tmp_path / "m.onnx", batch=1)
     labels = ["--labels", str(tmp_path / "labels.txt")]
-    result = run_import("onnx", str(fixed), "-o", str(output), *labels)
+    result = run_plain(str(fixed), "-o", str(output), *labels)
     assert result.returncode == 0, result.stderr
     assert "smoke inference on 5 images" in result.stdout
     assert inspect_model(output)[1].fixed_batch_size == 1
@@ -193,9 +203,7 @@ def test_what_cannot_be_stamped_is_refused_in_one_line(
 ) -> None:
     (tmp_path / "labels.txt").write_text("\n".join(LABELS))
     flags = [str(tmp_path / "labels.txt") if f == "LABELS" else f for f in flags]
-    result = run_import(
-        "onnx", str(classifier(tmp_path / "m.onnx")), "-o", str(tmp_path / "o.onnx"), *flags
-    )
+    result = run_plain(str(classifier(tmp_path / "m.onnx")), "-o", str(tmp_path / "o.onnx"), *flags)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert message in lines[-1] and lines[-1].startswith("vit-import: "), result.stderr
@@ -205,11 +213,9 @@ def test_a_symbolic_input_size_needs_the_flag(tmp_path: Path) -> None:
     (tmp_path / "labels.txt").write_text("\n".join(LABELS))
     model = classifier(tmp_path / "m.onnx", size="s")
     labels = ["--labels", str(tmp_path / "labels.txt")]
-    refused = run_import("onnx", str(model), "-o", str(tmp_path / "o.onnx"), *labels)
+    refused = run_plain(str(model), "-o", str(tmp_path / "o.onnx"), *labels)
     assert refused.returncode != 0 and "give --input-size" in refused.stderr
-    given = run_import(
-        "onnx", str(model), "-o", str(tmp_path / "o.onnx"), *labels, "--input-size", "40"
-    )
+    given = run_plain(str(model), "-o", str(tmp_path / "o.onnx"), *labels, "--input-size", "40")
     assert given.returncode == 0, given.stderr
     assert metadata_of(tmp_path / "o.onnx").preprocessing == PreprocessSpec(input_size=40)
 
@@ -228,7 +234,10 @@ def test_unreadable_inputs_are_refused_in_one_line(tmp_path: Path) -> None:
             "No such file or directory",
         ),
         (
-            ["onnx", str(symbolic), "--labels", str(tmp_path / "labels.txt"), "--input-size", "5"],
+            [
+                *("onnx", str(symbolic), "--labels", str(tmp_path / "labels.txt")),
+                *("--input-size", "5", "--no-rollout"),
+            ],
             "the graph's output has 5 classes",
         ),
     ]
@@ -238,3 +247,21 @@ def test_unreadable_inputs_are_refused_in_one_line(tmp_path: Path) -> None:
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], result.stderr
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_graph_without_attention_is_refused_unless_told(tmp_path: Path) -> None:
+    (tmp_path / "labels.txt").write_text("\n".join(LABELS))
+    model = classifier(tmp_path / "m.onnx")
+    output = tmp_path / "o.onnx"
+    refused = run_import(
+        "onnx", str(model), "-o", str(output), "--labels", str(tmp_path / "labels.txt")
+    )
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode != 0 and len(lines) == 1 and "--no-rollout" in lines[0]
+    assert "no Softmax" in lines[0] and not output.exists()
+    imported = run_plain(str(model), "-o", str(output), "--labels", str(tmp_path / "labels.txt"))
+    assert imported.returncode == 0, imported.stderr
+    metadata = metadata_of(output)
+    assert metadata.attention_output is None and metadata.ood is None
+    assert metadata.self_test is not None and metadata.self_test.tolerance == 1e-3
+    assert [o.name for o in onnx.load(str(output)).graph.output] == ["logits"]

@@ -1,0 +1,217 @@
+"""Attention rollout (Abnar & Zuidema, 2020) appended to a ViT's ONNX graph as a second output:
+per image, how much the class token draws on each patch through all the layers, as the patch grid.
+
+Per layer the heads' attention is averaged, the identity added for the residual path and the rows
+renormalised; the layers multiply through and the class token's row over the patch tokens is kept.
+The nodes only read the graph's attention softmaxes, so the classification output is computed by
+exactly the nodes it was before. No torch here: it works on any graph, exported or foreign.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+ROLLOUT_OUTPUT = "attention_rollout"
+_PREFIX = "/attention_rollout"
+_CPU = "CPUExecutionProvider"
+
+
+class NoAttention(ValueError):
+    """The graph has no attention softmax the rollout can read; one line says why."""
+
+
+@dataclass(frozen=True)
+class AttentionMaps:
+    """The graph's attention softmaxes, in layer order, and their shape."""
+
+    outputs: tuple[str, ...]
+    heads: int
+    tokens: int
+    grid: int
+    elem_type: int
+
+    @property
+    def patch_tokens(self) -> int:
+        return self.grid * self.grid
+
+
+def find_attention(proto: onnx.ModelProto, *, input_size: int) -> AttentionMaps:
+    """Every Softmax whose output is [N, heads, T, T] (the attention of T tokens over T tokens),
+    in the graph's order, which ONNX requires to be topological: layer order.
+
+    Shapes are measured by running the graph once on a blank image, so symbolic reshapes of
+    foreign exporters need no shape inference. The patch tokens are taken to be the last
+    grid x grid of the T tokens (one class token, or a class and a distillation token before them).
+    """
+    softmaxes = [node.output[0] for node in proto.graph.node if node.op_type == "Softmax"]
+    if not softmaxes:
+        raise NoAttention("the graph has no Softmax node, so no attention map to roll out")
+    shapes = _probe_shapes(proto, softmaxes, input_size)
+    attention = [
+        name
+        for name in softmaxes
+        if len(shapes[name][0]) == 4 and shapes[name][0][2] == shapes[name][0][3]
+    ]
+    if not attention:
+        found = ", ".join(str(list(shapes[name][0])) for name in softmaxes)
+        raise NoAttention(
+            f"no Softmax gives a [N, heads, T, T] attention map (their outputs are {found})"
+        )
+    kinds = {(shapes[name][0][1], shapes[name][0][2], shapes[name][1]) for name in attention}
+    if len(kinds) != 1:
+        raise NoAttention(
+            "the attention softmaxes differ in heads, tokens or type: not one ViT's layers"
+        )
+    ((heads, tokens, elem_type),) = kinds
+    grid = math.isqrt(tokens - 1)
+    if grid < 1:
+        raise NoAttention(f"the attention covers {tokens} tokens: too few for a patch grid")
+    return AttentionMaps(
+        outputs=tuple(attention), heads=heads, tokens=tokens, grid=grid, elem_type=elem_type
+    )
+
+
+def _probe_shapes(
+    proto: onnx.ModelProto, names: list[str], input_size: int
+) -> dict[str, tuple[tuple[int, ...], int]]:
+    """The shape and ONNX element type of each named tensor on one blank image."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    existing = {output.name for output in probe.graph.output}
+    probe.graph.output.extend(
+        helper.make_empty_tensor_value_info(name) for name in names if name not in existing
+    )
+    initializers = {i.name for i in probe.graph.initializer}
+    (graph_input,) = [i for i in probe.graph.input if i.name not in initializers]
+    batch_dim = graph_input.type.tensor_type.shape.dim[0]
+    batch = batch_dim.dim_value if batch_dim.HasField("dim_value") else 1
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=[_CPU])
+    blank = np.zeros((batch, 3, input_size, input_size), np.float32)
+    values = session.run(names, {graph_input.name: blank})
+    return {
+        name: (tuple(value.shape), helper.np_dtype_to_tensor_dtype(value.dtype))
+        for name, value in zip(names, values, strict=True)
+    }
+
+
+def add_rollout(proto: onnx.ModelProto, *, input_size: int) -> AttentionMaps:
+    """Append the rollout to `proto` (in place) as the output `attention_rollout`, float32
+    [N, grid, grid]; the graph's other outputs stay first and unchanged."""
+    if any(output.name == ROLLOUT_OUTPUT for output in proto.graph.output):
+        raise NoAttention(f"the graph already has an output called {ROLLOUT_OUTPUT}")
+    maps = find_attention(proto, input_size=input_size)
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    nodes: list[onnx.NodeProto] = []
+    initializers = [
+        numpy_helper.from_array(np.eye(maps.tokens, dtype=np.float32), f"{_PREFIX}/identity"),
+        numpy_helper.from_array(np.array([1], np.int64), f"{_PREFIX}/heads_axis"),
+        numpy_helper.from_array(np.array([-1], np.int64), f"{_PREFIX}/last_axis"),
+        numpy_helper.from_array(np.array([0], np.int64), f"{_PREFIX}/zero"),
+        numpy_helper.from_array(np.array([1], np.int64), f"{_PREFIX}/one"),
+        numpy_helper.from_array(np.array([maps.tokens], np.int64), f"{_PREFIX}/tokens"),
+        numpy_helper.from_array(
+            np.array([maps.tokens - maps.patch_tokens], np.int64), f"{_PREFIX}/first_patch"
+        ),
+        numpy_helper.from_array(
+            np.array([-1, maps.grid, maps.grid], np.int64), f"{_PREFIX}/grid_shape"
+        ),
+    ]
+
+    def node(op: str, inputs: list[str], name: str, **attributes: Any) -> str:
+        output = f"{_PREFIX}/{name}"
+        nodes.append(helper.make_node(op, inputs, [output], name=output, **attributes))
+        return output
+
+    def reduce(op: str, tensor: str, axes: str, name: str, keepdims: int) -> str:
+        # ReduceSum takes its axes as an input from opset 13, ReduceMean from opset 18.
+        if opset >= (13 if op == "ReduceSum" else 18):
+            return node(op, [tensor, f"{_PREFIX}/{axes}"], name, keepdims=keepdims)
+        value = 1 if axes == "heads_axis" else -1
+        return node(op, [tensor], name, axes=[value], keepdims=keepdims)
+
+    layers = []
+    for index, attention in enumerate(maps.outputs):
+        if maps.elem_type != TensorProto.FLOAT:
+            attention = node("Cast", [attention], f"layer{index}/cast", to=TensorProto.FLOAT)
+        mean = reduce("ReduceMean", attention, "heads_axis", f"layer{index}/head_mean", 0)
+        residual = node("Add", [mean, f"{_PREFIX}/identity"], f"layer{index}/residual")
+        row_sums = reduce("ReduceSum", residual, "last_axis", f"layer{index}/row_sums", 1)
+        layers.append(node("Div", [residual, row_sums], f"layer{index}/normalised"))  # (N, T, T)
+    # The class token's row of A_L ... A_1, carried as one row through the layers from the last
+    # down: T^2 per layer rather than the T^3 of multiplying whole matrices.
+    row = node(
+        "Slice",
+        [layers[-1], f"{_PREFIX}/zero", f"{_PREFIX}/one", f"{_PREFIX}/one"],
+        "class_row",
+    )  # (N, 1, T)
+    for index in range(len(layers) - 2, -1, -1):
+        row = node("MatMul", [row, layers[index]], f"through_layer{index}")
+    patches = node(
+        "Slice",
+        [row, f"{_PREFIX}/first_patch", f"{_PREFIX}/tokens", f"{_PREFIX}/last_axis"],
+        "patches",
+    )  # (N, 1, grid*grid)
+    nodes.append(
+        helper.make_node(
+            "Reshape", [patches, f"{_PREFIX}/grid_shape"], [ROLLOUT_OUTPUT], name=f"{_PREFIX}/grid"
+        )
+    )  # (N, grid, grid)
+    proto.graph.node.extend(nodes)
+    used = {name for n in nodes for name in n.input}
+    proto.graph.initializer.extend(i for i in initializers if i.name in used)
+    batch = proto.graph.output[0].type.tensor_type.shape.dim[0]
+    batch_dim: str | int = batch.dim_param or batch.dim_value or "batch"
+    proto.graph.output.append(
+        helper.make_tensor_value_info(
+            ROLLOUT_OUTPUT, TensorProto.FLOAT, [batch_dim, maps.grid, maps.grid]
+        )
+    )
+    return maps
+
+
+def strip_rollout(proto: onnx.ModelProto) -> bool:
+    """Remove what `add_rollout` appended (in place), leaving the graph it was added to, node for
+    node; whether there was a rollout to remove.
+
+    onnxruntime runs every node of a graph whatever outputs a call asks for, so a caller that
+    never wants the rollout saves its cost by running this graph."""
+    if not any(output.name == ROLLOUT_OUTPUT for output in proto.graph.output):
+        return False
+    ours = f"{_PREFIX}/"
+    kept_outputs = [o for o in proto.graph.output if o.name != ROLLOUT_OUTPUT]
+    kept_nodes = [n for n in proto.graph.node if not n.name.startswith(ours)]
+    kept_initializers = [i for i in proto.graph.initializer if not i.name.startswith(ours)]
+    del proto.graph.output[:]
+    proto.graph.output.extend(kept_outputs)
+    del proto.graph.node[:]
+    proto.graph.node.extend(kept_nodes)
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept_initializers)
+    return True
+
+
+def add_rollout_to_file(path: Path, *, input_size: int) -> AttentionMaps:
+    """`add_rollout` on the file at `path`, in place (any rollout it had is replaced)."""
+    proto = onnx.load(str(path))
+    strip_rollout(proto)
+    maps = add_rollout(proto, input_size=input_size)
+    onnx.save(proto, str(path))
+    return maps
+
+
+def rollout_of(path: Path, batch: np.ndarray) -> np.ndarray:
+    """The file's `attention_rollout` for a batch of model inputs, on the CPU."""
+    session = ort.InferenceSession(str(path), providers=[_CPU])
+    (name,) = [i.name for i in session.get_inputs()]
+    (rollout,) = session.run([ROLLOUT_OUTPUT], {name: batch})
+    return np.asarray(rollout)
