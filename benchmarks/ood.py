@@ -23,8 +23,8 @@ from model_contract.ood import Score, ood_scores, threshold_accepting
 from model_contract.preprocess import preprocess
 from model_export.export import CALIBRATION_SEED, held_out
 from model_export.importing import PHOTOS, image_files
-from service.providers import CPU
-from service.session import ModelSession
+from service.runtime.options import IN_PROCESS
+from service.runtime.session import ModelSession
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "shapes-vit.onnx"
@@ -65,7 +65,7 @@ def faces() -> list[bytes]:
 
 
 def main() -> None:
-    session = ModelSession(DEFAULT_MODEL, providers=(CPU,))
+    session = ModelSession(DEFAULT_MODEL, IN_PROCESS)
     spec = session.metadata.preprocessing
     calibration = np.concatenate(
         [session.logits(b) for b, _ in held_out(spec, seed=CALIBRATION_SEED, count=COUNT)]

@@ -278,3 +278,26 @@ def test_a_model_whose_numbers_moved_never_becomes_ready_and_says_why(
         text = client.get("/metrics").text
         assert 'vit_model_self_test_passed{model="foreign",version="1"} 0.0' in text
     assert any("self-test failed" in record.getMessage() for record in caplog.records)
+
+
+def test_the_bundled_model_with_perturbed_weights_never_becomes_ready(
+    served_model: Path, tmp_path: Path
+) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(served_model))
+    (head,) = [t for t in proto.graph.initializer if t.name == "head.weight"]
+    weights = numpy_helper.to_array(head)
+    head.CopyFrom(numpy_helper.from_array(weights * np.float32(0.5), head.name))
+    perturbed = tmp_path / "perturbed.onnx"
+    onnx.save(proto, str(perturbed))
+    with TestClient(create_app(cpu_settings(perturbed))) as client:
+        deadline = time.monotonic() + 60
+        while (models := client.get("/v1/models").json()["models"]) == [] or models[0][
+            "self_test"
+        ]["status"] in ("pending",):
+            assert time.monotonic() < deadline, models
+            time.sleep(0.05)
+        assert models[0]["self_test"]["status"] == "failed"
+        assert client.get("/v2/health/ready").status_code == 503

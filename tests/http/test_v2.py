@@ -80,7 +80,10 @@ def test_model_metadata_names_inputs_and_outputs(
         "inputs"
     ]
     assert {"name": "image", "datatype": "BYTES", "shape": [-1]} in body["inputs"]
-    assert body["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 8]}]
+    assert body["outputs"] == [
+        {"name": "probabilities", "datatype": "FP32", "shape": [-1, 8]},
+        {"name": "attention_rollout", "datatype": "FP32", "shape": [-1, 8, 8]},
+    ]
     assert client.get(f"/v2/models/{name}/ready").json() == {"name": name, "ready": True}
     version = reference.metadata.version
     assert client.get(f"/v2/models/{name}/versions/{version}").status_code == 200

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from model_contract.preprocess import preprocess
 from model_export import quantize, shapes
 from model_export.importing import PHOTOS, image_files
 from model_export.quantize import Int8Report, compare
@@ -18,6 +20,7 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("torch")
 
 from model_export.export import held_out, main, write_metadata  # noqa: E402
+from model_export.stamp import probability_diff, self_test  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +29,19 @@ def shapes_int8(served_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
     the repository; an undertrained tiny model's answers are near ties that int8 flips)."""
     path = tmp_path_factory.mktemp("int8") / "shapes-int8.onnx"
     quantize.quantize(served_model, path)
-    metadata = ModelSession(served_model, IN_PROCESS).metadata
-    write_metadata(path, metadata.model_copy(update={"precision": "int8"}))
+    fp32 = ModelSession(served_model, IN_PROCESS)
+    metadata = fp32.metadata.model_copy(update={"precision": "int8"})
+    write_metadata(path, metadata)
+    # The self-test expects the int8 file's own numbers, within what int8 moves them.
+    assert fp32.metadata.self_test is not None
+    golden = [base64.b64decode(image) for image in fp32.metadata.self_test.images]
+    int8 = ModelSession(path, IN_PROCESS)
+    spec = metadata.preprocessing
+    batch = np.concatenate([preprocess(image, spec) for image in golden])
+    moved = probability_diff(fp32.logits(batch), int8.logits(batch))
+    write_metadata(
+        path, metadata.model_copy(update={"self_test": self_test(int8, golden, measured=moved)})
+    )
     return path
 
 

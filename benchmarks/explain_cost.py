@@ -1,0 +1,99 @@
+"""What the attention rollout costs plain classification: the bundled model as shipped (its
+rollout output computed on every call) against the same graph cut down to the classification
+output alone, both served, /v1/classify measured in interleaved rounds.
+
+    python -m benchmarks.explain_cost            # about 3 minutes on 2 cores
+
+Both servers run side by side (one idle while the other is measured); each round measures one
+then the other at 16 clients and at 1 client, and the result is the median of the rounds'
+ratios. Writes docs/explain_cost.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+from onnx import helper, utils
+
+from benchmarks.http_stack import measure
+from benchmarks.run import DOCS, ROOT, SIZES, photos, start
+from tests.service_support import free_port
+
+MODEL = ROOT / "models" / "shapes-vit.onnx"
+
+
+def without_rollout(model: Path, output: Path) -> Path:
+    """`model` cut to the nodes its classification output needs; its metadata kept, less the
+    attention output."""
+    proto = onnx.load(str(model))
+    props = {p.key: p.value for p in proto.metadata_props}
+    classification = props.get("output_name") or proto.graph.output[0].name
+    inputs = [i.name for i in proto.graph.input]
+    utils.extract_model(str(model), str(output), inputs, [classification])
+    cut = onnx.load(str(output))
+    props.pop("attention_output", None)
+    helper.set_model_props(cut, props)
+    onnx.save(cut, str(output))
+    return output
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    images = photos(SIZES["640x480"])
+    with tempfile.TemporaryDirectory() as folder:
+        models = {
+            "with rollout": MODEL,
+            "without": without_rollout(MODEL, Path(folder) / "plain.onnx"),
+        }
+        urls, processes = {}, {}
+        for name, path in models.items():
+            port = free_port()
+            urls[name] = f"http://127.0.0.1:{port}"
+            command = [sys.executable, "-m", "service.cli", "--model", str(path)]
+            env = {"VIT_PROVIDERS": '["CPUExecutionProvider"]'}
+            processes[name] = start([*command, "--port", str(port)], env, urls[name])
+        rounds: list[dict[str, Any]] = []
+        try:
+            for _ in range(args.rounds):
+                result: dict[str, Any] = {}
+                for name in models:
+                    at_16 = measure(urls[name], images, 16, args.seconds)
+                    at_1 = measure(urls[name], images, 1, args.seconds)
+                    result[name] = {
+                        "images_per_second_16": at_16.images_per_second,
+                        "p50_ms_1": at_1.p50_ms,
+                    }
+                    print(f"{name:>13}: {at_16.line()}  |  {at_1.line()}", flush=True)
+                rounds.append(result)
+        finally:
+            for process in processes.values():
+                process.terminate()
+                process.wait(timeout=30)
+    rollout, plain = models
+    summary = {
+        "throughput_ratio_16": statistics.median(
+            r[rollout]["images_per_second_16"] / r[plain]["images_per_second_16"] for r in rounds
+        ),
+        "p50_difference_ms_1": statistics.median(
+            r[rollout]["p50_ms_1"] - r[plain]["p50_ms_1"] for r in rounds
+        ),
+    }
+    DOCS.mkdir(exist_ok=True)
+    (DOCS / "explain_cost.json").write_text(
+        json.dumps({"rounds": rounds, "summary": summary}, indent=2) + "\n"
+    )
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
