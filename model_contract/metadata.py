@@ -41,9 +41,11 @@ class OodCalibration(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    score: Literal["max_softmax", "energy"] = Field(
+    score: Literal["max_softmax", "energy", "mahalanobis"] = Field(
         description="max_softmax: the top probability; energy: logsumexp of the logits (the "
-        "negative energy). Higher is more in-distribution either way."
+        "negative energy); mahalanobis: the graph's `ood_score` output, the negative squared "
+        "Mahalanobis distance of the head's input features to the nearest class. Higher is "
+        "more in-distribution in each."
     )
     threshold: float = Field(description="An image is in distribution iff its score is >= this.")
     accept_rate: float = Field(

@@ -7,7 +7,7 @@ from typing import Literal
 
 import numpy as np
 
-Score = Literal["max_softmax", "energy"]
+Score = Literal["max_softmax", "energy", "mahalanobis"]
 
 
 def ood_scores(
@@ -16,6 +16,8 @@ def ood_scores(
     """One float64 score per row of `outputs` (N, classes); higher means more like the training
     images. max_softmax: the top probability (Hendrycks & Gimpel, 2017). energy: logsumexp of
     the logits, the negative of Liu et al.'s (2020) energy."""
+    if score == "mahalanobis":
+        raise ValueError("the mahalanobis score is the graph's own ood_score output")
     values = outputs.astype(np.float64)
     if score == "energy":
         if output_kind != "logits":

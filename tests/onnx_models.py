@@ -39,13 +39,15 @@ def classifier(
     width_from_input: bool = False,
     scale: float = 1.0,
     attention: bool = False,
+    ood_score: bool = False,
 ) -> Path:
     """Logits = mean colour per channel @ W: a real graph whose answer depends on the image.
     `classes` is the declared width (a name makes it symbolic); `weights_classes` the real one,
     or with `width_from_input` the input's width (known only when it runs). `scale` multiplies
     the weights, so that versions of a model answer differently. With `attention`, a second
     output `attention_rollout` [N, 2, 2]: the mean brightness of each quarter of the image (a
-    stand-in map whose every cell depends on where the image is bright)."""
+    stand-in map whose every cell depends on where the image is bright). With `ood_score`, an
+    output `ood_score` [N]: the image's mean value (a stand-in score: brighter, higher)."""
     weights = scale * (
         np.arange(3 * weights_classes, dtype=np.float32).reshape(3, weights_classes) - 2
     )
@@ -80,6 +82,14 @@ def classifier(
             helper.make_tensor_value_info("attention_rollout", TensorProto.FLOAT, [batch, 2, 2])
         )
         initializers.append(numpy_helper.from_array(np.array([1], dtype=np.int64), "channel"))
+    if ood_score:
+        nodes.append(
+            helper.make_node("ReduceMean", ["pixels32", "all_axes"], ["ood_score"], keepdims=0)
+        )
+        outputs.append(helper.make_tensor_value_info("ood_score", TensorProto.FLOAT, [batch]))
+        initializers.append(
+            numpy_helper.from_array(np.array([1, 2, 3], dtype=np.int64), "all_axes")
+        )
     graph = helper.make_graph(
         nodes,
         "classifier",

@@ -12,6 +12,8 @@ from model_contract.metadata import InvalidModelMetadata, ModelMetadata
 from service.runtime.options import CPU
 
 FLOAT_TYPES = ("tensor(float)", "tensor(float16)")
+OOD_OUTPUT = "ood_score"
+"""The graph output of a model whose out-of-distribution score the graph computes."""
 
 
 class ModelMismatch(InvalidModelMetadata):
@@ -34,6 +36,9 @@ class GraphContract:
     """The output holding the attention rollout [N, grid_h, grid_w], where the model has one."""
     attention_grid: tuple[int, int] | None = None
     """The rollout's grid where the graph fixes it; None where it is symbolic."""
+    ood_output: str | None = None
+    """The output holding each image's out-of-distribution score [N], where the graph
+    computes it (the `mahalanobis` score)."""
 
 
 def _dims(shape: list[int | str | None]) -> str:
@@ -97,6 +102,7 @@ def check_graph(
     width = out_shape[1] if isinstance(out_shape[1], int) else None
     check_output_width(width, metadata, path)
     grid = _attention_grid(outputs, metadata, restamp)
+    ood_output = _ood_output(outputs, metadata, restamp)
     return GraphContract(
         input_name=model_input.name,
         output_name=output_name,
@@ -105,7 +111,28 @@ def check_graph(
         output_type=output.type,
         attention_output=metadata.attention_output,
         attention_grid=grid,
+        ood_output=ood_output,
     )
+
+
+def _ood_output(
+    outputs: dict[str, ort.NodeArg], metadata: ModelMetadata, restamp: str
+) -> str | None:
+    """The score output a `mahalanobis` calibration reads, checked: one float per image."""
+    if metadata.ood is None or metadata.ood.score != "mahalanobis":
+        return None
+    if OOD_OUTPUT not in outputs:
+        raise ModelMismatch(
+            f"the metadata's out-of-distribution score is computed by the graph, which has no "
+            f"output {OOD_OUTPUT!r} (it has {', '.join(outputs)}); re-stamp it with `{restamp}`"
+        )
+    output = outputs[OOD_OUTPUT]
+    if output.type not in FLOAT_TYPES or len(output.shape) != 1:
+        raise ModelMismatch(
+            f"the graph's output {OOD_OUTPUT} {_dims(list(output.shape))} is not one float "
+            "score per image [N]"
+        )
+    return OOD_OUTPUT
 
 
 def _attention_grid(

@@ -123,7 +123,10 @@ class ModelSession:
         self.input_name = self.graph.input_name
         self.output_name = self.graph.output_name
         self.attention_output = self.graph.attention_output
-        self._graph_outputs = (self.output_name, *filter(None, [self.attention_output]))
+        self._graph_outputs = (
+            self.output_name,
+            *filter(None, [self.attention_output, self.graph.ood_output]),
+        )
         self.output_names = (
             PROBABILITIES,
             *([ATTENTION_ROLLOUT] if self.attention_output else []),
@@ -185,6 +188,8 @@ class ModelSession:
         shapes: dict[str, tuple[int, ...]] = {self.output_name: (len(self.metadata.labels),)}
         if self.graph.attention_output is not None and self.graph.attention_grid is not None:
             shapes[self.graph.attention_output] = self.graph.attention_grid
+        if self.graph.ood_output is not None:
+            shapes[self.graph.ood_output] = ()
         return shapes
 
     def _workers(self, requested: int, one_call_at_a_time: bool) -> int:
@@ -271,7 +276,9 @@ class ModelSession:
         }
         if self.attention_output is not None:
             named[ATTENTION_ROLLOUT] = raw[self.attention_output]
-        if (ood := self.metadata.ood) is not None:
+        if self.graph.ood_output is not None:
+            named[OOD_SCORE] = raw[self.graph.ood_output].astype(np.float64)
+        elif (ood := self.metadata.ood) is not None:
             # float64, as calibrated: a score on the threshold must fall on the same side.
             named[OOD_SCORE] = ood_scores(scores, self.metadata.output, ood.score)
         return named

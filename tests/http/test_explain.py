@@ -294,10 +294,51 @@ def test_the_bundled_model_with_perturbed_weights_never_becomes_ready(
     onnx.save(proto, str(perturbed))
     with TestClient(create_app(cpu_settings(perturbed))) as client:
         deadline = time.monotonic() + 60
-        while (models := client.get("/v1/models").json()["models"]) == [] or models[0][
-            "self_test"
-        ]["status"] in ("pending",):
+        while (models := client.get("/v1/models").json()["models"]) == [] or models[0]["self_test"][
+            "status"
+        ] in ("pending",):
             assert time.monotonic() < deadline, models
             time.sleep(0.05)
         assert models[0]["self_test"]["status"] == "failed"
         assert client.get("/v2/health/ready").status_code == 503
+
+
+@pytest.mark.parametrize("io_binding", [False, True])
+def test_a_score_the_graph_computes_is_read_from_its_output(
+    tmp_path: Path, io_binding: bool
+) -> None:
+    spec = PreprocessSpec(input_size=SIZE)
+    bright, dark = (float(preprocess(image, spec).mean()) for image in (BRIGHT, DARK))
+    calibration = OodCalibration(
+        score="mahalanobis",
+        threshold=(bright + dark) / 2,
+        accept_rate=0.95,
+        calibration_images=2,
+        calibration_source="two test images",
+    )
+    model = classifier(
+        tmp_path / "m.onnx", ood_score=True, metadata=metadata_for(LABELS, SIZE, ood=calibration)
+    )
+    with ready_client(cpu_settings(model, io_binding=io_binding)) as client:
+        files = [("file", ("bright.png", BRIGHT)), ("file", ("dark.png", DARK))]
+        predictions = client.post("/v1/classify", files=files).json()["predictions"]
+        assert client.get("/v1/models").json()["models"][0]["runtime"]["io_binding"] == (
+            "on" if io_binding else "off"
+        )
+    np.testing.assert_allclose([p["ood_score"] for p in predictions], [bright, dark], atol=1e-5)
+    assert [p["in_distribution"] for p in predictions] == [True, False]
+
+
+def test_a_graph_score_the_graph_lacks_is_refused_at_load(tmp_path: Path) -> None:
+    from service.runtime.graph_check import ModelMismatch
+
+    calibration = OodCalibration(
+        score="mahalanobis",
+        threshold=0.0,
+        accept_rate=0.95,
+        calibration_images=2,
+        calibration_source="two test images",
+    )
+    model = classifier(tmp_path / "m.onnx", metadata=metadata_for(LABELS, SIZE, ood=calibration))
+    with pytest.raises(ModelMismatch, match="no output 'ood_score'"):
+        ModelSession(model, IN_PROCESS)
