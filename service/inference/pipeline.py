@@ -9,7 +9,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Literal, TypeVar
 
 import numpy as np
@@ -236,7 +236,7 @@ class Pipeline:
         await self._self_test(deadline)
         self._warmed_up = True
         self._recovery = asyncio.create_task(self._recover_when_failing(), name="recovery")
-        logger.info("warm-up done: ready")
+        logger.info("warm-up done, self-test %s (%s): ready", *astuple(self.self_test))
 
     async def _self_test(self, deadline: float) -> None:
         """The model file's golden images through the whole serving path (decoding workers,
