@@ -3,7 +3,7 @@ how many held-out shapes, with each score calibrated to accept 95% of other held
 max_softmax and energy of the logits, and the Mahalanobis score of the file's `ood_score`
 output (its class means and covariance as the file carries them).
 
-    python -m benchmarks.ood            # about 2 minutes on 2 cores (needs the bench extra)
+    python -m benchmarks.ood            # about a minute on 2 cores (needs the bench extra)
     python -m benchmarks.ood --model OTHER.onnx
 
 Photos: the project's own (model_export/photos) and those scikit-image ships inside its package
