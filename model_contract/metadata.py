@@ -35,24 +35,27 @@ class InvalidModelMetadata(ValueError):
 
 
 class OodCalibration(BaseModel):
-    """How to tell an image unlike the model's training images: a score of the classification
-    output (`model_contract.ood.ood_scores`) and the threshold that accepts most in-distribution
-    images."""
+    """How to tell an image unlike the model's training images: a score, of the classification
+    output (`model_contract.ood.ood_scores`) or a graph output of its own (`ood_score`), and the
+    threshold that accepts most in-distribution images."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     score: Literal["max_softmax", "energy", "mahalanobis"] = Field(
         description="max_softmax: the top probability; energy: logsumexp of the logits (the "
-        "negative energy); mahalanobis: the graph's `ood_score` output, the negative squared "
-        "Mahalanobis distance of the head's input features to the nearest class. Higher is "
-        "more in-distribution in each."
+        "negative energy); mahalanobis: the graph output ood_score, float32 [N], minus the "
+        "smallest squared Mahalanobis distance of the classification head's input features to "
+        "the class means (shared covariance). Higher is more in-distribution each way."
     )
     threshold: float = Field(description="An image is in distribution iff its score is >= this.")
     accept_rate: float = Field(
         gt=0, le=1, description="The fraction of the calibration images the threshold accepts."
     )
-    calibration_images: int = Field(gt=0, description="How many images it was calibrated on.")
-    calibration_source: str = Field(description="What the calibration images were.")
+    calibration_images: int = Field(gt=0, description="How many images the threshold was set on.")
+    calibration_source: str = Field(
+        description="What the calibration images were (for mahalanobis, also the other "
+        "in-distribution images the class means and covariance were fitted on)."
+    )
 
 
 class SelfTest(BaseModel):

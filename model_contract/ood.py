@@ -1,5 +1,6 @@
-"""The out-of-distribution score of a classification output, and the threshold that accepts a
-given share of in-distribution images; export calibration and the service call the same code."""
+"""The out-of-distribution score of a classification output (or the name of the graph output
+that holds it), and the threshold that accepts a given share of in-distribution images; export
+calibration and the service call the same code."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ from typing import Literal
 import numpy as np
 
 Score = Literal["max_softmax", "energy", "mahalanobis"]
+SCORE_OUTPUT = "ood_score"
+"""The graph output holding the score where the graph computes it (`GRAPH_SCORES`): float32 [N],
+higher is more in-distribution."""
+GRAPH_SCORES: frozenset[Score] = frozenset({"mahalanobis"})
+"""Scores of features inside the graph, read from its output `SCORE_OUTPUT`."""
 
 
 def ood_scores(
@@ -15,9 +21,13 @@ def ood_scores(
 ) -> np.ndarray:
     """One float64 score per row of `outputs` (N, classes); higher means more like the training
     images. max_softmax: the top probability (Hendrycks & Gimpel, 2017). energy: logsumexp of
-    the logits, the negative of Liu et al.'s (2020) energy."""
-    if score == "mahalanobis":
-        raise ValueError("the mahalanobis score is the graph's own ood_score output")
+    the logits, the negative of Liu et al.'s (2020) energy. mahalanobis is no function of the
+    classification output: the graph computes it (`SCORE_OUTPUT`)."""
+    if score in GRAPH_SCORES:
+        raise ValueError(
+            f"the {score} score is computed in the graph: read its output {SCORE_OUTPUT!r}, "
+            "not the classification output"
+        )
     values = outputs.astype(np.float64)
     if score == "energy":
         if output_kind != "logits":

@@ -81,7 +81,7 @@ def evaluate(session: ModelSession, *, seed: int, count: int, batch_size: int = 
     for start in range(0, count, batch_size):
         batch = list(shapes.samples(seed, min(batch_size, count - start), start))
         inputs = np.concatenate([preprocess(sample.data, spec) for sample in batch])
-        predicted = session.predict(inputs).argmax(axis=1)
+        predicted = session.logits(inputs).argmax(axis=1)
         for sample, guess in zip(batch, predicted, strict=True):
             confusion[sample.label, guess] += 1
     return Evaluation(labels=shapes.LABELS, confusion=confusion)
@@ -126,7 +126,7 @@ def evaluate_folder(
                 continue
             truths.append(truth)
         if tensors:
-            predicted = session.predict(np.concatenate(tensors)).argmax(axis=1)
+            predicted = session.logits(np.concatenate(tensors)).argmax(axis=1)
             for truth, guess in zip(truths, predicted, strict=True):
                 confusion[truth, guess] += 1
     return Evaluation(labels=session.labels, confusion=confusion), skipped

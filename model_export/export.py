@@ -24,11 +24,12 @@ from model_export.attention import vit_rollout
 from model_export.checkpoint import Checkpoint, NotACheckpoint, sha256_of, state_dict_from_onnx
 from model_export.evaluate import evaluate
 from model_export.importing import staged
+from model_export.ood_features import strip_ood_score
 from model_export.quantize import Int8Report, compare, quantize
 from model_export.rollout import ROLLOUT_OUTPUT, add_rollout_to_file, rollout_of, strip_rollout
 from model_export.stamp import (
     SELF_TEST_IMAGES,
-    calibrate,
+    calibrate_best,
     golden_png,
     probability_diff,
     self_test,
@@ -53,9 +54,10 @@ FP16_MIN_TOP1_AGREEMENT = 0.995
 FP16_PROBABILITY_TOLERANCE = 1e-2
 # The fewest held-out images the FP16 and int8 checks use, whatever --eval-count says.
 PRECISION_MIN_IMAGES = 256
-# Held-out shapes for the out-of-distribution threshold and the self-test images: never the
-# training seed (0 for the bundled model), the held-out evaluation seed (1000003) nor the
-# seeds the README and the tests evaluate on.
+# Held-out shapes for the out-of-distribution threshold (images 0 to CALIBRATION_COUNT - 1),
+# the class means and covariance of the Mahalanobis score (as many images after those) and the
+# self-test images: never the training seed (0 for the bundled model), the held-out evaluation
+# seed (1000003) nor the seeds the README and the tests evaluate on.
 CALIBRATION_SEED = 2_000_003
 CALIBRATION_COUNT = 2000
 
@@ -185,11 +187,12 @@ def check_parity(model: VisionTransformer, session: ModelSession, seed: int) -> 
 
 
 def held_out(
-    spec: PreprocessSpec, *, seed: int, count: int, batch_size: int = 64
+    spec: PreprocessSpec, *, seed: int, count: int, batch_size: int = 64, first: int = 0
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Held-out images preprocessed as the service does, with their class indices, in batches."""
-    for start in range(0, count, batch_size):
-        batch = list(shapes.samples(seed, min(batch_size, count - start), start))
+    """Held-out images `first` to `first + count - 1` of `seed`, preprocessed as the service
+    does, with their class indices, in batches."""
+    for start in range(first, first + count, batch_size):
+        batch = list(shapes.samples(seed, min(batch_size, first + count - start), start))
         yield (
             np.concatenate([preprocess(s.data, spec) for s in batch]),
             np.array([s.label for s in batch]),
@@ -239,6 +242,7 @@ def rebuild(path: Path) -> tuple[VisionTransformer, ModelMetadata, onnx.ModelPro
     if proto.producer_name != "vit-export" or metadata.precision != "fp32":
         raise NotACheckpoint(refusal)
     strip_rollout(proto)
+    strip_ood_score(proto)
     model = VisionTransformer(config)
     model.load_state_dict(state_dict_from_onnx(proto.graph))
     plain = metadata.model_copy(update={"attention_output": None, "ood": None, "self_test": None})
@@ -268,15 +272,24 @@ def finish(
     calibration_count: int,
     update: dict[str, object],
 ) -> None:
-    """The out-of-distribution calibration and the self-test set, written into the checked file
-    with `update`; `measured` is the file's largest probability difference from FP32."""
+    """The out-of-distribution score (appended to the graph where it is computed there) and its
+    calibration, and the self-test set, written into the checked file with `update`; `measured`
+    is the file's largest probability difference from FP32."""
     metadata = session.metadata
     spec = metadata.preprocessing
-    ood = calibrate(
+    count = calibration_count
+    proto = onnx.load(str(path))
+    ood = calibrate_best(
+        proto,
         session,
-        (batch for batch, _ in held_out(spec, seed=CALIBRATION_SEED, count=calibration_count)),
-        source=f"shapes seed {CALIBRATION_SEED}, images 0-{calibration_count - 1} (held out)",
+        fit_batches=held_out(spec, seed=CALIBRATION_SEED, count=count, first=count),
+        threshold_batches=(
+            batch for batch, _ in held_out(spec, seed=CALIBRATION_SEED, count=count)
+        ),
+        source=f"shapes seed {CALIBRATION_SEED}, images 0-{count - 1} (held out)",
+        fit_source=f"shapes seed {CALIBRATION_SEED}, images {count}-{2 * count - 1} (held out)",
     )
+    onnx.save(proto, str(path))
     images = golden_images(spec)
     tested = self_test(session, images, measured=max(measured, golden_diff(model, session, images)))
     write_metadata(path, metadata.model_copy(update={**update, "ood": ood, "self_test": tested}))
@@ -432,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=CALIBRATION_COUNT,
         help=f"Held-out shapes (seed {CALIBRATION_SEED}) the out-of-distribution threshold is "
-        "calibrated on.",
+        "calibrated on; as many others fit the Mahalanobis score's class means and covariance.",
     )
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument(

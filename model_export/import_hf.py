@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 from torch.jit._trace import TracerWarning
@@ -37,7 +38,6 @@ from model_export.export import (
 from model_export.hf_preprocessing import UnexpressibleProcessor, spec_from_processor
 from model_export.importing import (
     ImportRefused,
-    chunks,
     image_files,
     model_name,
     served_logits,
@@ -45,7 +45,13 @@ from model_export.importing import (
 )
 from model_export.quantize import Int8Report, check_on_images, quantize
 from model_export.rollout import rollout_of
-from model_export.stamp import SELF_TEST_IMAGES, calibrate, golden_png, probability_diff, self_test
+from model_export.stamp import (
+    SELF_TEST_IMAGES,
+    calibrate_on_files,
+    golden_png,
+    probability_diff,
+    self_test,
+)
 from service.runtime.options import IN_PROCESS
 from service.runtime.session import ModelSession, softmax
 
@@ -271,15 +277,11 @@ def import_hf(
             )
         ood = None
         if calibration_images is not None:
-            calibration = image_files(calibration_images)
-            ood = calibrate(
-                session,
-                (
-                    np.concatenate([preprocess(p.read_bytes(), spec) for p in chunk])
-                    for chunk in chunks(calibration)
-                ),
-                source=f"{len(calibration)} images under {calibration_images}",
+            proto = onnx.load(str(staged_path))
+            ood = calibrate_on_files(
+                proto, session, image_files(calibration_images), folder=calibration_images
             )
+            onnx.save(proto, str(staged_path))
         golden = [golden_png(p.read_bytes(), spec) for p in files[:SELF_TEST_IMAGES]]
         stamped = metadata.model_copy(
             update={"ood": ood, "self_test": self_test(session, golden, measured=measured)}

@@ -23,18 +23,18 @@ from model_contract.metadata import (
     SelfTest,
     one_line,
 )
-from model_contract.preprocess import PreprocessSpec, preprocess
+from model_contract.preprocess import PreprocessSpec
 from model_export.hf_preprocessing import UnexpressibleProcessor, spec_from_processor
 from model_export.importing import (
     ImportRefused,
-    chunks,
     image_files,
     model_name,
     served_logits,
     staged,
 )
+from model_export.ood_features import strip_ood_score
 from model_export.rollout import ROLLOUT_OUTPUT, NoAttention, add_rollout, strip_rollout
-from model_export.stamp import SELF_TEST_IMAGES, calibrate, golden_png, self_test
+from model_export.stamp import SELF_TEST_IMAGES, calibrate_on_files, golden_png, self_test
 from service.runtime.graph_check import check_output_width, inspect_model
 from service.runtime.options import IN_PROCESS
 from service.runtime.session import ModelSession
@@ -203,7 +203,8 @@ def import_onnx(
     except Exception as error:  # protobuf's decode errors and onnx's own, untyped
         raise ImportRefused(f"{model_file}: not an ONNX file ({_last_line(error)})") from error
     old = existing_metadata(proto)
-    strip_rollout(proto)  # a file stamped before: its rollout is made again below
+    strip_rollout(proto)  # a file stamped before: its rollout and score are made again below
+    strip_ood_score(proto)
     config_file = folder / HF_CONFIG if folder and (folder / HF_CONFIG).is_file() else None
     try:
         config = json.loads(config_file.read_text()) if config_file else {}
@@ -278,7 +279,7 @@ def import_onnx(
             raise ImportRefused(str(error).replace(str(staged_path), str(output))) from error
         metadata = metadata.model_copy(
             update={
-                "ood": ood_of(session, calibration_images),
+                "ood": ood_of(proto, session, calibration_images),
                 "self_test": golden(session, check_images),
             }
         )
@@ -315,17 +316,11 @@ def golden(session: ModelSession, files: list[Path]) -> SelfTest:
     )
 
 
-def ood_of(session: ModelSession, folder: Path | None) -> OodCalibration | None:
-    """The out-of-distribution threshold on the images under `folder`; None without them."""
+def ood_of(
+    proto: onnx.ModelProto, session: ModelSession, folder: Path | None
+) -> OodCalibration | None:
+    """The out-of-distribution score (appended to `proto` where it is computed in the graph)
+    calibrated on the images under `folder`; None without them."""
     if folder is None:
         return None
-    files = image_files(folder)
-    spec = session.metadata.preprocessing
-    return calibrate(
-        session,
-        (
-            np.concatenate([preprocess(p.read_bytes(), spec) for p in chunk])
-            for chunk in chunks(files)
-        ),
-        source=f"{len(files)} images under {folder}",
-    )
+    return calibrate_on_files(proto, session, image_files(folder), folder=folder)

@@ -18,6 +18,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from model_contract.metadata import ModelMetadata
 from model_export.evaluate import UnlabelledImages, labelled_images
 from model_export.importing import image_files, served_logits
+from model_export.ood_features import strip_ood_score
 from model_export.rollout import add_rollout_to_file, strip_rollout
 from service.runtime.session import ModelSession
 
@@ -94,6 +95,7 @@ def quantize(fp32: Path, int8: Path) -> None:
         # appended to the int8 graph, where it reads the same (float) attention softmaxes.
         proto = onnx.load(str(fp32))
         rollout = strip_rollout(proto)
+        strip_ood_score(proto)  # calibrated again on the int8 graph's own features
         plain = Path(folder) / "plain.onnx"
         onnx.save(proto, str(plain))
         # Shape inference and onnxruntime's graph clean-up first, as its quantizer asks (it

@@ -5,21 +5,42 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
+import onnx
 
 from model_contract.decode import decode
 from model_contract.metadata import OodCalibration, SelfTest
 from model_contract.ood import Score, ood_scores, threshold_accepting
-from model_contract.preprocess import PreprocessSpec, crop_and_resize, preprocess_upload
+from model_contract.preprocess import (
+    PreprocessSpec,
+    crop_and_resize,
+    preprocess,
+    preprocess_upload,
+)
+from model_export.ood_features import (
+    NoHead,
+    add_ood_score,
+    features_of,
+    find_head,
+    fit,
+    ood_scores_of,
+    strip_ood_score,
+)
 from service.runtime.session import ModelSession, softmax
 
+logger = logging.getLogger(__name__)
+
 ACCEPT_RATE = 0.95
-# The score for models with logits: on the bundled model it flags more photos than max_softmax at
+# The score of the classification output, where the graph's head cannot be found for the
+# Mahalanobis score: for logits, on the bundled model it flags more photos than max_softmax at
 # the same share of held-out shapes (docs/EXPLAIN.md).
 DEFAULT_SCORE: Score = "energy"
 SELF_TEST_IMAGES = 4
+CALIBRATION_BATCH_SIZE = 16
 # The self-test passes while every probability is within this many times the difference measured
 # at export between the written file and the FP32 reference, and never less than the floor: other
 # providers and thread counts move FP32 probabilities by ~1e-6, a wrong preprocessing, precision
@@ -41,6 +62,99 @@ def calibrate(
         accept_rate=ACCEPT_RATE,
         calibration_images=len(outputs),
         calibration_source=source,
+    )
+
+
+def calibrate_mahalanobis(
+    proto: onnx.ModelProto,
+    *,
+    output: str,
+    input_size: int,
+    fit_batches: Iterable[tuple[np.ndarray, np.ndarray | None]],
+    threshold_batches: Iterable[np.ndarray],
+    source: str,
+    fit_source: str,
+) -> OodCalibration:
+    """Append the Mahalanobis score to `proto` (in place, replacing any), its class means and
+    covariance fitted on `fit_batches` (images with their class indices, or None: the model's
+    predicted classes), and the threshold that accepts ACCEPT_RATE of `threshold_batches`, other
+    in-distribution images (fitting and thresholding on the same images would set it too high).
+    `output` is the classification output; NoHead, before any image is read, where the graph's
+    head on it cannot be found."""
+    strip_ood_score(proto)
+    head = find_head(proto, output, input_size=input_size)
+    truths: list[np.ndarray | None] = []
+
+    def images() -> Iterator[np.ndarray]:
+        for batch, truth in fit_batches:
+            truths.append(truth)
+            yield batch
+
+    features, outputs = features_of(proto, head, output, images())
+    known = [t for t in truths if t is not None]
+    classes = np.concatenate(known) if len(known) == len(truths) else outputs.argmax(axis=1)
+    add_ood_score(proto, head, fit(features, classes))
+    scores = ood_scores_of(proto, threshold_batches)
+    return OodCalibration(
+        score="mahalanobis",
+        threshold=threshold_accepting(scores, ACCEPT_RATE),
+        accept_rate=ACCEPT_RATE,
+        calibration_images=len(scores),
+        calibration_source=f"{source}; class means and covariance fitted on {fit_source}",
+    )
+
+
+def calibrate_best(
+    proto: onnx.ModelProto,
+    session: ModelSession,
+    *,
+    fit_batches: Iterable[tuple[np.ndarray, np.ndarray | None]],
+    threshold_batches: Iterable[np.ndarray],
+    source: str,
+    fit_source: str,
+) -> OodCalibration:
+    """The Mahalanobis score appended to `proto` and calibrated, or where the graph's head cannot
+    be found, the score of the classification output (`calibrate`), saying why."""
+    try:
+        metadata = session.metadata
+        return calibrate_mahalanobis(
+            proto,
+            output=metadata.output_name or proto.graph.output[0].name,
+            input_size=metadata.preprocessing.input_size,
+            fit_batches=fit_batches,
+            threshold_batches=threshold_batches,
+            source=source,
+            fit_source=fit_source,
+        )
+    except NoHead as error:
+        fallback = DEFAULT_SCORE if session.metadata.output == "logits" else "max_softmax"
+        logger.warning("no mahalanobis out-of-distribution score (%s): %s instead", error, fallback)
+        return calibrate(session, threshold_batches, source=source)
+
+
+def calibrate_on_files(
+    proto: onnx.ModelProto, session: ModelSession, files: list[Path], *, folder: Path
+) -> OodCalibration:
+    """`calibrate_best` on the user's unlabelled in-distribution images: every other file (the
+    first, third, ...) fits the class means (of the model's predicted classes) and covariance,
+    the others set the threshold."""
+    spec = session.metadata.preprocessing
+
+    def batches(chosen: list[Path]) -> Iterator[np.ndarray]:
+        for start in range(0, len(chosen), CALIBRATION_BATCH_SIZE):
+            chunk = chosen[start : start + CALIBRATION_BATCH_SIZE]
+            yield np.concatenate([preprocess(p.read_bytes(), spec) for p in chunk])
+
+    fitting, thresholding = files[0::2], files[1::2]
+    if not thresholding:
+        return calibrate(session, batches(files), source=f"{len(files)} images under {folder}")
+    return calibrate_best(
+        proto,
+        session,
+        fit_batches=((batch, None) for batch in batches(fitting)),
+        threshold_batches=batches(thresholding),
+        source=f"{len(thresholding)} images under {folder} (the 2nd, 4th, ...)",
+        fit_source=f"the other {len(fitting)} (their predicted classes)",
     )
 
 

@@ -9,11 +9,10 @@ from pathlib import Path
 import onnxruntime as ort
 
 from model_contract.metadata import InvalidModelMetadata, ModelMetadata
+from model_contract.ood import GRAPH_SCORES, SCORE_OUTPUT
 from service.runtime.options import CPU
 
 FLOAT_TYPES = ("tensor(float)", "tensor(float16)")
-OOD_OUTPUT = "ood_score"
-"""The graph output of a model whose out-of-distribution score the graph computes."""
 
 
 class ModelMismatch(InvalidModelMetadata):
@@ -119,20 +118,20 @@ def _ood_output(
     outputs: dict[str, ort.NodeArg], metadata: ModelMetadata, restamp: str
 ) -> str | None:
     """The score output a `mahalanobis` calibration reads, checked: one float per image."""
-    if metadata.ood is None or metadata.ood.score != "mahalanobis":
+    if metadata.ood is None or metadata.ood.score not in GRAPH_SCORES:
         return None
-    if OOD_OUTPUT not in outputs:
+    if SCORE_OUTPUT not in outputs:
         raise ModelMismatch(
             f"the metadata's out-of-distribution score is computed by the graph, which has no "
-            f"output {OOD_OUTPUT!r} (it has {', '.join(outputs)}); re-stamp it with `{restamp}`"
+            f"output {SCORE_OUTPUT!r} (it has {', '.join(outputs)}); re-stamp it with `{restamp}`"
         )
-    output = outputs[OOD_OUTPUT]
+    output = outputs[SCORE_OUTPUT]
     if output.type not in FLOAT_TYPES or len(output.shape) != 1:
         raise ModelMismatch(
-            f"the graph's output {OOD_OUTPUT} {_dims(list(output.shape))} is not one float "
+            f"the graph's output {SCORE_OUTPUT} {_dims(list(output.shape))} is not one float "
             "score per image [N]"
         )
-    return OOD_OUTPUT
+    return SCORE_OUTPUT
 
 
 def _attention_grid(

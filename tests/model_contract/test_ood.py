@@ -52,3 +52,16 @@ def test_a_probabilities_model_cannot_store_an_energy_threshold() -> None:
     assert metadata_for(["a", "b"], 32, ood=calibration).ood == calibration
     with pytest.raises(ValidationError, match="needs logits"):
         metadata_for(["a", "b"], 32, ood=calibration, output="probabilities")
+
+
+def test_the_mahalanobis_score_is_read_from_the_graph_not_computed_from_logits() -> None:
+    with pytest.raises(ValueError, match="computed in the graph: read its output 'ood_score'"):
+        ood_scores(LOGITS, "logits", "mahalanobis")
+    calibration = OodCalibration(
+        score="mahalanobis",
+        threshold=-250.0,
+        accept_rate=0.95,
+        calibration_images=10,
+        calibration_source="x",
+    )
+    assert metadata_for(["a", "b"], 32, ood=calibration, output="probabilities").ood == calibration

@@ -164,12 +164,15 @@ def test_the_file_carries_rollout_ood_and_self_test(tiny_onnx: Path) -> None:
     assert metadata.output_name == "logits" and metadata.attention_output == "attention_rollout"
     raw = ort.InferenceSession(str(tiny_onnx), providers=[CPU])
     batch = np.random.default_rng(1).standard_normal((3, 3, 64, 64)).astype(np.float32)
-    logits, rollout = raw.run(["logits", "attention_rollout"], {"pixel_values": batch})
+    logits, rollout, score = raw.run(
+        ["logits", "attention_rollout", "ood_score"], {"pixel_values": batch}
+    )
     assert logits.shape == (3, 8) and rollout.shape == (3, 4, 4) and rollout.dtype == np.float32
     assert ((rollout > 0) & (rollout < 1)).all()
+    assert score.shape == (3,) and score.dtype == np.float32 and (score < 0).all()
     ood = metadata.ood
-    assert ood is not None and ood.score == "energy" and ood.accept_rate == 0.95
-    assert ood.calibration_images == 64 and "seed 2000003" in ood.calibration_source
+    assert ood is not None and ood.score == "mahalanobis" and ood.accept_rate == 0.95
+    assert ood.calibration_images == 64 and "seed 2000003, images 64-127" in ood.calibration_source
     test = metadata.self_test
     assert test is not None and len(test.images) == 4 and test.tolerance >= 1e-3
     from model_export.stamp import served_probabilities

@@ -74,7 +74,10 @@ def test_an_optimum_directory_serves_the_pipelines_numbers(tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr
     metadata = metadata_of(output)
     assert metadata.attention_output == "attention_rollout" and metadata.output_name == "logits"
-    assert metadata.ood is not None and metadata.ood.calibration_images == 5
+    # Five photos: the 1st, 3rd and 5th fit the Mahalanobis score, the 2nd and 4th set its
+    # threshold.
+    assert metadata.ood is not None and metadata.ood.score == "mahalanobis"
+    assert metadata.ood.calibration_images == 2
     assert metadata.self_test is not None and len(metadata.self_test.images) == 4
     assert metadata.labels == ("left", "right", "up") and metadata.name == "optimum"
     assert (
