@@ -42,7 +42,8 @@ def test_graph_is_valid_with_named_io_and_dynamic_batch(tiny_onnx: Path) -> None
     (model_input,) = proto.graph.input
     assert model_input.name == "pixel_values"
     assert model_input.type.tensor_type.shape.dim[0].dim_param == "batch"
-    assert [output.name for output in proto.graph.output] == ["logits", "attention_rollout"]
+    names = [output.name for output in proto.graph.output]
+    assert names == ["logits", "attention_rollout", "ood_score"]
 
 
 def test_metadata_round_trips_through_onnxruntime_alone(
@@ -121,7 +122,9 @@ def test_fp16_export_keeps_float32_at_the_boundary_and_says_so(
     assert raw.get_inputs()[0].type == raw.get_outputs()[0].type == "tensor(float)"
     initializers = onnx.load(str(tiny_fp16)).graph.initializer
     weights = [
-        w for w in initializers if len(w.dims) == 2 and not w.name.startswith("/attention_rollout/")
+        w
+        for w in initializers
+        if len(w.dims) == 2 and not w.name.startswith(("/attention_rollout/", "/ood_score/"))
     ]
     assert weights and all(w.data_type == onnx.TensorProto.FLOAT16 for w in weights)
     assert tiny_fp16.stat().st_size < 0.6 * tiny_onnx.stat().st_size
