@@ -17,12 +17,11 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import onnx
 from onnx import helper, utils
 
-from benchmarks.http_stack import measure
+from benchmarks.http_stack import interleaved
 from benchmarks.run import DOCS, ROOT, SIZES, photos, start
 from tests.service_support import free_port
 
@@ -62,19 +61,8 @@ def main() -> None:
             command = [sys.executable, "-m", "service.cli", "--model", str(path)]
             env = {"VIT_PROVIDERS": '["CPUExecutionProvider"]'}
             processes[name] = start([*command, "--port", str(port)], env, urls[name])
-        rounds: list[dict[str, Any]] = []
         try:
-            for _ in range(args.rounds):
-                result: dict[str, Any] = {}
-                for name in models:
-                    at_16 = measure(urls[name], images, 16, args.seconds)
-                    at_1 = measure(urls[name], images, 1, args.seconds)
-                    result[name] = {
-                        "images_per_second_16": at_16.images_per_second,
-                        "p50_ms_1": at_1.p50_ms,
-                    }
-                    print(f"{name:>13}: {at_16.line()}  |  {at_1.line()}", flush=True)
-                rounds.append(result)
+            rounds = interleaved(urls, images, args.rounds, args.seconds)
         finally:
             for process in processes.values():
                 process.terminate()

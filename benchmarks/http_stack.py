@@ -42,6 +42,25 @@ def measure(url: str, images: list[bytes], concurrency: int, seconds: float) -> 
     )
 
 
+def interleaved(
+    urls: dict[str, str], images: list[bytes], rounds: int, seconds: float
+) -> list[dict[str, Any]]:
+    """Each round, each server in turn at 16 clients, then at 1: images/s and p50."""
+    results: list[dict[str, Any]] = []
+    for _ in range(rounds):
+        result: dict[str, Any] = {}
+        for name, url in urls.items():
+            at_16 = measure(url, images, 16, seconds)
+            at_1 = measure(url, images, 1, seconds)
+            result[name] = {
+                "images_per_second_16": at_16.images_per_second,
+                "p50_ms_1": at_1.p50_ms,
+            }
+            print(f"{name:>18}: {at_16.line()}  |  {at_1.line()}", flush=True)
+        results.append(result)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=4)
@@ -60,19 +79,8 @@ def main() -> None:
         }
         command = [sys.executable, "-m", "service.cli", "--model", str(model)]
         processes[name] = start([*command, "--port", str(port)], env, urls[name])
-    rounds: list[dict[str, Any]] = []
     try:
-        for _ in range(args.rounds):
-            result: dict[str, Any] = {}
-            for name in STACKS:
-                at_16 = measure(urls[name], images, 16, args.seconds)
-                at_1 = measure(urls[name], images, 1, args.seconds)
-                result[name] = {
-                    "images_per_second_16": at_16.images_per_second,
-                    "p50_ms_1": at_1.p50_ms,
-                }
-                print(f"{name:>18}: {at_16.line()}  |  {at_1.line()}", flush=True)
-            rounds.append(result)
+        rounds = interleaved(urls, images, args.rounds, args.seconds)
         memory = {name: resident_mb(process.pid) for name, process in processes.items()}
     finally:
         for process in processes.values():

@@ -137,40 +137,51 @@ def _whole_image_size(size: tuple[int, int], resize: str, target: int) -> tuple[
     return int(target * width / height), target
 
 
+Box = tuple[float, float, float, float]
+
+
 def crop_and_resize(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
     """Resize and centre-crop: in one resampling pass over the kept box, or (with
     `resize_size`) the whole image, then a centre crop at whole-pixel offsets."""
     resample = _RESAMPLING[spec.interpolation]
     if spec.resize_size is not None:
-        whole = _whole_image_size(image.size, spec.resize, spec.resize_size)
-        x, y = (whole[0] - spec.input_size) // 2, (whole[1] - spec.input_size) // 2
+        whole, crop = _resized_then_cropped(image.size, spec)
         resized = image.resize(whole, resample, reducing_gap=None)
-        return resized.crop((x, y, x + spec.input_size, y + spec.input_size))
-    width, height = image.size
-    if spec.resize == "squash":
-        box = (0.0, 0.0, float(width), float(height))
-    else:
-        side = min(width, height) * spec.crop_pct
-        left, top = (width - side) / 2, (height - side) / 2
-        box = (left, top, left + side, top + side)
+        return resized.crop(crop)
+    box = _kept_box(image.size, spec)
     return image.resize((spec.input_size, spec.input_size), resample, box=box, reducing_gap=None)
 
 
-def seen_box(decoded: DecodedImage, spec: PreprocessSpec) -> tuple[float, float, float, float]:
+def _resized_then_cropped(
+    size: tuple[int, int], spec: PreprocessSpec
+) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """With `resize_size`: the whole image's resized size, and the crop in it."""
+    assert spec.resize_size is not None
+    whole = _whole_image_size(size, spec.resize, spec.resize_size)
+    x, y = (whole[0] - spec.input_size) // 2, (whole[1] - spec.input_size) // 2
+    return whole, (x, y, x + spec.input_size, y + spec.input_size)
+
+
+def _kept_box(size: tuple[int, int], spec: PreprocessSpec) -> Box:
+    """Without `resize_size`: the box of the image resampled into the input."""
+    width, height = size
+    if spec.resize == "squash":
+        return 0.0, 0.0, float(width), float(height)
+    side = min(width, height) * spec.crop_pct
+    left, top = (width - side) / 2, (height - side) / 2
+    return left, top, left + side, top + side
+
+
+def seen_box(decoded: DecodedImage, spec: PreprocessSpec) -> Box:
     """The box (left, top, right, bottom) of the upright original, in its own pixels, that
     `crop_and_resize` turns into the model's input: where a map over the patches belongs."""
     width, height = decoded.image.size
     if spec.resize_size is not None:
-        whole = _whole_image_size((width, height), spec.resize, spec.resize_size)
-        x, y = (whole[0] - spec.input_size) // 2, (whole[1] - spec.input_size) // 2
+        whole, crop = _resized_then_cropped((width, height), spec)
         sx, sy = width / whole[0], height / whole[1]
-        box = (x * sx, y * sy, (x + spec.input_size) * sx, (y + spec.input_size) * sy)
-    elif spec.resize == "squash":
-        box = (0.0, 0.0, float(width), float(height))
+        box = (crop[0] * sx, crop[1] * sy, crop[2] * sx, crop[3] * sy)
     else:
-        side = min(width, height) * spec.crop_pct
-        left, top = (width - side) / 2, (height - side) / 2
-        box = (left, top, left + side, top + side)
+        box = _kept_box((width, height), spec)
     # A draft-decoded JPEG is smaller than the original by a whole factor per axis.
     fx, fy = decoded.upright_size[0] / width, decoded.upright_size[1] / height
     return box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy

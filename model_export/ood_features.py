@@ -27,6 +27,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from model_contract.ood import SCORE_OUTPUT
+from model_export.appended import remove_appended
 
 _PREFIX = "/ood_score"
 _FEATURES = f"{_PREFIX}/features"
@@ -377,19 +378,7 @@ def add_ood_score(proto: onnx.ModelProto, head: HeadFeatures, gaussians: Gaussia
 def strip_ood_score(proto: onnx.ModelProto) -> bool:
     """Remove what `add_ood_score` appended (in place), leaving the graph it was added to, node
     for node; whether there was a score to remove."""
-    if not any(output.name == SCORE_OUTPUT for output in proto.graph.output):
-        return False
-    ours = f"{_PREFIX}/"
-    kept_outputs = [o for o in proto.graph.output if o.name != SCORE_OUTPUT]
-    kept_nodes = [n for n in proto.graph.node if not n.name.startswith(ours)]
-    kept_initializers = [i for i in proto.graph.initializer if not i.name.startswith(ours)]
-    del proto.graph.output[:]
-    proto.graph.output.extend(kept_outputs)
-    del proto.graph.node[:]
-    proto.graph.node.extend(kept_nodes)
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(kept_initializers)
-    return True
+    return remove_appended(proto, SCORE_OUTPUT, _PREFIX)
 
 
 def ood_scores_of(proto: onnx.ModelProto, batches: Iterable[np.ndarray]) -> np.ndarray:

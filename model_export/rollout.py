@@ -19,6 +19,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from model_export.appended import remove_appended
+
 ROLLOUT_OUTPUT = "attention_rollout"
 _PREFIX = "/attention_rollout"
 _CPU = "CPUExecutionProvider"
@@ -185,19 +187,7 @@ def strip_rollout(proto: onnx.ModelProto) -> bool:
 
     onnxruntime runs every node of a graph whatever outputs a call asks for, so a caller that
     never wants the rollout saves its cost by running this graph."""
-    if not any(output.name == ROLLOUT_OUTPUT for output in proto.graph.output):
-        return False
-    ours = f"{_PREFIX}/"
-    kept_outputs = [o for o in proto.graph.output if o.name != ROLLOUT_OUTPUT]
-    kept_nodes = [n for n in proto.graph.node if not n.name.startswith(ours)]
-    kept_initializers = [i for i in proto.graph.initializer if not i.name.startswith(ours)]
-    del proto.graph.output[:]
-    proto.graph.output.extend(kept_outputs)
-    del proto.graph.node[:]
-    proto.graph.node.extend(kept_nodes)
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(kept_initializers)
-    return True
+    return remove_appended(proto, ROLLOUT_OUTPUT, _PREFIX)
 
 
 def add_rollout_to_file(path: Path, *, input_size: int) -> AttentionMaps:

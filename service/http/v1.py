@@ -22,6 +22,9 @@ from service.runtime.session import ATTENTION_ROLLOUT, PROBABILITIES
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 
+TopK = Annotated[int | None, Query(description="Classes in `top`; clamped to the labels.")]
+Full = Annotated[bool, Query(description="Also return the full distribution.")]
+
 _UPLOAD_BODY = {
     "requestBody": {
         "required": True,
@@ -71,10 +74,8 @@ _CLASSIFY: dict[str, Any] = {
 async def classify(
     request: Request,
     inference: InferenceDep,
-    top_k: Annotated[
-        int | None, Query(description="Classes in `top`; clamped to the labels.")
-    ] = None,
-    probabilities: Annotated[bool, Query(description="Also return the full distribution.")] = False,
+    top_k: TopK = None,
+    probabilities: Full = False,
 ) -> ClassifyResponse:
     answers, names = await _answers(request, inference, top_k, pictures=False)
     return classify_response(
@@ -118,10 +119,8 @@ _EXPLAIN: dict[str, Any] = {
 async def explain(
     request: Request,
     inference: InferenceDep,
-    top_k: Annotated[
-        int | None, Query(description="Classes in `top`; clamped to the labels.")
-    ] = None,
-    probabilities: Annotated[bool, Query(description="Also return the full distribution.")] = False,
+    top_k: TopK = None,
+    probabilities: Full = False,
 ) -> Response:
     """Each prediction with `attention`: the class token's attention rollout over the patch
     grid and the box of the upright original it covers, to lay the map over the photo."""
