@@ -1,4 +1,5 @@
-"""`vit-train`: train a ViT on the `shapes` dataset and write a self-describing checkpoint."""
+"""Training: `fit`, the one loop and recipe every model here is trained with, and `vit-train`,
+which trains the ViT on `shapes` and writes a self-describing checkpoint."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import math
 import shlex
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -65,15 +68,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Flips, quarter turns and small shifts: every class is invariant to all three."""
+def augment(
+    images: torch.Tensor, generator: torch.Generator, *, turns: bool = True
+) -> torch.Tensor:
+    """Small shifts, and with `turns` flips and quarter turns: every `shapes` class is invariant to
+    all three, a handwritten digit only to the shifts (a turned 6 is a 9)."""
     batch = images.shape[0]
-    flip = torch.rand(batch, generator=generator) < 0.5
-    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-    turns = torch.randint(0, 4, (batch,), generator=generator)
-    images = torch.stack(
-        [torch.rot90(img, int(k), dims=(-2, -1)) for img, k in zip(images, turns, strict=True)]
-    )
+    if turns:
+        flip = torch.rand(batch, generator=generator) < 0.5
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        quarter_turns = torch.randint(0, 4, (batch,), generator=generator)
+        images = torch.stack(
+            [
+                torch.rot90(img, int(k), dims=(-2, -1))
+                for img, k in zip(images, quarter_turns, strict=True)
+            ]
+        )
     dx, dy = (int(v) for v in torch.randint(-8, 9, (2,), generator=generator))
     return torch.roll(images, shifts=(dy, dx), dims=(-2, -1))
 
@@ -111,6 +121,92 @@ def evaluate(
     return correct / len(images)
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How any classifier here is trained: AdamW with weight decay on matrices only, linear
+    warm-up then cosine decay, label smoothing, gradient clipping at norm 1, bfloat16 autocast
+    for the forward pass (weights stay float32), a fresh shuffle every epoch."""
+
+    steps: int
+    batch_size: int = 128
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_frac: float = 0.1
+    label_smoothing: float = 0.1
+    bf16: bool = True
+    turns: bool = True  # augment with flips and quarter turns as well as shifts
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """What a training run ended with."""
+
+    steps: int
+    loss: float  # of the last batch
+    train_accuracy_ema: float
+
+
+def fit(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    recipe: Recipe,
+    *,
+    seed: int,
+    after_epoch: Callable[[int], None] | None = None,
+    progress: bool = True,
+) -> Fitted:
+    """Train `model` in place on (N,3,S,S) images for `recipe.steps` steps; `seed` fixes the order
+    and the augmentation. `after_epoch(step)` is called after each pass over the data."""
+    steps_per_epoch = len(images) // recipe.batch_size
+    assert steps_per_epoch > 0, "the training set must hold at least one batch"
+    optimizer = torch.optim.AdamW(parameter_groups(model, recipe.weight_decay), lr=recipe.lr)
+    warmup = max(1, int(recipe.steps * recipe.warmup_frac))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, recipe.steps, warmup)
+    )
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    generator = torch.Generator().manual_seed(seed)
+
+    step, loss_value, train_accuracy = 0, math.nan, 0.0
+    bar = tqdm(
+        total=recipe.steps, desc="train", unit="step", dynamic_ncols=True, disable=not progress
+    )
+    while step < recipe.steps:
+        model.train()
+        order = torch.randperm(len(images), generator=generator)
+        for batch_start in range(0, steps_per_epoch * recipe.batch_size, recipe.batch_size):
+            if step >= recipe.steps:
+                break
+            index = order[batch_start : batch_start + recipe.batch_size]
+            x = augment(images[index].float(), generator, turns=recipe.turns)
+            y = labels[index]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
+                logits = model(x)
+            loss = loss_fn(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            loss_value = loss.item()
+            batch_accuracy = float((logits.argmax(-1) == y).float().mean())
+            train_accuracy = (
+                0.9 * train_accuracy + 0.1 * batch_accuracy if step > 1 else batch_accuracy
+            )
+            bar.set_postfix(
+                loss=f"{loss_value:.3f}",
+                acc=f"{train_accuracy:.3f}",
+                lr=f"{schedule.get_last_lr()[0]:.1e}",
+            )
+            bar.update()
+        if after_epoch is not None:
+            after_epoch(step)
+    bar.close()
+    return Fitted(steps=step, loss=loss_value, train_accuracy_ema=train_accuracy)
+
+
 def train(args: argparse.Namespace) -> Checkpoint:
     torch.manual_seed(args.seed)
     if args.threads:
@@ -142,52 +238,24 @@ def train(args: argparse.Namespace) -> Checkpoint:
     logger.info("data ready in %.0f s", time.perf_counter() - started)
 
     model = VisionTransformer(config)
-    optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr)
-    steps_per_epoch = len(images) // args.batch_size
-    total = steps_per_epoch * args.epochs
-    if args.max_steps:
-        total = min(total, args.max_steps)
-    warmup = max(1, int(total * args.warmup_frac))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, total, warmup)
+    steps = (len(images) // args.batch_size) * args.epochs
+    recipe = Recipe(
+        steps=min(steps, args.max_steps) if args.max_steps else steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_frac=args.warmup_frac,
+        label_smoothing=args.label_smoothing,
+        bf16=args.bf16,
     )
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    generator = torch.Generator().manual_seed(args.seed)
+    val_accuracy = 0.0
 
-    step, val_accuracy, train_accuracy = 0, 0.0, 0.0
-    progress = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
-    while step < total:
-        model.train()
-        order = torch.randperm(len(images), generator=generator)
-        for batch_start in range(0, steps_per_epoch * args.batch_size, args.batch_size):
-            if step >= total:
-                break
-            index = order[batch_start : batch_start + args.batch_size]
-            x = augment(images[index].float(), generator)
-            y = labels[index]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                logits = model(x)
-            loss = loss_fn(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            step += 1
-            batch_accuracy = float((logits.argmax(-1) == y).float().mean())
-            train_accuracy = (
-                0.9 * train_accuracy + 0.1 * batch_accuracy if step > 1 else batch_accuracy
-            )
-            progress.set_postfix(
-                loss=f"{loss.item():.3f}",
-                acc=f"{train_accuracy:.3f}",
-                val=f"{val_accuracy:.3f}",
-                lr=f"{schedule.get_last_lr()[0]:.1e}",
-            )
-            progress.update()
+    def validate(step: int) -> None:
+        nonlocal val_accuracy
         val_accuracy = evaluate(model, val_images, val_labels, args.batch_size)
         logger.info("step %d: validation accuracy %.4f", step, val_accuracy)
-    progress.close()
+
+    fitted = fit(model, images, labels, recipe, seed=args.seed, after_epoch=validate)
     seconds = time.perf_counter() - started
     return Checkpoint(
         state_dict={k: v.detach().clone() for k, v in model.state_dict().items()},
@@ -203,8 +271,8 @@ def train(args: argparse.Namespace) -> Checkpoint:
         },
         metrics={
             "val_accuracy": val_accuracy,
-            "train_accuracy_ema": train_accuracy,
-            "steps": float(step),
+            "train_accuracy_ema": fitted.train_accuracy_ema,
+            "steps": float(fitted.steps),
             "train_seconds": seconds,
         },
         command=args.command,

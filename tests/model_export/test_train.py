@@ -1,0 +1,96 @@
+"""The training loop every model here goes through: the recipe, the augmentation, the schedule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch import Tensor, nn  # noqa: E402
+
+from model_export.cnn import ResNet, ResNetConfig  # noqa: E402
+from model_export.train import Recipe, augment, evaluate, fit, warmup_cosine  # noqa: E402
+from model_export.vit import VisionTransformer, ViTConfig  # noqa: E402
+
+
+def separable(count: int, size: int) -> tuple[Tensor, Tensor]:
+    """Bright images are class 1, dark ones class 0: learnable in a few steps by any model."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (count,), generator=generator)
+    noise = 0.1 * torch.randn(count, 3, size, size, generator=generator)
+    images = (labels.float() * 2 - 1)[:, None, None, None] * 0.8 + noise
+    return images.half(), labels
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        lambda: VisionTransformer(
+            ViTConfig(image_size=32, patch_size=8, width=32, depth=1, heads=2, num_classes=2)
+        ),
+        lambda: ResNet(ResNetConfig(image_size=32, widths=(8, 16, 16, 16), num_classes=2)),
+    ],
+    ids=["vit", "cnn"],
+)
+def test_a_few_steps_lower_the_loss_of_either_model(model: Callable[[], nn.Module]) -> None:
+    torch.manual_seed(0)
+    network = model()
+    images, labels = separable(128, 32)
+    before = nn.functional.cross_entropy(network(images.float()), labels)
+    fitted = fit(
+        network,
+        images,
+        labels,
+        Recipe(steps=30, batch_size=32, lr=3e-3, bf16=False),
+        seed=0,
+        progress=False,
+    )
+    assert fitted.steps == 30
+    assert before.item() == pytest.approx(math.log(2))  # the zero head: every class equally likely
+    assert fitted.loss < 0.75 * before.item()
+    assert evaluate(network, images, labels, batch_size=64) > 0.9
+
+
+def test_after_epoch_is_called_after_every_pass_over_the_data() -> None:
+    network = VisionTransformer(
+        ViTConfig(image_size=32, patch_size=16, width=16, depth=1, heads=2, num_classes=2)
+    )
+    images, labels = separable(64, 32)
+    seen: list[int] = []
+    fit(
+        network,
+        images,
+        labels,
+        Recipe(steps=5, batch_size=32, bf16=False),
+        seed=0,
+        after_epoch=seen.append,
+        progress=False,
+    )
+    assert seen == [2, 4, 5]  # two batches an epoch, the last epoch cut short
+
+
+def test_without_turns_augmentation_only_shifts() -> None:
+    images = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).reshape(2, 3, 16, 16)
+    shifted = augment(images, torch.Generator().manual_seed(0), turns=False)
+    rows = [
+        torch.roll(images, (dy, dx), dims=(-2, -1)) for dy in range(-8, 9) for dx in range(-8, 9)
+    ]
+    assert any(torch.equal(shifted, candidate) for candidate in rows)
+
+
+def test_with_turns_some_image_is_flipped_or_turned() -> None:
+    images = torch.randn(16, 3, 16, 16)
+    turned = augment(images, torch.Generator().manual_seed(0))
+    shifts = [
+        torch.roll(images, (dy, dx), dims=(-2, -1)) for dy in range(-8, 9) for dx in range(-8, 9)
+    ]
+    assert not any(torch.equal(turned, candidate) for candidate in shifts)
+
+
+def test_the_schedule_warms_up_linearly_then_decays_to_zero() -> None:
+    assert [warmup_cosine(s, 10, 2) for s in (0, 1)] == [0.5, 1.0]
+    assert warmup_cosine(2, 10, 2) == 1.0
+    assert warmup_cosine(10, 10, 2) == pytest.approx(0.0)
