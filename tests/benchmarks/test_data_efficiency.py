@@ -1,0 +1,108 @@
+"""The data-efficiency experiment's pieces: its plan, the crossover, the summary and the report."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+from benchmarks.data_efficiency import (  # noqa: E402
+    SHAPES_STEPS,
+    build,
+    crossover,
+    plan,
+    plot,
+    report,
+    summarise,
+)
+
+
+def row(
+    model: str, size: int, seed: int, accuracy: float, dataset: str = "shapes"
+) -> dict[str, Any]:
+    steps = SHAPES_STEPS.get(size, 300)
+    return {
+        "model": model,
+        "dataset": dataset,
+        "train_size": size,
+        "steps": steps,
+        "seed": seed,
+        "epochs": steps * 64 / size,
+        "test_accuracy": accuracy,
+        "train_seconds": 60.0,
+    }
+
+
+def test_the_plan_runs_every_set_for_both_models_a_whole_seed_at_a_time() -> None:
+    runs = plan([0, 1], SHAPES_STEPS, 300)
+    assert len(runs) == 2 * 2 * 5
+    assert [r.seed for r in runs] == [0] * 10 + [1] * 10
+    assert [(r.model, r.dataset, r.train_size, r.steps) for r in runs[:4]] == [
+        ("vit", "shapes", 500, 250),
+        ("cnn", "shapes", 500, 250),
+        ("vit", "shapes", 2_000, 400),
+        ("cnn", "shapes", 2_000, 400),
+    ]
+    assert {(r.dataset, r.train_size, r.steps) for r in runs[8:10]} == {("digits", 1_297, 300)}
+
+
+def test_both_models_are_built_alike_from_a_seed() -> None:
+    vit, cnn = build("vit", 10, 0), build("cnn", 10, 0)
+    count = [sum(p.numel() for p in m.parameters()) for m in (vit, cnn)]
+    assert abs(count[0] / count[1] - 1) < 0.02
+    again = build("cnn", 10, 0)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in cnn.state_dict().items())
+
+
+def test_the_crossover_is_interpolated_in_log_size() -> None:
+    sizes = [500, 2_000, 8_000, 30_000]
+    assert crossover(sizes, [-0.2, -0.1, 0.1, 0.2]) == pytest.approx(math.sqrt(2_000 * 8_000))
+    assert crossover(sizes, [-0.2, -0.1, 0.0, 0.2]) == pytest.approx(8_000)
+    assert crossover(sizes, [0.1, -0.1, 0.1, 0.2]) == 500
+    assert crossover(sizes, [-0.3, -0.2, -0.1, -0.05]) is None
+
+
+def test_the_summary_gives_each_seed_their_mean_and_half_their_range() -> None:
+    rows = [row("vit", 500, 0, 0.5), row("vit", 500, 1, 0.6), row("cnn", 500, 0, 0.8)]
+    vit = summarise(rows)["shapes"]["500"]["vit"]
+    assert vit["accuracies"] == [0.5, 0.6] and vit["seeds"] == [0, 1]
+    assert vit["mean"] == pytest.approx(0.55) and vit["spread"] == pytest.approx(0.05)
+
+
+def test_the_report_states_the_gap_and_where_the_vit_catches_up() -> None:
+    accuracies = {500: (0.40, 0.60), 2_000: (0.70, 0.80), 8_000: (0.90, 0.85)}
+    rows = [
+        row(model, size, seed, accuracy + seed * 0.01)
+        for size, (vit, cnn) in accuracies.items()
+        for model, accuracy in (("vit", vit), ("cnn", cnn))
+        for seed in (0, 1)
+    ] + [row("vit", 1_297, 0, 0.9, "digits"), row("cnn", 1_297, 0, 0.95, "digits")]
+    text = report(rows, wall_seconds=3_000)
+    assert "| shapes | 500 | 250 | 32.0 | **40.5%** ± 0.5% (40.0%, 41.0%) |" in text
+    assert "-20.0 points" in text and "+5.0 points" in text
+    assert "-20.0 at 500, -10.0 at 2,000, +5.0 at 8,000" in text
+    assert f"caught it at about {round(2_000 * 4 ** (2 / 3)):,} training images" in text
+    assert "**90.0%** (one seed)" in text
+    assert "the ViT scored 90.0% and the CNN 95.0% (-5.0 points)" in text
+    assert "50 minutes" in text
+
+
+def test_the_report_says_when_the_vit_never_catches_up() -> None:
+    rows = [row("vit", 500, 0, 0.3), row("cnn", 500, 0, 0.6)]
+    rows += [row("vit", 30_000, 0, 0.7), row("cnn", 30_000, 0, 0.9)]
+    text = report(rows, wall_seconds=60)
+    assert "did not catch it within 30,000 images" in text
+    assert "narrowed from 30.0 to 20.0 points" in text
+
+
+def test_the_plot_is_written(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    rows = [row(m, s, 0, a) for m, a in (("vit", 0.5), ("cnn", 0.6)) for s in (500, 2_000)]
+    rows.append(row("vit", 1_297, 0, 0.9, "digits"))
+    plot(rows, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
