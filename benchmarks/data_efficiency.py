@@ -179,7 +179,7 @@ def _cell(entry: dict[str, Any] | None) -> str:
     return f"**{entry['mean']:.1%}** ± {entry['spread']:.1%} ({by_seed})"
 
 
-def report(rows: list[dict[str, Any]], wall_seconds: float) -> str:
+def report(rows: list[dict[str, Any]], missing: Sequence[Run] = ()) -> str:
     summary = summarise(rows)
     shapes_rows = summary.get("shapes", {})
     sizes = sorted(int(s) for s in shapes_rows)
@@ -231,10 +231,20 @@ def report(rows: list[dict[str, Any]], wall_seconds: float) -> str:
                 f"| {dataset} | {int(size):,} | {first['steps']:,} | {first['epochs']:.1f} | "
                 f"{_cell(vit)} | {_cell(cnn)} | {gap * 100:+.1f} points |"
             )
-    lines += ["", f"Seeds: {sorted({r['seed'] for r in rows})}. Wall time of the experiment:"]
+    wall = max(r["finished_at"] for r in rows) - min(r["started_at"] for r in rows)
     lines += [
-        f"{wall_seconds / 60:.0f} minutes, data generation included "
-        f"({sum(r['train_seconds'] for r in rows) / 60:.0f} minutes of training).",
+        "",
+        f"Seeds: {', '.join(str(s) for s in sorted({r['seed'] for r in rows}))}. The experiment",
+        f"took {wall / 60:.0f} minutes of wall time from the command's start to its last run's",
+        f"end, data generation included ({sum(r['train_seconds'] for r in rows) / 60:.0f} minutes",
+        "of it training).",
+    ]
+    if missing:
+        skipped = "; ".join(
+            f"{r.model} on {r.train_size:,} {r.dataset}, seed {r.seed}" for r in missing
+        )
+        lines.append(f"Planned but not run (`--minutes` ran out first): {skipped}.")
+    lines += [
         "",
         "## What held",
         "",
@@ -345,12 +355,12 @@ def read_runs(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def write_outputs(rows: list[dict[str, Any]], output_dir: Path, wall_seconds: float) -> None:
+def write_outputs(rows: list[dict[str, Any]], missing: Sequence[Run], output_dir: Path) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "data_efficiency.json").write_text(
         json.dumps({"runs": rows, "summary": summarise(rows)}, indent=2) + "\n"
     )
-    (output_dir / "DATA-EFFICIENCY.md").write_text(report(rows, wall_seconds))
+    (output_dir / "DATA-EFFICIENCY.md").write_text(report(rows, missing))
     plot(rows, output_dir / "data_efficiency.png")
 
 
@@ -369,6 +379,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="500 and 2,000 images, a tenth of the steps"
     )
+    parser.add_argument(
+        "--report-only", action="store_true", help="Rewrite the outputs from the runs done."
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -386,7 +399,14 @@ def main(argv: list[str] | None = None) -> None:
         for r in read_runs(runs_path)
         if r["test_count"] == test_count
     }
-    started = time.perf_counter()
+    if args.report_only:
+        write_outputs(
+            [r for key, r in done.items() if key in wanted],
+            [run for run in runs if run.key not in done],
+            output_dir,
+        )
+        return
+    started, started_at = time.perf_counter(), time.time()
     logger.info("preparing data (cached under %s)", args.cache_dir)
     data = {
         "shapes": shapes_data(args.cache_dir, max(shapes_steps), test_count),
@@ -401,7 +421,8 @@ def main(argv: list[str] | None = None) -> None:
         if time.perf_counter() - started + expected > args.minutes * 60:
             logger.info("skipping %s: about %.0f s, past the time allowed", run, expected)
             continue
-        row = train_and_score(run, data[run.dataset])
+        row = {**train_and_score(run, data[run.dataset]), "started_at": started_at}
+        row["finished_at"] = time.time()
         seconds_per_step[run.model] = row["train_seconds"] / run.steps
         logger.info(
             "%s on %d %s, seed %d: %.4f held-out after %d steps in %.0f s",
@@ -417,8 +438,11 @@ def main(argv: list[str] | None = None) -> None:
         with runs_path.open("a") as log:
             log.write(json.dumps(row) + "\n")
         done[run.key] = row
-        rows = [r for key, r in done.items() if key in wanted]
-        write_outputs(rows, output_dir, time.perf_counter() - started)
+        write_outputs(
+            [r for key, r in done.items() if key in wanted],
+            [run for run in runs if run.key not in done],
+            output_dir,
+        )
     logger.info("done in %.0f s", time.perf_counter() - started)
 
 

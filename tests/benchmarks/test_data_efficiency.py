@@ -35,6 +35,8 @@ def row(
         "epochs": steps * 64 / size,
         "test_accuracy": accuracy,
         "train_seconds": 60.0,
+        "started_at": 1_000.0,
+        "finished_at": 1_000.0 + 0.6 * size,
     }
 
 
@@ -82,22 +84,24 @@ def test_the_report_states_the_gap_and_where_the_vit_catches_up() -> None:
         for model, accuracy in (("vit", vit), ("cnn", cnn))
         for seed in (0, 1)
     ] + [row("vit", 1_297, 0, 0.9, "digits"), row("cnn", 1_297, 0, 0.95, "digits")]
-    text = report(rows, wall_seconds=3_000)
+    text = report(rows)
     assert "| shapes | 500 | 250 | 32.0 | **40.5%** ± 0.5% (40.0%, 41.0%) |" in text
     assert "-20.0 points" in text and "+5.0 points" in text
     assert "-20.0 at 500, -10.0 at 2,000, +5.0 at 8,000" in text
     assert f"caught it at about {round(2_000 * 4 ** (2 / 3)):,} training images" in text
     assert "**90.0%** (one seed)" in text
     assert "the ViT scored 90.0% and the CNN 95.0% (-5.0 points)" in text
-    assert "50 minutes" in text
+    assert "took 80 minutes of wall time" in text  # until the end of the 8,000 images' runs
+    assert "Planned" not in text
 
 
 def test_the_report_says_when_the_vit_never_catches_up() -> None:
     rows = [row("vit", 500, 0, 0.3), row("cnn", 500, 0, 0.6)]
     rows += [row("vit", 30_000, 0, 0.7), row("cnn", 30_000, 0, 0.9)]
-    text = report(rows, wall_seconds=60)
+    text = report(rows, missing=plan([1], {500: 250}, 300)[:2])
     assert "did not catch it within 30,000 images" in text
     assert "narrowed from 30.0 to 20.0 points" in text
+    assert "not run (`--minutes` ran out first): vit on 500 shapes, seed 1; cnn on 500" in text
 
 
 def test_the_plot_is_written(tmp_path: Path) -> None:
