@@ -23,7 +23,12 @@ from benchmarks.data_efficiency import (  # noqa: E402
 
 
 def row(
-    model: str, size: int, seed: int, accuracy: float, dataset: str = "shapes"
+    model: str,
+    size: int,
+    seed: int,
+    accuracy: float,
+    dataset: str = "shapes",
+    train_accuracy: float = 0.95,
 ) -> dict[str, Any]:
     steps = SHAPES_STEPS.get(size, 300)
     return {
@@ -34,6 +39,7 @@ def row(
         "seed": seed,
         "epochs": steps * 64 / size,
         "test_accuracy": accuracy,
+        "train_accuracy_ema": train_accuracy,
         "train_seconds": 60.0,
         "started_at": 1_000.0,
         "finished_at": 1_000.0 + 0.6 * size,
@@ -92,15 +98,21 @@ def test_the_report_states_the_gap_and_where_the_vit_catches_up() -> None:
     assert "**90.0%** (one seed)" in text
     assert "the ViT scored 90.0% and the CNN 95.0% (-5.0 points)" in text
     assert "took 80 minutes of wall time" in text  # until the end of the 8,000 images' runs
-    assert "Planned" not in text
+    assert "Planned" not in text and "Neither model fitted" not in text
 
 
-def test_the_report_says_when_the_vit_never_catches_up() -> None:
-    rows = [row("vit", 500, 0, 0.3), row("cnn", 500, 0, 0.6)]
-    rows += [row("vit", 30_000, 0, 0.7), row("cnn", 30_000, 0, 0.9)]
+def test_the_report_says_when_the_vit_never_catches_up_and_counts_small_gaps_as_ties() -> None:
+    accuracies = {500: (0.20, 0.21), 2_000: (0.30, 0.60), 30_000: (0.70, 0.90)}
+    rows = [
+        row(model, size, 0, accuracy, train_accuracy=0.4)
+        for size, (vit, cnn) in accuracies.items()
+        for model, accuracy in (("vit", vit), ("cnn", cnn))
+    ]
     text = report(rows, missing=plan([1], {500: 250}, 300)[:2])
-    assert "did not catch it within 30,000 images" in text
-    assert "narrowed from 30.0 to 20.0 points" in text
+    assert "-1.0 at 500 (a tie), -30.0 at 2,000, -20.0 at 30,000." in text
+    assert "did not catch it within 30,000 images at these step budgets: no crossover" in text
+    assert "widest at 2,000 images (30.0 points) and 20.0 at 30,000." in text
+    assert "Neither model fitted its training images" in text and "ViT 40%, CNN 40%" in text
     assert "not run (`--minutes` ran out first): vit on 500 shapes, seed 1; cnn on 500" in text
 
 
