@@ -372,6 +372,17 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ylabel="held-out accuracy, %",
         title="shapes: mean over seeds, each seed a dash",
     )
+    shapes_entries = summary.get("shapes", {})
+    measured = sorted(int(size) for size in shapes_entries)
+    curve.set_xticks(
+        measured,
+        [
+            f"{n:,}\n{next(iter(shapes_entries[str(n)].values()))['steps']:,} steps"
+            for n in measured
+        ],
+    )
+    curve.minorticks_off()
+    curve.axhline(100 / len(shapes.LABELS), color="grey", linestyle=":", label="chance")
     curve.legend()
     for position, model in enumerate(MODELS):
         for entry in summary.get("digits", {}).values():
@@ -385,6 +396,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                 marker="_",
                 s=120,
             )
+    bars.axhline(100 / len(digits.LABELS), color="grey", linestyle=":")
     bars.set_xticks(range(len(MODELS)), ["ViT", "CNN"])
     bars.set(ylabel="held-out accuracy, %", title="digits: 1,297 images")
     figure.tight_layout()
