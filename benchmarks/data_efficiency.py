@@ -39,6 +39,7 @@ from model_export.vit import VisionTransformer, preset
 logger = logging.getLogger(__name__)
 
 MODELS = ("vit", "cnn")
+NAMES = {"vit": "ViT", "cnn": "CNN"}
 # Shorter schedules for smaller sets: a fixed step count would be hundreds of epochs of 500 images.
 SHAPES_STEPS = {500: 250, 2_000: 400, 8_000: 600, 30_000: 1_000}
 DIGITS_STEPS = 300
@@ -180,6 +181,11 @@ def _cell(entry: dict[str, Any] | None) -> str:
     return f"**{entry['mean']:.1%}** ± {entry['spread']:.1%} ({by_seed})"
 
 
+def _scores(entry: dict[str, Any]) -> str:
+    by_seed = ", ".join(f"{a:.1%}" for a in entry["accuracies"])
+    return f"{entry['mean']:.1%}" + (f" ({by_seed})" if len(entry["accuracies"]) > 1 else "")
+
+
 def _train(entry: dict[str, Any] | None) -> str:
     return "-" if entry is None else f"{entry['train_accuracy']:.0%}"
 
@@ -282,6 +288,9 @@ def verdict(summary: dict[str, Any]) -> list[str]:
         for s, g, t in zip(sizes, gaps, ties, strict=True)
     )
     lines = [
+        "The claim: a CNN, with locality and translation equivariance built in, learns more from",
+        "few images than a ViT of its size, and the ViT catches up as the images grow.",
+        "",
         f"ViT minus CNN on `shapes`, in points of held-out accuracy: {points}. A gap under",
         f"{TIE * 100:.0f} points, or under the two models' seed spreads together, counts as a tie.",
     ]
@@ -307,26 +316,41 @@ def verdict(summary: dict[str, Any]) -> list[str]:
             f"The claim held: the CNN was ahead on small sets and the ViT caught it at about "
             f"{where:,.0f} training images (interpolated in log size between the measured sizes)."
         )
-    fitted = {
-        model: max(
-            entry[model]["train_accuracy"] for entry in summary["shapes"].values() if model in entry
-        )
+    best = {
+        model: max(e[model]["train_accuracy"] for e in summary["shapes"].values() if model in e)
         for model in MODELS
     }
-    if min(fitted.values()) < 0.9:
+    short = [model for model in MODELS if best[model] < 0.9]
+    if short:
+        who = "Neither model" if len(short) == len(MODELS) else f"The {NAMES[short[0]]}"
         lines.append(
-            f"Neither model fitted its training images at these budgets (best training accuracy, "
-            f"a running mean over the last augmented batches: ViT {fitted['vit']:.0%}, CNN "
-            f"{fitted['cnn']:.0%}), so the gaps measure how much each learns in a given number "
+            f"{who} fitted its training images at these budgets (best training accuracy, a "
+            f"running mean over the last augmented batches: ViT {best['vit']:.0%}, CNN "
+            f"{best['cnn']:.0%}), so the gaps measure how much each learns in a given number "
             "of steps as much as how much it can learn from a given number of images."
         )
+    least_agreed = []
+    for model in MODELS:
+        spreads = [
+            (e[model]["spread"], dataset, int(size))
+            for dataset, sizes in summary.items()
+            for size, e in sizes.items()
+            if model in e and len(e[model]["accuracies"]) > 1
+        ]
+        if spreads:
+            spread, dataset, size = max(spreads)
+            least_agreed.append(
+                f"the {NAMES[model]} on {size:,} {dataset} ({2 * spread * 100:.1f} points apart)"
+            )
+    if least_agreed:
+        lines.append(f"The seeds agreed least for {' and for '.join(least_agreed)}.")
     for size, entry in summary.get("digits", {}).items():
         if "vit" in entry and "cnn" in entry:
             gap = entry["vit"]["mean"] - entry["cnn"]["mean"]
             lines.append(
                 f"On the {int(size):,} real handwritten digits the ViT scored "
-                f"{entry['vit']['mean']:.1%} and the CNN {entry['cnn']['mean']:.1%} "
-                f"({gap * 100:+.1f} points)."
+                f"{_scores(entry['vit'])} and the CNN {_scores(entry['cnn'])}: "
+                f"{gap * 100:+.1f} points."
             )
     return lines
 
@@ -403,10 +427,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
-def read_runs(path: Path) -> list[dict[str, Any]]:
+def read_runs(path: Path) -> dict[tuple[str, str, int, int, int], dict[str, Any]]:
+    """The runs appended to `path` so far, by `Run.key`."""
     if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {Run(**{f: r[f] for f in Run.__dataclass_fields__}).key: r for r in rows}
 
 
 def write_outputs(rows: list[dict[str, Any]], missing: Sequence[Run], output_dir: Path) -> None:
@@ -448,11 +474,7 @@ def main(argv: list[str] | None = None) -> None:
     runs_path = ROOT / "checkpoints" / f"data_efficiency_runs{'_quick' if args.quick else ''}.jsonl"
     runs = plan(args.seeds, shapes_steps, digits_steps)
     wanted = {run.key for run in runs}
-    done = {
-        (r["model"], r["dataset"], r["train_size"], r["steps"], r["seed"]): r
-        for r in read_runs(runs_path)
-        if r["test_count"] == test_count
-    }
+    done = read_runs(runs_path)
     if args.report_only:
         write_outputs(
             [r for key, r in done.items() if key in wanted],

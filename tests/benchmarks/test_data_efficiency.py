@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from benchmarks.data_efficiency import (  # noqa: E402
     crossover,
     plan,
     plot,
+    read_runs,
     report,
     summarise,
 )
@@ -59,6 +61,17 @@ def test_the_plan_runs_every_set_for_both_models_a_whole_seed_at_a_time() -> Non
     assert {(r.dataset, r.train_size, r.steps) for r in runs[8:10]} == {("digits", 1_297, 300)}
 
 
+def test_a_rerun_finds_every_run_already_made(tmp_path: Path) -> None:
+    runs = plan([0], SHAPES_STEPS, 300)
+    rows = [
+        row(r.model, r.train_size, r.seed, 0.5, dataset=r.dataset) | {"steps": r.steps}
+        for r in runs
+    ]
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert set(read_runs(tmp_path / "runs.jsonl")) == {r.key for r in runs}
+    assert read_runs(tmp_path / "absent.jsonl") == {}
+
+
 def test_both_models_are_built_alike_from_a_seed() -> None:
     vit, cnn = build("vit", 10, 0), build("cnn", 10, 0)
     count = [sum(p.numel() for p in m.parameters()) for m in (vit, cnn)]
@@ -96,9 +109,10 @@ def test_the_report_states_the_gap_and_where_the_vit_catches_up() -> None:
     assert "-20.0 at 500, -10.0 at 2,000, +5.0 at 8,000" in text
     assert f"caught it at about {round(2_000 * 4 ** (2 / 3)):,} training images" in text
     assert "**90.0%** (one seed)" in text
-    assert "the ViT scored 90.0% and the CNN 95.0% (-5.0 points)" in text
+    assert "the ViT scored 90.0% and the CNN 95.0%: -5.0 points." in text
     assert "took 80 minutes of wall time" in text  # until the end of the 8,000 images' runs
     assert "Planned" not in text and "Neither model fitted" not in text
+    assert "The seeds agreed least for the ViT on 8,000 shapes (1.0 points apart)" in text
 
 
 def test_the_report_says_when_the_vit_never_catches_up_and_counts_small_gaps_as_ties() -> None:
