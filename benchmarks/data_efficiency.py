@@ -4,12 +4,13 @@ training sets of 500 to 30,000 images and on scikit-learn's 1,797 handwritten di
 on held-out images.
 
     python -m benchmarks.data_efficiency            # about an hour on 2 cores
-    python -m benchmarks.data_efficiency --quick    # a minute: two small sets, a tenth of the steps
+    python -m benchmarks.data_efficiency --quick    # minutes: two small sets, a tenth of the steps
 
 Needs the export and bench extras. Generated data is cached under --cache-dir and every finished
-run is appended to --runs, so a rerun skips what is done. After each run it rewrites
-docs/DATA-EFFICIENCY.md, docs/data_efficiency.json and docs/data_efficiency.png (--quick writes
-them under checkpoints/ instead).
+run is appended to checkpoints/data_efficiency_runs.jsonl, so a rerun skips what is done; no run
+starts that would end past --minutes (60). After each run it rewrites docs/DATA-EFFICIENCY.md,
+docs/data_efficiency.json and docs/data_efficiency.png (--quick writes them under checkpoints/
+instead; --report-only rewrites them from the runs made).
 """
 
 from __future__ import annotations
