@@ -4,8 +4,8 @@
     python -m benchmarks.run --quick    # fewer concurrencies, shorter runs
 
 Everything runs on this machine over loopback: the servers as subprocesses, the load generator
-(`hey` where it is installed, else vit_tools.bench in this process). Results go to
-docs/benchmarks.json, docs/BENCHMARKS.md and docs/benchmarks.png.
+(vit_tools.bench) in this process. Results go to docs/benchmarks.json, docs/BENCHMARKS.md and
+docs/benchmarks.png.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks import hey
 from model_export import shapes
 from tests.service_support import free_port
 from vit_tools.bench import Report, ceiling, load
@@ -35,27 +34,18 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 SIZES = {"640x480": (640, 480), "1920x1080": (1920, 1080)}
 PAIRED_ROUNDS = 3
-LOAD = (
-    "`hey` closed loop (Debian's package; one 640x480 or 1920x1080 picture sent over and over, "
-    "and the ceiling decodes the same picture)"
-    if hey.available()
-    else "`vit_tools.bench` closed loop (32 pictures in turn; `apt-get install hey` for a "
-    "load generator that takes less of the shared cores)"
-)
 CEILING_IMAGES = 384  # a whole number of batches of 32 for each of two workers
 
 
 def photos(size: tuple[int, int], count: int = 32) -> list[bytes]:
-    """shapes pictures scaled to a camera-like size, as JPEG at quality 90; one picture
-    `count` times where `hey` sends the load (it sends one body), so that the ceiling decodes
-    what the servers decode."""
+    """shapes pictures scaled to a camera-like size, as JPEG at quality 90."""
     result = []
-    for index in range(1 if hey.available() else count):
+    for index in range(count):
         image, _ = shapes.render(seed=4242, index=index)
         buffer = io.BytesIO()
         image.resize(size).save(buffer, format="JPEG", quality=90)
         result.append(buffer.getvalue())
-    return result * (count // len(result))
+    return result
 
 
 def random_vit_ti_224(path: Path) -> Path:
@@ -132,11 +122,6 @@ def sweep(
     reports = []
     for concurrency in concurrencies:
         for duration in (1.0, seconds):  # the first warms the connections and the server
-            if hey.available():
-                report = hey.hey_load(
-                    url + route, images[0], concurrency=concurrency, seconds=duration
-                )
-                continue
             report = asyncio.run(
                 load(
                     url,
@@ -376,7 +361,7 @@ def report(all_results: dict[str, Any], command: str) -> str:
         "",
         f"Reproduce with `{command}` (written by benchmarks/run.py; numbers below are from one",
         "run on this project's 2-core CPU machine, all three measured side by side in that run).",
-        f"Load: {LOAD}, raw JPEG bodies to `/v1/classify`, over loopback on",
+        "Load: `vit_tools.bench` closed loop, raw JPEG bodies to `/v1/classify`, over loopback on",
         "the same two cores as the server. Ceiling: the same decode, preprocessing and onnxruntime",
         "session in one process, decoding the next batch while the current one runs: the best of",
         "every batch size, busy-wait on and off, and one or two onnxruntime calls at once.",
@@ -503,7 +488,6 @@ def main() -> None:
         + (" --vit-b" if args.vit_b else "")
     )
     (DOCS / "BENCHMARKS.md").write_text(report(all_results, command))
-
     print(json.dumps({case: r["ratios_at_16"] for case, r in all_results.items()}, indent=2))
 
 
