@@ -102,10 +102,18 @@ class Pipeline:
             max_body_bytes=settings.max_body_bytes_in_flight,
             retry_after=self.batcher.retry_after,
         )
-        model_metrics.images_in_flight.set_function(lambda: self.budget.images)
-        model_metrics.body_bytes_in_flight.set_function(lambda: self.budget.body_bytes)
-        model_metrics.ready.set_function(lambda: float(self.ready))
-        model_metrics.model.info(
+
+    def publish_metrics(self) -> None:
+        """Make this pipeline the one its version's gauges and info describe: once it serves
+        (a reload of the same version loads beside the one serving, which they describe until
+        the swap)."""
+        session, metrics = self.session, self.metrics
+        metrics.images_in_flight.set_function(lambda: self.budget.images)
+        metrics.body_bytes_in_flight.set_function(lambda: self.budget.body_bytes)
+        metrics.ready.set_function(lambda: float(self.ready))
+        if self.self_test.status in ("passed", "failed"):
+            metrics.self_test_passed.set(float(self.self_test.status == "passed"))
+        metrics.model.info(
             {
                 "sha256": session.sha256,
                 **session.runtime,
@@ -265,14 +273,12 @@ class Pipeline:
                 "version computes other numbers than the model was exported with"
             )
             self.self_test = SelfTestStatus("failed", detail)
-            self.metrics.self_test_passed.set(0)
             raise SelfTestFailed(f"self-test failed: {detail}")
         self.self_test = SelfTestStatus(
             "passed",
             f"{len(test.images)} golden images within {test.tolerance:.1e} "
             f"(largest difference {worst:.1e}; {where})",
         )
-        self.metrics.self_test_passed.set(1)
 
     async def _recover_when_failing(self) -> None:
         """While not ready because inference kept failing, try one probe inference now and
@@ -288,9 +294,10 @@ class Pipeline:
                 continue
             logger.info("inference works again: ready")
 
-    async def close(self) -> None:
+    async def close(self, *, keep_metrics: bool = False) -> None:
         """Stop batching and decoding; once (a retired version may be closed as the server
-        stops)."""
+        stops). `keep_metrics` where another pipeline of the same name and version (a reload
+        of its file) writes the same series."""
         if self._closed:
             return
         self._closed = True
@@ -299,4 +306,5 @@ class Pipeline:
             self._recovery.cancel()
         await self.batcher.stop()
         self.decoders.close()
-        self.metrics.remove()
+        if not keep_metrics:
+            self.metrics.remove()

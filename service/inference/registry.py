@@ -289,16 +289,17 @@ class ModelRegistry:
                 await pipeline.start()
             except SelfTestFailed as failed:
                 if not strict:
-                    await pipeline.close()
+                    await pipeline.close(keep_metrics=self._labels_in_use(pipeline))
                     raise
                 # At start there is nothing else to serve: the version stays, unready, and
                 # says why (readiness, the index, the log and the metric).
                 self._serving.setdefault(name, {})[version] = pipeline
+                pipeline.publish_metrics()
                 self._index[key] = IndexEntry(name, version, "UNAVAILABLE", str(failed))
                 logger.error("model %s version %d is not ready: %s", name, version, failed)
                 return
             except BaseException:
-                await pipeline.close()
+                await pipeline.close(keep_metrics=self._labels_in_use(pipeline))
                 raise
             measured = max(resident_bytes() - before, file.size)
         except Exception as error:
@@ -310,6 +311,7 @@ class ModelRegistry:
         self._unloadable.pop(key, None)
         old = self._serving.setdefault(name, {}).get(version)
         self._serving[name][version] = pipeline  # the swap: new requests go to the new one
+        pipeline.publish_metrics()
         self._files[key] = file
         self._index[key] = IndexEntry(name, version, "READY", memory_bytes=measured)
         pipeline.metrics.memory_bytes.set(measured)
@@ -389,4 +391,15 @@ class ModelRegistry:
         deadline = time.monotonic() + self.settings.request_timeout_ms / 1000 + 5
         while pipeline.budget.images and time.monotonic() < deadline:
             await asyncio.sleep(RETIRE_POLL_S)
-        await pipeline.close()
+        await pipeline.close(keep_metrics=self._labels_in_use(pipeline))
+
+    def _labels_in_use(self, pipeline: Pipeline) -> bool:
+        """Whether a serving pipeline other than `pipeline` has its name and version: the
+        metric series they share must outlive the one closed."""
+        stated = pipeline.session.metadata
+        return any(
+            other is not pipeline
+            and (other.session.metadata.name, other.session.metadata.version)
+            == (stated.name, stated.version)
+            for other in self.pipelines()
+        )

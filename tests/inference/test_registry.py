@@ -235,3 +235,7 @@ def test_a_single_file_is_polled_and_reloaded_when_it_changes(tmp_path: Path) ->
                 break
             time.sleep(0.05)
         np.testing.assert_allclose(now, colours_probabilities(2.0), atol=1e-6)
+        time.sleep(0.3)  # the replaced pipeline has closed: the version's series remain
+        metrics = client.get("/metrics").text
+        assert 'vit_model_ready{model="foreign",version="1"} 1.0' in metrics
+        assert 'vit_queue_depth_images{model="foreign",version="1"}' in metrics
