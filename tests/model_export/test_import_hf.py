@@ -11,23 +11,28 @@ from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image, ImageOps
 
 pytest.importorskip("transformers")
 from model_contract.metadata import ModelMetadata  # noqa: E402
-from model_contract.preprocess import PreprocessSpec  # noqa: E402
+from model_contract.preprocess import PreprocessSpec, preprocess  # noqa: E402
 from model_export.importing import PHOTOS, image_files  # noqa: E402
+from service.runtime.options import IN_PROCESS  # noqa: E402
+from service.runtime.session import ModelSession  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 from tests.hf_checkpoints import (  # noqa: E402
     CHECKPOINTS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     PROBABILITY_TOLERANCE,
+    TINY,
     Checkpoint,
     classify_v1,
     classify_v2,
     deit_resize_then_crop,
     deit_with_teacher_shortest_edge,
     pipeline_probabilities,
+    post,
     run_import,
     vit_imagenet_bicubic,
 )
@@ -59,6 +64,15 @@ def test_served_probabilities_equal_the_transformers_pipeline(
     with served(model, ROOT) as server:
         v1, answer = classify_v1(server.url, files)
         v2 = classify_v2(server.url, answer["model"]["name"], files)
+        photo = files[0].read_bytes()
+        explained = post(f"{server.url}/v1/explain", photo, "image/jpeg")["predictions"][0]
+    session = ModelSession(model, IN_PROCESS)
+    spec = session.metadata.preprocessing
+    expected_grid = session.infer(preprocess(photo, spec))["attention_rollout"][0]
+    np.testing.assert_allclose(explained["attention"]["grid"], expected_grid, atol=1e-6)
+    assert len(explained["attention"]["grid"]) == spec.input_size // TINY["patch_size"]
+    with Image.open(files[0]) as image:
+        assert explained["attention"]["image_size"] == list(ImageOps.exif_transpose(image).size)
     for served_probabilities in (v1, v2):
         assert np.abs(served_probabilities - expected).max() <= PROBABILITY_TOLERANCE
         assert (served_probabilities.argmax(1) == expected.argmax(1)).all()
