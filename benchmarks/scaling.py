@@ -141,7 +141,7 @@ def report(rows: list[dict[str, Any]]) -> str:
         "with onnxruntime on this project's 2-core CPU machine (median of repeated calls, each",
         "size in a fresh process; the machine is shared: times vary ~10-20% between runs). Peak",
         "memory is what the calls took above the loaded session. FLOPs are analytic, a",
-        "multiply-add counting 2 (`service/vit_cost.py`); `/v1/models` reports them.",
+        "multiply-add counting 2 (`model_contract/vit_cost.py`); `/v1/models` reports them.",
         "",
         "![FLOPs by part and measured time against tokens](scaling.png)",
         "",
