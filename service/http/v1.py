@@ -143,9 +143,7 @@ async def explain(
             attention=True,
         )
         return Response(body.model_dump_json(exclude_none=True), media_type="application/json")
-    if len(answers) != 1:
-        raise InvalidRequest(f"a PNG answer shows one image; this request has {len(answers)}")
-    (answer,) = answers
+    (answer,) = answers  # one file: `_answers` refuses more before decoding
     if isinstance(answer, ServiceError):
         raise answer
     decoded = answer.decoded
@@ -165,7 +163,8 @@ async def explain(
 async def _answers(
     request: Request, inference: Inference, top_k: int | None, *, pictures: bool
 ) -> tuple[list[Answer | ServiceError], list[str | None]]:
-    """The uploads' outcomes, one per file; a single file's error is the request's."""
+    """The uploads' outcomes, one per file; a single file's error is the request's. With
+    `pictures` (a PNG answer) only one file is taken, refused before any is decoded."""
     pipeline, settings = inference.pipeline, inference.settings
     if top_k is not None and top_k < 1:
         raise InvalidRequest(f"top_k must be at least 1, got {top_k}")
@@ -177,6 +176,8 @@ async def _answers(
             max_files=settings.max_images_per_request,
             ticket=inference.ticket,
         )
+    if pictures and len(images) != 1:
+        raise InvalidRequest(f"a PNG answer shows one image; this request has {len(images)}")
     inference.ticket.hold_images(len(images))
     work = pipeline.classify_each(
         [image.data for image in images], inference.deadline, pictures=pictures

@@ -164,10 +164,24 @@ def test_explain_as_png_is_the_upright_photo_with_the_map_bounded_in_size(
     assert response.headers["x-top-label"] in LABELS
 
 
-def test_a_png_answer_takes_one_file(client: TestClient) -> None:
+def decoded_count(client: TestClient) -> float:
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "vit_stage_duration_seconds_count" and (
+                sample.labels.get("stage") == "decode_preprocess"
+            ):
+                return sample.value
+    return 0.0
+
+
+def test_a_png_answer_takes_one_file_and_refuses_more_before_decoding(
+    client: TestClient,
+) -> None:
+    before = decoded_count(client)
     files = [("file", ("a.png", BRIGHT)), ("file", ("b.png", DARK))]
     response = client.post("/v1/explain", files=files, headers={"accept": "image/png"})
     assert response.status_code == 400 and response.json()["type"] == "invalid_request"
+    assert decoded_count(client) == before
 
 
 def test_explain_of_a_model_without_a_rollout_is_a_400_saying_so(tmp_path: Path) -> None:
