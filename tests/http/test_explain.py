@@ -161,6 +161,9 @@ def test_explain_as_png_is_the_upright_photo_with_the_map_bounded_in_size(
     # Left of the box (what the crop cut away) is dimmed; inside, the photo shows through.
     assert drawn[:, :60].mean() < 0.6 * shrunk[:, :60].mean()
     assert abs(drawn[:, 200:300].mean() - shrunk[:, 200:300].mean()) < 0.5 * shrunk.mean()
+    # Inside the box the heat map is drawn: where it is hottest, 60% of the colour is the
+    # ramp's (white at the peak), so those pixels move far from the photo's.
+    assert np.abs(drawn[:, 100:400] - shrunk[:, 100:400]).max() > 50
     assert response.headers["x-top-label"] in LABELS
 
 
@@ -182,6 +185,8 @@ def test_a_png_answer_takes_one_file_and_refuses_more_before_decoding(
     response = client.post("/v1/explain", files=files, headers={"accept": "image/png"})
     assert response.status_code == 400 and response.json()["type"] == "invalid_request"
     assert decoded_count(client) == before
+    one = client.post("/v1/explain", files={"file": ("a.png", BRIGHT)})  # counted when decoded
+    assert one.status_code == 200 and decoded_count(client) == before + 1
 
 
 def test_explain_of_a_model_without_a_rollout_is_a_400_saying_so(tmp_path: Path) -> None:
@@ -194,7 +199,7 @@ def test_explain_of_a_model_without_a_rollout_is_a_400_saying_so(tmp_path: Path)
         assert client.get("/v1/models").json()["models"][0]["outputs"] == ["probabilities"]
 
 
-def test_the_rollout_is_an_oip_output_asked_for_by_name(client: TestClient) -> None:
+def test_the_rollout_is_an_oip_output_asked_for_by_name(client: TestClient, model: Path) -> None:
     tensor = np.concatenate(
         [preprocess(image, PreprocessSpec(input_size=SIZE)) for image in (BRIGHT, DARK)]
     )
@@ -210,7 +215,8 @@ def test_the_rollout_is_an_oip_output_asked_for_by_name(client: TestClient) -> N
     asked = {"inputs": inputs, "outputs": [{"name": "attention_rollout"}, {"name": "ood_score"}]}
     outputs = client.post(url, json=asked).json()["outputs"]
     assert [o["name"] for o in outputs] == ["attention_rollout", "ood_score"]
-    assert outputs[0]["shape"] == [2, 2, 2]
+    assert outputs[0]["shape"] == [2, 2, 2] and outputs[1]["shape"] == [2]
+    np.testing.assert_allclose(outputs[1]["data"], scores(model, BRIGHT, DARK), rtol=1e-6)
     np.testing.assert_allclose(
         np.array(outputs[0]["data"]).reshape(2, 2, 2), expected_attention(tensor), atol=1e-5
     )

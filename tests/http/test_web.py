@@ -259,6 +259,7 @@ def test_the_model_card_reports_the_self_test(server: str, browser: WebDriver) -
     (model,) = served_models(server)
     open_page(browser, server, token=None)
     self_test = browser.find_element(By.ID, "card-self-test")
+    assert model["self_test"]["status"] == "passed"  # the bundled model's golden images
     assert self_test.get_attribute("data-status") == model["self_test"]["status"]
     assert self_test.text.startswith(model["self_test"]["status"])
 
@@ -301,6 +302,7 @@ def test_every_control_is_labelled_and_reached_by_keyboard(
 
     upload(browser, PHOTO)
     images = browser.find_elements(By.CSS_SELECTOR, "#result img")
+    assert any(image.is_displayed() for image in images)
     assert all(image.get_attribute("alt") for image in images if image.is_displayed())
     for bar in browser.find_elements(By.CSS_SELECTOR, "#top-k li"):
         assert re.fullmatch(r"(<0\.1|\d+\.\d)%", bar.find_element(By.CSS_SELECTOR, ".value").text)

@@ -79,6 +79,7 @@ def test_without_turns_augmentation_only_shifts() -> None:
         torch.roll(images, (dy, dx), dims=(-2, -1)) for dy in range(-8, 9) for dx in range(-8, 9)
     ]
     assert any(torch.equal(shifted, candidate) for candidate in rows)
+    assert not torch.equal(shifted, images)  # this seed's shift is not zero
 
 
 def test_with_turns_some_image_is_flipped_or_turned() -> None:
