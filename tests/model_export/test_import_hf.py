@@ -4,8 +4,8 @@ a real server, and answering with transformers' own pipeline's numbers (1e-4, sa
 from __future__ import annotations
 
 import hashlib
-import re
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
