@@ -19,28 +19,28 @@ import tempfile
 from pathlib import Path
 
 import onnx
-from onnx import helper, utils
+from onnx import helper
 
 from benchmarks.http_stack import interleaved
 from benchmarks.run import DOCS, ROOT, SIZES, photos, start
+from model_export.ood_features import strip_ood_score
+from model_export.rollout import strip_rollout
 from tests.service_support import free_port
 
 MODEL = ROOT / "models" / "shapes-vit.onnx"
 
 
 def classification_only(model: Path, output: Path) -> Path:
-    """`model` cut to the nodes its classification output needs; its metadata kept, less the
-    attention output and the score that the graph computed."""
+    """`model` without what export appended to it (the rollout, the score the graph computes):
+    the graph it was traced to, node for node; its metadata kept, less those two."""
     proto = onnx.load(str(model))
+    strip_rollout(proto)
+    strip_ood_score(proto)
     props = {p.key: p.value for p in proto.metadata_props}
-    classification = props.get("output_name") or proto.graph.output[0].name
-    inputs = [i.name for i in proto.graph.input]
-    utils.extract_model(str(model), str(output), inputs, [classification])
-    cut = onnx.load(str(output))
     props.pop("attention_output", None)
     props.pop("ood", None)
-    helper.set_model_props(cut, props)
-    onnx.save(cut, str(output))
+    helper.set_model_props(proto, props)
+    onnx.save(proto, str(output))
     return output
 
 

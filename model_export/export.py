@@ -315,6 +315,8 @@ def export_model(
     compared with the FP32 model on the held-out images instead (`PrecisionReport`); int8 files
     with the checked FP32 file (`Int8Report`), and nothing is written unless that passes.
     """
+    if fp16 and int8:
+        raise ValueError("a file is fp16 or int8, not both")
     with staged(output) as plain, staged(output) as path:
         if graph is not None:
             onnx.save(graph, str(plain))
@@ -486,7 +488,9 @@ def main(argv: list[str] | None = None) -> None:
             print("  " + case.line())
         passed = all(case.passed for case in parity)
     if args.int8 and not passed:
-        sys.exit(f"vit-export: the int8 model failed its check; {args.output} not written")
+        sys.exit(
+            f"vit-export: the FP32 parity or the int8 check failed; {args.output} not written"
+        )
     if accuracy is not None:
         count = max(args.eval_count, PRECISION_MIN_IMAGES) if args.int8 else args.eval_count
         print(f"held-out accuracy {accuracy:.2%} on {count} images (seed {args.eval_seed})")

@@ -8,6 +8,7 @@ import numpy as np
 from fastapi.responses import JSONResponse
 
 from model_contract.metadata import ModelMetadata
+from model_contract.ood import in_distribution
 from service.errors import ERROR_TYPES, Overloaded, ServiceError
 from service.http.schemas import (
     Attention,
@@ -53,7 +54,7 @@ def classify_response(
                 ood_score=score,
                 in_distribution=None
                 if metadata.ood is None or score is None
-                else score >= metadata.ood.threshold,
+                else bool(in_distribution(outcome.outputs[OOD_SCORE], metadata.ood.threshold)[0]),
                 attention=attention_of(outcome) if attention else None,
             )
         )

@@ -14,6 +14,7 @@ from typing import Literal, TypeVar
 
 import numpy as np
 
+from model_contract.ood import in_distribution
 from service.errors import (
     DeadlineExceeded,
     NotReady,
@@ -147,7 +148,7 @@ class Pipeline:
         self.metrics.observe_predictions(
             [float(row[i]) for row, i in zip(probabilities, top, strict=True)],
             [self.session.labels[i] for i in top],
-            int((outputs[OOD_SCORE] < ood.threshold).sum()) if ood is not None else 0,
+            int((~in_distribution(outputs[OOD_SCORE], ood.threshold)).sum()) if ood else 0,
         )
         return outputs
 
