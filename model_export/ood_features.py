@@ -65,8 +65,6 @@ class Gaussians:
 
     means: np.ndarray
     whitening: np.ndarray
-    shrinkage: float
-    fitted_on: int
 
 
 def find_head(proto: onnx.ModelProto, output: str, *, input_size: int) -> HeadFeatures:
@@ -310,7 +308,7 @@ def fit(features: np.ndarray, classes: np.ndarray) -> Gaussians:
     shrunk = (1 - shrinkage) * covariance + shrinkage * target
     values, vectors = np.linalg.eigh(shrunk)
     whitening = (vectors / np.sqrt(values)) @ vectors.T
-    return Gaussians(means=means, whitening=whitening, shrinkage=shrinkage, fitted_on=len(features))
+    return Gaussians(means=means, whitening=whitening)
 
 
 def mahalanobis_scores(features: np.ndarray, gaussians: Gaussians) -> np.ndarray:
