@@ -16,6 +16,7 @@ from model_contract.metadata import InvalidModelMetadata
 from service.app import create_app
 from service.http.slow_clients import head_deadline_protocol
 from service.runtime.graph_check import inspect_model
+from service.runtime.scheduling import favour_the_event_loop
 from service.settings import Settings
 
 
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         loop=settings.event_loop,
     )
     server = DrainingServer(config, app)
+    favour_the_event_loop()
     server.run()
     if server.warm_up_failed or not server.started:
         sys.exit(1)

@@ -56,9 +56,10 @@ class Settings(BaseSettings, RuntimeOptions):
     """TCP port uvicorn listens on."""
 
     inference_nice: int = Field(5, ge=0, le=19)
-    """Niceness added to the inference threads (Linux). With the cores saturated, the event loop
-    (health, refusals, responses) and the decoders then run first and onnxruntime takes the
-    rest: at twice capacity on 2 cores the 503s' p99 was 69-93 ms against 116-312 ms at 0, with
+    """Niceness added to the inference threads (Linux), which also run as batch work that never
+    preempts a running thread (service/runtime/scheduling.py). With the cores saturated, the
+    event loop (health, refusals, responses) and the decoders then run first and onnxruntime
+    takes the rest: at twice capacity on 2 cores the 503s' p99 was 69-93 ms against 116-312 ms at 0, with
     the same goodput; at 16 clients throughput was the same or 1-4% higher."""
 
     decode_workers: int = Field(2, ge=1)

@@ -15,8 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
-import sys
 import threading
 import time
 from collections import deque
@@ -27,6 +25,7 @@ import numpy as np
 
 from service.errors import DeadlineExceeded, InferenceFailed, Overloaded
 from service.metrics import ModelMetrics
+from service.runtime.scheduling import run_as_batch_work
 from service.runtime.session import Outputs
 
 logger = logging.getLogger(__name__)
@@ -88,7 +87,8 @@ class Batcher:
         self._workers = workers
         self._nice = nice
         """Added to the batching threads' niceness, so that on saturated cores the event loop
-        and the decoders run first and onnxruntime takes what is left."""
+        and the decoders run first and onnxruntime takes what is left; the threads are batch
+        work too (`run_as_batch_work`)."""
         self._running = 0
         self._max_batch_size = max_batch_size
         self._max_delay = max_delay
@@ -178,8 +178,7 @@ class Batcher:
             return True
 
     def _run(self) -> None:
-        if self._nice and sys.platform == "linux":
-            os.nice(self._nice)  # on Linux, this thread's niceness only
+        run_as_batch_work(self._nice)
         while (collected := self._collect()) is not None:
             batch, alone = collected
             if not batch:

@@ -45,6 +45,7 @@ from service.errors import (
     UndecodableImage,
     from_image_error,
 )
+from service.runtime.scheduling import run_as_batch_work
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ def _serve(
 ) -> None:
     """A worker's life: decode each image put in the shared file, write its tensor there and
     answer with what decoding found, or with its error."""
+    run_as_batch_work()
     # libtiff and libjpeg warn on stderr; the answer carries every error that matters.
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)

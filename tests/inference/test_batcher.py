@@ -354,12 +354,13 @@ def test_a_request_larger_than_the_batch_limit_runs_as_several_calls() -> None:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread niceness is Linux's")
-def test_inference_threads_run_at_the_added_niceness() -> None:
+def test_inference_threads_run_as_batch_work_at_the_added_niceness() -> None:
     async def scenario() -> None:
-        seen: list[int] = []
+        seen: list[tuple[int, int]] = []
 
         def predict(batch: np.ndarray) -> Outputs:
-            seen.append(os.getpriority(os.PRIO_PROCESS, 0))  # 0: the calling thread
+            # 0: the calling thread
+            seen.append((os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0)))
             return sums(batch)
 
         batcher = Batcher(
@@ -373,7 +374,9 @@ def test_inference_threads_run_at_the_added_niceness() -> None:
         batcher.start()
         await submitted(batcher, rows(1), far())
         await batcher.stop()
-        assert seen == [os.getpriority(os.PRIO_PROCESS, 0) + 3]  # this thread is untouched
+        # this thread is untouched
+        assert seen == [(os.getpriority(os.PRIO_PROCESS, 0) + 3, os.SCHED_BATCH)]
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER
 
     asyncio.run(scenario())
 

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 from collections.abc import Iterator
 
@@ -144,3 +146,14 @@ def test_an_abandoned_decode_is_stopped_and_queued_ones_never_start() -> None:
         assert single.replaced == ["abandoned"]  # only the running one had to be killed
     finally:
         single.workers.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SCHED_BATCH is Linux's")
+def test_workers_run_as_batch_work_that_never_preempts_the_event_loop() -> None:
+    started = Pool(workers=1, timeout_s=5.0)
+    try:
+        asyncio.run(started.workers.decode(UPLOADS["jpeg"][0]))  # the worker has begun serving
+        (pid,) = started.workers.pids()
+        assert os.sched_getscheduler(pid) == os.SCHED_BATCH
+    finally:
+        started.workers.close()
