@@ -28,7 +28,7 @@ from typing import Any
 
 from model_export import shapes
 from tests.service_support import free_port
-from vit_tools.bench import Report, ceiling, load
+from vit_tools.bench import Report, ceiling, load, lone_image
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -180,20 +180,10 @@ def ceiling_again(
 
 
 def single_image(model: Path, images: list[bytes]) -> Report:
-    """A lone image's in-process time, the faster of busy-wait on and off."""
+    """A lone image's in-process time, bytes to probabilities, the faster of busy-wait on and
+    off."""
     return min(
-        (
-            ceiling(
-                model,
-                images,
-                threads=0,
-                decode_threads=1,
-                batch_sizes=[1],
-                count=200,
-                spinning=spinning,
-            )[0]
-            for spinning in (False, True)
-        ),
+        (lone_image(model, images, count=200, spinning=spinning) for spinning in (False, True)),
         key=lambda r: r.p50_ms,
     )
 

@@ -299,6 +299,27 @@ def ceiling(
     return reports
 
 
+def lone_image(model: Path, images: list[bytes], *, count: int, spinning: bool) -> Report:
+    """In-process, one image at a time from bytes to probabilities: decoded and preprocessed,
+    then run through a session on every core, the next image only after. What a client alone
+    with the service waits for, less the HTTP and the hand-offs (the ceiling's overlap of
+    decoding with inference hides most of a decode, which a lone request cannot)."""
+    session = ModelSession(
+        model,
+        IN_PROCESS.model_copy(update={"intra_op_threads": 0, "intra_op_spinning": spinning}),
+    )
+    spec = session.metadata.preprocessing
+    latencies = []
+    started = time.perf_counter()
+    for index in range(count):
+        begun = time.perf_counter()
+        session.predict(preprocess(images[index % len(images)], spec))
+        latencies.append(time.perf_counter() - begun)
+    seconds = time.perf_counter() - started
+    mode = "lone" + ("+spin" if spinning else "")
+    return summarise(mode, 1, latencies, Counter({200: count}), seconds, count, batch_size=1)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="vit-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -7,15 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from model_contract.preprocess import preprocess
+from service.runtime.session import ModelSession
 from tests.conftest import ROOT
 from tests.images import upload_variety
 from tests.service_support import served
-from vit_tools.bench import Report, ceiling, load, main, percentile, steady_rate
+from vit_tools import bench
+from vit_tools.bench import Report, ceiling, load, lone_image, main, percentile, steady_rate
 
 UPLOADS = upload_variety()
 JPEGS = [UPLOADS["jpeg-640x480"][0], UPLOADS["jpeg"][0]]
@@ -73,6 +78,25 @@ def test_ceiling_reports_each_batch_size(tiny_onnx: Path, workers: int) -> None:
         (4, 2, workers),
     ]
     assert all(r.images_per_second * r.seconds == pytest.approx(8) for r in reports)
+
+
+def test_a_lone_image_waits_for_its_decode_and_its_inference_in_turn(
+    tiny_onnx: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each stage made to take at least 20 ms: a lone image takes both, never overlapped."""
+
+    def slowed(original: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            time.sleep(0.02)
+            return original(*args)
+
+        return call
+
+    monkeypatch.setattr(bench, "preprocess", slowed(preprocess))
+    monkeypatch.setattr(ModelSession, "predict", slowed(ModelSession.predict))
+    report = lone_image(tiny_onnx, JPEGS, count=4, spinning=False)
+    assert (report.requests, report.batch_size, report.statuses) == (4, 1, {"200": 4})
+    assert min(report.p50_ms, report.p90_ms) >= 40.0
 
 
 def test_cli_writes_the_report_as_json(url: str, tmp_path: Path) -> None:
