@@ -301,12 +301,14 @@ def ceiling(
 
 def lone_image(model: Path, images: list[bytes], *, count: int, spinning: bool) -> Report:
     """In-process, one image at a time from bytes to probabilities: decoded and preprocessed,
-    then run through a session on every core, the next image only after. What a client alone
+    then run through one call on every core, the next image only after. What a client alone
     with the service waits for, less the HTTP and the hand-offs (the ceiling's overlap of
     decoding with inference hides most of a decode, which a lone request cannot)."""
     session = ModelSession(
         model,
-        IN_PROCESS.model_copy(update={"intra_op_threads": 0, "intra_op_spinning": spinning}),
+        IN_PROCESS.model_copy(
+            update={"intra_op_threads": 0, "intra_op_spinning": spinning, "inference_workers": 1}
+        ),
     )
     spec = session.metadata.preprocessing
     latencies = []
