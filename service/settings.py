@@ -59,12 +59,13 @@ class Settings(BaseSettings, RuntimeOptions):
     """Niceness added to the inference threads (Linux), which also run as batch work that never
     preempts a running thread (service/runtime/scheduling.py). With the cores saturated, the
     event loop (health, refusals, responses) and the decoders then run first and onnxruntime
-    takes the rest: at twice capacity on 2 cores the 503s' p99 was 69-93 ms against 116-312 ms at 0, with
-    the same goodput; at 16 clients throughput was the same or 1-4% higher."""
+    takes the rest: at twice capacity on 2 cores the 503s' p99 was 69-93 ms against 116-312 ms
+    at 0, with the same goodput; at 16 clients throughput was the same or 1-4% higher."""
 
     decode_workers: int = Field(2, ge=1)
     """Processes decoding and preprocessing uploads, each one image at a time. Each holds
-    ~35 MB at rest, plus up to `decode_memory_bytes` while it decodes."""
+    ~40 MB at rest, up to ~60 MB after large photos (freed memory kept for the next image, within
+    the limit), plus up to `decode_memory_bytes` while it decodes."""
 
     decode_memory_bytes: int = Field(192 * 1024 * 1024, ge=16 * 1024 * 1024)
     """Memory one image's decoding may take beyond what its worker holds at rest (the worker's
