@@ -356,11 +356,13 @@ def report(all_results: dict[str, Any], command: str) -> str:
         "session in one process, decoding the next batch while the current one runs: the best of",
         "every batch size, busy-wait on and off, and one or two onnxruntime calls at once.",
         "The targets' figures are medians of three adjacent pairs (the ceiling, then the service",
-        "at 16 clients; a lone image in-process, then the service at 1 client), because this",
-        "machine's speed drifts between minutes by more than the gaps measured.",
+        "at 16 clients; a lone image in-process, decoded then run with nothing overlapped, then",
+        "the service at 1 client), because this machine's speed drifts between minutes by more",
+        "than the gaps measured.",
         "Naive: `benchmarks/naive_app.py`, plain FastAPI, one onnxruntime call per request.",
         "KServe: `benchmarks/kserve_app.py`, KServe's Python ModelServer with its defaults, the",
-        "same model, decoding and preprocessing, the raw body to its v1 predict route.",
+        "same model, decoding and preprocessing in a thread per request (an async `predict`),",
+        "the raw body to its v1 predict route.",
         "",
         "![throughput and p99 against concurrency](benchmarks.png)",
         "",
@@ -476,6 +478,7 @@ def main() -> None:
         "python -m benchmarks.run"
         + (" --quick" if args.quick else "")
         + (" --vit-b" if args.vit_b else "")
+        + (f" --seconds {args.seconds:g}" if args.seconds else "")
     )
     (DOCS / "BENCHMARKS.md").write_text(report(all_results, command))
     print(json.dumps({case: r["ratios_at_16"] for case, r in all_results.items()}, indent=2))
