@@ -39,10 +39,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     VIT_HOST=0.0.0.0 \
     VIT_PORT=8000 \
     MALLOC_ARENA_MAX=2 \
-    MALLOC_MMAP_THRESHOLD_=131072
-# glibc otherwise raises its mmap threshold after the first large free, so request bodies and
-# decoded images land in heaps it keeps: after a burst of 300 uploads of 19 MB the server held
-# 449 MiB against 283 at rest; with these, 281 (docs/RELIABILITY.md, "Memory budget").
+    MALLOC_MMAP_THRESHOLD_=4194304 \
+    MALLOC_TRIM_THRESHOLD_=33554432
+# glibc otherwise raises its mmap threshold after the first large free, so request bodies land
+# in heaps it keeps. Bodies over 4 MiB are mapped on their own and given back when freed; the
+# tensors and batches below that stay in the heap, where a lower threshold faulted their pages
+# in for every request: 131072 cost 8% of the images/s at 16 clients (docs/RELIABILITY.md,
+# "Memory budget").
 # A numeric non-root user: Kubernetes' runAsNonRoot can verify it without /etc/passwd.
 USER 10001:10001
 EXPOSE 8000

@@ -62,9 +62,13 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 HEAP_ALLOCATION_BYTES = 32 * 1024 * 1024
 """The largest allocation a worker serves from its heap (glibc's own ceiling for its adaptive
-threshold): an 8-megapixel image's RGBA buffer. A worker at rest after 1080p photos holds ~57 MB
-against ~48 MB were every large buffer unmapped when freed, and after a 12-megapixel one ~150 MB
-until its next image."""
+threshold): an 8-megapixel image's RGBA buffer. Between 1080p photos a worker holds ~47 MB,
+after a 12-megapixel one ~87 MB, until its next image or until it has been idle
+IDLE_BEFORE_TRIM_S (~38 MB)."""
+
+IDLE_BEFORE_TRIM_S = 1.0
+"""A worker with no image for this long gives the memory it kept back (`malloc_trim`): under
+load it keeps it, and after a burst of large photos the pod shrinks back within a second."""
 
 _ERRORS = {error.type: error for error in ERROR_TYPES}
 
@@ -107,17 +111,21 @@ def _caused_by_memory(error: BaseException) -> bool:
     return False
 
 
-def _keep_freed_memory_for_the_next_image() -> None:
-    """Keep an image's freed memory for the next one. By default glibc maps each allocation
-    over 128 KiB on its own and unmaps it when freed, and gives the top of its heap back: the
-    next image then faults every page in again, and a 1080p JPEG took 10 ms to decode in a
-    worker against 5.5 ms in-process. Allocations up to HEAP_ALLOCATION_BYTES now come from the
-    heap, and up to twice that of freed heap is kept; larger images are still mapped and given
-    back on their own, and all of it stays under the worker's memory limit."""
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # glibc (musl's does nothing)
+def _keep_freed_memory_for_the_next_image() -> Callable[[], None]:
+    """Keep an image's freed memory for the next one, and return what gives it back. By
+    default glibc maps each allocation over 128 KiB on its own and unmaps it when freed, and
+    gives the top of its heap back: the next image then faults every page in again, and a
+    1080p JPEG took 10 ms to decode in a worker against 5.5 ms in-process. Allocations up to
+    HEAP_ALLOCATION_BYTES now come from the heap, and up to twice that of freed heap is kept;
+    larger images are still mapped and given back on their own, and all of it stays under the
+    worker's memory limit. The worker gives the rest back once idle (IDLE_BEFORE_TRIM_S)."""
+    libc = ctypes.CDLL(None)
+    mallopt = getattr(libc, "mallopt", None)  # glibc (musl's does nothing)
+    malloc_trim = getattr(libc, "malloc_trim", None)
     if mallopt is not None:
         mallopt(M_MMAP_THRESHOLD, HEAP_ALLOCATION_BYTES)
         mallopt(M_TRIM_THRESHOLD, 2 * HEAP_ALLOCATION_BYTES)
+    return (lambda: malloc_trim(0)) if malloc_trim is not None else (lambda: None)
 
 
 def _serve(
@@ -130,17 +138,24 @@ def _serve(
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     shared = _Shared(reduction.recv_handle(conn), reduction.recv_handle(conn), upload_at)
-    _keep_freed_memory_for_the_next_image()
+    give_back_freed_memory = _keep_freed_memory_for_the_next_image()
     spec = PreprocessSpec.model_validate_json(spec_json)
     with open("/proc/self/statm") as statm:
         mapped = int(statm.read().split()[0]) * resource.getpagesize()
     # What the worker has mapped now (interpreter, libraries) plus what one image may take.
     limit = mapped + memory_bytes
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    kept_memory = False
     while True:
-        readable, _, _ = select.select([shared.bell, conn.fileno()], [], [])
+        waits = [shared.bell, conn.fileno()]
+        readable, _, _ = select.select(waits, [], [], IDLE_BEFORE_TRIM_S if kept_memory else None)
+        if not readable:
+            give_back_freed_memory()
+            kept_memory = False
+            continue
         if conn.fileno() in readable:  # the server has gone: it never writes here
             return
+        kept_memory = True
         request = os.eventfd_read(shared.bell) - 1
         size, wants_picture = request >> 1, bool(request & 1)
         try:
@@ -164,6 +179,7 @@ def _serve(
             shared.put_picture(picture)
         found = (decoded.format, decoded.original_mode, decoded.exif_rotated, decoded.upright_size)
         conn.send(("ok", *found, box, tensor.shape, None if picture is None else picture.shape))
+        del tensor, decoded, picture  # the decoded image is not kept alive while the worker waits
 
 
 def _picture(image: Image.Image) -> np.ndarray:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from model_contract.preprocess import PreprocessSpec, preprocess_upload
 from service.errors import TooExpensiveToDecode, TooManyPixels, UnsupportedImageFormat
-from service.runtime.decode_workers import MAPPED_UPLOAD_BYTES, DecodeWorkers
+from service.runtime.decode_workers import IDLE_BEFORE_TRIM_S, MAPPED_UPLOAD_BYTES, DecodeWorkers
 from tests import attacks
 from tests.images import asymmetric, encode, upload_variety
 
@@ -181,5 +181,26 @@ def test_a_worker_keeps_a_large_images_memory_for_the_next() -> None:
         before = minor_page_faults(pid)
         asyncio.run(decode(5))
         assert (minor_page_faults(pid) - before) / 5 < 500
+    finally:
+        started.workers.close()
+
+
+def resident_bytes(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="resident sizes are Linux's /proc")
+def test_an_idle_worker_gives_back_the_memory_it_kept() -> None:
+    """Kept for the next image while busy; given back once idle (IDLE_BEFORE_TRIM_S)."""
+    started = Pool(workers=1, timeout_s=10.0)
+    photo = encode(asymmetric((2500, 2500)), "JPEG", quality=90)  # 25 MB decoded, in the heap
+    try:
+        asyncio.run(started.workers.decode(photo))
+        (pid,) = started.workers.pids()
+        kept = resident_bytes(pid)
+        deadline = time.monotonic() + IDLE_BEFORE_TRIM_S + 5
+        while resident_bytes(pid) > kept - 16 * 1024 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert resident_bytes(pid) <= kept - 16 * 1024 * 1024
     finally:
         started.workers.close()
