@@ -83,6 +83,7 @@ class ModelSession:
         session_options.intra_op_num_threads = options.intra_op_threads or default_thread_count()
         session_options.inter_op_num_threads = options.inter_op_threads
         session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session_options.enable_cpu_mem_arena = options.cpu_arena_for(len(model_bytes))
         if not options.intra_op_spinning:
             session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         plan = plan_providers(
@@ -160,6 +161,7 @@ class ModelSession:
             "inference_workers": str(self.inference_workers),
             "intra_op_threads": str(session_options.intra_op_num_threads),
             "lone_call_spinning": "on" if self._lone_session else "off",
+            "cpu_memory_arena": "on" if session_options.enable_cpu_mem_arena else "off",
             "precision": self.metadata.precision,
             "batch": "fixed " + str(self.fixed_batch_size) if self.fixed_batch_size else "dynamic",
             "io_binding": "on" if self._bound else "off",
@@ -294,6 +296,7 @@ def _lone_call_session(
     lone.intra_op_num_threads = threads
     lone.inter_op_num_threads = options.inter_op_num_threads
     lone.graph_optimization_level = options.graph_optimization_level
+    lone.enable_cpu_mem_arena = options.enable_cpu_mem_arena
     lone.add_session_config_entry("session.intra_op.allow_spinning", "1")
     lone.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(model_bytes, lone, providers=[CPU])

@@ -8,6 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from service.runtime import options as options_module
 from service.runtime.options import CPU, CUDA, IN_PROCESS, TENSORRT, RuntimeOptions
 from service.runtime.providers import (
     NO_NVIDIA_DRIVER,
@@ -116,6 +117,7 @@ def test_every_gpu_option_falls_back_on_this_cpu_machine(served_model: Path) -> 
         "inference_workers": "1",
         "intra_op_threads": str(default_thread_count()),
         "lone_call_spinning": "off",
+        "cpu_memory_arena": "on",
         "precision": "fp32",
         "batch": "dynamic",
         "io_binding": "on",
@@ -152,6 +154,24 @@ def test_a_lone_call_session_gives_the_same_probabilities(served_model: Path) ->
     assert bound.runtime["lone_call_spinning"] == "off"  # bound calls go through the buckets
     plain = ModelSession(served_model, IN_PROCESS)
     assert plain.runtime["lone_call_spinning"] == "off" and plain.warm_up_batch_sizes() == (1,)
+
+
+def test_the_cpu_arena_is_kept_for_small_models_and_dropped_for_large_ones(
+    served_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """auto: on up to ARENA_MAX_MODEL_BYTES of model file, off above; on and off as said."""
+    assert ModelSession(served_model, IN_PROCESS).runtime["cpu_memory_arena"] == "on"
+    off = IN_PROCESS.model_copy(update={"cpu_memory_arena": "off", "lone_call_spinning": True})
+    session = ModelSession(served_model, off)
+    assert session.runtime["cpu_memory_arena"] == "off"
+    batch = np.zeros((1, 3, 128, 128), np.float32)
+    np.testing.assert_array_equal(
+        session.infer_alone(batch)["probabilities"], session.predict(batch)
+    )
+    monkeypatch.setattr(options_module, "ARENA_MAX_MODEL_BYTES", served_model.stat().st_size - 1)
+    assert ModelSession(served_model, IN_PROCESS).runtime["cpu_memory_arena"] == "off"
+    forced = IN_PROCESS.model_copy(update={"cpu_memory_arena": "on"})
+    assert ModelSession(served_model, forced).runtime["cpu_memory_arena"] == "on"
 
 
 def test_the_api_and_metrics_report_what_is_in_effect(served_model: Path) -> None:
