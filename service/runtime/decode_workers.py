@@ -116,7 +116,7 @@ def _keep_freed_memory_for_the_next_image() -> Callable[[], None]:
     default glibc maps each allocation over 128 KiB on its own and unmaps it when freed, and
     gives the top of its heap back: the next image then faults every page in again, and a
     1080p JPEG took 10 ms to decode in a worker against 5.5 ms in-process. Allocations up to
-    HEAP_ALLOCATION_BYTES now come from the heap, and up to twice that of freed heap is kept;
+    HEAP_ALLOCATION_BYTES come from the heap instead, and up to twice that of freed heap is kept;
     larger images are still mapped and given back on their own, and all of it stays under the
     worker's memory limit. The worker gives the rest back once idle (IDLE_BEFORE_TRIM_S)."""
     libc = ctypes.CDLL(None)
