@@ -1,10 +1,15 @@
 """Outputs appended to a finished graph (the rollout, the out-of-distribution score): their nodes
 and constants carry a name prefix, so that removing them gives back the graph they were added
-to, node for node."""
+to, node for node; and the session that reads a graph's inner tensors to find where to attach
+them."""
 
 from __future__ import annotations
 
 import onnx
+import onnxruntime as ort
+from onnx import helper
+
+CPU = "CPUExecutionProvider"
 
 
 def remove_appended(proto: onnx.ModelProto, output: str, prefix: str) -> bool:
@@ -23,3 +28,24 @@ def remove_appended(proto: onnx.ModelProto, output: str, prefix: str) -> bool:
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(kept_initializers)
     return True
+
+
+def session_with_outputs(
+    proto: onnx.ModelProto, names: list[str]
+) -> tuple[ort.InferenceSession, str, int | None]:
+    """A CPU session of a copy of `proto` answering the named inner tensors too; its input and
+    its fixed batch size (None where the batch axis is dynamic)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    existing = {output.name for output in probe.graph.output}
+    probe.graph.output.extend(
+        helper.make_empty_tensor_value_info(name) for name in names if name not in existing
+    )
+    initializers = {i.name for i in probe.graph.initializer}
+    (graph_input,) = [i for i in probe.graph.input if i.name not in initializers]
+    batch_dim = graph_input.type.tensor_type.shape.dim[0]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=[CPU])
+    batch = batch_dim.dim_value if batch_dim.HasField("dim_value") else None
+    return session, graph_input.name, batch

@@ -27,11 +27,10 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from model_contract.ood import SCORE_OUTPUT
-from model_export.appended import remove_appended
+from model_export.appended import remove_appended, session_with_outputs
 
 _PREFIX = "/ood_score"
 _FEATURES = f"{_PREFIX}/features"
-_CPU = "CPUExecutionProvider"
 # Nodes between the head's matrix product and the classification output that act row by row:
 # a bias, DeiT's average of its two heads, a softmax, casts of an FP16 graph, int8's rescaling.
 _PASS_THROUGH = frozenset({"Add", "Sub", "Mul", "Div", "Cast", "Identity", "Softmax"})
@@ -161,34 +160,13 @@ def _probe(
     proto: onnx.ModelProto, names: list[str], input_size: int
 ) -> dict[str, tuple[tuple[int, ...], int]]:
     """The shape and ONNX element type of each named tensor on one blank image."""
-    session, input_name, fixed = _session_with_outputs(proto, names)
+    session, input_name, fixed = session_with_outputs(proto, names)
     blank = np.zeros((1, 3, input_size, input_size), np.float32)
     values = _run(session, input_name, fixed, names, blank)
     return {
         name: (tuple(value.shape), helper.np_dtype_to_tensor_dtype(value.dtype))
         for name, value in zip(names, values, strict=True)
     }
-
-
-def _session_with_outputs(
-    proto: onnx.ModelProto, names: list[str]
-) -> tuple[ort.InferenceSession, str, int | None]:
-    """A CPU session of `proto` answering the named tensors too; its input and its fixed batch
-    size (None where the batch axis is dynamic)."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(proto)
-    existing = {output.name for output in probe.graph.output}
-    probe.graph.output.extend(
-        helper.make_empty_tensor_value_info(name) for name in names if name not in existing
-    )
-    initializers = {i.name for i in probe.graph.initializer}
-    (graph_input,) = [i for i in probe.graph.input if i.name not in initializers]
-    batch_dim = graph_input.type.tensor_type.shape.dim[0]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=[_CPU])
-    batch = batch_dim.dim_value if batch_dim.HasField("dim_value") else None
-    return session, graph_input.name, batch
 
 
 def _run(
@@ -224,7 +202,7 @@ def features_of(
     probe.graph.node.extend(nodes)
     probe.graph.initializer.extend(initializers)
     names = [_FEATURES, output]
-    session, input_name, fixed = _session_with_outputs(probe, names)
+    session, input_name, fixed = session_with_outputs(probe, names)
     features, outputs = [], []
     for batch in batches:
         values, scores = _run(session, input_name, fixed, names, batch)
@@ -381,5 +359,5 @@ def strip_ood_score(proto: onnx.ModelProto) -> bool:
 
 def ood_scores_of(proto: onnx.ModelProto, batches: Iterable[np.ndarray]) -> np.ndarray:
     """The graph's `ood_score` for every image in `batches`, float32, on the CPU."""
-    session, input_name, fixed = _session_with_outputs(proto, [SCORE_OUTPUT])
+    session, input_name, fixed = session_with_outputs(proto, [SCORE_OUTPUT])
     return np.concatenate([_run(session, input_name, fixed, [SCORE_OUTPUT], b)[0] for b in batches])

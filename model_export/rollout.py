@@ -19,11 +19,10 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from model_export.appended import remove_appended
+from model_export.appended import CPU, remove_appended, session_with_outputs
 
 ROLLOUT_OUTPUT = "attention_rollout"
 _PREFIX = "/attention_rollout"
-_CPU = "CPUExecutionProvider"
 
 
 class NoAttention(ValueError):
@@ -85,21 +84,10 @@ def _probe_shapes(
     proto: onnx.ModelProto, names: list[str], input_size: int
 ) -> dict[str, tuple[tuple[int, ...], int]]:
     """The shape and ONNX element type of each named tensor on one blank image."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(proto)
-    existing = {output.name for output in probe.graph.output}
-    probe.graph.output.extend(
-        helper.make_empty_tensor_value_info(name) for name in names if name not in existing
-    )
-    initializers = {i.name for i in probe.graph.initializer}
-    (graph_input,) = [i for i in probe.graph.input if i.name not in initializers]
-    batch_dim = graph_input.type.tensor_type.shape.dim[0]
-    batch = batch_dim.dim_value if batch_dim.HasField("dim_value") else 1
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=[_CPU])
+    session, input_name, fixed = session_with_outputs(proto, names)
+    batch = fixed or 1
     blank = np.zeros((batch, 3, input_size, input_size), np.float32)
-    values = session.run(names, {graph_input.name: blank})
+    values = session.run(names, {input_name: blank})
     return {
         name: (tuple(value.shape), helper.np_dtype_to_tensor_dtype(value.dtype))
         for name, value in zip(names, values, strict=True)
@@ -201,7 +189,7 @@ def add_rollout_to_file(path: Path, *, input_size: int) -> AttentionMaps:
 
 def rollout_of(path: Path, batch: np.ndarray) -> np.ndarray:
     """The file's `attention_rollout` for a batch of model inputs, on the CPU."""
-    session = ort.InferenceSession(str(path), providers=[_CPU])
+    session = ort.InferenceSession(str(path), providers=[CPU])
     (name,) = [i.name for i in session.get_inputs()]
     (rollout,) = session.run([ROLLOUT_OUTPUT], {name: batch})
     return np.asarray(rollout)
