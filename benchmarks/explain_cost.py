@@ -12,20 +12,16 @@ ratios. Writes docs/explain_cost.json.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import onnx
 from onnx import helper
 
-from benchmarks.http_stack import interleaved
-from benchmarks.run import DOCS, ROOT, SIZES, photos, start
+from benchmarks.pairs import compare
+from benchmarks.run import ROOT, SIZES, photos
 from model_export.ood_features import strip_ood_score
 from model_export.rollout import strip_rollout
-from tests.service_support import free_port
 
 MODEL = ROOT / "models" / "shapes-vit.onnx"
 
@@ -49,39 +45,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
-    images = photos(SIZES["640x480"])
+    cpu = {"VIT_PROVIDERS": '["CPUExecutionProvider"]'}
     with tempfile.TemporaryDirectory() as folder:
-        models = {
-            "as shipped": MODEL,
-            "classification": classification_only(MODEL, Path(folder) / "plain.onnx"),
+        variants = {
+            "as shipped": (MODEL, cpu),
+            "classification": (classification_only(MODEL, Path(folder) / "plain.onnx"), cpu),
         }
-        urls, processes = {}, {}
-        for name, path in models.items():
-            port = free_port()
-            urls[name] = f"http://127.0.0.1:{port}"
-            command = [sys.executable, "-m", "service.cli", "--model", str(path)]
-            env = {"VIT_PROVIDERS": '["CPUExecutionProvider"]'}
-            processes[name] = start([*command, "--port", str(port)], env, urls[name])
-        try:
-            rounds = interleaved(urls, images, args.rounds, args.seconds)
-        finally:
-            for process in processes.values():
-                process.terminate()
-                process.wait(timeout=30)
-    shipped, plain = models
-    summary = {
-        "throughput_ratio_16": statistics.median(
-            r[shipped]["images_per_second_16"] / r[plain]["images_per_second_16"] for r in rounds
-        ),
-        "p50_difference_ms_1": statistics.median(
-            r[shipped]["p50_ms_1"] - r[plain]["p50_ms_1"] for r in rounds
-        ),
-    }
-    DOCS.mkdir(exist_ok=True)
-    (DOCS / "explain_cost.json").write_text(
-        json.dumps({"rounds": rounds, "summary": summary}, indent=2) + "\n"
-    )
-    print(json.dumps(summary, indent=2))
+        compare(variants, photos(SIZES["640x480"]), args.rounds, args.seconds, "explain_cost.json")
 
 
 if __name__ == "__main__":
