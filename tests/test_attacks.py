@@ -262,3 +262,35 @@ def test_a_client_that_disconnects_has_its_decoding_stopped(server: Server) -> N
     while metric(server, "vit_decode_workers_replaced_total", reason="abandoned") == before:
         assert time.monotonic() < deadline, "the abandoned decode was never stopped"
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("route", "media_type", "template"),
+    [
+        ("/v1/classify", "image/png", "/v1/classify"),
+        ("/v2/models/shapes-vit/infer", "application/json", "/v2/models/{name}/infer"),
+    ],
+)
+def test_a_client_that_leaves_mid_body_is_counted_as_gone_not_as_a_server_error(
+    server: Server, route: str, media_type: str, template: str
+) -> None:
+    """Anyone can open a connection, send half a body and leave: it must not raise the 5xx rate
+    that alerts watch, nor fill the log with tracebacks."""
+    failures_before = metric(server, "vit_requests_total", route=template, status="500")
+    gone_before = metric(server, "vit_requests_total", route=template, status="499")
+    logged_before = len(server.output())
+    host, port = server.url.removeprefix("http://").split(":")
+    for _ in range(3):
+        with socket.create_connection((host, int(port))) as connection:
+            head = (
+                f"POST {route} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {media_type}\r\n"
+                "Content-Length: 100000\r\n\r\n"
+            )
+            connection.sendall(head.encode() + b"\x89PNG" + bytes(1000))
+            time.sleep(0.2)  # the body has started to arrive
+    deadline = time.monotonic() + 5
+    while metric(server, "vit_requests_total", route=template, status="499") < gone_before + 3:
+        assert time.monotonic() < deadline, "the departed clients were never counted"
+        time.sleep(0.05)
+    assert metric(server, "vit_requests_total", route=template, status="500") == failures_before
+    assert "Traceback" not in server.output()[logged_before:]

@@ -9,7 +9,7 @@ from typing import TypeVar
 
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from service.errors import (
     ClientClosedRequest,
@@ -37,7 +37,8 @@ async def read_body(request: Request, limit: int, timeout: float, ticket: Ticket
     """The whole body, refused with 413 as soon as it passes `limit` (declared or streamed),
     with 503 as soon as it would take the bodies in flight over their budget (declared or
     streamed: each chunk is counted on the request's `ticket` before the next is read), and
-    with 408 unless it has all arrived within `timeout` seconds (a trickling client)."""
+    with 408 unless it has all arrived within `timeout` seconds (a trickling client), and
+    with 499 when the client goes (or its framing breaks) before it has all arrived."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit():
         if int(declared) > limit:
@@ -55,6 +56,8 @@ async def read_body(request: Request, limit: int, timeout: float, ticket: Ticket
                 chunks.append(chunk)
     except TimeoutError:
         raise RequestTimeout(f"the body did not arrive within {timeout:g} s") from None
+    except ClientDisconnect:
+        raise ClientClosedRequest("the client disconnected before its body arrived") from None
     return b"".join(chunks)
 
 
