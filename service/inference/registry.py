@@ -10,6 +10,7 @@ closes and gives its memory back. A version that fails to load leaves the one se
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -21,6 +22,7 @@ from service.errors import ModelLoadFailed, ModelNotFound, NotReady
 from service.inference.pipeline import Pipeline, SelfTestFailed
 from service.inference.repository import Scan, VersionFile, VersionPolicy, scan
 from service.metrics import Metrics
+from service.runtime.heap import give_back_free_memory
 from service.runtime.session import ModelSession
 from service.settings import Settings
 
@@ -384,7 +386,16 @@ class ModelRegistry:
     def _retire_pipeline(self, pipeline: Pipeline) -> None:
         task = asyncio.create_task(self._finish_then_close(pipeline))
         self._retiring[task] = pipeline
-        task.add_done_callback(lambda done: self._retiring.pop(done, None))
+        task.add_done_callback(self._retired)
+
+    def _retired(self, task: asyncio.Task[None]) -> None:
+        """A closed pipeline's objects refer to one another (its tasks, callbacks and
+        batcher), so only a full garbage collection frees them and the sessions they hold,
+        and an idle server may never run one: it runs here, once the pipeline is let go; then
+        what the sessions' memory freed goes back to the system."""
+        self._retiring.pop(task, None)
+        gc.collect()
+        give_back_free_memory()
 
     async def _finish_then_close(self, pipeline: Pipeline) -> None:
         """Let every request admitted to `pipeline` be answered, then close it."""

@@ -10,7 +10,6 @@ replacing a killed worker costs a fork, not an interpreter start.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import io
 import logging
 import math
@@ -45,6 +44,7 @@ from service.errors import (
     UndecodableImage,
     from_image_error,
 )
+from service.runtime.heap import give_back_free_memory, serve_from_heap
 from service.runtime.scheduling import run_as_batch_work
 
 logger = logging.getLogger(__name__)
@@ -56,9 +56,6 @@ PICTURE_SIDE = 512
 """The longest side of the upright picture a worker sends back when asked (for an overlay):
 bounded so that it fits where the upload was, in the mapped memory."""
 assert PICTURE_SIDE * PICTURE_SIDE * 3 <= MAPPED_UPLOAD_BYTES
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-"""glibc's `mallopt` parameters."""
 
 HEAP_ALLOCATION_BYTES = 32 * 1024 * 1024
 """The largest allocation a worker serves from its heap (glibc's own ceiling for its adaptive
@@ -111,21 +108,15 @@ def _caused_by_memory(error: BaseException) -> bool:
     return False
 
 
-def _keep_freed_memory_for_the_next_image() -> Callable[[], None]:
-    """Keep an image's freed memory for the next one, and return what gives it back. By
-    default glibc maps each allocation over 128 KiB on its own and unmaps it when freed, and
-    gives the top of its heap back: the next image then faults every page in again, and a
-    1080p JPEG took 10 ms to decode in a worker against 5.5 ms in-process. Allocations up to
-    HEAP_ALLOCATION_BYTES come from the heap instead, and up to twice that of freed heap is kept;
-    larger images are still mapped and given back on their own, and all of it stays under the
-    worker's memory limit. The worker gives the rest back once idle (IDLE_BEFORE_TRIM_S)."""
-    libc = ctypes.CDLL(None)
-    mallopt = getattr(libc, "mallopt", None)  # glibc (musl's does nothing)
-    malloc_trim = getattr(libc, "malloc_trim", None)
-    if mallopt is not None:
-        mallopt(M_MMAP_THRESHOLD, HEAP_ALLOCATION_BYTES)
-        mallopt(M_TRIM_THRESHOLD, 2 * HEAP_ALLOCATION_BYTES)
-    return (lambda: malloc_trim(0)) if malloc_trim is not None else (lambda: None)
+def _keep_freed_memory_for_the_next_image() -> None:
+    """Keep an image's freed memory for the next one. By default glibc maps each allocation
+    over 128 KiB on its own and unmaps it when freed, and gives the top of its heap back: the
+    next image then faults every page in again, and a 1080p JPEG took 10 ms to decode in a
+    worker against 5.5 ms in-process. Allocations up to HEAP_ALLOCATION_BYTES come from the
+    heap instead, and up to twice that of freed heap is kept; larger images are still mapped
+    and given back on their own, and all of it stays under the worker's memory limit. The
+    worker gives the rest back once idle (IDLE_BEFORE_TRIM_S)."""
+    serve_from_heap(HEAP_ALLOCATION_BYTES)
 
 
 def _serve(
@@ -138,7 +129,7 @@ def _serve(
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     shared = _Shared(reduction.recv_handle(conn), reduction.recv_handle(conn), upload_at)
-    give_back_freed_memory = _keep_freed_memory_for_the_next_image()
+    _keep_freed_memory_for_the_next_image()
     spec = PreprocessSpec.model_validate_json(spec_json)
     with open("/proc/self/statm") as statm:
         mapped = int(statm.read().split()[0]) * resource.getpagesize()
@@ -150,7 +141,7 @@ def _serve(
         waits = [shared.bell, conn.fileno()]
         readable, _, _ = select.select(waits, [], [], IDLE_BEFORE_TRIM_S if kept_memory else None)
         if not readable:
-            give_back_freed_memory()
+            give_back_free_memory()
             kept_memory = False
             continue
         if conn.fileno() in readable:  # the server has gone: it never writes here

@@ -1,0 +1,29 @@
+"""glibc's heap, tuned and given back to the system where the process runs on glibc (with
+another C library, such as musl, nothing changes)."""
+
+from __future__ import annotations
+
+import ctypes
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+"""glibc's `mallopt` parameters."""
+
+_LIBC = ctypes.CDLL(None)
+
+
+def serve_from_heap(up_to: int) -> None:
+    """Allocations up to `up_to` bytes come from the heap, which keeps up to twice that freed
+    for the next ones, instead of glibc's default of mapping each allocation over 128 KiB on
+    its own (adaptively up to 32 MiB) and unmapping it when freed."""
+    mallopt = getattr(_LIBC, "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, up_to)
+        mallopt(M_TRIM_THRESHOLD, 2 * up_to)
+
+
+def give_back_free_memory() -> None:
+    """Return the heap's free pages to the system (`malloc_trim`): what the process's resident
+    memory then shows is what it uses."""
+    malloc_trim = getattr(_LIBC, "malloc_trim", None)
+    if malloc_trim is not None:
+        malloc_trim(0)
