@@ -37,6 +37,7 @@ def decode(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     alpha_background: RGB | None = (255, 255, 255),
+    key_background: RGB | None = None,
     size_hint: SizeHint | None = None,
 ) -> DecodedImage:
     """Decode the first frame of an allowlisted image, upright and in RGB.
@@ -62,13 +63,16 @@ def decode(
         raise TooManyPixels(f"image has {width}x{height} pixels, more than the limit {max_pixels}")
     if width == 0 or height == 0:
         raise UndecodableImage("image has no pixels")
-    return decode_opened(image, alpha_background=alpha_background, size_hint=size_hint)
+    return decode_opened(
+        image, alpha_background=alpha_background, key_background=key_background, size_hint=size_hint
+    )
 
 
 def decode_opened(
     image: Image.Image,
     *,
     alpha_background: RGB | None = (255, 255, 255),
+    key_background: RGB | None = None,
     size_hint: SizeHint | None = None,
 ) -> DecodedImage:
     """Decode an opened (header-checked) image: the one path for uploads and for PIL images, so
@@ -83,7 +87,7 @@ def decode_opened(
         rotated = upright(image)
         turned = rotated.size != image.size  # a quarter turn swaps the axes
         return DecodedImage(
-            image=to_rgb(rotated, alpha_background),
+            image=to_rgb(rotated, alpha_background, key_background),
             format=image_format,
             original_mode=original_mode,
             exif_rotated=rotated is not image,
@@ -101,16 +105,26 @@ def upright(image: Image.Image) -> Image.Image:
     return image
 
 
-def to_rgb(image: Image.Image, alpha_background: RGB | None) -> Image.Image:
+def to_rgb(
+    image: Image.Image, alpha_background: RGB | None, key_background: RGB | None = None
+) -> Image.Image:
     """Any Pillow mode as 8-bit RGB: high bit depths scaled, transparency composited onto
     `alpha_background`; or with None, Pillow's own `convert("RGB")` for every mode (alpha
     dropped, 16-bit and float samples clipped), which is how Hugging Face pipelines load
-    images."""
+    images, and then, with a `key_background`, the pixels of a transparency colour key that
+    conversion kept (a PNG's tRNS, a palette's transparent entry) painted that colour, as
+    processors that convert to RGB (`do_convert_rgb`) paint them."""
     mode = image.mode
+    if alpha_background is None:
+        rgb = image if mode == "RGB" else image.convert("RGB")
+        if key_background is None or rgb.info.get("transparency") is None:
+            return rgb
+        keyed = rgb.convert("RGBA")
+        painted = Image.new("RGB", keyed.size, key_background)
+        painted.paste(keyed, mask=keyed.getchannel("A"))
+        return painted
     if mode == "RGB":
         return image
-    if alpha_background is None:
-        return image.convert("RGB")
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit samples span 0..65535 (Pillow widens 16-bit PNGs to I); scale, never clip.
         samples = np.asarray(image, dtype=np.float64)

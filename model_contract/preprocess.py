@@ -70,6 +70,13 @@ class PreprocessSpec(BaseModel):
         "samples are scaled to 8 bits); null: Pillow's own convert('RGB') for every mode, "
         "alpha dropped and high bit depths clipped, as Hugging Face pipelines load images.",
     )
+    transparency_key_background: tuple[int, int, int] | None = Field(
+        None,
+        description="With alpha_background null: the colour of the pixels that match the "
+        "image's transparency colour key (a PNG's tRNS, a GIF's or palette's transparent "
+        "entry), as Hugging Face processors that convert to RGB (do_convert_rgb) paint them "
+        "white; null: they keep their colour.",
+    )
     jpeg_draft: bool = Field(
         False,
         description="Decode JPEG at a reduced scale (Pillow's draft mode) when the image is "
@@ -79,6 +86,8 @@ class PreprocessSpec(BaseModel):
 
     @model_validator(mode="after")
     def _one_crop_rule(self) -> PreprocessSpec:
+        if 0.0 in self.std:
+            raise ValueError(f"std {list(self.std)}: a channel divided by zero")
         if self.resize_size is not None:
             if self.crop_pct != 1.0:
                 raise ValueError("give either resize_size or crop_pct, not both")
@@ -93,7 +102,12 @@ def preprocess(
     """One image as the model's input, shape (1, 3, S, S), float32."""
     if isinstance(source, bytes):
         return preprocess_upload(source, spec, max_pixels=max_pixels)[0]
-    decoded = decode_opened(source, alpha_background=spec.alpha_background, size_hint=_hint(spec))
+    decoded = decode_opened(
+        source,
+        alpha_background=spec.alpha_background,
+        key_background=spec.transparency_key_background,
+        size_hint=_hint(spec),
+    )
     return normalize(crop_and_resize(decoded.image, spec), spec)
 
 
@@ -105,6 +119,7 @@ def preprocess_upload(
         data,
         max_pixels=max_pixels,
         alpha_background=spec.alpha_background,
+        key_background=spec.transparency_key_background,
         size_hint=_hint(spec),
     )
     return normalize(crop_and_resize(decoded.image, spec), spec), decoded

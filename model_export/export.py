@@ -488,9 +488,7 @@ def main(argv: list[str] | None = None) -> None:
             print("  " + case.line())
         passed = all(case.passed for case in parity)
     if args.int8 and not passed:
-        sys.exit(
-            f"vit-export: the FP32 parity or the int8 check failed; {args.output} not written"
-        )
+        sys.exit(f"vit-export: the FP32 parity or the int8 check failed; {args.output} not written")
     if accuracy is not None:
         count = max(args.eval_count, PRECISION_MIN_IMAGES) if args.int8 else args.eval_count
         print(f"held-out accuracy {accuracy:.2%} on {count} images (seed {args.eval_seed})")

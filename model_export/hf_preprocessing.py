@@ -6,10 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import ValidationError
+
 from model_contract.preprocess import PreprocessSpec
 
 # PIL's resampling codes, as processors store them in `resample`.
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+# The spec's fields named as the processor names them, for refusals.
+_PROCESSOR_FIELD = {"mean": "image_mean", "std": "image_std", "interpolation": "resample"}
 # The steps whose generic versions the spec reproduces; a processor overriding one does more.
 _GENERIC_STEPS = ("resize", "center_crop", "rescale", "normalize", "_preprocess", "process_image")
 
@@ -72,24 +76,35 @@ def spec_from_processor(processor: Any, *, jpeg_draft: bool = False) -> Preproce
             )
     elif resize == "shorter_side":
         raise UnexpressibleProcessor("size.shortest_edge without a centre crop: not square")
-    resample = int(processor.resample if processor.resample is not None else 2)
+    if processor.resample is None:
+        raise UnexpressibleProcessor("resample: null (no resampling filter to resize with)")
+    resample = int(processor.resample)
     if resample not in _RESAMPLE:
         raise UnexpressibleProcessor(f"resample {resample}: unknown to Pillow")
-    return PreprocessSpec.model_validate(
-        {
-            "input_size": input_size,
-            "resize": resize,
-            "resize_size": resize_size,
-            "interpolation": _RESAMPLE[resample],
-            "rescale_factor": float(processor.rescale_factor) if processor.do_rescale else 1.0,
-            "mean": _triple(processor.image_mean, "image_mean")
-            if processor.do_normalize
-            else (0.0, 0.0, 0.0),
-            "std": _triple(processor.image_std, "image_std")
-            if processor.do_normalize
-            else (1.0, 1.0, 1.0),
-            # Pipelines load images with Pillow's convert("RGB"): transparency is dropped.
-            "alpha_background": None,
-            "jpeg_draft": jpeg_draft,
-        }
-    )
+    fields = {
+        "input_size": input_size,
+        "resize": resize,
+        "resize_size": resize_size,
+        "interpolation": _RESAMPLE[resample],
+        "rescale_factor": float(processor.rescale_factor) if processor.do_rescale else 1.0,
+        "mean": _triple(processor.image_mean, "image_mean")
+        if processor.do_normalize
+        else (0.0, 0.0, 0.0),
+        "std": _triple(processor.image_std, "image_std")
+        if processor.do_normalize
+        else (1.0, 1.0, 1.0),
+        # Pipelines load images with Pillow's convert("RGB"): alpha is dropped, and a
+        # transparency colour key kept, which do_convert_rgb then paints white.
+        "alpha_background": None,
+        "transparency_key_background": (255, 255, 255)
+        if getattr(processor, "do_convert_rgb", None)
+        else None,
+        "jpeg_draft": jpeg_draft,
+    }
+    try:
+        return PreprocessSpec.model_validate(fields)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(_PROCESSOR_FIELD.get(str(part), str(part)) for part in first["loc"])
+        message = f"{where}: {first['msg']}" if where else str(first["msg"])
+        raise UnexpressibleProcessor(message) from None

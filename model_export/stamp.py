@@ -161,7 +161,11 @@ def calibrate_on_files(
 def golden_png(data: bytes, spec: PreprocessSpec) -> bytes:
     """An image as a PNG of the model's input size, cut as the preprocessing cuts it: small
     enough to live in the metadata, and still a real upload."""
-    decoded = decode(data, alpha_background=spec.alpha_background)
+    decoded = decode(
+        data,
+        alpha_background=spec.alpha_background,
+        key_background=spec.transparency_key_background,
+    )
     buffer = io.BytesIO()
     crop_and_resize(decoded.image, spec).save(buffer, "PNG", optimize=True)
     return buffer.getvalue()

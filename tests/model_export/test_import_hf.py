@@ -159,6 +159,9 @@ def test_the_users_own_check_images_are_used(tmp_path: Path) -> None:
             "shortest_edge without a centre crop",
         ),
         ({"do_resize": False}, "do_resize: false"),
+        ({"rescale_factor": -1 / 255}, "rescale_factor: Input should be greater than 0"),
+        ({"image_std": [0.5, 0.0, 0.5]}, "a channel divided by zero"),
+        ({"resample": None}, "resample: null"),
     ],
 )
 def test_a_processor_that_cannot_be_expressed_is_refused_in_one_line(
@@ -255,3 +258,38 @@ def test_the_rollout_equals_transformers_own(imported: tuple[Checkpoint, Path]) 
     grid = spec.input_size // 16
     assert actual.shape == expected.shape == (len(batch), grid, grid)
     assert np.abs(actual - expected).max() <= ROLLOUT_TOLERANCE
+
+
+def transparent_keyed(folder: Path) -> list[Path]:
+    """Images whose transparency is a colour key, not an alpha channel: an RGB PNG with tRNS,
+    a palette PNG and a GIF with a transparent entry, each key a colour the picture uses."""
+    photo = Image.open(image_files(PHOTOS)[0]).convert("RGB").resize((80, 60))
+    palette = photo.quantize(colors=16)
+    counts: list[tuple[int, int]] = palette.getcolors() or []  # type: ignore[assignment]
+    common = max(counts)[1]  # the most used palette entry
+    key = tuple((palette.getpalette() or [])[3 * common : 3 * common + 3])
+    folder.mkdir()
+    files = {
+        "rgb-trns.png": lambda path: palette.convert("RGB").save(path, transparency=key),
+        "palette.png": lambda path: palette.save(path, transparency=common),
+        "palette.gif": lambda path: palette.save(path, transparency=common),
+    }
+    for name, write in files.items():
+        write(folder / name)
+    return [folder / name for name in files]
+
+
+def test_a_processor_that_converts_to_rgb_paints_a_transparency_key_white_as_transformers_does(
+    tmp_path: Path,
+) -> None:
+    checkpoint = vit_imagenet_bicubic(tmp_path / "vit")
+    config_file = checkpoint.folder / "preprocessor_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "do_convert_rgb": True}))
+    model = tmp_path / "m.onnx"
+    assert run_import("hf", str(checkpoint.folder), "-o", str(model)).returncode == 0
+    files = transparent_keyed(tmp_path / "keyed")
+    expected = pipeline_probabilities(checkpoint.folder, files, checkpoint.labels)
+    with served(model, ROOT) as server:
+        served_probabilities, _ = classify_v1(server.url, files)
+    np.testing.assert_allclose(served_probabilities, expected, atol=PROBABILITY_TOLERANCE)
