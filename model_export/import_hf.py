@@ -40,11 +40,13 @@ from model_export.importing import (
     ImportRefused,
     chunks,
     image_files,
+    last_line,
     model_name,
     served_logits,
     staged,
 )
 from model_export.quantize import Int8Report, check_on_images, quantize
+from model_export.rollout import NoAttention
 from model_export.stamp import (
     SELF_TEST_IMAGES,
     calibrate_on_files,
@@ -81,7 +83,8 @@ class ParityReport:
     max_probability_diff: float
     top1_agree: int
     fp16: bool
-    max_rollout_diff: float
+    max_rollout_diff: float | None
+    """None: the file has no attention rollout (--no-rollout)."""
 
     @property
     def passed(self) -> bool:
@@ -93,7 +96,7 @@ class ParityReport:
         return (
             self.max_logit_diff <= LOGIT_TOLERANCE
             and self.top1_agree == self.images
-            and self.max_rollout_diff <= ROLLOUT_TOLERANCE
+            and (self.max_rollout_diff is None or self.max_rollout_diff <= ROLLOUT_TOLERANCE)
         )
 
     def line(self) -> str:
@@ -105,11 +108,15 @@ class ParityReport:
                 f"max |dprobability| {self.max_probability_diff:.2e} "
                 f"(<= {FP16_PROBABILITY_TOLERANCE:g})  {verdict}"
             )
+        rollout = (
+            "no attention rollout"
+            if self.max_rollout_diff is None
+            else f"max |drollout| {self.max_rollout_diff:.2e} (<= {ROLLOUT_TOLERANCE:g})"
+        )
         return (
             f"transformers vs onnxruntime on {self.images} images: max |dlogit| "
             f"{self.max_logit_diff:.2e} (<= {LOGIT_TOLERANCE:g}), top-1 equal "
-            f"{self.top1_agree}/{self.images}, max |drollout| {self.max_rollout_diff:.2e} "
-            f"(<= {ROLLOUT_TOLERANCE:g})  {verdict}"
+            f"{self.top1_agree}/{self.images}, {rollout}  {verdict}"
         )
 
 
@@ -192,22 +199,70 @@ def check_parity(
     against transformers' own attention maps on the same input tensors."""
     expected = framework_logits(model, processor, files)
     actual = served_logits(session, files, session.metadata.preprocessing)
-    rollout_diff = 0.0
-    for chunk in chunks(files):  # attention maps for every image at once would not fit
-        batch = np.concatenate(
-            [preprocess(p.read_bytes(), session.metadata.preprocessing) for p in chunk]
-        )
-        reference = hf_rollout(model, torch.from_numpy(batch)).numpy()
-        graph = session.infer(batch)[ATTENTION_ROLLOUT]
-        rollout_diff = max(rollout_diff, float(np.abs(reference - graph).max()))
     return ParityReport(
         images=len(files),
         max_logit_diff=float(np.abs(expected - actual).max()),
         max_probability_diff=float(np.abs(softmax(expected) - softmax(actual)).max()),
         top1_agree=int((expected.argmax(1) == actual.argmax(1)).sum()),
         fp16=fp16,
-        max_rollout_diff=rollout_diff,
+        max_rollout_diff=None
+        if session.attention_output is None
+        else rollout_difference(model, session, files),
     )
+
+
+def rollout_difference(model: nn.Module, session: ModelSession, files: list[Path]) -> float:
+    """The graph's attention rollout against transformers' own attention maps on the same
+    input tensors: the largest difference."""
+    worst = 0.0
+    for chunk in chunks(files):  # attention maps for every image at once would not fit
+        batch = np.concatenate(
+            [preprocess(p.read_bytes(), session.metadata.preprocessing) for p in chunk]
+        )
+        reference = hf_rollout(model, torch.from_numpy(batch)).numpy()
+        graph = session.infer(batch)[ATTENTION_ROLLOUT]
+        worst = max(worst, float(np.abs(reference - graph).max()))
+    return worst
+
+
+def exported(graph: nn.Module, path: Path, input_size: int) -> None:
+    """`graph` as ONNX at `path`, or a one-line refusal where it does not export (an operator
+    ONNX lacks, or a model fixed to another input size than its processor's)."""
+    try:
+        with warnings.catch_warnings():  # the tracer's notes on shape checks it folds away
+            warnings.simplefilter("ignore", TracerWarning)
+            to_onnx(graph, path, input_size)
+    except Exception as error:  # torch's exporter raises many types
+        raise ImportRefused(
+            f"the model does not export to ONNX at {input_size}x{input_size}: {last_line(error)}"
+        ) from error
+
+
+def stamp_graph(path: Path, metadata: ModelMetadata, *, rollout: bool) -> ModelMetadata:
+    """The file at `path` with `metadata` written into it, and the attention rollout appended
+    unless not wanted."""
+    if rollout:
+        return rollout_appended(path, metadata)
+    write_metadata(path, metadata, producer="vit-import")
+    return metadata
+
+
+def rollout_appended(path: Path, metadata: ModelMetadata) -> ModelMetadata:
+    """The file at `path` with the attention rollout, run once on a blank batch of two; or a
+    one-line refusal where the graph has no attention the rollout can read (none, as a CNN's,
+    or windowed, as Swin's)."""
+    hint = "import it without the rollout with --no-rollout"
+    size = metadata.preprocessing.input_size
+    try:
+        named = with_rollout(path, metadata, producer="vit-import")
+        ModelSession(path, IN_PROCESS).infer(np.zeros((2, 3, size, size), np.float32))
+    except NoAttention as error:
+        raise ImportRefused(f"{error}; {hint}") from error
+    except Exception as error:  # onnxruntime's own errors, untyped
+        raise ImportRefused(
+            f"the attention rollout does not run on this graph ({last_line(error)}); {hint}"
+        ) from error
+    return named
 
 
 def import_hf(
@@ -221,6 +276,7 @@ def import_hf(
     int8: bool = False,
     jpeg_draft: bool = False,
     calibration_images: Path | None = None,
+    rollout: bool = True,
 ) -> ParityReport | Int8Report:
     """Write the ONNX file with its metadata and attention rollout, then check it against
     transformers; with `int8`, quantize the FP32 file once it passes and check the int8 file
@@ -252,11 +308,9 @@ def import_hf(
     )
     graph = LogitsOnly(model)
     with staged(output) as plain, staged(output) as staged_path:
-        with warnings.catch_warnings():  # the tracer's notes on shape checks it folds away
-            warnings.simplefilter("ignore", TracerWarning)
-            to_onnx(Float16Inside(graph) if fp16 else graph, plain, spec.input_size)
+        exported(Float16Inside(graph) if fp16 else graph, plain, spec.input_size)
         shutil.copyfile(plain, staged_path)
-        metadata = with_rollout(staged_path, metadata, producer="vit-import")
+        metadata = stamp_graph(staged_path, metadata, rollout=rollout)
         session = ModelSession(staged_path, IN_PROCESS)
         report = check_parity(model, processor, session, files, fp16=fp16)
         if not report.passed:
@@ -266,11 +320,8 @@ def import_hf(
         if int8:
             fp32 = session
             quantize(plain, staged_path)
-            metadata = with_rollout(
-                staged_path,
-                metadata.model_copy(update={"precision": "int8"}),
-                producer="vit-import",
-            )
+            int8_metadata = metadata.model_copy(update={"precision": "int8"})
+            metadata = stamp_graph(staged_path, int8_metadata, rollout=rollout)
             session = ModelSession(staged_path, IN_PROCESS)
             result = check_on_images(fp32, session, check_images)
             if not result.passed:

@@ -28,6 +28,7 @@ from model_export.hf_preprocessing import UnexpressibleProcessor, spec_from_proc
 from model_export.importing import (
     ImportRefused,
     image_files,
+    last_line,
     model_name,
     served_logits,
     staged,
@@ -58,11 +59,6 @@ class SmokeReport:
         return f"smoke inference on {self.images} images: top-1 {answers}" + (
             f"\nwarning: {self.warning}" if self.warning else ""
         )
-
-
-def _last_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[-1] if lines else type(error).__name__
 
 
 def read_labels(path: Path) -> tuple[str, ...]:
@@ -97,7 +93,7 @@ def spec_from_preprocessor_config(path: Path, *, jpeg_draft: bool) -> Preprocess
             shutil.copy(path, Path(folder) / HF_PREPROCESSOR)
             processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
         except (OSError, ValueError) as error:
-            reason = _last_line(error)
+            reason = last_line(error)
             raise ImportRefused(f"{path}: not a readable image processor ({reason})") from error
     try:
         return spec_from_processor(processor, jpeg_draft=jpeg_draft)
@@ -145,7 +141,7 @@ def smoke(session: ModelSession, files: list[Path]) -> SmokeReport:
         raise ImportRefused(f"a check image could not be used: {error}") from error
     except Exception as error:  # onnxruntime's own errors, untyped
         raise ImportRefused(
-            f"the model failed on the check images ({_last_line(error)}); does the input size "
+            f"the model failed on the check images ({last_line(error)}); does the input size "
             "match what the graph computes?"
         ) from error
     check_output_width(raw.shape[1], session.metadata, session.path)
@@ -201,7 +197,7 @@ def import_onnx(
     try:
         proto = onnx.load(str(model_file))
     except Exception as error:  # protobuf's decode errors and onnx's own, untyped
-        raise ImportRefused(f"{model_file}: not an ONNX file ({_last_line(error)})") from error
+        raise ImportRefused(f"{model_file}: not an ONNX file ({last_line(error)})") from error
     old = existing_metadata(proto)
     strip_rollout(proto)  # a file stamped before: its rollout and score are made again below
     strip_ood_score(proto)
@@ -299,7 +295,7 @@ def with_rollout(proto: onnx.ModelProto, metadata: ModelMetadata) -> ModelMetada
         raise ImportRefused(f"{error}; import it without the rollout with --no-rollout") from error
     except Exception as error:  # onnxruntime's own errors, untyped
         raise ImportRefused(
-            f"the graph failed on a blank {size}x{size} image ({_last_line(error)})"
+            f"the graph failed on a blank {size}x{size} image ({last_line(error)})"
         ) from error
     metadata = metadata.model_copy(update={"attention_output": ROLLOUT_OUTPUT})
     del proto.metadata_props[:]

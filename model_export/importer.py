@@ -81,11 +81,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     onnx.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"))
     onnx.add_argument("--output-kind", choices=("logits", "probabilities"))
     onnx.add_argument("--output-name", help="the graph output to serve, where it has several")
-    onnx.add_argument(
-        "--no-rollout",
-        action="store_true",
-        help="import a graph with no attention softmax, without the attention rollout output",
-    )
+    for command in (hf, onnx):
+        command.add_argument(
+            "--no-rollout",
+            action="store_true",
+            help="import a graph with no attention softmax, or attention the rollout cannot "
+            "read (windowed), without the attention rollout output",
+        )
     return parser.parse_args(argv)
 
 
@@ -102,6 +104,7 @@ def run_hf(args: argparse.Namespace) -> bool:
         int8=args.int8,
         jpeg_draft=bool(args.jpeg_draft),
         calibration_images=args.calibration_images,
+        rollout=not args.no_rollout,
     )
     print(report.line())
     return report.passed

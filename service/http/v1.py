@@ -128,8 +128,9 @@ async def explain(
     if session.attention_output is None:
         raise NoAttention(
             f"model {session.metadata.name} version {session.metadata.version} carries no "
-            "attention rollout; export or import it again with this version's vit-export or "
-            "vit-import"
+            "attention rollout: it was imported with --no-rollout (a model without attention "
+            "the rollout can read), or written before files carried one (export or import it "
+            "again to add it)"
         )
     png = "image/png" in request.headers.get("accept", "")
     answers, names = await _answers(request, inference, top_k, pictures=png)

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
@@ -32,9 +33,11 @@ from tests.hf_checkpoints import (  # noqa: E402
     classify_v2,
     deit_resize_then_crop,
     deit_with_teacher_shortest_edge,
+    labelled,
     pipeline_probabilities,
     post,
     run_import,
+    save,
     vit_imagenet_bicubic,
 )
 from tests.service_support import served  # noqa: E402
@@ -293,3 +296,52 @@ def test_a_processor_that_converts_to_rgb_paints_a_transparency_key_white_as_tra
     with served(model, ROOT) as server:
         served_probabilities, _ = classify_v1(server.url, files)
     np.testing.assert_allclose(served_probabilities, expected, atol=PROBABILITY_TOLERANCE)
+
+
+def convnext_with_a_vit_processor(folder: Path) -> Checkpoint:
+    """A classifier with no attention at all: a tiny ConvNeXt."""
+    import torch
+    from transformers import ConvNextConfig, ConvNextForImageClassification, ViTImageProcessorPil
+
+    labels = ["round", "pointy", "flat"]
+    torch.manual_seed(4)
+    config = ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], **labelled(labels))
+    model = ConvNextForImageClassification(config)
+    processor = ViTImageProcessorPil(size={"height": 64, "width": 64})
+    return save(folder, model, processor, labels)
+
+
+def test_a_model_without_attention_is_refused_with_the_flag_that_imports_it(
+    tmp_path: Path,
+) -> None:
+    checkpoint = convnext_with_a_vit_processor(tmp_path / "convnext")
+    model = tmp_path / "m.onnx"
+    refused = run_import("hf", str(checkpoint.folder), "-o", str(model))
+    assert refused.returncode != 0 and not model.exists()
+    line = refused.stderr.strip().splitlines()[-1]
+    assert line.startswith("vit-import: ") and "--no-rollout" in line, refused.stderr
+    imported = run_import("hf", str(checkpoint.folder), "-o", str(model), "--no-rollout")
+    assert imported.returncode == 0, imported.stderr
+    assert "top-1 equal 5/5, no attention rollout  ok" in imported.stdout
+    files = image_files(PHOTOS)
+    expected = pipeline_probabilities(checkpoint.folder, files, checkpoint.labels)
+    with served(model, ROOT) as server:
+        served_probabilities, _ = classify_v1(server.url, files)
+        explain = httpx.post(
+            f"{server.url}/v1/explain", files={"file": files[0].read_bytes()}, timeout=30
+        )
+    np.testing.assert_allclose(served_probabilities, expected, atol=PROBABILITY_TOLERANCE)
+    assert explain.status_code == 400 and "--no-rollout" in explain.json()["error"]
+
+
+def test_a_model_that_does_not_export_at_its_processors_size_is_refused_in_one_line(
+    tmp_path: Path,
+) -> None:
+    checkpoint = vit_imagenet_bicubic(tmp_path / "vit")  # a 64x64 model
+    config_file = checkpoint.folder / "preprocessor_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "size": {"height": 48, "width": 48}}))
+    result = run_import("hf", str(checkpoint.folder), "-o", str(tmp_path / "m.onnx"))
+    assert result.returncode != 0
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("vit-import: the model does not export to ONNX at 48x48"), result.stderr
