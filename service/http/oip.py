@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from service.errors import InvalidRequest
+from service.errors import EmptyBody, InvalidRequest
 from service.http.schemas import (
     OipInferenceRequest,
     OipInferenceResponse,
@@ -237,6 +237,11 @@ def _images(tensor: OipRequestInput, raw: bytes | None) -> list[bytes]:
     if len(images) != count:
         got = "more" if len(images) > count else str(len(images))
         raise InvalidRequest(f"shape {tensor.shape} needs {count} images, got {got}")
+    for number, image in enumerate(images, 1):
+        if not image:
+            raise EmptyBody(
+                f"BYTES element {number} of {tensor.name!r} is empty: send an image file"
+            )
     return images
 
 

@@ -180,6 +180,17 @@ def test_bytes_json_input_is_base64(client: TestClient, reference: ModelSession)
     np.testing.assert_allclose(returned, expected, atol=1e-5)
 
 
+def test_an_empty_bytes_element_is_an_empty_body_as_in_v1(
+    client: TestClient, reference: ModelSession
+) -> None:
+    good = base64.b64encode(UPLOADS["jpeg"][0]).decode()
+    request = {"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": [good, ""]}]}
+    response = client.post(infer_url(reference), json=request)
+    assert response.status_code == 400, response.text
+    assert response.json()["type"] == "empty_body"
+    assert "element 2" in response.json()["error"]
+
+
 def fp32_request(reference: ModelSession, shape: list[int], data: list[Any]) -> dict[str, Any]:
     return {
         "inputs": [{"name": reference.input_name, "shape": shape, "datatype": "FP32", "data": data}]
