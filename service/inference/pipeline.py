@@ -126,11 +126,14 @@ class Pipeline:
         size = self.spec.input_size
         return batch_size, 3, size, size
 
-    async def prepare(self, data: bytes, *, picture: bool = False) -> Decoded:
+    async def prepare(
+        self, data: bytes, request: object | None = None, *, picture: bool = False
+    ) -> Decoded:
         """One upload as a (1, 3, S, S) model input, decoded in a worker process (with
-        `picture`, also the upright image, bounded, for an overlay)."""
+        `picture`, also the upright image, bounded, for an overlay); the images of one
+        `request` take their turns at the workers with other requests' images."""
         started = time.perf_counter()
-        decoded = await self.decoders.decode(data, picture=picture)
+        decoded = await self.decoders.decode(data, picture=picture, request=request)
         self.metrics.stage_seconds.labels("decode_preprocess").observe(
             time.perf_counter() - started
         )
@@ -177,13 +180,17 @@ class Pipeline:
         ]
 
     async def _decoded(
-        self, images: list[bytes], deadline: float, prepare: Callable[[bytes], Awaitable[T]]
+        self,
+        images: list[bytes],
+        deadline: float,
+        prepare: Callable[[bytes, object], Awaitable[T]],
     ) -> list[T]:
         """`prepare` of every upload at once, within the deadline; whatever ends it early (an
         error, the deadline, the client's going) cancels the rest."""
         self.require_ready()
         self._preparing += len(images)
-        tasks = [asyncio.ensure_future(prepare(data)) for data in images]
+        request = object()  # what the decoding workers take turns by
+        tasks = [asyncio.ensure_future(prepare(data, request)) for data in images]
         try:
             async with asyncio.timeout_at(deadline):
                 return list(await asyncio.gather(*tasks))
@@ -194,9 +201,11 @@ class Pipeline:
                 task.cancel()
             self._preparing -= len(images)
 
-    async def _prepare_file(self, data: bytes, *, picture: bool) -> Decoded | ServiceError:
+    async def _prepare_file(
+        self, data: bytes, request: object, *, picture: bool
+    ) -> Decoded | ServiceError:
         try:
-            return await self.prepare(data, picture=picture)
+            return await self.prepare(data, request, picture=picture)
         except FILE_ERRORS as error:
             return error
 

@@ -19,7 +19,7 @@ import os
 import resource
 import select
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -279,13 +279,55 @@ class _Worker:
 
 @dataclass(eq=False)
 class _Job:
-    """One upload, its answer-to-be, and while it is being decoded, its worker and deadline."""
+    """One upload, its answer-to-be, the request it belongs to, and while it is being decoded,
+    its worker and deadline."""
 
     data: bytes
     answer: asyncio.Future[Decoded]
+    request: object
     picture: bool = False
     worker: _Worker | None = None
     deadline: asyncio.TimerHandle | None = None
+
+
+class _TakenInTurns:
+    """Images waiting for a worker, taken in turns by request: the next image of each request
+    with any waiting, round and round. A request of 64 slow images then delays another one's
+    image by one image of its own, not by all 64, and a client cannot starve the others by
+    sending many images at once (only by sending many requests, which admission bounds)."""
+
+    def __init__(self) -> None:
+        self._turns: OrderedDict[object, deque[_Job]] = OrderedDict()
+
+    def __bool__(self) -> bool:
+        return bool(self._turns)
+
+    def append(self, job: _Job) -> None:
+        self._turns.setdefault(job.request, deque()).append(job)
+
+    def popleft(self) -> _Job:
+        request, jobs = next(iter(self._turns.items()))
+        job = jobs.popleft()
+        if jobs:
+            self._turns.move_to_end(request)
+        else:
+            del self._turns[request]
+        return job
+
+    def remove(self, job: _Job) -> None:
+        """Take `job` out if it is still waiting."""
+        jobs = self._turns.get(job.request)
+        if jobs is None or job not in jobs:
+            return
+        jobs.remove(job)
+        if not jobs:
+            del self._turns[job.request]
+
+    def drain(self) -> list[_Job]:
+        """Every waiting job, none left."""
+        jobs = [job for waiting in self._turns.values() for job in waiting]
+        self._turns.clear()
+        return jobs
 
 
 class DecodeWorkers:
@@ -325,7 +367,7 @@ class DecodeWorkers:
         # a thread after its event loop has closed (tests run several loops): a lock.
         self._lock = threading.Lock()
         self._idle: list[_Worker] = []
-        self._waiting: deque[_Job] = deque()
+        self._waiting = _TakenInTurns()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._replacing = ThreadPoolExecutor(workers, thread_name_prefix="decode-replace")
         self._closed = False
@@ -340,11 +382,14 @@ class DecodeWorkers:
         with self._lock:
             return [w.process.pid for w in self._idle if w.process.pid is not None]
 
-    async def decode(self, data: bytes, *, picture: bool = False) -> Decoded:
+    async def decode(
+        self, data: bytes, *, picture: bool = False, request: object | None = None
+    ) -> Decoded:
         """One upload as a (1, 3, S, S) model input, and with `picture` the upright image
-        (bounded); cancelling the caller stops its decode."""
+        (bounded); cancelling the caller stops its decode. Images of one `request` wait
+        their turn with each other's (`_TakenInTurns`); without one, an image is a request."""
         self._loop = loop = asyncio.get_running_loop()
-        job = _Job(data, loop.create_future(), picture)
+        job = _Job(data, loop.create_future(), object() if request is None else request, picture)
         with self._lock:
             self._waiting.append(job)
         self._dispatch()
@@ -352,8 +397,7 @@ class DecodeWorkers:
             return await job.answer
         except asyncio.CancelledError:
             with self._lock:
-                if job in self._waiting:
-                    self._waiting.remove(job)  # never started
+                self._waiting.remove(job)  # never started, where it was still waiting
             if job.worker is not None:
                 self._fail(job, "abandoned", None)
             raise
@@ -364,7 +408,7 @@ class DecodeWorkers:
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
-            waiting, self._waiting = self._waiting, deque()
+            waiting = self._waiting.drain()
         self._replacing.shutdown(wait=False, cancel_futures=True)
         for job in waiting:
             job.answer.cancel()

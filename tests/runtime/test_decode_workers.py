@@ -149,6 +149,31 @@ def test_an_abandoned_decode_is_stopped_and_queued_ones_never_start() -> None:
         single.workers.close()
 
 
+def test_a_request_of_many_images_delays_another_requests_image_by_one_not_all() -> None:
+    single = Pool(workers=1, timeout_s=60.0)
+    slow = encode(Image.effect_noise((2000, 1500), 64).convert("RGB"), "PNG")
+    finished: list[str] = []
+
+    async def decode(data: bytes, request: object, name: str) -> None:
+        await single.workers.decode(data, request=request)
+        finished.append(name)
+
+    async def two_requests() -> None:
+        many, one = object(), object()
+        tasks = [asyncio.ensure_future(decode(slow, many, f"many {i}")) for i in range(6)]
+        await asyncio.sleep(0.05)  # the first of the six is being decoded
+        tasks.append(asyncio.ensure_future(decode(UPLOADS["jpeg"][0], one, "one")))
+        await asyncio.gather(*tasks)
+
+    try:
+        asyncio.run(two_requests())
+    finally:
+        single.workers.close()
+    # first come first served would answer it last; in turns, after at most two of the six
+    assert finished.index("one") <= 2, finished
+    assert [name for name in finished if name != "one"] == [f"many {i}" for i in range(6)]
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="SCHED_BATCH is Linux's")
 def test_workers_run_as_batch_work_that_never_preempts_the_event_loop() -> None:
     started = Pool(workers=1, timeout_s=5.0)
