@@ -195,14 +195,24 @@ class _Shared:
         event loop; an eventfd's wake-up lets it go to the other core."""
         self._upload_at = upload_at
         self._mapped = upload_at + MAPPED_UPLOAD_BYTES
-        os.ftruncate(fd, self._mapped)  # the pages are allocated only when written
         self._map = mmap.mmap(fd, self._mapped)
+
+    @classmethod
+    def created(cls, upload_at: int) -> _Shared:
+        """A new file, sized for the mapping, for a worker about to start. Only its creator
+        sizes it: a worker that did so as it started would cut off an upload already
+        written past the mapping (the first large upload after a worker was replaced)."""
+        fd = os.memfd_create("vit-decode", os.MFD_CLOEXEC)
+        os.ftruncate(fd, upload_at + MAPPED_UPLOAD_BYTES)  # pages are allocated when written
+        return cls(fd, os.eventfd(0, os.EFD_CLOEXEC), upload_at)
 
     def put_upload(self, data: bytes) -> None:
         if len(data) <= MAPPED_UPLOAD_BYTES:
             self._map[self._upload_at : self._upload_at + len(data)] = data
         else:
-            os.pwrite(self.fd, data, self._upload_at)
+            written = 0
+            while written < len(data):  # a write may be short
+                written += os.pwrite(self.fd, memoryview(data)[written:], self._upload_at + written)
 
     def take_upload(self, size: int) -> bytes:
         if size <= MAPPED_UPLOAD_BYTES:
@@ -521,11 +531,7 @@ class DecodeWorkers:
         )
         process.start()
         child.close()
-        shared = _Shared(
-            os.memfd_create("vit-decode", os.MFD_CLOEXEC),
-            os.eventfd(0, os.EFD_CLOEXEC),
-            self._upload_at,
-        )
+        shared = _Shared.created(self._upload_at)
         reduction.send_handle(parent, shared.fd, process.pid)
         reduction.send_handle(parent, shared.bell, process.pid)
         return _Worker(process, parent, shared)

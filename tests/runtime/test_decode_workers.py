@@ -91,6 +91,20 @@ def test_an_upload_larger_than_the_shared_mapping_decodes_the_same(pool: Pool) -
     assert pool.replaced == []
 
 
+def test_a_large_upload_decodes_when_it_is_a_new_workers_first() -> None:
+    """A worker that sized the shared file as it started cut off an upload already written
+    past the mapping: the first large photo after a start or a replacement was 'truncated'."""
+    noise = np.random.default_rng(1).integers(0, 256, (2500, 2600, 3), dtype=np.uint8)
+    large = encode(Image.fromarray(noise), "PNG", compress_level=0)  # ~19 MB
+    for _ in range(2):
+        fresh = Pool(workers=1, timeout_s=30.0)
+        try:
+            decoded = asyncio.run(fresh.workers.decode(large))  # before the worker has started
+        finally:
+            fresh.workers.close()
+        np.testing.assert_array_equal(decoded.tensor, preprocess_upload(large, SPEC)[0])
+
+
 def test_decoding_errors_come_back_as_they_were_raised(pool: Pool) -> None:
     async def decode(data: bytes) -> None:
         await pool.workers.decode(data)
