@@ -67,6 +67,11 @@ IDLE_BEFORE_TRIM_S = 1.0
 """A worker with no image for this long gives the memory it kept back (`malloc_trim`): under
 load it keeps it, and after a burst of large photos the pod shrinks back within a second."""
 
+# Every decoder loaded with this module, in the fork server the workers come from, not by a
+# worker's first image of a format: what a plugin and its library map would otherwise come out
+# of that image's memory allowance, and of every later image's in that worker.
+Image.init()
+
 _ERRORS = {error.type: error for error in ERROR_TYPES}
 
 Replaced = Callable[[str], None]
@@ -146,12 +151,23 @@ def _serve(
             continue
         if conn.fileno() in readable:  # the server has gone: it never writes here
             return
-        kept_memory = True
+        kept_before, kept_memory = kept_memory, True
         request = os.eventfd_read(shared.bell) - 1
         size, wants_picture = request >> 1, bool(request & 1)
         try:
             data = shared.take_upload(size)
-            tensor, decoded = preprocess_upload(data, spec, max_pixels=max_pixels)
+            try:
+                tensor, decoded = preprocess_upload(data, spec, max_pixels=max_pixels)
+                retry = False
+            except Exception as error:
+                if not (kept_before and _caused_by_memory(error)):
+                    raise
+                retry = True  # below, once this error and the memory it holds are gone
+            if retry:
+                # What earlier images left in the heap counts against the limit too: an image
+                # gets the chance it would have in a fresh worker, whatever came before it.
+                give_back_free_memory()
+                tensor, decoded = preprocess_upload(data, spec, max_pixels=max_pixels)
             box = seen_box(decoded, spec)
             picture = _picture(decoded.image) if wants_picture else None
         except Exception as error:  # every error goes back to the parent, which raises it
