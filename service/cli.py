@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from model_contract.metadata import InvalidModelMetadata
 from service.app import create_app
-from service.http.slow_clients import head_deadline_protocol
+from service.http.malformed_requests import served_protocol
 from service.runtime.graph_check import inspect_model
 from service.runtime.scheduling import favour_the_event_loop
 from service.settings import Settings
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         log_level=args.log_level,
         access_log=settings.access_log,
         timeout_graceful_shutdown=settings.graceful_shutdown_s,
-        http=head_deadline_protocol(settings.head_timeout_s, settings.http_parser),
+        http=served_protocol(settings.head_timeout_s, settings.http_parser),
         loop=settings.event_loop,
     )
     server = DrainingServer(config, app)

@@ -294,3 +294,29 @@ def test_a_client_that_leaves_mid_body_is_counted_as_gone_not_as_a_server_error(
         time.sleep(0.05)
     assert metric(server, "vit_requests_total", route=template, status="500") == failures_before
     assert "Traceback" not in server.output()[logged_before:]
+
+
+MALFORMED = [
+    b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",  # a chunk size that is no number
+    b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nX-Bad: a\x00b\r\n\r\n",  # NUL in a header
+]
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_malformed_http_is_a_counted_json_400(served_model: Path, parser: str) -> None:
+    """uvicorn refuses these before any route runs; the answer is still the service's."""
+    with served(served_model, ROOT, http_parser=parser) as running:
+        host, port = running.url.removeprefix("http://").split(":")
+        for request in MALFORMED:
+            with socket.create_connection((host, int(port)), timeout=5) as connection:
+                connection.sendall(request)
+                answer = b""
+                while chunk := connection.recv(4096):
+                    answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400"), answer
+            assert b"content-type: application/json" in head.lower()
+            assert json.loads(body)["type"] == "invalid_request"
+        assert metric(running, "vit_requests_total", route="unmatched", status="400") == 2
+        assert metric(running, "vit_rejections_total", reason="invalid_request") == 2

@@ -8,6 +8,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.metrics import Metrics
 
+UNMATCHED_ROUTE = "unmatched"
+"""The route label of a request no route received."""
+
 
 class RequestMetrics:
     """Counts requests by route template and status, and times them; the app's metrics are
@@ -36,6 +39,6 @@ class RequestMetrics:
         finally:
             metrics.in_flight.dec()
             route = scope.get("route")
-            template = getattr(route, "path", "unmatched")
+            template = getattr(route, "path", UNMATCHED_ROUTE)
             metrics.requests.labels(template, str(status)).inc()
             metrics.request_seconds.labels(template).observe(time.perf_counter() - started)
