@@ -42,11 +42,11 @@ from model_export.importing import (
     image_files,
     last_line,
     model_name,
+    rollout_refusals,
     served_logits,
     staged,
 )
 from model_export.quantize import Int8Report, check_on_images, quantize
-from model_export.rollout import NoAttention
 from model_export.stamp import (
     SELF_TEST_IMAGES,
     calibrate_on_files,
@@ -248,20 +248,9 @@ def stamp_graph(path: Path, metadata: ModelMetadata, *, rollout: bool) -> ModelM
 
 
 def rollout_appended(path: Path, metadata: ModelMetadata) -> ModelMetadata:
-    """The file at `path` with the attention rollout, run once on a blank batch of two; or a
-    one-line refusal where the graph has no attention the rollout can read (none, as a CNN's,
-    or windowed, as Swin's)."""
-    hint = "import it without the rollout with --no-rollout"
-    size = metadata.preprocessing.input_size
-    try:
+    """The file at `path` with the attention rollout, or a one-line refusal."""
+    with rollout_refusals(metadata.preprocessing.input_size):
         named = with_rollout(path, metadata, producer="vit-import")
-        ModelSession(path, IN_PROCESS).infer(np.zeros((2, 3, size, size), np.float32))
-    except NoAttention as error:
-        raise ImportRefused(f"{error}; {hint}") from error
-    except Exception as error:  # onnxruntime's own errors, untyped
-        raise ImportRefused(
-            f"the attention rollout does not run on this graph ({last_line(error)}); {hint}"
-        ) from error
     return named
 
 

@@ -30,11 +30,12 @@ from model_export.importing import (
     image_files,
     last_line,
     model_name,
+    rollout_refusals,
     served_logits,
     staged,
 )
 from model_export.ood_features import strip_ood_score
-from model_export.rollout import ROLLOUT_OUTPUT, NoAttention, add_rollout, strip_rollout
+from model_export.rollout import ROLLOUT_OUTPUT, add_rollout, strip_rollout
 from model_export.stamp import SELF_TEST_IMAGES, calibrate_on_files, golden_png, self_test
 from service.runtime.graph_check import check_output_width, inspect_model
 from service.runtime.options import IN_PROCESS
@@ -288,15 +289,8 @@ def import_onnx(
 
 def with_rollout(proto: onnx.ModelProto, metadata: ModelMetadata) -> ModelMetadata:
     """The attention rollout appended to the graph, and the metadata naming it, or a refusal."""
-    size = metadata.preprocessing.input_size
-    try:
-        add_rollout(proto, input_size=size)
-    except NoAttention as error:
-        raise ImportRefused(f"{error}; import it without the rollout with --no-rollout") from error
-    except Exception as error:  # onnxruntime's own errors, untyped
-        raise ImportRefused(
-            f"the graph failed on a blank {size}x{size} image ({last_line(error)})"
-        ) from error
+    with rollout_refusals(metadata.preprocessing.input_size):
+        add_rollout(proto, input_size=metadata.preprocessing.input_size)
     metadata = metadata.model_copy(update={"attention_output": ROLLOUT_OUTPUT})
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, metadata.to_props())

@@ -48,14 +48,14 @@ def find_attention(proto: onnx.ModelProto, *, input_size: int) -> AttentionMaps:
     """Every Softmax whose output is [N, heads, T, T] (the attention of T tokens over T tokens),
     in the graph's order, which ONNX requires to be topological: layer order.
 
-    Shapes are measured by running the graph once on a blank image, so symbolic reshapes of
+    Shapes are measured by running the graph once on blank images, so symbolic reshapes of
     foreign exporters need no shape inference. The patch tokens are taken to be the last
     grid x grid of the T tokens (one class token, or a class and a distillation token before them).
     """
     softmaxes = [node.output[0] for node in proto.graph.node if node.op_type == "Softmax"]
     if not softmaxes:
         raise NoAttention("the graph has no Softmax node, so no attention map to roll out")
-    shapes = _probe_shapes(proto, softmaxes, input_size)
+    batch, shapes = _probe_shapes(proto, softmaxes, input_size)
     attention = [
         name
         for name in softmaxes
@@ -65,6 +65,12 @@ def find_attention(proto: onnx.ModelProto, *, input_size: int) -> AttentionMaps:
         found = ", ".join(str(list(shapes[name][0])) for name in softmaxes)
         raise NoAttention(
             f"no Softmax gives a [N, heads, T, T] attention map (their outputs are {found})"
+        )
+    if any(shapes[name][0][0] != batch for name in attention):
+        found = ", ".join(str(list(shapes[name][0])) for name in attention)
+        raise NoAttention(
+            f"the attention maps of {batch} images are {found}: not one map per image "
+            "(windowed attention, as Swin's), which the rollout cannot read"
         )
     kinds = {(shapes[name][0][1], shapes[name][0][2], shapes[name][1]) for name in attention}
     if len(kinds) != 1:
@@ -82,13 +88,14 @@ def find_attention(proto: onnx.ModelProto, *, input_size: int) -> AttentionMaps:
 
 def _probe_shapes(
     proto: onnx.ModelProto, names: list[str], input_size: int
-) -> dict[str, tuple[tuple[int, ...], int]]:
-    """The shape and ONNX element type of each named tensor on one blank image."""
+) -> tuple[int, dict[str, tuple[tuple[int, ...], int]]]:
+    """The batch size probed (two blank images, or the graph's fixed batch) and the shape and
+    ONNX element type of each named tensor on it."""
     session, input_name, fixed = session_with_outputs(proto, names)
-    batch = fixed or 1
+    batch = fixed or 2
     blank = np.zeros((batch, 3, input_size, input_size), np.float32)
     values = session.run(names, {input_name: blank})
-    return {
+    return batch, {
         name: (tuple(value.shape), helper.np_dtype_to_tensor_dtype(value.dtype))
         for name, value in zip(names, values, strict=True)
     }

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -311,15 +311,40 @@ def convnext_with_a_vit_processor(folder: Path) -> Checkpoint:
     return save(folder, model, processor, labels)
 
 
-def test_a_model_without_attention_is_refused_with_the_flag_that_imports_it(
-    tmp_path: Path,
+def swin_with_a_vit_processor(folder: Path) -> Checkpoint:
+    """Attention within windows of the image: several maps per image, no one rollout."""
+    import torch
+    from transformers import SwinConfig, SwinForImageClassification, ViTImageProcessorPil
+
+    labels = ["near", "far"]
+    torch.manual_seed(5)
+    config = SwinConfig(
+        image_size=32,
+        patch_size=4,
+        embed_dim=16,
+        depths=[1, 1],
+        num_heads=[2, 2],
+        window_size=4,
+        **labelled(labels),
+    )
+    model = SwinForImageClassification(config)
+    processor = ViTImageProcessorPil(size={"height": 32, "width": 32})
+    return save(folder, model, processor, labels)
+
+
+@pytest.mark.parametrize(
+    ("build", "why"),
+    [(convnext_with_a_vit_processor, "no Softmax"), (swin_with_a_vit_processor, "windowed")],
+)
+def test_a_model_without_readable_attention_is_refused_with_the_flag_that_imports_it(
+    tmp_path: Path, build: Callable[[Path], Checkpoint], why: str
 ) -> None:
-    checkpoint = convnext_with_a_vit_processor(tmp_path / "convnext")
+    checkpoint = build(tmp_path / "checkpoint")
     model = tmp_path / "m.onnx"
     refused = run_import("hf", str(checkpoint.folder), "-o", str(model))
     assert refused.returncode != 0 and not model.exists()
     line = refused.stderr.strip().splitlines()[-1]
-    assert line.startswith("vit-import: ") and "--no-rollout" in line, refused.stderr
+    assert line.startswith("vit-import: ") and "--no-rollout" in line and why in line, line
     imported = run_import("hf", str(checkpoint.folder), "-o", str(model), "--no-rollout")
     assert imported.returncode == 0, imported.stderr
     assert "top-1 equal 5/5, no attention rollout  ok" in imported.stdout
