@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import select
 import shutil
 import signal
@@ -32,7 +33,14 @@ from service.runtime.options import IN_PROCESS
 from service.runtime.session import CudaUnavailable, ModelSession
 from tests.conftest import ROOT
 from tests.images import upload_variety
-from tests.service_support import cpu_settings, ready_client, running_server, served, wait_ready
+from tests.service_support import (
+    cpu_settings,
+    free_port,
+    ready_client,
+    running_server,
+    served,
+    wait_ready,
+)
 
 UPLOADS = upload_variety()
 
@@ -301,3 +309,54 @@ def test_access_log_only_when_asked(served_model: Path, access_log: str) -> None
         time.sleep(0.2)  # let the log line reach the file
         logged = '"POST /v1/classify HTTP/1.1" 200' in server.output()
     assert logged == (access_log == "true")
+
+
+def vit_serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("VIT_MAX_QUEUE", "abc", "VIT_MAX_QUEUE='abc': Input should be a valid integer"),
+        ("VIT_MODEL_CONTROL", "sometimes", "VIT_MODEL_CONTROL='sometimes': Input should be"),
+        ("VIT_INTRA_OP_SPINNING", "maybe", "VIT_INTRA_OP_SPINNING='maybe'"),
+        ("VIT_PROVIDERS", "CPU", "lists are JSON"),
+    ],
+)
+def test_a_wrong_setting_is_one_line_naming_it(variable: str, value: str, says: str) -> None:
+    result = vit_serve("--port", "1", env={variable: value})
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
+    assert result.stderr.startswith("vit-serve: ") and says in result.stderr, result.stderr
+
+
+def test_a_port_in_use_is_one_line_before_any_model_loads(served_model: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = vit_serve("--model", str(served_model), "--port", str(port))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"vit-serve: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "startup" not in result.stderr  # refused before the app started
+
+
+def test_a_model_that_fails_at_startup_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "repo" / "broken" / "1").mkdir(parents=True)
+    (tmp_path / "repo" / "broken" / "1" / "model.onnx").write_text("not a model")
+    (tmp_path / "empty").mkdir()
+    for folder, says in [
+        (tmp_path / "repo", "broken version 1 ("),
+        (tmp_path / "empty", "no model under"),
+    ]:
+        port = free_port()
+        result = vit_serve("--model", str(folder), "--port", str(port))
+        assert result.returncode != 0
+        assert "Traceback" not in result.stderr, result.stderr
+        assert f"vit-serve: cannot start: {says}" in result.stderr, result.stderr

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from service.errors import ModelLoadFailed, ModelNotFound, NotReady
+from model_contract.metadata import InvalidModelMetadata
+from service.errors import ModelLoadFailed, ModelNotFound, NotReady, ServiceError
 from service.inference.pipeline import Pipeline, SelfTestFailed
 from service.inference.repository import Scan, VersionFile, VersionPolicy, scan
 from service.metrics import Metrics
 from service.runtime.heap import give_back_free_memory
-from service.runtime.session import ModelSession
+from service.runtime.session import CudaUnavailable, ModelSession
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ State = Literal["LOADING", "READY", "UNAVAILABLE", "UNLOADING"]
 MEMORY_ESTIMATE_FACTOR = 3
 """A version's resident memory before it is measured: this many times its file's size."""
 RETIRE_POLL_S = 0.05
+SAYS_WHAT_FAILED = (ServiceError, InvalidModelMetadata, CudaUnavailable)
+"""Load failures whose message names the model and what is wrong with it."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,11 @@ class IndexEntry:
     state: State
     reason: str = ""
     memory_bytes: int = 0
+
+
+def _last_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__
 
 
 def resident_bytes() -> int:
@@ -156,7 +164,11 @@ class ModelRegistry:
                     session = await self._session(name, version, file.path)
                 except Exception as error:
                     if self.settings.model_control == "none":
-                        raise
+                        if isinstance(error, SAYS_WHAT_FAILED):
+                            raise
+                        raise ModelLoadFailed(  # onnxruntime's, which do not name the file
+                            f"{name} version {version} ({file.path}): {_last_line(error)}"
+                        ) from error
                     self._failed(name, version, error)
                     continue
                 prepared.append(Prepared(name, version, file, session, before))
