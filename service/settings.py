@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model_contract.decode import DEFAULT_MAX_PIXELS
@@ -41,8 +41,15 @@ class Settings(BaseSettings, RuntimeOptions):
     it changes what the server runs."""
 
     api_token: SecretStr | None = None
-    """Bearer token for the inference routes, if set. Health, readiness and /metrics stay open
-    for probes and scrapers."""
+    """Bearer token for the inference routes, if set. Health, readiness, /metrics and the
+    models' descriptions (/v1/models, /v2/models/{name}) stay open for probes, scrapers and
+    the web page."""
+
+    @field_validator("admin_token", "api_token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """An empty token (`VIT_ADMIN_TOKEN=`) is none: never a token an empty bearer meets."""
+        return None if value == "" else value
 
     models_memory_bytes: int = Field(0, ge=0)
     """The most resident memory the loaded model versions may take together (0: no bound); a

@@ -33,6 +33,8 @@ State = Literal["LOADING", "READY", "UNAVAILABLE", "UNLOADING"]
 MEMORY_ESTIMATE_FACTOR = 3
 """A version's resident memory before it is measured: this many times its file's size."""
 RETIRE_POLL_S = 0.05
+NEW_FILE_FAILED = "a new file failed to load: "
+"""The index's reason for a version that serves on while its new file would not load."""
 SAYS_WHAT_FAILED = (ServiceError, InvalidModelMetadata, CudaUnavailable)
 """Load failures whose message names the model and what is wrong with it."""
 
@@ -157,7 +159,15 @@ class ModelRegistry:
             raise ModelLoadFailed(f"no model under {root} (<name>/<version>/model.onnx)")
         prepared = []
         for name, versions in found.items():
-            for version in self.policy.choose(list(versions)):
+            chosen = self.policy.choose(list(versions))
+            if not chosen:
+                on_disk = ", ".join(str(v) for v in sorted(versions))
+                policy = self.settings.version_policy
+                why = f"VIT_VERSION_POLICY={policy} chooses none of {name}'s versions ({on_disk})"
+                if self.settings.model_control == "none":
+                    raise ModelLoadFailed(why)
+                logger.warning("%s", why)
+            for version in chosen:
                 file = versions[version]
                 before = resident_bytes()
                 try:
@@ -191,14 +201,23 @@ class ModelRegistry:
             self._poller = asyncio.create_task(self._poll(), name="repository-poll")
 
     async def load(self, name: str) -> None:
-        """Load (or reload) `name` from the repository as it is now; 400 if nothing loads."""
+        """Load (or reload) `name` from the repository as it is now; 400 if any version it
+        chooses fails to load (as Triton answers), saying which versions serve on."""
         found = await asyncio.to_thread(scan, self.settings.model)
         if name not in found:
             raise ModelNotFound(f"no model {name!r} in the repository")
         await self._sync(name, found[name], reload=True)
-        failed = [e for e in self._index.values() if e.name == name and e.state == "UNAVAILABLE"]
-        if failed and name not in self._serving:
-            raise ModelLoadFailed(f"{name} could not be loaded: {failed[0].reason}")
+        failed = [
+            e
+            for e in self._index.values()
+            if e.name == name and (e.state == "UNAVAILABLE" or e.reason.startswith(NEW_FILE_FAILED))
+        ]
+        if failed:
+            serving = ", ".join(str(v) for v in sorted(self._serving.get(name, {}))) or "none"
+            raise ModelLoadFailed(
+                f"{name} version {failed[0].version} could not be loaded: "
+                f"{failed[0].reason.removeprefix(NEW_FILE_FAILED)}; serving versions: {serving}"
+            )
 
     async def unload(self, name: str) -> None:
         if name not in self._serving:
@@ -222,7 +241,7 @@ class ModelRegistry:
             await asyncio.sleep(self.settings.repository_poll_s)
             try:
                 found = await asyncio.to_thread(scan, self.settings.model)
-            except OSError as error:
+            except Exception as error:  # a repository being rearranged: the next poll sees it
                 logger.warning("repository scan failed: %s", error)
                 continue
             previous, self._last_scan = self._last_scan, found
@@ -233,7 +252,14 @@ class ModelRegistry:
                     if previous.get(name, {}).get(v) == f
                 }
                 settling = set(found.get(name, {})) - set(stable)
-                await self._sync(name, stable, keep=settling)
+                for version in settling & set(self._serving.get(name, {})):
+                    # Being rewritten: chosen as the file it serves, until the new one settles
+                    # (or the policy would pick another version for the meantime).
+                    stable[version] = self._files.get((name, version), found[name][version])
+                try:
+                    await self._sync(name, stable, keep=settling)
+                except Exception:  # one model's trouble must not stop the polling of all
+                    logger.exception("repository poll of model %s failed", name)
 
     async def _sync(
         self,
@@ -248,10 +274,14 @@ class ModelRegistry:
         changed files (all chosen ones with `reload`), retire the others (except `keep`)."""
         async with self._changes:
             # A file that failed to load is not tried again until it changes, and never
-            # displaces a version that serves: the policy chooses among the others.
-            candidates = {
-                v: f for v, f in versions.items() if reload or self._unloadable.get((name, v)) != f
-            }
+            # displaces a version that serves: the policy chooses among the others, and a
+            # serving version whose new file failed stays chosen, as the file it serves.
+            candidates: dict[int, VersionFile] = {}
+            for v, f in versions.items():
+                if reload or self._unloadable.get((name, v)) != f:
+                    candidates[v] = f
+                elif v in self._serving.get(name, {}):
+                    candidates[v] = self._files.get((name, v), f)
             tried: set[int] = set()
             while True:
                 wanted = self.policy.choose(list(candidates))
@@ -349,7 +379,7 @@ class ModelRegistry:
         entry = IndexEntry(name, version, "UNAVAILABLE", reason)
         if version in self._serving.get(name, {}) and previous is not None:
             entry = IndexEntry(
-                name, version, "READY", f"a new file failed to load: {reason}",
+                name, version, "READY", f"{NEW_FILE_FAILED}{reason}",
                 previous.memory_bytes,
             )  # fmt: skip
         self._index[(name, version)] = entry

@@ -17,7 +17,10 @@ from pathlib import Path
 from service.runtime.graph_check import inspect_model
 
 MODEL_FILE = "model.onnx"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_VERSION = re.compile(r"[1-9][0-9]*")
+"""A positive integer written as one (ASCII digits, no leading zero): "01" is not "1", and
+"²" is no number."""
 
 
 @dataclass(frozen=True)
@@ -52,14 +55,15 @@ class VersionPolicy:
         kind, _, argument = text.partition(":")
         if kind == "all" and not argument:
             return cls("all")
-        if kind == "latest":
-            count = int(argument) if argument else 1
-            if count < 1:
-                raise ValueError("latest:N needs N >= 1")
-            return cls("latest", count=count)
-        if kind == "specific" and argument:
-            return cls("specific", versions=tuple(int(v) for v in argument.split(",")))
-        raise ValueError(f"version policy {text!r}: use latest, latest:N, all or specific:1,3")
+        usage = f"version policy {text!r}: use latest, latest:N, all or specific:1,3"
+        numbers = argument.split(",") if argument else []
+        if not all(_VERSION.fullmatch(number) for number in numbers):
+            raise ValueError(f"{usage} (versions and N are positive integers)")
+        if kind == "latest" and len(numbers) <= 1:
+            return cls("latest", count=int(argument) if argument else 1)
+        if kind == "specific" and numbers:
+            return cls("specific", versions=tuple(int(v) for v in numbers))
+        raise ValueError(usage)
 
     def choose(self, versions: list[int]) -> list[int]:
         ordered = sorted(versions)
@@ -78,11 +82,11 @@ def scan(root: Path) -> Scan:
         name, version = single_file_identity(file)
         return {name: {version: file}}
     found: Scan = {}
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)):
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name)):
         versions = {
             int(v.name): VersionFile.of(v / MODEL_FILE)
             for v in model_dir.iterdir()
-            if v.is_dir() and v.name.isdigit() and int(v.name) > 0 and (v / MODEL_FILE).is_file()
+            if v.is_dir() and _VERSION.fullmatch(v.name) and (v / MODEL_FILE).is_file()
         }
         if versions:
             found[model_dir.name] = versions

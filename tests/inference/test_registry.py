@@ -16,7 +16,8 @@ from fastapi.testclient import TestClient
 
 from model_contract.metadata import SelfTest
 from service.app import create_app
-from service.inference.repository import VersionPolicy
+from service.errors import ModelLoadFailed
+from service.inference.repository import VersionPolicy, scan
 from tests.conftest import DEFAULT_MODEL
 from tests.onnx_models import classifier, metadata_for
 from tests.repositories import COLOURS, PHOTO, TOKEN, add_version, colours_probabilities
@@ -239,3 +240,83 @@ def test_a_single_file_is_polled_and_reloaded_when_it_changes(tmp_path: Path) ->
         metrics = client.get("/metrics").text
         assert 'vit_model_ready{model="foreign",version="1"} 1.0' in metrics
         assert 'vit_queue_depth_images{model="foreign",version="1"}' in metrics
+
+
+@pytest.mark.parametrize("older_version", [False, True])
+def test_a_serving_versions_file_rewritten_broken_keeps_serving_its_old_session(
+    tmp_path: Path, older_version: bool
+) -> None:
+    """Poll mode: the file of the version being served is replaced by a broken one. The old
+    session serves on (no fall back to an older version, no unload) and the index says why."""
+    repo = tmp_path / "repo"
+    if older_version:
+        add_version(repo, "colours", 1, scale=1.0)
+    served = add_version(repo, "colours", 2, scale=2.0)
+    settings = cpu_settings(repo, admin_token=TOKEN, model_control="poll", repository_poll_s=0.1)
+    with ready_client(settings) as client:
+        good = served.read_bytes()
+        broken = served.with_name(".broken")
+        broken.write_bytes(good[: len(good) // 2])
+        broken.replace(served)
+        deadline = time.monotonic() + 10
+        entry: dict[str, Any] = {}
+        while time.monotonic() < deadline and "failed" not in entry.get("reason", ""):
+            index = client.post("/v2/repository/index", headers=admin()).json()
+            entry = next((e for e in index if e["version"] == "2"), {})
+            time.sleep(0.05)
+        time.sleep(0.5)  # several polls more
+        index = client.post("/v2/repository/index", headers=admin()).json()
+        assert [(e["version"], e["state"]) for e in index] == [("2", "READY")], index
+        assert "a new file failed to load" in index[0]["reason"]
+        answer = classify(client, "/v1/models/colours/classify?probabilities=true")
+        assert answer.status_code == 200 and answer.json()["model"]["version"] == "2"
+        probabilities = answer.json()["predictions"][0]["probabilities"]
+        np.testing.assert_allclose(probabilities, colours_probabilities(2.0), atol=1e-6)
+        assert client.get("/v2/health/ready").status_code == 200
+
+
+def test_an_explicit_reload_that_fails_is_400_and_the_old_version_serves_on(repo: Path) -> None:
+    settings = cpu_settings(repo, admin_token=TOKEN, model_control="explicit")
+    with ready_client(settings) as client:
+        served = repo / "colours" / "2" / "model.onnx"
+        broken = served.with_name(".broken")
+        broken.write_bytes(served.read_bytes()[:100])
+        broken.replace(served)
+        refused = client.post("/v2/repository/models/colours/load", headers=admin())
+        assert refused.status_code == 400 and refused.json()["type"] == "load_failed"
+        assert "colours version 2" in refused.json()["error"]
+        assert "serving versions: 2" in refused.json()["error"]
+        answer = classify(client, "/v1/models/colours/classify")
+        assert answer.status_code == 200 and answer.json()["model"]["version"] == "2"
+
+
+def test_a_policy_that_chooses_no_version_fails_startup_saying_so(repo: Path) -> None:
+    settings = cpu_settings(repo, version_policy="specific:99")
+    with pytest.raises(ModelLoadFailed, match="specific:99 chooses none of colours's versions"):
+        with ready_client(settings):
+            pass
+
+
+def test_only_positive_integers_written_as_such_are_versions(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    add_version(repo, "colours", 1, scale=1.0)
+    for odd in ("01", "²", "٩", "0", "1.5"):  # the "9" of Arabic-Indic digits
+        shutil.copytree(repo / "colours" / "1", repo / "colours" / odd)
+    (repo / "m\n").mkdir()
+    shutil.copytree(repo / "colours" / "1", repo / "m\n" / "1")
+    assert {name: sorted(versions) for name, versions in scan(repo).items()} == {"colours": [1]}
+
+
+def test_an_empty_token_is_no_token(repo: Path) -> None:
+    settings = cpu_settings(repo, admin_token="", api_token="")
+    with ready_client(settings) as client:
+        empty = {"Authorization": "Bearer "}
+        refused = client.post("/v2/repository/models/colours/unload", headers=empty)
+        assert refused.status_code == 403 and "VIT_ADMIN_TOKEN" in refused.json()["error"]
+        assert classify(client, "/v1/models/colours/classify").status_code == 200
+
+
+@pytest.mark.parametrize("policy", ["specific:1,,3", "latest:0", "latest:x", "specific:", "all:2"])
+def test_a_malformed_version_policy_is_refused_with_its_usage(policy: str) -> None:
+    with pytest.raises(ValueError, match="use latest, latest:N, all or specific:1,3"):
+        VersionPolicy.parse(policy)
