@@ -166,6 +166,28 @@ class Metrics:
             registry=r,
         )
 
+    def per_version(self) -> list[Any]:
+        """The families whose series each belong to one model version."""
+        return [
+            self.stage_seconds,
+            self.batch_size,
+            self.queue_depth,
+            self.images_in_flight,
+            self.body_bytes_in_flight,
+            self.memory_bytes,
+            self.ready,
+            self.images,
+            self.decode_workers_replaced,
+            self.model,
+            self.out_of_distribution,
+            self.self_test_passed,
+            self.top1_probability,
+            self.predicted_class,
+            self.input_format,
+            self.exif_rotated,
+            self.mode_converted,
+        ]
+
     def for_model(self, name: str, version: str) -> ModelMetrics:
         return ModelMetrics(self, name, version)
 
@@ -224,19 +246,10 @@ class ModelMetrics:
             self._out_of_distribution.inc(out_of_distribution)
 
     def remove(self) -> None:
-        """Drop the version's gauges and info once it is retired (counters and histograms
-        stay: they only ever add up)."""
-        m = self._metrics
-        for family in (
-            m.queue_depth,
-            m.images_in_flight,
-            m.body_bytes_in_flight,
-            m.memory_bytes,
-            m.ready,
-            m.model,
-            m.self_test_passed,
-        ):
-            try:
-                family.remove(*self._labels)
-            except KeyError:
-                continue
+        """Drop every series of the version once it is retired. Kept, a server that swaps
+        versions would export every version it ever served, its counters and histograms
+        included, for as long as it runs; what they counted is in Prometheus already, up to
+        the last scrape."""
+        name, version = self._labels
+        for family in self._metrics.per_version():
+            family.remove_by_labels({"model": name, "version": version})

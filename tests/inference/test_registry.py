@@ -320,3 +320,19 @@ def test_an_empty_token_is_no_token(repo: Path) -> None:
 def test_a_malformed_version_policy_is_refused_with_its_usage(policy: str) -> None:
     with pytest.raises(ValueError, match="use latest, latest:N, all or specific:1,3"):
         VersionPolicy.parse(policy)
+
+
+def test_a_retired_versions_series_all_go(repo: Path) -> None:
+    settings = cpu_settings(repo, admin_token=TOKEN, model_control="explicit")
+    with ready_client(settings) as client:
+        assert classify(client, "/v1/models/colours/classify").status_code == 200
+        labelled = 'model="colours",version="2"'
+        assert f"vit_images_processed_total{{{labelled}}} 1.0" in client.get("/metrics").text
+        assert client.post("/v2/repository/models/colours/unload", headers=admin()).is_success
+        deadline = time.monotonic() + 5
+        while labelled in (text := client.get("/metrics").text):
+            assert time.monotonic() < deadline, [
+                line for line in text.splitlines() if labelled in line
+            ]
+            time.sleep(0.05)
+        assert 'model="shapes",version="1"' in text  # the others' stay
