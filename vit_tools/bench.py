@@ -214,8 +214,10 @@ async def load(
         sys.stderr.write("\n")
     seconds = time.perf_counter() - started
     mode = "closed" if rate is None else f"open@{rate:g}"
+    # Throughput is answers that classified: a refusal or a dropped connection is fast, and
+    # counted as images it would make a failing server look quick.
     report = summarise(
-        mode, concurrency, latencies, statuses, seconds, len(latencies), by_status=by_status
+        mode, concurrency, latencies, statuses, seconds, statuses[200], by_status=by_status
     )
     if rate is not None and duration:
         report.steady_goodput_per_second = steady_rate(successes_at, duration / 5, duration)
@@ -385,6 +387,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps([asdict(r) for r in reports], indent=2) + "\n")
+    failed = sum(n for r in reports for code, n in r.statuses.items() if code != "200")
+    if failed:
+        sys.exit(f"vit-bench: {failed} requests were not answered 200 (see the counts by status)")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -108,3 +109,18 @@ def test_cli_writes_the_report_as_json(url: str, tmp_path: Path) -> None:
     main([str(folder), "--url", url, "-c", "2", "-n", "6", "-o", str(output)])
     (written,) = json.loads(output.read_text())
     assert written["requests"] == 6 and written["statuses"] == {"200": 6}
+
+
+def test_answers_that_failed_are_no_throughput_and_fail_the_run(tmp_path: Path) -> None:
+    """Nothing listening: every request fails fast, which must not read as thousands of
+    images a second."""
+    with socket.create_server(("127.0.0.1", 0)) as reserved:
+        dead = f"http://127.0.0.1:{reserved.getsockname()[1]}"
+    report = run(dead, concurrency=2, count=6)
+    assert report.requests == 6 and "200" not in report.statuses
+    assert report.images_per_second == 0.0
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "0.jpg").write_bytes(JPEGS[0])
+    with pytest.raises(SystemExit, match="6 requests were not answered 200"):
+        main([str(folder), "--url", dead, "-c", "2", "-n", "6"])
