@@ -36,13 +36,13 @@ from model_export.export import (
     write_metadata,
 )
 from model_export.hf_preprocessing import UnexpressibleProcessor, spec_from_processor
+from model_export.import_onnx import rollout_refusals
 from model_export.importing import (
     ImportRefused,
     chunks,
     image_files,
     last_line,
     model_name,
-    rollout_refusals,
     served_logits,
     staged,
 )

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,12 +32,11 @@ from model_export.importing import (
     image_files,
     last_line,
     model_name,
-    rollout_refusals,
     served_logits,
     staged,
 )
 from model_export.ood_features import strip_ood_score
-from model_export.rollout import ROLLOUT_OUTPUT, add_rollout, strip_rollout
+from model_export.rollout import ROLLOUT_OUTPUT, NoAttention, add_rollout, strip_rollout
 from model_export.stamp import SELF_TEST_IMAGES, calibrate_on_files, golden_png, self_test
 from service.runtime.graph_check import check_output_width, inspect_model
 from service.runtime.options import IN_PROCESS
@@ -285,6 +286,24 @@ def import_onnx(
         onnx.save(proto, str(staged_path))
         staged_path.replace(output)
     return report
+
+
+NO_ROLLOUT = "import it without the rollout with --no-rollout"
+
+
+@contextmanager
+def rollout_refusals(input_size: int) -> Iterator[None]:
+    """Appending the attention rollout, its failures as one-line refusals: a graph with no
+    attention the rollout can read (none, as a CNN's, or windowed, as Swin's) names
+    --no-rollout."""
+    try:
+        yield
+    except NoAttention as error:
+        raise ImportRefused(f"{error}; {NO_ROLLOUT}") from error
+    except Exception as error:  # onnxruntime's own errors, untyped
+        raise ImportRefused(
+            f"the graph failed on a blank {input_size}x{input_size} image ({last_line(error)})"
+        ) from error
 
 
 def with_rollout(proto: onnx.ModelProto, metadata: ModelMetadata) -> ModelMetadata:

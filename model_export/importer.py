@@ -15,6 +15,7 @@ from typing import Any
 
 from model_contract.metadata import InvalidModelMetadata, ModelMetadata
 from model_export.importing import ImportRefused, image_files
+from model_export.launch import needs_extra
 
 SPEC_FLAGS = (
     "input_size",
@@ -146,6 +147,11 @@ def main(argv: list[str] | None = None) -> None:
         passed = run_hf(args) if args.kind == "hf" else run_onnx(args)
     except (ImportRefused, InvalidModelMetadata) as error:
         sys.exit(f"vit-import: {error}")
+    except ModuleNotFoundError as error:
+        line = needs_extra(error, "vit-import", "import")
+        if line is None:
+            raise
+        sys.exit(line)
     if not passed:
         sys.exit(1)
     print(f"wrote {args.output} ({args.output.stat().st_size / 1e6:.1f} MB)")

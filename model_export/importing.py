@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 
 from model_contract.preprocess import PreprocessSpec, preprocess
-from model_export.rollout import NoAttention
 from service.runtime.session import ModelSession
 
 PHOTOS = Path(__file__).resolve().parent / "photos"
@@ -21,24 +20,6 @@ CHECK_BATCH_SIZE = 16
 
 class ImportRefused(ValueError):
     """What was given cannot be served with the numbers its framework gives; one line says why."""
-
-
-NO_ROLLOUT = "import it without the rollout with --no-rollout"
-
-
-@contextmanager
-def rollout_refusals(input_size: int) -> Iterator[None]:
-    """Appending the attention rollout, its failures as one-line refusals: a graph with no
-    attention the rollout can read (none, as a CNN's, or windowed, as Swin's) names
-    --no-rollout."""
-    try:
-        yield
-    except NoAttention as error:
-        raise ImportRefused(f"{error}; {NO_ROLLOUT}") from error
-    except Exception as error:  # onnxruntime's own errors, untyped
-        raise ImportRefused(
-            f"the graph failed on a blank {input_size}x{input_size} image ({last_line(error)})"
-        ) from error
 
 
 def last_line(error: BaseException) -> str:
