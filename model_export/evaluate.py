@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from model_contract.errors import ImageError
+from model_contract.metadata import InvalidModelMetadata
 from model_contract.preprocess import PreprocessSpec, preprocess
 from model_export import shapes
 from model_export.importing import ImportRefused, image_files
+from service.runtime.graph_check import inspect_model
 from service.runtime.options import IN_PROCESS
 from service.runtime.session import ModelSession
 
@@ -145,10 +147,18 @@ def main(argv: list[str] | None = None) -> None:
         help="override the model's JPEG decoding, to see whether reduced decoding keeps accuracy",
     )
     args = parser.parse_args(argv)
-    session = ModelSession(args.model, IN_PROCESS)
+    if args.images is None and args.seed is None:
+        parser.error("give --images DIR (your images, DIR/<label>/*) or --seed N (a dataset's)")
+    if not args.model.is_file():
+        sys.exit(f"vit-eval: {args.model}: no such model file")
+    if args.images is not None and not args.images.is_dir():
+        sys.exit(f"vit-eval: {args.images}: no such folder (images as DIR/<label>/*)")
+    try:
+        inspect_model(args.model)  # a file that is not a servable model, in one line
+        session = ModelSession(args.model, IN_PROCESS)
+    except InvalidModelMetadata as error:
+        sys.exit(f"vit-eval: cannot evaluate {args.model}: {error}")
     if args.images is None:
-        if args.seed is None:
-            parser.error("--seed is required with --dataset")
         print(evaluate(session, seed=args.seed, count=args.count).report())
         return
     spec = session.metadata.preprocessing

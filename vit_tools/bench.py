@@ -349,6 +349,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("-o", "--output", type=Path, help="write the report(s) as JSON here")
     args = parser.parse_args(argv)
+    missing = [str(path) for path in args.images if not path.exists()]
+    if missing:
+        parser.error(f"no such file or folder: {', '.join(missing)}")
     paths = list(image_files(args.images))
     if not paths:
         parser.error("no image files found")

@@ -74,3 +74,16 @@ def test_hidden_and_empty_folders_are_not_labels(session: ModelSession, tmp_path
     (tmp_path / "star" / "a.jpg").write_bytes(next(shapes.samples(5, 1)).data)
     evaluation, skipped = evaluate_folder(session, tmp_path, session.metadata.preprocessing)
     assert evaluation.count == 1 and skipped == []
+
+
+def test_a_wrong_model_or_folder_is_one_line(served_model: Path, tmp_path: Path) -> None:
+    not_a_model = tmp_path / "photo.png"
+    not_a_model.write_bytes(b"\x89PNG not a model")
+    for argv, says in [
+        ([str(tmp_path / "nope.onnx"), "--seed", "1"], "nope.onnx: no such model file"),
+        ([str(tmp_path), "--seed", "1"], ": no such model file"),
+        ([str(not_a_model), "--seed", "1"], "cannot evaluate"),
+        ([str(served_model), "--images", str(tmp_path / "nope")], "nope: no such folder"),
+    ]:
+        with pytest.raises(SystemExit, match=says):
+            main(argv)
