@@ -55,7 +55,8 @@ def decode(
             f"not an image in an accepted format ({', '.join(ALLOWED_FORMATS)})"
         ) from error
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise TooManyPixels(f"image exceeds the pixel limit: {error}") from error
+        # Pillow's own guard, at a size far past any limit here: say the limit that applies.
+        raise TooManyPixels(f"image has more pixels than the limit {max_pixels}") from error
     except Exception as error:  # Pillow's plugins raise many types on malformed headers.
         raise UndecodableImage(f"cannot read the image header: {error}") from error
     width, height = image.size
