@@ -226,6 +226,11 @@ class Pipeline:
         return self.batcher.consecutive_failures >= self._failures_until_unready
 
     def require_ready(self) -> None:
+        if self._closed:
+            raise NotReady(
+                "this model version was unloaded or replaced while the request arrived; "
+                "send it again"
+            )
         if self.self_test.status == "failed":
             raise NotReady(f"the model failed its self-test: {self.self_test.detail}")
         if self.warm_up_error is not None:

@@ -220,8 +220,13 @@ class ModelRegistry:
             )
 
     async def unload(self, name: str) -> None:
+        """Stop serving `name`; a model of the repository that is not loaded is unloaded
+        already (as Triton answers), and only a name known nowhere is 404."""
         if name not in self._serving:
-            raise ModelNotFound(f"no model {name!r} is loaded")
+            found = await asyncio.to_thread(scan, self.settings.model)
+            if name not in found:
+                raise ModelNotFound(f"no model {name!r} is loaded or in the repository")
+            return
         await self._sync(name, {})
 
     async def close(self) -> None:

@@ -144,6 +144,12 @@ def test_explicit_unload_and_load(repo: Path) -> None:
         assert classify(client, "/v1/models/shapes/classify").status_code == 200
         missing = client.post("/v2/repository/models/nope/load", headers=admin())
         assert missing.status_code == 404
+        # unloading what is not loaded is done already, as Triton answers; a name known
+        # nowhere is a 404
+        unload = "/v2/repository/models/{}/unload"
+        assert client.post(unload.format("shapes"), headers=admin()).status_code == 200
+        assert client.post(unload.format("shapes"), headers=admin()).status_code == 200
+        assert client.post(unload.format("nope"), headers=admin()).status_code == 404
 
 
 def test_an_api_token_guards_inference_but_not_health(repo: Path) -> None:
