@@ -168,11 +168,8 @@ class ModelSession:
             "cuda_graph": "on" if cuda_graph else "off",
             "tensorrt": "on" if TENSORRT in self.providers else "off",
         }
-        logger.info(
-            "model %s %s: %s",
-            self.metadata.name,
-            self.metadata.version,
-            ", ".join(f"{key} {value}" for key, value in self.runtime.items()),
+        logger.info(  # by file: a repository names the model by its folders, not its metadata
+            "%s: %s", self.path, ", ".join(f"{key} {value}" for key, value in self.runtime.items())
         )
 
     def _unbindable(self) -> str | None:
