@@ -214,12 +214,12 @@ async def repository_index(_: AdminDep, registry: RegistryDep) -> list[Repositor
     return [
         RepositoryModel(
             name=entry.name,
-            version=str(entry.version),
+            version="" if entry.version is None else str(entry.version),
             state=entry.state,
             reason=entry.reason,
             memory_bytes=entry.memory_bytes,
         )
-        for entry in registry.index()
+        for entry in await registry.index()
     ]
 
 

@@ -56,7 +56,8 @@ class IndexEntry:
     """One version as the repository index reports it."""
 
     name: str
-    version: int
+    version: int | None
+    """None: a model of the repository with no version loaded."""
     state: State
     reason: str = ""
     memory_bytes: int = 0
@@ -141,8 +142,17 @@ class ModelRegistry:
             self._started and bool(serving) and not self.draining and all(p.ready for p in serving)
         )
 
-    def index(self) -> list[IndexEntry]:
-        return [self._index[key] for key in sorted(self._index)]
+    async def index(self) -> list[IndexEntry]:
+        """Every version loaded, loading or failed, and, as Triton lists them, each model of
+        the repository with none of those (never loaded, or unloaded): no version, "not loaded"."""
+        found = await asyncio.to_thread(scan, self.settings.model)
+        known = {name for name, _ in self._index}
+        idle = [
+            IndexEntry(name, None, "UNAVAILABLE", "not loaded")
+            for name in found
+            if name not in known
+        ]
+        return sorted([*self._index.values(), *idle], key=lambda e: (e.name, e.version or 0))
 
     def memory_bytes(self) -> int:
         return sum(e.memory_bytes for e in self._index.values() if e.state == "READY")

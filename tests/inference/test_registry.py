@@ -136,6 +136,11 @@ def test_explicit_unload_and_load(repo: Path) -> None:
             client.post("/v2/repository/models/shapes/unload", headers=admin()).status_code == 200
         )
         assert classify(client, "/v1/models/shapes/classify").status_code == 404
+        index = client.post("/v2/repository/index", headers=admin()).json()
+        unloaded = {"name": "shapes", "version": "", "state": "UNAVAILABLE"}
+        assert [e for e in index if e["name"] == "shapes"] == [
+            {**unloaded, "reason": "not loaded", "memory_bytes": 0}
+        ]  # listed still, as Triton lists a repository's models
         add_version(repo, "colours", 3, scale=3.0)  # explicit: nothing happens by itself
         assert classify(client, "/v1/models/colours/classify").json()["model"]["version"] == "2"
         assert client.post("/v2/repository/models/shapes/load", headers=admin()).status_code == 200
