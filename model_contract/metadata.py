@@ -174,6 +174,13 @@ class ModelMetadata(BaseModel):
             ) from error
 
 
+def last_line(error: BaseException) -> str:
+    """An error's last line (its message, where a tool's traceback text precedes it), for
+    one-line refusals."""
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__
+
+
 def one_line(error: ValidationError) -> str:
     """A validation error as `field: message; ...`, for one-line refusals."""
     return "; ".join(

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.jit._trace import TracerWarning
 
-from model_contract.metadata import ModelMetadata
+from model_contract.metadata import ModelMetadata, last_line
 from model_contract.preprocess import preprocess
 from model_export.attention import hf_rollout
 from model_export.checkpoint import sha256_of
@@ -41,7 +41,6 @@ from model_export.importing import (
     ImportRefused,
     chunks,
     image_files,
-    last_line,
     model_name,
     served_logits,
     staged,

@@ -23,6 +23,7 @@ from model_contract.metadata import (
     ModelMetadata,
     OodCalibration,
     SelfTest,
+    last_line,
     one_line,
 )
 from model_contract.preprocess import PreprocessSpec
@@ -30,7 +31,6 @@ from model_export.hf_preprocessing import UnexpressibleProcessor, spec_from_proc
 from model_export.importing import (
     ImportRefused,
     image_files,
-    last_line,
     model_name,
     served_logits,
     staged,

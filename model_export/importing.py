@@ -22,12 +22,6 @@ class ImportRefused(ValueError):
     """What was given cannot be served with the numbers its framework gives; one line says why."""
 
 
-def last_line(error: BaseException) -> str:
-    """An error's last line (its message, where a tool's traceback text precedes it)."""
-    lines = str(error).strip().splitlines()
-    return lines[-1] if lines else type(error).__name__
-
-
 def image_files(folder: Path | None) -> list[Path]:
     """Every image file under `folder` (the shipped photos when None), in a stable order."""
     folder = folder or PHOTOS

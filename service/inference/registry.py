@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from model_contract.metadata import InvalidModelMetadata
+from model_contract.metadata import InvalidModelMetadata, last_line
 from service.errors import ModelLoadFailed, ModelNotFound, NotReady, ServiceError
 from service.inference.pipeline import Pipeline, SelfTestFailed
 from service.inference.repository import Scan, VersionFile, VersionPolicy, scan
@@ -61,11 +61,6 @@ class IndexEntry:
     state: State
     reason: str = ""
     memory_bytes: int = 0
-
-
-def _last_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[-1] if lines else type(error).__name__
 
 
 def resident_bytes() -> int:
@@ -187,7 +182,7 @@ class ModelRegistry:
                         if isinstance(error, SAYS_WHAT_FAILED):
                             raise
                         raise ModelLoadFailed(  # onnxruntime's, which do not name the file
-                            f"{name} version {version} ({file.path}): {_last_line(error)}"
+                            f"{name} version {version} ({file.path}): {last_line(error)}"
                         ) from error
                     self._failed(name, version, error)
                     continue
