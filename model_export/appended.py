@@ -45,7 +45,7 @@ def session_with_outputs(
     (graph_input,) = [i for i in probe.graph.input if i.name not in initializers]
     batch_dim = graph_input.type.tensor_type.shape.dim[0]
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: a failing run is raised, and said in one line
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=[CPU])
     batch = batch_dim.dim_value if batch_dim.HasField("dim_value") else None
     return session, graph_input.name, batch

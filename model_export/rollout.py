@@ -50,7 +50,7 @@ def find_attention(proto: onnx.ModelProto, *, input_size: int) -> AttentionMaps:
 
     Shapes are measured by running the graph once on blank images, so symbolic reshapes of
     foreign exporters need no shape inference. The patch tokens are taken to be the last
-    grid x grid of the T tokens (one class token, or a class and a distillation token before them).
+    grid x grid of the T tokens, after a class token and any others (`patch_grid`).
     """
     softmaxes = [node.output[0] for node in proto.graph.node if node.op_type == "Softmax"]
     if not softmaxes:
@@ -78,12 +78,31 @@ def find_attention(proto: onnx.ModelProto, *, input_size: int) -> AttentionMaps:
             "the attention softmaxes differ in heads, tokens or type: not one ViT's layers"
         )
     ((heads, tokens, elem_type),) = kinds
-    grid = math.isqrt(tokens - 1)
-    if grid < 1:
-        raise NoAttention(f"the attention covers {tokens} tokens: too few for a patch grid")
+    grid = patch_grid(tokens, input_size)
     return AttentionMaps(
         outputs=tuple(attention), heads=heads, tokens=tokens, grid=grid, elem_type=elem_type
     )
+
+
+MAX_EXTRA_TOKENS = 5
+"""Tokens before the patches: a class token, and a distillation token (DeiT) or up to four
+registers (DINOv2 with registers)."""
+
+
+def patch_grid(tokens: int, input_size: int) -> int:
+    """The side of the patch grid `tokens` attention tokens hold: a class token and at most
+    MAX_EXTRA_TOKENS - 1 others before grid x grid patches (at least 2 x 2) that tile the input
+    exactly; or NoAttention. A softmax that only looks square (a CNN's spatial softmax over 16 x 16, a
+    pooled ViT with no class token) fits no such grid, and its rollout would mean nothing."""
+    grid = math.isqrt(max(tokens - 1, 0))
+    extra = tokens - grid * grid
+    if grid < 2 or not 1 <= extra <= MAX_EXTRA_TOKENS or input_size % grid:
+        raise NoAttention(
+            f"a softmax over {tokens} x {tokens} is not a ViT's attention the rollout can read: "
+            f"that needs a class token (and at most {MAX_EXTRA_TOKENS - 1} more) before a square "
+            f"grid of patches that tiles the {input_size}-pixel input"
+        )
+    return grid
 
 
 def _probe_shapes(
@@ -109,18 +128,20 @@ def add_rollout(proto: onnx.ModelProto, *, input_size: int) -> AttentionMaps:
     maps = find_attention(proto, input_size=input_size)
     opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     nodes: list[onnx.NodeProto] = []
+    ints = {
+        "heads_axis": [1],
+        "last_axis": [-1],
+        "zero": [0],
+        "one": [1],
+        "tokens": [maps.tokens],
+        "first_patch": [maps.tokens - maps.patch_tokens],
+        "grid_shape": [-1, maps.grid, maps.grid],
+    }
     initializers = [
         numpy_helper.from_array(np.eye(maps.tokens, dtype=np.float32), f"{_PREFIX}/identity"),
-        numpy_helper.from_array(np.array([1], np.int64), f"{_PREFIX}/heads_axis"),
-        numpy_helper.from_array(np.array([-1], np.int64), f"{_PREFIX}/last_axis"),
-        numpy_helper.from_array(np.array([0], np.int64), f"{_PREFIX}/zero"),
-        numpy_helper.from_array(np.array([1], np.int64), f"{_PREFIX}/one"),
-        numpy_helper.from_array(np.array([maps.tokens], np.int64), f"{_PREFIX}/tokens"),
-        numpy_helper.from_array(
-            np.array([maps.tokens - maps.patch_tokens], np.int64), f"{_PREFIX}/first_patch"
-        ),
-        numpy_helper.from_array(
-            np.array([-1, maps.grid, maps.grid], np.int64), f"{_PREFIX}/grid_shape"
+        *(
+            numpy_helper.from_array(np.array(v, np.int64), f"{_PREFIX}/{k}")
+            for k, v in ints.items()
         ),
     ]
 
@@ -133,8 +154,14 @@ def add_rollout(proto: onnx.ModelProto, *, input_size: int) -> AttentionMaps:
         # ReduceSum takes its axes as an input from opset 13, ReduceMean from opset 18.
         if opset >= (13 if op == "ReduceSum" else 18):
             return node(op, [tensor, f"{_PREFIX}/{axes}"], name, keepdims=keepdims)
-        value = 1 if axes == "heads_axis" else -1
-        return node(op, [tensor], name, axes=[value], keepdims=keepdims)
+        return node(op, [tensor], name, axes=ints[axes], keepdims=keepdims)
+
+    def slice_along(tensor: str, start: str, end: str, axis: str, name: str) -> str:
+        # Slice takes its bounds as inputs from opset 10, as attributes before.
+        if opset >= 10:
+            bounds = [f"{_PREFIX}/{bound}" for bound in (start, end, axis)]
+            return node("Slice", [tensor, *bounds], name)
+        return node("Slice", [tensor], name, starts=ints[start], ends=ints[end], axes=ints[axis])
 
     layers = []
     for index, attention in enumerate(maps.outputs):
@@ -146,18 +173,10 @@ def add_rollout(proto: onnx.ModelProto, *, input_size: int) -> AttentionMaps:
         layers.append(node("Div", [residual, row_sums], f"layer{index}/normalised"))  # (N, T, T)
     # The class token's row of A_L ... A_1, carried as one row through the layers from the last
     # down: T^2 per layer rather than the T^3 of multiplying whole matrices.
-    row = node(
-        "Slice",
-        [layers[-1], f"{_PREFIX}/zero", f"{_PREFIX}/one", f"{_PREFIX}/one"],
-        "class_row",
-    )  # (N, 1, T)
+    row = slice_along(layers[-1], "zero", "one", "one", "class_row")  # (N, 1, T)
     for index in range(len(layers) - 2, -1, -1):
         row = node("MatMul", [row, layers[index]], f"through_layer{index}")
-    patches = node(
-        "Slice",
-        [row, f"{_PREFIX}/first_patch", f"{_PREFIX}/tokens", f"{_PREFIX}/last_axis"],
-        "patches",
-    )  # (N, 1, grid*grid)
+    patches = slice_along(row, "first_patch", "tokens", "last_axis", "patches")  # (N, 1, g*g)
     nodes.append(
         helper.make_node(
             "Reshape", [patches, f"{_PREFIX}/grid_shape"], [ROLLOUT_OUTPUT], name=f"{_PREFIX}/grid"
