@@ -91,9 +91,10 @@ registers (DINOv2 with registers)."""
 
 def patch_grid(tokens: int, input_size: int) -> int:
     """The side of the patch grid `tokens` attention tokens hold: a class token and at most
-    MAX_EXTRA_TOKENS - 1 others before grid x grid patches (at least 2 x 2) that tile the input
-    exactly; or NoAttention. A softmax that only looks square (a CNN's spatial softmax over 16 x 16, a
-    pooled ViT with no class token) fits no such grid, and its rollout would mean nothing."""
+    MAX_EXTRA_TOKENS - 1 others before grid x grid patches (at least 2 x 2) that tile the
+    input exactly; or NoAttention. A softmax that only looks square (a CNN's spatial softmax
+    over 16 x 16, a pooled ViT with no class token) fits no such grid: its rollout would mean
+    nothing."""
     grid = math.isqrt(max(tokens - 1, 0))
     extra = tokens - grid * grid
     if grid < 2 or not 1 <= extra <= MAX_EXTRA_TOKENS or input_size % grid:
