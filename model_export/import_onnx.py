@@ -26,7 +26,7 @@ from model_contract.metadata import (
     last_line,
     one_line,
 )
-from model_contract.preprocess import PreprocessSpec
+from model_contract.preprocess import PreprocessSpec, preprocess
 from model_export.hf_preprocessing import UnexpressibleProcessor, spec_from_processor
 from model_export.importing import (
     ImportRefused,
@@ -66,9 +66,11 @@ class SmokeReport:
 def read_labels(path: Path) -> tuple[str, ...]:
     """Labels from a text file (one per line), a JSON list, or an HF config.json (id2label)."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ImportRefused(f"{path}: {error.strerror or error}") from error
+    except UnicodeDecodeError as error:
+        raise ImportRefused(f"{path}: not UTF-8 text (byte {error.start})") from error
     if path.suffix.lower() != ".json":
         return tuple(line.strip() for line in text.splitlines() if line.strip())
     try:
@@ -78,11 +80,26 @@ def read_labels(path: Path) -> tuple[str, ...]:
     if isinstance(data, list):
         return tuple(str(label) for label in data)
     if isinstance(data, dict) and "id2label" in data:
-        id2label = {int(k): str(v) for k, v in data["id2label"].items()}
-        if sorted(id2label) != list(range(len(id2label))):
-            raise ImportRefused(f"{path}: id2label does not number the classes 0..N-1")
-        return tuple(id2label[i] for i in range(len(id2label)))
+        return numbered_labels(data["id2label"], path)
     raise ImportRefused(f"{path}: neither a JSON list of labels nor a config.json with id2label")
+
+
+def numbered_labels(id2label: object, path: Path) -> tuple[str, ...]:
+    """The labels of an `id2label` object, in class order, or a refusal saying what is wrong."""
+    if not isinstance(id2label, dict):
+        raise ImportRefused(f"{path}: id2label is not an object of class numbers to names")
+    try:
+        numbered = {int(number): str(label) for number, label in id2label.items()}
+    except ValueError as error:
+        keys = ", ".join(list(id2label)[:3])
+        raise ImportRefused(f"{path}: id2label's keys ({keys}) are not class numbers") from error
+    if sorted(numbered) != list(range(len(numbered))):
+        raise ImportRefused(f"{path}: id2label does not number the classes 0..N-1")
+    return tuple(numbered[i] for i in range(len(numbered)))
+
+
+PROCESSOR_TYPES = ("image_processor_type", "feature_extractor_type")
+"""The keys by which transformers knows which image processor a preprocessor_config.json is."""
 
 
 def spec_from_preprocessor_config(path: Path, *, jpeg_draft: bool) -> PreprocessSpec:
@@ -90,13 +107,26 @@ def spec_from_preprocessor_config(path: Path, *, jpeg_draft: bool) -> Preprocess
     (so its class defaults apply), or a refusal naming the field that cannot be expressed."""
     from transformers import AutoImageProcessor
 
+    try:
+        fields = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ImportRefused(f"{path}: not a readable JSON file ({error})") from error
+    if not isinstance(fields, dict) or not any(key in fields for key in PROCESSOR_TYPES):
+        raise ImportRefused(
+            f"{path}: not an image processor's preprocessor_config.json "
+            f"(it has no {' or '.join(PROCESSOR_TYPES)})"
+        )
     with tempfile.TemporaryDirectory() as folder:
         try:
             shutil.copy(path, Path(folder) / HF_PREPROCESSOR)
             processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
-        except (OSError, ValueError) as error:
-            reason = last_line(error)
-            raise ImportRefused(f"{path}: not a readable image processor ({reason})") from error
+        except Exception as error:  # transformers' own errors for a config it cannot use, untyped
+            # Its first sentence: an unknown type's error goes on to list every known one.
+            reason = last_line(error).replace(folder, str(path.parent)).split(". ")[0]
+            kind = next(str(fields[key]) for key in PROCESSOR_TYPES if key in fields)
+            raise ImportRefused(
+                f"{path}: not a readable image processor ({kind}: {reason})"
+            ) from error
     try:
         return spec_from_processor(processor, jpeg_draft=jpeg_draft)
     except UnexpressibleProcessor as error:
@@ -113,14 +143,40 @@ def existing_metadata(proto: onnx.ModelProto) -> dict[str, Any]:
 
 
 def graph_input_size(proto: onnx.ModelProto) -> int | None:
-    """The square side the graph's input fixes, if it fixes one."""
+    """The square side the graph's input fixes, if it fixes one; a refusal where the input is
+    not an image batch [N, 3, S, S] at all (channels last, say), which no size would fix."""
     initializers = {i.name for i in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in initializers]
     if len(inputs) != 1:
-        return None
-    dims = inputs[0].type.tensor_type.shape.dim
-    sides = {d.dim_value for d in dims[2:] if d.HasField("dim_value")}
-    return sides.pop() if len(dims) == 4 and len(sides) == 1 else None
+        return None  # the load-time check names the inputs
+    dims = [
+        d.dim_value if d.HasField("dim_value") else None
+        for d in inputs[0].type.tensor_type.shape.dim
+    ]
+    if len(dims) != 4 or dims[1] not in (3, None):
+        shape = ", ".join("?" if d is None else str(d) for d in dims)
+        layout = " (channels last)" if len(dims) == 4 and dims[3] == 3 else ""
+        raise ImportRefused(
+            f"the graph's input {inputs[0].name} is [{shape}]{layout}; the service feeds an image "
+            "batch [N, 3, S, S] (channels first, RGB): export the model so"
+        )
+    sides = {d for d in dims[2:] if d is not None}
+    return sides.pop() if len(sides) == 1 else None
+
+
+MAXIMUM_WEIGHTS = onnx.checker.MAXIMUM_PROTOBUF
+"""What one ONNX file can hold: the service loads one file, not weights kept beside it."""
+
+
+def refuse_external_weights(proto: onnx.ModelProto, model_file: Path) -> None:
+    """A refusal where the weights would not fit in the one file the service loads."""
+    weights = sum(tensor.ByteSize() for tensor in proto.graph.initializer)
+    if weights >= MAXIMUM_WEIGHTS:
+        raise ImportRefused(
+            f"{model_file}: {weights / 1e9:.2f} GB of weights, over the 2 GB one ONNX file can "
+            "hold, and the service loads one file (no external data): import the model with "
+            "half-precision weights (vit-import hf --fp16) or serve a smaller one"
+        )
 
 
 def choose_output(proto: onnx.ModelProto, named: str | None) -> str | None:
@@ -135,12 +191,16 @@ def choose_output(proto: onnx.ModelProto, named: str | None) -> str | None:
     )
 
 
-def smoke(session: ModelSession, files: list[Path]) -> SmokeReport:
-    """Real images through the stamped file; warn where the output kind looks wrong."""
+def smoke(session: ModelSession, files: list[Path], *, kind_given: bool) -> SmokeReport:
+    """Real images through the stamped file, alone and in batches; a refusal where the output
+    kind looks wrong and was not given, or where the graph cannot be served in batches."""
     try:
         raw = served_logits(session, files, session.metadata.preprocessing)
+        check_batches(session, files)
     except ImageError as error:
         raise ImportRefused(f"a check image could not be used: {error}") from error
+    except ImportRefused:
+        raise
     except Exception as error:  # onnxruntime's own errors, untyped
         raise ImportRefused(
             f"the model failed on the check images ({last_line(error)}); does the input size "
@@ -155,10 +215,12 @@ def smoke(session: ModelSession, files: list[Path]) -> SmokeReport:
     )
     warning = None
     if session.metadata.output == "logits" and looks_like_probabilities:
-        warning = (
-            "every row is >= 0 and sums to 1: if these are probabilities, "
-            "say so with --output-kind probabilities"
-        )
+        if not kind_given:
+            raise ImportRefused(
+                "every row the model returned is >= 0 and sums to 1, as probabilities do: say "
+                "which the output is with --output-kind probabilities (or --output-kind logits)"
+            )
+        warning = "every row is >= 0 and sums to 1, yet the output is served as logits"
     if session.metadata.output == "probabilities" and not looks_like_probabilities:
         raise ImportRefused(
             "--output-kind probabilities, but the rows do not sum to 1 (they are logits)"
@@ -167,6 +229,41 @@ def smoke(session: ModelSession, files: list[Path]) -> SmokeReport:
     return SmokeReport(
         images=len(files), top=top, row_sums=tuple(float(s) for s in sums), warning=warning
     )
+
+
+BATCH_TOLERANCE = 1e-3
+"""How far an image's logits may move with another image beside it in the batch, relative to
+the largest: the width of onnxruntime's kernels choosing other paths for other batch sizes."""
+
+
+def check_batches(session: ModelSession, files: list[Path]) -> None:
+    """One image alone and beside another, where the batch axis is dynamic: the service batches
+    clients' images together, so a graph that runs one image at a time or mixes a batch's
+    images (a batch norm left in training mode) is refused."""
+    if session.fixed_batch_size is not None:
+        return  # served in batches of exactly that size, as the check images were
+    spec = session.metadata.preprocessing
+    first = preprocess(files[0].read_bytes(), spec)
+    if len(files) > 1:
+        other = preprocess(files[1].read_bytes(), spec)
+    else:  # noise: unlike the first image in every way a graph could mix them
+        other = np.random.default_rng(0).standard_normal(first.shape).astype(np.float32)
+    alone = session.logits(first)
+    try:
+        paired = session.logits(np.concatenate([first, other]))
+    except Exception as error:  # onnxruntime's own errors, untyped
+        raise ImportRefused(
+            f"the graph's batch axis is dynamic, but it fails on a batch of 2 "
+            f"({last_line(error)}): export it with the batch fixed to 1, which the service "
+            "serves one image at a time"
+        ) from error
+    gap = float(np.abs(paired[0] - alone[0]).max())
+    if gap > BATCH_TOLERANCE * max(1.0, float(np.abs(alone).max())):
+        raise ImportRefused(
+            f"an image's logits change by {gap:.3g} with another image beside it in the batch: "
+            "the graph mixes a batch's images (a batch norm in training mode?), so one "
+            "client's answer would depend on another's images"
+        )
 
 
 def import_onnx(
@@ -200,6 +297,8 @@ def import_onnx(
         proto = onnx.load(str(model_file))
     except Exception as error:  # protobuf's decode errors and onnx's own, untyped
         raise ImportRefused(f"{model_file}: not an ONNX file ({last_line(error)})") from error
+    refuse_external_weights(proto, model_file)
+    graph_size = graph_input_size(proto)
     old = existing_metadata(proto)
     strip_rollout(proto)  # a file stamped before: its rollout and score are made again below
     strip_ood_score(proto)
@@ -224,10 +323,10 @@ def import_onnx(
     elif old:
         spec = dict(old["preprocessing"])
     else:
-        size = graph_input_size(proto)
-        if size is None and "input_size" not in overrides:
+        if graph_size is None and "input_size" not in overrides:
             raise ImportRefused("the graph does not fix its input size: give --input-size")
-        spec = {"input_size": size}
+        # Pillow's convert("RGB"), as torchvision's, timm's and transformers' loaders decode.
+        spec = {"input_size": graph_size, "alpha_background": None}
     try:
         merged_spec = PreprocessSpec.model_validate({**spec, **overrides})
         metadata = ModelMetadata.model_validate(
@@ -266,15 +365,15 @@ def import_onnx(
         try:
             inspect_model(staged_path)
         except InvalidModelMetadata as error:
-            raise ImportRefused(str(error).replace(str(staged_path), str(output))) from error
+            raise refusal_of(error, staged_path, source, output) from error
         if rollout:
             metadata = with_rollout(proto, metadata)
             onnx.save(proto, str(staged_path))
         try:
             session = ModelSession(staged_path, IN_PROCESS)
-            report = smoke(session, check_images)
+            report = smoke(session, check_images, kind_given=output_kind is not None or bool(old))
         except InvalidModelMetadata as error:
-            raise ImportRefused(str(error).replace(str(staged_path), str(output))) from error
+            raise refusal_of(error, staged_path, source, output) from error
         metadata = metadata.model_copy(
             update={
                 "ood": ood_of(proto, session, calibration_images),
@@ -286,6 +385,16 @@ def import_onnx(
         onnx.save(proto, str(staged_path))
         staged_path.replace(output)
     return report
+
+
+def refusal_of(
+    error: InvalidModelMetadata, staged_path: Path, source: Path, output: Path
+) -> ImportRefused:
+    """The load-time check's refusal of the file being written, said of the import: the fix it
+    names is this import again, from `source`, with the flag it names."""
+    restamp = f"vit-import onnx {staged_path} -o {staged_path}"
+    text = str(error).replace(restamp, f"vit-import onnx {source} -o {output}")
+    return ImportRefused(text.replace(str(staged_path), str(output)))
 
 
 NO_ROLLOUT = "import it without the rollout with --no-rollout"

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import onnxruntime as ort
+
 from model_contract.metadata import InvalidModelMetadata, ModelMetadata
 from model_export.importing import ImportRefused, image_files
 from model_export.launch import needs_extra
@@ -80,6 +82,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     onnx.add_argument("--rescale-factor", type=float, help="pixel scale before mean/std (1/255)")
     onnx.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"))
     onnx.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"))
+    onnx.add_argument(
+        "--alpha-background",
+        metavar="none|R,G,B",
+        help="transparent pixels: none drops alpha, as Pillow's convert('RGB') in most "
+        "frameworks' loaders (the default); R,G,B composites them onto that colour",
+    )
     onnx.add_argument("--output-kind", choices=("logits", "probabilities"))
     onnx.add_argument("--output-name", help="the graph output to serve, where it has several")
     for command in (hf, onnx):
@@ -90,6 +98,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "read (windowed), without the attention rollout output",
         )
     return parser.parse_args(argv)
+
+
+def background(text: str) -> tuple[int, int, int] | None:
+    """`--alpha-background`: none, or the colour R,G,B (0-255 each)."""
+    if text.lower() == "none":
+        return None
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) <= 255 for p in parts):
+        raise ImportRefused(f"--alpha-background {text}: neither none nor R,G,B (0-255 each)")
+    red, green, blue = (int(p) for p in parts)
+    return red, green, blue
 
 
 def run_hf(args: argparse.Namespace) -> bool:
@@ -119,6 +138,8 @@ def run_onnx(args: argparse.Namespace) -> bool:
     }
     if args.jpeg_draft is not None:
         preprocessing["jpeg_draft"] = args.jpeg_draft
+    if args.alpha_background is not None:
+        preprocessing["alpha_background"] = background(args.alpha_background)
     report = import_onnx(
         Path(args.source),
         args.output,
@@ -139,6 +160,9 @@ def run_onnx(args: argparse.Namespace) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # A graph failing on the check images is refused in one line; onnxruntime's log says it
+    # again in many.
+    ort.set_default_logger_severity(4)
     args = parse_args(argv)
     if args.kind == "schema":
         print(json.dumps(ModelMetadata.model_json_schema(), indent=2))

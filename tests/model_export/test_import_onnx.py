@@ -3,6 +3,7 @@ served; every way of giving labels and preprocessing; the refusals, each in one 
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from PIL import Image
 
 pytest.importorskip("transformers")
 import torch  # noqa: E402
@@ -17,7 +19,8 @@ from transformers import AutoModelForImageClassification  # noqa: E402
 
 from model_contract.metadata import ModelMetadata  # noqa: E402
 from model_contract.preprocess import PreprocessSpec, preprocess  # noqa: E402
-from model_export.importing import PHOTOS, image_files  # noqa: E402
+from model_export import import_onnx, importer  # noqa: E402
+from model_export.importing import PHOTOS, ImportRefused, image_files  # noqa: E402
 from service.runtime.graph_check import inspect_model  # noqa: E402
 from service.runtime.session import softmax  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
@@ -220,7 +223,9 @@ def test_a_symbolic_input_size_needs_the_flag(tmp_path: Path) -> None:
     assert refused.returncode != 0 and "give --input-size" in refused.stderr
     given = run_plain(str(model), "-o", str(tmp_path / "o.onnx"), *labels, "--input-size", "40")
     assert given.returncode == 0, given.stderr
-    assert metadata_of(tmp_path / "o.onnx").preprocessing == PreprocessSpec(input_size=40)
+    assert metadata_of(tmp_path / "o.onnx").preprocessing == PreprocessSpec(
+        input_size=40, alpha_background=None
+    )
 
 
 def test_unreadable_inputs_are_refused_in_one_line(tmp_path: Path) -> None:
@@ -268,3 +273,191 @@ def test_a_graph_without_attention_is_refused_unless_told(tmp_path: Path) -> Non
     assert metadata.attention_output is None and metadata.ood is None
     assert metadata.self_test is not None and metadata.self_test.tolerance == 1e-3
     assert [o.name for o in onnx.load(str(output)).graph.output] == ["logits"]
+
+
+def refusal(*args: str) -> str:
+    """`vit-import` run in this process: the one line it exits with."""
+    with pytest.raises(SystemExit) as exit_:
+        importer.main(list(args))
+    line = str(exit_.value.code)
+    assert line.startswith("vit-import: ") and "\n" not in line, line
+    return line
+
+
+def exported(module: torch.nn.Module, path: Path, shape: tuple[int, ...] = (1, 3, 32, 32)) -> Path:
+    """`module` as torch.onnx.export writes it with a dynamic batch axis."""
+    torch.onnx.export(
+        module.eval(),
+        (torch.rand(*shape),),
+        str(path),
+        input_names=["pixels"],
+        output_names=["logits"],
+        dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
+        dynamo=False,
+    )
+    return path
+
+
+class MeanColour(torch.nn.Module):
+    """Logits from the image's mean colour, in ways a graph can go wrong with a batch."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.weights = torch.nn.Parameter(torch.arange(9.0).reshape(3, 3) - 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "channels_last":
+            return x.mean((1, 2)) @ self.weights
+        means = x.mean((2, 3))
+        if self.how == "one_at_a_time":
+            return means.reshape(1, 3) @ self.weights
+        if self.how == "mixes_the_batch":
+            return (2 * means - means.mean(0, keepdim=True)) @ self.weights
+        return (means @ self.weights).softmax(-1)  # probabilities
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("one_at_a_time", "fails on a batch of 2"),
+        ("mixes_the_batch", "with another image beside it in the batch"),
+        ("probabilities", "say which the output is with --output-kind"),
+    ],
+)
+def test_a_graph_the_service_could_not_batch_or_read_is_refused(
+    tmp_path: Path, how: str, message: str
+) -> None:
+    """One check image would pass each: it is run alone and beside another, and an output that
+    sums to 1 needs its kind said."""
+    (tmp_path / "labels.txt").write_text("\n".join(LABELS))
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "cat.jpg").write_bytes((PHOTOS / "cat.jpg").read_bytes())
+    model = exported(MeanColour(how), tmp_path / "m.onnx")
+    flags = ["--labels", str(tmp_path / "labels.txt"), "--no-rollout"]
+    output = tmp_path / "o.onnx"
+    line = refusal(
+        "onnx", str(model), "-o", str(output), *flags, "--check-images", str(tmp_path / "one")
+    )
+    assert message in line and not output.exists()
+
+
+def test_probabilities_import_once_their_kind_is_said(tmp_path: Path) -> None:
+    (tmp_path / "labels.txt").write_text("\n".join(LABELS))
+    model = exported(MeanColour("probabilities"), tmp_path / "m.onnx")
+    output = tmp_path / "o.onnx"
+    result = run_plain(
+        str(model), "-o", str(output), "--labels", str(tmp_path / "labels.txt"),
+        "--output-kind", "probabilities",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert metadata_of(output).output == "probabilities"
+
+
+def test_a_channels_last_graph_is_refused_for_its_layout(tmp_path: Path) -> None:
+    model = exported(MeanColour("channels_last"), tmp_path / "m.onnx", shape=(1, 32, 32, 3))
+    (tmp_path / "labels.txt").write_text("\n".join(LABELS))
+    line = refusal(
+        "onnx", str(model), "-o", str(tmp_path / "o.onnx"), "--labels", str(tmp_path / "labels.txt")
+    )
+    assert "[?, 32, 32, 3] (channels last)" in line and "[N, 3, S, S]" in line
+
+
+def test_a_refused_label_count_names_the_import_again(tmp_path: Path) -> None:
+    """The fix is the same import from the same source, not a restamp of a file never written."""
+    (tmp_path / "labels.txt").write_text("red\ngreen\n")
+    model = classifier(tmp_path / "m.onnx")
+    output = tmp_path / "o.onnx"
+    line = refusal(
+        "onnx", str(model), "-o", str(output), "--labels", str(tmp_path / "labels.txt"),
+        "--no-rollout",
+    )  # fmt: skip
+    assert f"`vit-import onnx {model} -o {output} --labels FILE`" in line
+    assert "tmp" not in line.replace(str(tmp_path), "")  # no staging file named
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("config.json", b'{"id2label": {"zero": "a", "one": "b"}}', "are not class numbers"),
+        ("config.json", b'{"id2label": ["a", "b", "c"]}', "id2label is not an object"),
+        ("config.json", b'{"id2label": {"0": "a", "2": "b"}}', "number the classes 0..N-1"),
+        ("labels.txt", "caf\u00e9\nb\nc\n".encode("latin-1"), "not UTF-8 text"),
+    ],
+)
+def test_malformed_labels_are_refused_in_one_line(
+    tmp_path: Path, name: str, content: bytes, message: str
+) -> None:
+    (tmp_path / name).write_bytes(content)
+    model = classifier(tmp_path / "m.onnx")
+    line = refusal(
+        "onnx", str(model), "-o", str(tmp_path / "o.onnx"), "--labels", str(tmp_path / name)
+    )
+    assert message in line
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        ["not", "a", "processor"],
+        {"model_type": "vit", "id2label": {"0": "red"}, "hidden_size": 32},  # a model's config
+        {"image_processor_type": "NoSuchImageProcessor", "size": 32},
+    ],
+)
+def test_a_preprocessor_config_that_is_none_is_refused_in_one_line(
+    tmp_path: Path, content: object
+) -> None:
+    (tmp_path / "labels.txt").write_text("\n".join(LABELS))
+    (tmp_path / "processor.json").write_text(json.dumps(content))
+    model = classifier(tmp_path / "m.onnx")
+    line = refusal(
+        "onnx", str(model), "-o", str(tmp_path / "o.onnx"),
+        "--labels", str(tmp_path / "labels.txt"),
+        "--preprocessor-config", str(tmp_path / "processor.json"),
+    )  # fmt: skip
+    assert f"{tmp_path / 'processor.json'}: not" in line and len(line) < 400
+
+
+def test_transparency_is_dropped_as_pillow_does_unless_a_background_is_given(
+    tmp_path: Path,
+) -> None:
+    """A graph made elsewhere was trained on Pillow's convert('RGB') (torchvision, timm and
+    transformers all load images so): that is the default, and a colour is an option."""
+    (tmp_path / "labels.txt").write_text("\n".join(LABELS))
+    model = classifier(tmp_path / "m.onnx")
+    labels = ["--labels", str(tmp_path / "labels.txt")]
+    assert run_plain(str(model), "-o", str(tmp_path / "a.onnx"), *labels).returncode == 0
+    white = ["--alpha-background", "255,255,255"]
+    assert run_plain(str(model), "-o", str(tmp_path / "b.onnx"), *labels, *white).returncode == 0
+    dropped = metadata_of(tmp_path / "a.onnx").preprocessing
+    composited = metadata_of(tmp_path / "b.onnx").preprocessing
+    assert dropped.alpha_background is None and composited.alpha_background == (255, 255, 255)
+
+    pixels = np.zeros((32, 32, 4), np.uint8)
+    pixels[..., 0] = 200  # red, fully transparent: dropping alpha keeps it, compositing hides it
+    encoded = io.BytesIO()
+    Image.fromarray(pixels, "RGBA").save(encoded, "PNG")
+    plain = np.asarray(Image.fromarray(pixels, "RGBA").convert("RGB"), np.float32) / 255
+    expected = ((plain - 0.5) / 0.5).transpose(2, 0, 1)[None]
+    np.testing.assert_allclose(preprocess(encoded.getvalue(), dropped), expected, atol=1e-6)
+    assert preprocess(encoded.getvalue(), composited).min() == 1.0  # all white
+    bad = refusal(
+        "onnx", str(model), "-o", str(tmp_path / "c.onnx"), *labels, "--alpha-background", "7"
+    )
+    assert "neither none nor R,G,B" in bad
+
+
+def test_weights_over_what_one_file_holds_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 2 GB of one ONNX file, lowered here to a few bytes (the weights are 9 floats)."""
+    monkeypatch.setattr(import_onnx, "MAXIMUM_WEIGHTS", 16)
+    (tmp_path / "labels.txt").write_text("\n".join(LABELS))
+    with pytest.raises(ImportRefused, match="GB of weights, over the 2 GB one ONNX file"):
+        import_onnx.import_onnx(
+            classifier(tmp_path / "m.onnx"),
+            tmp_path / "o.onnx",
+            labels=tmp_path / "labels.txt",
+            check_images=image_files(PHOTOS),
+            rollout=False,
+        )

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
+import torch  # noqa: E402
 
 from model_contract.metadata import ModelMetadata  # noqa: E402
 from model_contract.preprocess import preprocess  # noqa: E402
