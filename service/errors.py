@@ -52,6 +52,12 @@ class ModelNotFound(ServiceError):
     status_code, type = 404, "model_not_found"
 
 
+class NotAcceptable(ServiceError):
+    """The request's `Accept` header takes none of the media types the route answers with."""
+
+    status_code, type = 406, "not_acceptable"
+
+
 class RequestTimeout(ServiceError):
     status_code, type = 408, "request_timeout"
 
@@ -124,6 +130,7 @@ ERROR_TYPES: tuple[type[ServiceError], ...] = (
     ModelLoadFailed,
     NoAttention,
     ModelNotFound,
+    NotAcceptable,
     RequestTimeout,
     ClientClosedRequest,
     PayloadTooLarge,

@@ -225,7 +225,6 @@ class ModelMetrics:
         self._format = _Labelled(metrics.input_format, name, version)
         self._rotated = metrics.exif_rotated.labels(name, version)
         self._out_of_distribution = metrics.out_of_distribution.labels(name, version)
-        self.self_test_passed = metrics.self_test_passed.labels(name, version)
         self._converted = _Labelled(metrics.mode_converted, name, version)
 
     def observe_decoded(self, image_format: str, original_mode: str, exif_rotated: bool) -> None:
@@ -244,6 +243,15 @@ class ModelMetrics:
             self._predicted.labels(label).inc()
         if out_of_distribution:
             self._out_of_distribution.inc(out_of_distribution)
+
+    def publish_self_test(self, passed: bool | None) -> None:
+        """1 or 0 once the self-test passed or failed; with None (the file has none), no
+        series at all, not even one a reload of the same version left behind. The series is
+        made only here: a labelled gauge starts at 0, which would read as a failure."""
+        if passed is None:
+            self._metrics.self_test_passed.remove(*self._labels)
+        else:
+            self._metrics.self_test_passed.labels(*self._labels).set(float(passed))
 
     def remove(self) -> None:
         """Drop every series of the version once it is retired. Kept, a server that swaps

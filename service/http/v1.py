@@ -9,9 +9,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 
 from model_contract.vit_cost import cost_of
-from service.errors import InvalidRequest, NoAttention, ServiceError
+from service.errors import InvalidRequest, NoAttention, NotAcceptable, ServiceError
 from service.http.body import FILE_FIELD, unless_disconnected, uploaded_images
 from service.http.dependencies import Inference, InferenceDep, RegistryDep
+from service.http.negotiation import preferred
 from service.http.overlay import overlay_png
 from service.http.responses import classify_response, error_responses
 from service.http.routers import inference_router
@@ -87,14 +88,20 @@ async def classify(
     )
 
 
+JSON, PNG = "application/json", "image/png"
+EXPLAIN_MEDIA_TYPES = (JSON, PNG)
+"""What explain answers with, JSON first: the answer where the client accepts both alike."""
+
 _EXPLAIN: dict[str, Any] = {
     **_CLASSIFY,
     "responses": {
         **_CLASSIFY["responses"],
+        **error_responses(406),
         200: {
-            "description": "JSON, or with `Accept: image/png` (one file) the upright photo, "
-            f"at most {PICTURE_SIDE} pixels on its longest side, with the attention map over "
-            "the part the model saw and the rest dimmed.",
+            "description": "JSON, or where `Accept` prefers `image/png` (by q; JSON on a tie) "
+            f"the one file's upright photo, at most {PICTURE_SIDE} pixels on its longest side, "
+            "with the attention map over the part the model saw and the rest dimmed. An "
+            "`Accept` that takes neither is a 406.",
             "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
         },
     },
@@ -132,7 +139,14 @@ async def explain(
             "the rollout can read), or written before files carried one (export or import it "
             "again to add it)"
         )
-    png = "image/png" in request.headers.get("accept", "")
+    accept = ", ".join(request.headers.getlist("accept"))  # repeated headers are one list
+    answer_as = preferred(accept, EXPLAIN_MEDIA_TYPES)
+    if answer_as is None:
+        raise NotAcceptable(
+            f"explain answers with {JSON}, or {PNG} for one file; the request's Accept "
+            "header takes neither (send one of them, or */*)"
+        )
+    png = answer_as == PNG
     answers, names = await _answers(request, inference, top_k, pictures=png)
     if not png:
         body = classify_response(
@@ -143,7 +157,7 @@ async def explain(
             full=probabilities,
             attention=True,
         )
-        return Response(body.model_dump_json(exclude_none=True), media_type="application/json")
+        return Response(body.model_dump_json(exclude_none=True), media_type=JSON)
     (answer,) = answers  # one file: `_answers` refuses more before decoding
     if isinstance(answer, ServiceError):
         raise answer
@@ -158,7 +172,7 @@ async def explain(
         "X-Model": f"{session.metadata.name}/{session.metadata.version}",
         "X-Top-Label": session.labels[top],
     }
-    return Response(png_bytes, media_type="image/png", headers=headers)
+    return Response(png_bytes, media_type=PNG, headers=headers)
 
 
 async def _answers(

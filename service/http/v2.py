@@ -25,7 +25,13 @@ from service.http.schemas import (
     RepositoryModel,
 )
 from service.inference.pipeline import Pipeline
-from service.runtime.session import ATTENTION_ROLLOUT, ModelSession, Outputs
+from service.runtime.session import (
+    ATTENTION_ROLLOUT,
+    OOD_SCORE,
+    PROBABILITIES,
+    ModelSession,
+    Outputs,
+)
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 repository_router = APIRouter(prefix="/v2/repository", tags=["model repository"])
@@ -64,6 +70,7 @@ async def ready(registry: RegistryDep) -> Response:
 def _model_metadata(registry: RegistryDep, name: str, version: str | None) -> OipModelMetadata:
     pipeline = registry.get(name, version)
     session, metadata = pipeline.session, pipeline.session.metadata
+    shapes = _output_shapes(session)
     return OipModelMetadata(
         name=metadata.name,
         versions=[
@@ -81,24 +88,21 @@ def _model_metadata(registry: RegistryDep, name: str, version: str | None) -> Oi
             OipTensorMetadata(name=oip.IMAGE_INPUT, datatype=oip.BYTES, shape=[-1]),
         ],
         outputs=[
-            OipTensorMetadata(
-                name=oip.PROBABILITIES_OUTPUT, datatype=oip.FP32, shape=[-1, len(metadata.labels)]
-            ),
-            *(
-                [OipTensorMetadata(name=ATTENTION_ROLLOUT, datatype=oip.FP32, shape=grid)]
-                if (grid := _attention_shape(session)) is not None
-                else []
-            ),
+            OipTensorMetadata(name=name, datatype=oip.FP32, shape=shapes[name])
+            for name in session.output_names
         ],
     )
 
 
-def _attention_shape(session: ModelSession) -> list[int] | None:
-    """The rollout output's shape, -1 where the graph leaves it open; None without one."""
-    if session.attention_output is None:
-        return None
+def _output_shapes(session: ModelSession) -> dict[str, list[int]]:
+    """The shape infer answers each output with (FP32, one row per image), -1 where the batch
+    or the graph leaves it open."""
     rows, columns = session.graph.attention_grid or (-1, -1)
-    return [-1, rows, columns]
+    return {
+        PROBABILITIES: [-1, len(session.labels)],
+        ATTENTION_ROLLOUT: [-1, rows, columns],
+        OOD_SCORE: [-1],
+    }
 
 
 @router.get("/models/{name}", response_model=OipModelMetadata, responses=error_responses(404))

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import astuple, dataclass
-from typing import Literal, TypeVar
+from typing import Literal, NoReturn, TypeVar
 
 import numpy as np
 
@@ -51,7 +52,11 @@ class SelfTestStatus:
 
 
 class SelfTestFailed(RuntimeError):
-    """The golden images' probabilities came out other than the model file expects."""
+    """The golden images' probabilities came out other than the model file expects, or the
+    file's self-test is broken."""
+
+
+BROKEN_FILE = "the model file is broken (export or import it again to write its self-test afresh)"
 
 
 @dataclass(frozen=True)
@@ -112,8 +117,8 @@ class Pipeline:
         metrics.images_in_flight.set_function(lambda: self.budget.images)
         metrics.body_bytes_in_flight.set_function(lambda: self.budget.body_bytes)
         metrics.ready.set_function(lambda: float(self.ready))
-        if self.self_test.status in ("passed", "failed"):
-            metrics.self_test_passed.set(float(self.self_test.status == "passed"))
+        status = self.self_test.status
+        metrics.publish_self_test(status == "passed" if status in ("passed", "failed") else None)
         metrics.model.info(
             {
                 "sha256": session.sha256,
@@ -265,35 +270,58 @@ class Pipeline:
         """The model file's golden images through the whole serving path (decoding workers,
         preprocessing, batching, the session with its provider, precision and IO binding);
         any probability further from the file's expectation than its tolerance fails it:
-        the version never becomes ready (SelfTestFailed), and says why."""
+        the version never becomes ready (SelfTestFailed), and says why. So does a self-test
+        the file holds broken (an image that does not decode, an expectation that is not a
+        number), naming the image."""
         test = self.session.metadata.self_test
         if test is None:
             self.self_test = SelfTestStatus("none", "the model file carries no self-test images")
             return
-        decoded = await asyncio.gather(
-            *(self.prepare(base64.b64decode(image)) for image in test.images)
-        )
+        expected = np.asarray(test.probabilities, dtype=np.float64)
+        for index, row in enumerate(expected):
+            if not np.isfinite(row).all():
+                self._self_test_failed(
+                    f"golden image self_test.images[{index}]: its expectation "
+                    f"self_test.probabilities[{index}] holds {row[~np.isfinite(row)][0]}, not a "
+                    f"probability: {BROKEN_FILE}"
+                )
         # One image at a time, as separate requests come: within any queue bound.
+        decoded = [await self._golden(index, image) for index, image in enumerate(test.images)]
         rows = [(await self.batcher.submit(d.tensor, deadline))[PROBABILITIES] for d in decoded]
-        difference = np.abs(np.concatenate(rows) - np.asarray(test.probabilities))
-        worst = float(difference.max())
+        # Finite both: the batcher refuses a NaN the model gives, and the file's are checked.
+        differences = np.abs(np.concatenate(rows) - expected).max(axis=1)
+        image = int(differences.argmax())
+        worst = float(differences[image])
         runtime = self.session.runtime
         where = f"{runtime['provider']}, {runtime['precision']}, io_binding {runtime['io_binding']}"
-        if not worst <= test.tolerance:  # NaN fails too
-            image = int(np.unravel_index(np.nanargmax(difference), difference.shape)[0])
-            detail = (
-                f"golden image {image + 1} of {len(test.images)}: a probability differs by "
-                f"{worst:.2e} from the file's expectation, over its tolerance "
+        if worst > test.tolerance:
+            self._self_test_failed(
+                f"golden image self_test.images[{image}] (of {len(test.images)}): a probability "
+                f"differs by {worst:.2e} from the file's expectation, over its tolerance "
                 f"{test.tolerance:.1e} ({where}); the provider, precision or onnxruntime "
                 "version computes other numbers than the model was exported with"
             )
-            self.self_test = SelfTestStatus("failed", detail)
-            raise SelfTestFailed(f"self-test failed: {detail}")
         self.self_test = SelfTestStatus(
             "passed",
             f"{len(test.images)} golden images within {test.tolerance:.1e} "
             f"(largest difference {worst:.1e}; {where})",
         )
+
+    async def _golden(self, index: int, image: str) -> Decoded:
+        """Golden image `index`, decoded as an upload is."""
+        try:
+            return await self.prepare(base64.b64decode(image, validate=True))
+        except binascii.Error as error:
+            reason = f"not base64: {error}"
+        except (UnsupportedImageFormat, UndecodableImage) as error:
+            reason = error.message
+        self._self_test_failed(
+            f"golden image self_test.images[{index}] does not decode ({reason}): {BROKEN_FILE}"
+        )
+
+    def _self_test_failed(self, detail: str) -> NoReturn:
+        self.self_test = SelfTestStatus("failed", detail)
+        raise SelfTestFailed(f"self-test failed: {detail}")
 
     async def _recover_when_failing(self) -> None:
         """While not ready because inference kept failing, try one probe inference now and

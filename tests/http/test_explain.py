@@ -19,6 +19,7 @@ from model_contract.metadata import ModelMetadata, OodCalibration, SelfTest
 from model_contract.ood import ood_scores
 from model_contract.preprocess import PreprocessSpec, preprocess
 from service.app import create_app
+from service.http.overlay import UNSEEN_DIMMING
 from service.runtime.options import IN_PROCESS
 from service.runtime.session import ModelSession
 from tests.images import asymmetric, encode, with_orientation
@@ -143,6 +144,35 @@ def test_a_draft_decoded_jpeg_gets_its_box_in_the_original_pixels(tmp_path: Path
     assert attention["box"] == [80.0, 0.0, 560.0, 480.0]
 
 
+def test_a_draft_decoded_jpeg_is_drawn_at_its_own_size_with_its_detail(tmp_path: Path) -> None:
+    spec = PreprocessSpec(input_size=SIZE, jpeg_draft=True)
+    model = classifier(
+        tmp_path / "m.onnx",
+        attention=True,
+        metadata=metadata_for(
+            LABELS, SIZE, preprocessing=spec, attention_output="attention_rollout"
+        ),
+    )
+    photo = asymmetric((1000, 700))
+    for x in range(0, 144, 8):  # stripes finer than the model's draft (1/8) keeps, left of the box
+        photo.paste((0, 0, 0), (x, 300, x + 4, 700))
+    data = encode(photo, "JPEG", quality=95)
+    with ready_client(cpu_settings(model)) as client:
+        response = client.post(
+            "/v1/explain", files={"file": ("big.jpg", data)}, headers={"accept": "image/png"}
+        )
+    assert response.status_code == 200, response.text
+    overlay = Image.open(io.BytesIO(response.content))
+    assert overlay.size == (512, 358)  # the photo's own size, bounded; not its draft's 125x88
+    whole = Image.open(io.BytesIO(data)).convert("RGB")
+    whole.thumbnail((512, 512), Image.Resampling.BILINEAR)
+    # Left of the box (x < 150 of 1000, 76 of 512) the photo is only dimmed, stripes and all.
+    seen = np.asarray(overlay, dtype=np.float64)[160:, :72]
+    expected = np.asarray(whole, dtype=np.float64)[160:, :72] * UNSEEN_DIMMING
+    assert np.abs(seen - expected).mean() < 2
+    assert seen.mean(axis=(0, 2)).std() > 10
+
+
 def test_explain_as_png_is_the_upright_photo_with_the_map_bounded_in_size(
     client: TestClient,
 ) -> None:
@@ -189,6 +219,53 @@ def test_a_png_answer_takes_one_file_and_refuses_more_before_decoding(
     assert one.status_code == 200 and decoded_count(client) == before + 1
 
 
+def rejected(client: TestClient, reason: str) -> float:
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "vit_rejections_total" and sample.labels["reason"] == reason:
+                return sample.value
+    return 0.0
+
+
+@pytest.mark.parametrize(
+    ("accept", "answer"),
+    [
+        ("image/png;q=0, application/json", "application/json"),
+        ("IMAGE/PNG", "image/png"),
+        ("image/*", "image/png"),
+        ("*/*", "application/json"),
+        ("application/json;q=0.5, image/png", "image/png"),
+        ("image/png, application/json", "application/json"),
+        ("text/html, */*;q=0.1", "application/json"),
+    ],
+)
+def test_the_accept_header_chooses_json_or_png_by_q(
+    client: TestClient, accept: str, answer: str
+) -> None:
+    response = client.post(
+        "/v1/explain", files={"file": ("a.png", BRIGHT)}, headers={"accept": accept}
+    )
+    assert response.status_code == 200 and response.headers["content-type"] == answer
+
+
+@pytest.mark.parametrize("accept", ["image/jpeg", "image/png;q=0", "*/*;q=0, text/html"])
+def test_an_accept_header_taking_neither_json_nor_png_is_a_406_before_decoding(
+    client: TestClient, accept: str
+) -> None:
+    decoded, refused = decoded_count(client), rejected(client, "not_acceptable")
+    response = client.post(
+        "/v1/explain", files={"file": ("a.png", BRIGHT)}, headers={"accept": accept}
+    )
+    assert response.status_code == 406
+    body = response.json()
+    assert body["type"] == "not_acceptable"
+    assert "application/json" in body["error"] and "image/png" in body["error"]
+    assert rejected(client, "not_acceptable") == refused + 1
+    assert decoded_count(client) == decoded
+    explain_doc = client.get("/openapi.json").json()["paths"]["/v1/explain"]["post"]
+    assert "not_acceptable" in explain_doc["responses"]["406"]["description"]
+
+
 def test_explain_of_a_model_without_a_rollout_is_a_400_saying_so(tmp_path: Path) -> None:
     model = classifier(tmp_path / "m.onnx", metadata=metadata_for(LABELS, SIZE))
     with ready_client(cpu_settings(model)) as client:
@@ -225,9 +302,16 @@ def test_the_rollout_is_an_oip_output_asked_for_by_name(client: TestClient, mode
     unknown = client.post(url, json={"inputs": inputs, "outputs": [{"name": "features"}]})
     assert unknown.status_code == 400 and "attention_rollout" in unknown.json()["error"]
     metadata = client.get("/v2/models/foreign").json()
-    assert {"name": "attention_rollout", "datatype": "FP32", "shape": [-1, 2, 2]} in metadata[
-        "outputs"
+    assert metadata["outputs"] == [
+        {"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]},
+        {"name": "attention_rollout", "datatype": "FP32", "shape": [-1, 2, 2]},
+        {"name": "ood_score", "datatype": "FP32", "shape": [-1]},
     ]
+    for output in outputs:  # what infer answered has the listed datatype and shape
+        (listed,) = [o for o in metadata["outputs"] if o["name"] == output["name"]]
+        assert output["datatype"] == listed["datatype"]
+        assert len(output["shape"]) == len(listed["shape"])
+        assert all(n in (-1, m) for n, m in zip(listed["shape"], output["shape"], strict=True))
 
 
 def flagged_count(client: TestClient) -> float:
@@ -267,6 +351,9 @@ def test_an_uncalibrated_model_says_nothing_of_distribution(tmp_path: Path) -> N
         listed = client.get("/v1/models").json()["models"][0]
         assert listed["ood"] is None
         assert listed["self_test"]["status"] == "none"
+        metadata = client.get("/v2/models/foreign").json()
+        assert [o["name"] for o in metadata["outputs"]] == ["probabilities", "attention_rollout"]
+        assert "vit_model_self_test_passed{" not in client.get("/metrics").text
 
 
 def test_a_good_model_passes_its_self_test(client: TestClient) -> None:
@@ -298,6 +385,56 @@ def test_a_model_whose_numbers_moved_never_becomes_ready_and_says_why(
         text = client.get("/metrics").text
         assert 'vit_model_self_test_passed{model="foreign",version="1"} 0.0' in text
     assert any("self-test failed" in record.getMessage() for record in caplog.records)
+
+
+def failed_self_test(model: Path) -> str:
+    """The detail of `model`'s self-test, which must fail, once the server reports it."""
+    with TestClient(create_app(cpu_settings(model))) as client:
+        deadline = time.monotonic() + 10
+        while (status := client.get("/v1/models").json()["models"]) == [] or status[0]["self_test"][
+            "status"
+        ] == "pending":
+            assert time.monotonic() < deadline, status
+            time.sleep(0.02)
+        assert status[0]["self_test"]["status"] == "failed"
+        assert client.get("/v2/health/ready").status_code == 503
+        detail: str = status[0]["self_test"]["detail"]
+        return detail
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_an_expectation_that_is_not_a_number_fails_naming_its_image(
+    tmp_path: Path, value: float
+) -> None:
+    plain = explained_model(tmp_path / "plain.onnx")
+    good = golden(plain, [BRIGHT, DARK, BRIGHT])
+    broken = good.model_copy(
+        update={"probabilities": (good.probabilities[0], (0.5, value, 0.5), good.probabilities[2])}
+    )
+    detail = failed_self_test(explained_model(tmp_path / "m.onnx", self_test=broken))
+    assert detail.startswith("golden image self_test.images[1]: ")
+    assert f"self_test.probabilities[1] holds {value}" in detail
+    assert "model file is broken" in detail and "provider" not in detail
+
+
+@pytest.mark.parametrize(
+    ("image", "reason"),
+    [
+        (base64.b64encode(b"not an image").decode(), "not an image in an accepted format"),
+        ("not*base64", "not base64"),
+        (base64.b64encode(BRIGHT[:60]).decode(), "cannot decode the image"),
+    ],
+    ids=["not an image", "not base64", "truncated"],
+)
+def test_a_golden_image_that_does_not_decode_fails_naming_it(
+    tmp_path: Path, image: str, reason: str
+) -> None:
+    plain = explained_model(tmp_path / "plain.onnx")
+    good = golden(plain, [BRIGHT, DARK])
+    broken = good.model_copy(update={"images": (good.images[0], image)})
+    detail = failed_self_test(explained_model(tmp_path / "m.onnx", self_test=broken))
+    assert detail.startswith("golden image self_test.images[1] does not decode (")
+    assert reason in detail and "model file is broken" in detail
 
 
 def test_the_bundled_model_with_perturbed_weights_never_becomes_ready(

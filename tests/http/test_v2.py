@@ -83,6 +83,7 @@ def test_model_metadata_names_inputs_and_outputs(
     assert body["outputs"] == [
         {"name": "probabilities", "datatype": "FP32", "shape": [-1, 8]},
         {"name": "attention_rollout", "datatype": "FP32", "shape": [-1, 8, 8]},
+        {"name": "ood_score", "datatype": "FP32", "shape": [-1]},
     ]
     assert client.get(f"/v2/models/{name}/ready").json() == {"name": name, "ready": True}
     version = reference.metadata.version

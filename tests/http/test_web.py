@@ -233,6 +233,30 @@ def test_the_attention_overlay_is_shown_beside_the_photo(server: str, browser: W
 
 
 @needs_chromium
+def test_a_refused_upload_leaves_nothing_of_the_previous_answer(
+    server: str, browser: WebDriver, tmp_path: Path
+) -> None:
+    open_page(browser, server)
+    assert upload(browser, PHOTO) == "done"
+    assert browser.find_elements(By.CSS_SELECTOR, "#top-k li")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a photo")
+    browser.find_element(By.ID, "file").send_keys(str(notes))
+    results = browser.find_element(By.ID, "results")
+    wait_for(
+        browser,
+        lambda b: results.get_attribute("data-state") == "failed",
+        "the refused upload never failed",
+    )
+    assert "415 unsupported_image_format" in browser.find_element(By.ID, "status").text
+    assert browser.find_element(By.ID, "overlay-figure").get_attribute("data-state") == "empty"
+    assert browser.find_elements(By.CSS_SELECTOR, "#top-k li") == []
+    for image in ("photo", "overlay"):
+        assert browser.find_element(By.ID, image).get_attribute("src") is None, image
+    assert browser.find_element(By.ID, "ood").get_attribute("textContent") == ""
+
+
+@needs_chromium
 def test_the_model_card_describes_the_served_model(server: str, browser: WebDriver) -> None:
     (model,) = served_models(server)
     open_page(browser, server, token=None)
@@ -241,9 +265,7 @@ def test_the_model_card_describes_the_served_model(server: str, browser: WebDriv
         return str(browser.find_element(By.ID, f"card-{field}").text)
 
     options = browser.find_elements(By.CSS_SELECTOR, "#model option")
-    assert [option.text for option in options] == [
-        f"{model['name']} version {model['version']}"
-    ]
+    assert [option.text for option in options] == [f"{model['name']} version {model['version']}"]
     assert card("labels") == f"{len(model['labels'])}: {', '.join(model['labels'])}"
     assert card("input-size") == "128 × 128 pixels"
     assert card("patches") == "64 (8 × 8 of 16 × 16 pixels)"
@@ -283,9 +305,7 @@ def test_the_token_is_kept_for_the_tab_only(server: str, browser: WebDriver) -> 
 
 
 @needs_chromium
-def test_every_control_is_labelled_and_reached_by_keyboard(
-    server: str, browser: WebDriver
-) -> None:
+def test_every_control_is_labelled_and_reached_by_keyboard(server: str, browser: WebDriver) -> None:
     open_page(browser, server)
     for control in ("model", "token", "file"):
         assert browser.find_elements(By.CSS_SELECTOR, f"label[for='{control}']"), control
@@ -337,8 +357,7 @@ def test_screenshot(server: str, browser: WebDriver) -> None:
     upload(browser, PHOTO)
     wait_for(
         browser,
-        lambda b: b.find_element(By.ID, "overlay-figure").get_attribute("data-state")
-        != "loading",
+        lambda b: b.find_element(By.ID, "overlay-figure").get_attribute("data-state") != "loading",
         "the overlay never finished",
     )
     browser.execute_script("document.activeElement.blur()")

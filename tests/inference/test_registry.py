@@ -253,6 +253,29 @@ def test_a_single_file_is_polled_and_reloaded_when_it_changes(tmp_path: Path) ->
         assert 'vit_queue_depth_images{model="foreign",version="1"}' in metrics
 
 
+def test_a_version_reloaded_without_a_self_test_has_no_self_test_series(tmp_path: Path) -> None:
+    expected = (tuple(float(p) for p in colours_probabilities(1.0)),)
+    self_test = SelfTest(
+        images=(base64.b64encode(PHOTO).decode(),), probabilities=expected, tolerance=1e-4
+    )
+    model = classifier(tmp_path / "m.onnx", metadata=metadata_for(COLOURS, 32, self_test=self_test))
+    settings = cpu_settings(model, model_control="poll", repository_poll_s=0.1)
+    series = 'vit_model_self_test_passed{model="foreign",version="1"}'
+    with ready_client(settings) as client:
+        assert f"{series} 1.0" in client.get("/metrics").text
+        staged = classifier(tmp_path / "next.onnx", scale=2.0, metadata=metadata_for(COLOURS, 32))
+        staged.replace(model)
+        deadline = time.monotonic() + 10
+        while series in (text := client.get("/metrics").text):
+            assert time.monotonic() < deadline, [
+                line for line in text.splitlines() if series in line
+            ]
+            time.sleep(0.05)
+        time.sleep(0.3)  # the replaced pipeline has closed: it takes nothing back with it
+        assert "vit_model_self_test_passed{" not in client.get("/metrics").text
+        assert client.get("/v1/models").json()["models"][0]["self_test"]["status"] == "none"
+
+
 @pytest.mark.parametrize("older_version", [False, True])
 def test_a_serving_versions_file_rewritten_broken_keeps_serving_its_old_session(
     tmp_path: Path, older_version: bool

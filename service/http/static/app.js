@@ -173,6 +173,21 @@ async function showOverlay(model, file, mine) {
   showObject(overlay, "overlay", outcome);
 }
 
+// A refused upload leaves nothing of the previous answer behind, hidden or not: no bars, no
+// photo, and no overlay still said to be loading.
+function clearResult() {
+  $("top-k").replaceChildren();
+  const ood = $("ood");
+  ood.textContent = "";
+  delete ood.dataset.inDistribution;
+  const latency = $("latency");
+  latency.textContent = "";
+  delete latency.dataset.ms;
+  showObject($("photo"), "photo", null);
+  showObject($("overlay"), "overlay", null);
+  $("overlay-figure").dataset.state = "empty";
+}
+
 async function classify(file) {
   const model = models[Number($("model").value)];
   if (!model) return;
@@ -205,6 +220,7 @@ async function classify(file) {
   if (mine !== upload) return;
   if (answer instanceof Error) {
     setText("status", `Could not classify ${file.name}: ${answer.message}`);
+    clearResult();
     results.dataset.state = "failed";
     results.setAttribute("aria-busy", "false");
     return;
