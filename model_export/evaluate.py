@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,9 +92,10 @@ def evaluate(session: ModelSession, *, seed: int, count: int, batch_size: int = 
 
 def labelled_images(folder: Path, labels: tuple[str, ...]) -> list[tuple[Path, int]]:
     """(file, class index) for `folder/<label>/*`; every visible subfolder must name a label."""
-    index = {label: i for i, label in enumerate(labels)}
+    # Compared in one Unicode form: macOS writes file names decomposed ("e" + accent).
+    index = {unicodedata.normalize("NFC", label): i for i, label in enumerate(labels)}
     classes = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-    unknown = [d.name for d in classes if d.name not in index]
+    unknown = [d.name for d in classes if unicodedata.normalize("NFC", d.name) not in index]
     if unknown or not classes:
         raise UnlabelledImages(
             f"{folder} needs one folder per label; {', '.join(unknown) or 'none found'} "
@@ -102,7 +104,8 @@ def labelled_images(folder: Path, labels: tuple[str, ...]) -> list[tuple[Path, i
     samples = []
     for class_folder in classes:
         try:
-            samples += [(path, index[class_folder.name]) for path in image_files(class_folder)]
+            label = index[unicodedata.normalize("NFC", class_folder.name)]
+            samples += [(path, label) for path in image_files(class_folder)]
         except ImportRefused:
             continue  # a label without images yet: nothing to count
     if not samples:

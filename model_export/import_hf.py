@@ -9,8 +9,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import os
 import shutil
+import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,13 +232,29 @@ def exported(graph: nn.Module, path: Path, input_size: int) -> None:
     """`graph` as ONNX at `path`, or a one-line refusal where it does not export (an operator
     ONNX lacks, or a model fixed to another input size than its processor's)."""
     try:
-        with warnings.catch_warnings():  # the tracer's notes on shape checks it folds away
-            warnings.simplefilter("ignore", TracerWarning)
+        with warnings.catch_warnings(), native_stdout_discarded():
+            warnings.simplefilter("ignore", TracerWarning)  # notes on shape checks it folds away
             to_onnx(graph, path, input_size)
     except Exception as error:  # torch's exporter raises many types
         raise ImportRefused(
             f"the model does not export to ONNX at {input_size}x{input_size}: {last_line(error)}"
         ) from error
+
+
+@contextmanager
+def native_stdout_discarded() -> Iterator[None]:
+    """The process's standard output (file descriptor 1) sent nowhere: torch's exporter writes
+    its whole graph there, in C++, when an export fails, hundreds of lines before the refusal."""
+    sys.stdout.flush()
+    kept = os.dup(1)
+    with open(os.devnull, "wb") as nowhere:
+        os.dup2(nowhere.fileno(), 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(kept, 1)
+        os.close(kept)
 
 
 def stamp_graph(path: Path, metadata: ModelMetadata, *, rollout: bool) -> ModelMetadata:
@@ -271,11 +291,11 @@ def import_hf(
     against it instead. The self-test set is cut from the check images; the out-of-distribution
     threshold is calibrated on `calibration_images` where given (otherwise the file has none)."""
     model, processor = load(source)
+    files = image_files(check_images)
     try:
-        spec = spec_from_processor(processor, jpeg_draft=jpeg_draft)
+        spec = spec_from_processor(processor, jpeg_draft=jpeg_draft, images=files)
     except UnexpressibleProcessor as error:
         raise ImportRefused(f"the image processor cannot be expressed: {error}") from error
-    files = image_files(check_images)
     config: Any = model.config
     metadata = ModelMetadata(
         name=name or model_name(source),

@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ class SmokeReport:
 def read_labels(path: Path) -> tuple[str, ...]:
     """Labels from a text file (one per line), a JSON list, or an HF config.json (id2label)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is no part of a label
     except OSError as error:
         raise ImportRefused(f"{path}: {error.strerror or error}") from error
     except UnicodeDecodeError as error:
@@ -98,13 +98,19 @@ def numbered_labels(id2label: object, path: Path) -> tuple[str, ...]:
     return tuple(numbered[i] for i in range(len(numbered)))
 
 
+DEFAULTED_FIELDS = ("resize", "interpolation", "mean", "std")
+"""The preprocessing a graph does not say and a flag or a preprocessor_config.json should."""
+
 PROCESSOR_TYPES = ("image_processor_type", "feature_extractor_type")
 """The keys by which transformers knows which image processor a preprocessor_config.json is."""
 
 
-def spec_from_preprocessor_config(path: Path, *, jpeg_draft: bool) -> PreprocessSpec:
+def spec_from_preprocessor_config(
+    path: Path, *, jpeg_draft: bool, images: Sequence[Path]
+) -> PreprocessSpec:
     """The spec a Hugging Face `preprocessor_config.json` describes, read by transformers itself
-    (so its class defaults apply), or a refusal naming the field that cannot be expressed."""
+    (so its class defaults apply), or a refusal naming the field that cannot be expressed (a
+    processor with its own step loop checked on `images`)."""
     from transformers import AutoImageProcessor
 
     try:
@@ -128,7 +134,7 @@ def spec_from_preprocessor_config(path: Path, *, jpeg_draft: bool) -> Preprocess
                 f"{path}: not a readable image processor ({kind}: {reason})"
             ) from error
     try:
-        return spec_from_processor(processor, jpeg_draft=jpeg_draft)
+        return spec_from_processor(processor, jpeg_draft=jpeg_draft, images=images)
     except UnexpressibleProcessor as error:
         raise ImportRefused(f"{path}: cannot be expressed: {error}") from error
 
@@ -313,13 +319,16 @@ def import_onnx(
     if not label_names:
         raise ImportRefused("no labels: give --labels (a text file, a JSON list or a config.json)")
 
+    unsaid: list[str] = []  # preprocessing fields that fall back to the spec's defaults
     preprocessor_file = preprocessor_config or (
         folder / HF_PREPROCESSOR if folder and (folder / HF_PREPROCESSOR).is_file() else None
     )
     overrides = dict(preprocessing or {})
     if preprocessor_file:
         draft = bool(overrides.pop("jpeg_draft", False))
-        spec = spec_from_preprocessor_config(preprocessor_file, jpeg_draft=draft).model_dump()
+        spec = spec_from_preprocessor_config(
+            preprocessor_file, jpeg_draft=draft, images=check_images
+        ).model_dump()
     elif old:
         spec = dict(old["preprocessing"])
     else:
@@ -327,6 +336,7 @@ def import_onnx(
             raise ImportRefused("the graph does not fix its input size: give --input-size")
         # Pillow's convert("RGB"), as torchvision's, timm's and transformers' loaders decode.
         spec = {"input_size": graph_size, "alpha_background": None}
+        unsaid = [field for field in DEFAULTED_FIELDS if field not in overrides]
     try:
         merged_spec = PreprocessSpec.model_validate({**spec, **overrides})
         metadata = ModelMetadata.model_validate(
@@ -384,6 +394,13 @@ def import_onnx(
         onnx.helper.set_model_props(proto, metadata.to_props())
         onnx.save(proto, str(staged_path))
         staged_path.replace(output)
+    if unsaid:
+        defaults = ", ".join(f"{field} {getattr(merged_spec, field)}" for field in unsaid)
+        note = (
+            f"no preprocessor_config.json: {defaults} are defaults, not read from the model; "
+            "give them as flags if it was trained otherwise"
+        )
+        return replace(report, warning="\nwarning: ".join(filter(None, [report.warning, note])))
     return report
 
 

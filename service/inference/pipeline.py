@@ -28,7 +28,7 @@ from service.inference.batcher import Batcher
 from service.inference.budget import Budget, Ticket
 from service.metrics import Metrics
 from service.runtime.decode_workers import Decoded, DecodeWorkers
-from service.runtime.graph_check import check_output_width
+from service.runtime.graph_check import check_output_kind, check_output_width
 from service.runtime.session import OOD_SCORE, PROBABILITIES, ModelSession, Outputs, per_image
 from service.settings import Settings
 
@@ -258,6 +258,7 @@ class Pipeline:
                 outputs = await self.batcher.submit(zeros, deadline)
                 width = outputs[PROBABILITIES].shape[1]
                 check_output_width(width, self.session.metadata, self.session.path)
+                check_output_kind(outputs[PROBABILITIES], self.session.metadata, self.session.path)
         except Exception as error:
             self.warm_up_error = str(error)
             raise

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
 from model_contract.metadata import InvalidModelMetadata, ModelMetadata
@@ -163,6 +164,26 @@ def check_output_width(width: int | None, metadata: ModelMetadata, path: Path) -
         raise ModelMismatch(
             f"the metadata has {labels} labels but the graph's output has {width} "
             f"classes; fix the labels with `vit-import onnx {path} -o {path} --labels FILE`"
+        )
+
+
+PROBABILITY_SUM_TOLERANCE = 1e-2
+"""How far a row of a graph said to give probabilities may sum from 1: float16 rounding of a
+thousand classes stays well inside it, logits almost never fall inside it."""
+
+
+def check_output_kind(rows: np.ndarray, metadata: ModelMetadata, path: Path) -> None:
+    """A graph said to give probabilities must give rows >= 0 that sum to 1 (checked on the
+    warm-up's answers): logits served as probabilities would be numbers without meaning."""
+    if metadata.output != "probabilities":
+        return
+    sums = rows.astype(np.float64).sum(axis=1)
+    worst = float(sums[np.abs(sums - 1.0).argmax()])
+    if (rows < 0).any() or abs(worst - 1.0) > PROBABILITY_SUM_TOLERANCE:
+        raise ModelMismatch(
+            f"the metadata says the output is probabilities but the graph's rows are not (one "
+            f"sums to {worst:.4g}{', with negative values' if (rows < 0).any() else ''}); if it "
+            f"gives logits, fix it with `vit-import onnx {path} -o {path} --output-kind logits`"
         )
 
 

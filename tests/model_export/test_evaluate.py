@@ -3,13 +3,14 @@ labelled folders, with the service's preprocessing."""
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from model_export import shapes
-from model_export.evaluate import evaluate, evaluate_folder, main
+from model_export.evaluate import evaluate, evaluate_folder, labelled_images, main
 from service.runtime.options import IN_PROCESS
 from service.runtime.session import ModelSession
 
@@ -74,6 +75,17 @@ def test_hidden_and_empty_folders_are_not_labels(session: ModelSession, tmp_path
     (tmp_path / "star" / "a.jpg").write_bytes(next(shapes.samples(5, 1)).data)
     evaluation, skipped = evaluate_folder(session, tmp_path, session.metadata.preprocessing)
     assert evaluation.count == 1 and skipped == []
+
+
+def test_label_folders_match_in_either_unicode_form(tmp_path: Path) -> None:
+    """macOS writes "café" as "cafe" + a combining accent; the model's labels are composed."""
+    image = next(shapes.samples(5, 1)).data
+    for i, name in enumerate(["café", "thé glacé"]):
+        folder = tmp_path / unicodedata.normalize("NFD", name)
+        folder.mkdir()
+        (folder / f"{i}.png").write_bytes(image)
+    samples = labelled_images(tmp_path, ("thé glacé", "eau", "café"))
+    assert sorted(label for _, label in samples) == [0, 2]
 
 
 def test_a_wrong_model_or_folder_is_one_line(served_model: Path, tmp_path: Path) -> None:

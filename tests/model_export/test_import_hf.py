@@ -163,7 +163,7 @@ def test_the_users_own_check_images_are_used(tmp_path: Path) -> None:
         ),
         ({"do_resize": False}, "do_resize: false"),
         ({"rescale_factor": -1 / 255}, "rescale_factor: Input should be greater than 0"),
-        ({"image_std": [0.5, 0.0, 0.5]}, "a channel divided by zero"),
+        ({"image_std": [0.5, 0.0, 0.5]}, "image_std [0.5, 0.0, 0.5]: a channel divided by zero"),
         ({"resample": None}, "resample: null"),
     ],
 )
@@ -189,6 +189,54 @@ def test_a_model_specific_processor_step_is_refused(tmp_path: Path) -> None:
     result = run_import("hf", str(checkpoint.folder), "-o", str(tmp_path / "m.onnx"))
     assert result.returncode != 0
     assert "ConvNextImageProcessorPil" in result.stderr and "model-specific step" in result.stderr
+
+
+def beit_with_its_processor(folder: Path) -> Checkpoint:
+    """BEiT: its processor runs its own step loop (label reduction, off for images)."""
+    import torch
+    from transformers import BeitConfig, BeitForImageClassification, BeitImageProcessorPil
+
+    labels = ["mug", "kettle", "teapot"]
+    torch.manual_seed(6)
+    config = BeitConfig(**{**TINY, "patch_size": 8}, image_size=32, **labelled(labels))
+    processor = BeitImageProcessorPil(
+        size={"height": 40, "width": 40}, crop_size={"height": 32, "width": 32}
+    )
+    return save(folder, BeitForImageClassification(config), processor, labels)
+
+
+def test_a_processor_with_its_own_step_loop_is_served_when_its_pixels_agree(
+    tmp_path: Path,
+) -> None:
+    checkpoint = beit_with_its_processor(tmp_path / "beit")
+    model = tmp_path / "m.onnx"
+    result = run_import("hf", str(checkpoint.folder), "-o", str(model))
+    assert result.returncode == 0, result.stderr
+    files = image_files(PHOTOS)
+    expected = pipeline_probabilities(checkpoint.folder, files, checkpoint.labels)
+    with served(model, ROOT) as server:
+        served_probabilities, _ = classify_v1(server.url, files)
+    np.testing.assert_allclose(served_probabilities, expected, atol=PROBABILITY_TOLERANCE)
+    assert (served_probabilities.argmax(1) == expected.argmax(1)).all()
+
+
+def test_a_step_loop_that_changes_the_pixels_is_refused_naming_it() -> None:
+    from transformers import ViTImageProcessorPil
+
+    from model_export.hf_preprocessing import UnexpressibleProcessor, spec_from_processor
+
+    class Brighter(ViTImageProcessorPil):
+        def _preprocess(self, images: list[Any], **kwargs: Any) -> Any:  # type: ignore[override]
+            return super()._preprocess([image + 1 for image in images], **kwargs)
+
+    processor = Brighter(size={"height": 32, "width": 32})
+    files = image_files(PHOTOS)
+    with pytest.raises(UnexpressibleProcessor, match=r"Brighter\._preprocess: .* differ .* by"):
+        spec_from_processor(processor, images=files)
+    with pytest.raises(UnexpressibleProcessor, match="no images to check it on"):
+        spec_from_processor(processor)
+    plain = spec_from_processor(ViTImageProcessorPil(size={"height": 32, "width": 32}))
+    assert plain.input_size == 32
 
 
 def test_a_multi_label_classifier_is_refused(tmp_path: Path) -> None:
@@ -370,3 +418,28 @@ def test_a_model_that_does_not_export_at_its_processors_size_is_refused_in_one_l
     assert result.returncode != 0
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("vit-import: the model does not export to ONNX at 48x48"), result.stderr
+
+
+def test_an_operator_onnx_lacks_is_refused_in_one_line_and_nothing_else(tmp_path: Path) -> None:
+    """Dinov2 with registers resizes its position embeddings with antialiased bicubic, which
+    ONNX has no operator for; torch's exporter prints its whole graph as it fails."""
+    import torch
+    from transformers import (
+        Dinov2WithRegistersConfig,
+        Dinov2WithRegistersForImageClassification,
+        ViTImageProcessorPil,
+    )
+
+    labels = ["a", "b"]
+    torch.manual_seed(7)
+    config = Dinov2WithRegistersConfig(
+        **{**TINY, "patch_size": 8}, image_size=32, **labelled(labels)
+    )
+    processor = ViTImageProcessorPil(size={"height": 32, "width": 32})
+    checkpoint = save(
+        tmp_path / "dinov2", Dinov2WithRegistersForImageClassification(config), processor, labels
+    )
+    result = run_import("hf", str(checkpoint.folder), "-o", str(tmp_path / "m.onnx"))
+    assert result.returncode != 0 and result.stdout == "", result.stdout[:500]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("vit-import: the model does not export to ONNX at 32x32"), line

@@ -96,7 +96,7 @@ def test_an_optimum_directory_serves_the_pipelines_numbers(tmp_path: Path) -> No
         assert (answer.argmax(1) == expected.argmax(1)).all()
 
 
-@pytest.mark.parametrize("kind", ["txt", "json", "config"])
+@pytest.mark.parametrize("kind", ["txt", "txt with a BOM", "json", "json with a BOM", "config"])
 def test_labels_come_from_a_text_file_a_json_list_or_a_config(tmp_path: Path, kind: str) -> None:
     labels_file = {
         "txt": (tmp_path / "labels.txt", "red\ngreen\n\nblue\n"),
@@ -105,8 +105,10 @@ def test_labels_come_from_a_text_file_a_json_list_or_a_config(tmp_path: Path, ki
             tmp_path / "config.json",
             json.dumps({"id2label": {"2": "blue", "0": "red", "1": "green"}}),
         ),
-    }[kind]
-    labels_file[0].write_text(labels_file[1])
+    }[kind.removesuffix(" with a BOM")]
+    # Windows editors start UTF-8 files with a byte-order mark, which is no part of a label.
+    bom = "\ufeff" if kind.endswith("BOM") else ""
+    labels_file[0].write_text(bom + labels_file[1], encoding="utf-8")
     plain = classifier(tmp_path / "plain.onnx")
     output = tmp_path / "stamped.onnx"
     result = run_plain(str(plain), "-o", str(output), "--labels", str(labels_file[0]))
@@ -115,6 +117,9 @@ def test_labels_come_from_a_text_file_a_json_list_or_a_config(tmp_path: Path, ki
     assert metadata.labels == tuple(LABELS) and metadata.name == "plain"
     assert metadata.preprocessing.input_size == 32  # from the graph
     assert metadata.output == "logits" and metadata.version == "1"
+    # Nothing said how it was trained: the defaults are used, and the import says which.
+    assert "warning: no preprocessor_config.json: resize shorter_side, " in result.stdout
+    assert "mean (0.5, 0.5, 0.5), std (0.5, 0.5, 0.5) are defaults" in result.stdout
 
 
 def test_flags_set_the_preprocessing_and_the_service_follows_them(tmp_path: Path) -> None:
@@ -352,6 +357,9 @@ def test_probabilities_import_once_their_kind_is_said(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert metadata_of(output).output == "probabilities"
+    with served(output, ROOT) as server:  # its warm-up checks the rows are probabilities
+        probabilities, _ = classify_v1(server.url, image_files(PHOTOS)[:2])
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
 
 
 def test_a_channels_last_graph_is_refused_for_its_layout(tmp_path: Path) -> None:

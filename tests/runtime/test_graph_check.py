@@ -92,6 +92,18 @@ def test_a_width_known_only_at_run_time_fails_the_warm_up_which_ends_the_process
     assert "warm-up failed" in result.stderr and "32 classes" in result.stderr
 
 
+def test_logits_stamped_as_probabilities_fail_the_warm_up_which_ends_the_process(
+    tmp_path: Path,
+) -> None:
+    model = classifier(
+        tmp_path / "m.onnx", metadata=metadata_for(LABELS, 32, output="probabilities")
+    )
+    result = serve_exit(model)
+    assert result.returncode != 0
+    assert "says the output is probabilities" in result.stderr, result.stderr
+    assert "--output-kind logits" in result.stderr
+
+
 def test_a_float16_input_is_refused(tmp_path: Path) -> None:
     model = classifier(
         tmp_path / "m.onnx", input_type=TensorProto.FLOAT16, metadata=metadata_for(LABELS, 32)
