@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.runtime.options import CPU
@@ -30,6 +31,15 @@ def wait_ready(client: TestClient, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("the app never became ready")
         time.sleep(0.01)
+
+
+def rejections(client: TestClient, reason: str) -> float:
+    """The service's count of requests refused for `reason`, read as Prometheus reads it."""
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "vit_rejections_total" and sample.labels["reason"] == reason:
+                return sample.value
+    return 0.0
 
 
 @contextmanager

@@ -24,7 +24,7 @@ from service.runtime.options import IN_PROCESS
 from service.runtime.session import ModelSession
 from tests.images import asymmetric, encode, with_orientation
 from tests.onnx_models import classifier, expected_attention, metadata_for
-from tests.service_support import cpu_settings, ready_client
+from tests.service_support import cpu_settings, ready_client, rejections
 
 LABELS = ["red", "green", "blue"]
 SIZE = 32
@@ -127,15 +127,20 @@ def test_the_box_is_in_the_upright_original_whatever_the_exif_orientation(
         assert attention["box"] == [16.0, 0.0, 80.0, 64.0]
 
 
-def test_a_draft_decoded_jpeg_gets_its_box_in_the_original_pixels(tmp_path: Path) -> None:
+def draft_decoding_model(tmp_path: Path) -> Path:
+    """A model with attention whose JPEGs are decoded reduced, as the bundled model's are."""
     spec = PreprocessSpec(input_size=SIZE, jpeg_draft=True)
-    model = classifier(
+    return classifier(
         tmp_path / "m.onnx",
         attention=True,
         metadata=metadata_for(
             LABELS, SIZE, preprocessing=spec, attention_output="attention_rollout"
         ),
     )
+
+
+def test_a_draft_decoded_jpeg_gets_its_box_in_the_original_pixels(tmp_path: Path) -> None:
+    model = draft_decoding_model(tmp_path)
     photo = encode(asymmetric((640, 480)), "JPEG", quality=90)
     with ready_client(cpu_settings(model)) as client:
         attention = only_prediction(explain(client, photo))["attention"]
@@ -145,14 +150,7 @@ def test_a_draft_decoded_jpeg_gets_its_box_in_the_original_pixels(tmp_path: Path
 
 
 def test_a_draft_decoded_jpeg_is_drawn_at_its_own_size_with_its_detail(tmp_path: Path) -> None:
-    spec = PreprocessSpec(input_size=SIZE, jpeg_draft=True)
-    model = classifier(
-        tmp_path / "m.onnx",
-        attention=True,
-        metadata=metadata_for(
-            LABELS, SIZE, preprocessing=spec, attention_output="attention_rollout"
-        ),
-    )
+    model = draft_decoding_model(tmp_path)
     photo = asymmetric((1000, 700))
     for x in range(0, 144, 8):  # stripes finer than the model's draft (1/8) keeps, left of the box
         photo.paste((0, 0, 0), (x, 300, x + 4, 700))
@@ -219,14 +217,6 @@ def test_a_png_answer_takes_one_file_and_refuses_more_before_decoding(
     assert one.status_code == 200 and decoded_count(client) == before + 1
 
 
-def rejected(client: TestClient, reason: str) -> float:
-    for family in text_string_to_metric_families(client.get("/metrics").text):
-        for sample in family.samples:
-            if sample.name == "vit_rejections_total" and sample.labels["reason"] == reason:
-                return sample.value
-    return 0.0
-
-
 @pytest.mark.parametrize(
     ("accept", "answer"),
     [
@@ -252,7 +242,7 @@ def test_the_accept_header_chooses_json_or_png_by_q(
 def test_an_accept_header_taking_neither_json_nor_png_is_a_406_before_decoding(
     client: TestClient, accept: str
 ) -> None:
-    decoded, refused = decoded_count(client), rejected(client, "not_acceptable")
+    decoded, refused = decoded_count(client), rejections(client, "not_acceptable")
     response = client.post(
         "/v1/explain", files={"file": ("a.png", BRIGHT)}, headers={"accept": accept}
     )
@@ -260,7 +250,7 @@ def test_an_accept_header_taking_neither_json_nor_png_is_a_406_before_decoding(
     body = response.json()
     assert body["type"] == "not_acceptable"
     assert "application/json" in body["error"] and "image/png" in body["error"]
-    assert rejected(client, "not_acceptable") == refused + 1
+    assert rejections(client, "not_acceptable") == refused + 1
     assert decoded_count(client) == decoded
     explain_doc = client.get("/openapi.json").json()["paths"]["/v1/explain"]["post"]
     assert "not_acceptable" in explain_doc["responses"]["406"]["description"]

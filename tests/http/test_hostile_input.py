@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.service_support import cpu_settings, ready_client
+from tests.service_support import cpu_settings, ready_client, rejections
 
 MAX_BODY = 256 * 1024
 MAX_FILES = 4
@@ -58,14 +57,6 @@ def client(served_model: Path) -> Iterator[TestClient]:
     settings = cpu_settings(served_model, max_body_bytes=MAX_BODY, max_images_per_request=MAX_FILES)
     with ready_client(settings) as test_client:
         yield test_client
-
-
-def rejections(client: TestClient, reason: str) -> float:
-    for family in text_string_to_metric_families(client.get("/metrics").text):
-        for sample in family.samples:
-            if sample.name == "vit_rejections_total" and sample.labels["reason"] == reason:
-                return sample.value
-    return 0.0
 
 
 def refused(client: TestClient, status: int, kind: str, **request: Any) -> None:

@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from prometheus_client.parser import text_string_to_metric_families
 
 from model_export import shapes
 from service.runtime.session import PROBABILITIES, ModelSession, Outputs
-from tests.service_support import cpu_settings, ready_client
+from tests.service_support import cpu_settings, ready_client, rejections
 
 FAILURES_UNTIL_UNREADY = 3
 IMAGE = shapes.sample(21, 0).data
@@ -58,15 +57,6 @@ def classify(client: TestClient) -> tuple[int, dict[str, object]]:
     response = client.post("/v1/classify", content=IMAGE, headers={"content-type": "image/png"})
     body: dict[str, object] = response.json()
     return response.status_code, body
-
-
-def rejections(client: TestClient, reason: str) -> float:
-    text = client.get("/metrics").text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "vit_rejections_total" and sample.labels["reason"] == reason:
-                return sample.value
-    return 0.0
 
 
 def test_a_failed_inference_is_a_counted_500_and_the_next_request_works(
