@@ -73,6 +73,7 @@ class SelfTest(BaseModel):
     )
     tolerance: float = Field(
         gt=0,
+        allow_inf_nan=False,  # an infinite tolerance would pass any numbers
         description="The largest |difference| of any probability that still passes: the "
         "measured difference of the written file from the FP32 reference, with a margin.",
     )

@@ -4,7 +4,9 @@ loaded models."""
 from __future__ import annotations
 
 import asyncio
+import string
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request, Response
 
@@ -169,10 +171,20 @@ async def explain(
     )
     top = int(answer.outputs[PROBABILITIES][0].argmax())
     headers = {
-        "X-Model": f"{session.metadata.name}/{session.metadata.version}",
-        "X-Top-Label": session.labels[top],
+        "X-Model": header_value(f"{session.metadata.name}/{session.metadata.version}"),
+        "X-Top-Label": header_value(session.labels[top]),
+        "X-Top-Index": str(top),
     }
     return Response(png_bytes, media_type=PNG, headers=headers)
+
+
+HEADER_SAFE = "".join(c for c in string.printable if c not in string.whitespace + "%") + " "
+
+
+def header_value(text: str) -> str:
+    """`text` as an HTTP header value: printable ASCII as it is, anything else (non-Latin
+    labels, line breaks a label could smuggle in) percent-encoded as UTF-8."""
+    return quote(text, safe=HEADER_SAFE)
 
 
 async def _answers(

@@ -20,6 +20,7 @@ from service.errors import (
     DeadlineExceeded,
     NotReady,
     ServiceError,
+    TooExpensiveToDecode,
     TooManyPixels,
     UndecodableImage,
     UnsupportedImageFormat,
@@ -265,7 +266,13 @@ class Pipeline:
         await self._self_test(deadline)
         self._warmed_up = True
         self._recovery = asyncio.create_task(self._recover_when_failing(), name="recovery")
-        logger.info("warm-up done, self-test %s (%s): ready", *astuple(self.self_test))
+        metadata = self.session.metadata
+        logger.info(
+            "%s version %s: warm-up done, self-test %s (%s): ready",
+            metadata.name,
+            metadata.version,
+            *astuple(self.self_test),
+        )
 
     async def _self_test(self, deadline: float) -> None:
         """The model file's golden images through the whole serving path (decoding workers,
@@ -300,7 +307,8 @@ class Pipeline:
                 f"golden image self_test.images[{image}] (of {len(test.images)}): a probability "
                 f"differs by {worst:.2e} from the file's expectation, over its tolerance "
                 f"{test.tolerance:.1e} ({where}); the provider, precision or onnxruntime "
-                "version computes other numbers than the model was exported with"
+                "version computes other numbers than the model was exported with, or the file's "
+                "weights or expectations were changed since"
             )
         self.self_test = SelfTestStatus(
             "passed",
@@ -314,7 +322,7 @@ class Pipeline:
             return await self.prepare(base64.b64decode(image, validate=True))
         except binascii.Error as error:
             reason = f"not base64: {error}"
-        except (UnsupportedImageFormat, UndecodableImage) as error:
+        except (*FILE_ERRORS, TooExpensiveToDecode) as error:  # over this server's bounds too
             reason = error.message
         self._self_test_failed(
             f"golden image self_test.images[{index}] does not decode ({reason}): {BROKEN_FILE}"

@@ -84,6 +84,9 @@ class ModelRegistry:
         self._poller: asyncio.Task[None] | None = None
         self._retiring: dict[asyncio.Task[None], Pipeline] = {}
         self._last_scan: Scan = {}
+        self._awaited: set[str] = set()
+        """Models the policy chose versions of at start that no version serves yet: readiness
+        waits for them until one serves, or they are unloaded or leave the repository."""
         metrics.models_memory_bytes.set_function(lambda: float(self.memory_bytes()))
         self._started = False
         self.draining = False
@@ -93,7 +96,7 @@ class ModelRegistry:
 
     def get(self, name: str | None = None, version: str | None = None) -> Pipeline:
         """The pipeline serving `name` (the default model when None) at `version` (the latest
-        served when None), or 404."""
+        served and ready when None), or 404."""
         if not self._serving and any(e.state == "LOADING" for e in self._index.values()):
             raise NotReady("the models are still loading")
         name = name or self.default_name()
@@ -103,8 +106,9 @@ class ModelRegistry:
         if not versions:
             known = ", ".join(sorted(self._serving)) or "none"
             raise ModelNotFound(f"no model {name!r} is served (serving: {known})")
-        if version is None:
-            return versions[max(versions)]
+        if version is None:  # the latest that is ready; the latest, to say why, if none is
+            ready = [v for v, pipeline in versions.items() if pipeline.ready]
+            return versions[max(ready or versions)]
         for pipeline in versions.values():
             if pipeline.session.metadata.version == version:
                 return pipeline
@@ -134,7 +138,11 @@ class ModelRegistry:
         every version served is ready (later loads and swaps do not take readiness away)."""
         serving = self.pipelines()
         return (
-            self._started and bool(serving) and not self.draining and all(p.ready for p in serving)
+            self._started
+            and bool(serving)
+            and not self._awaited
+            and not self.draining
+            and all(p.ready for p in serving)
         )
 
     async def index(self) -> list[IndexEntry]:
@@ -172,6 +180,8 @@ class ModelRegistry:
                 if self.settings.model_control == "none":
                     raise ModelLoadFailed(why)
                 logger.warning("%s", why)
+            if chosen:
+                self._awaited.add(name)
             for version in chosen:
                 file = versions[version]
                 before = resident_bytes()
@@ -185,22 +195,23 @@ class ModelRegistry:
                             f"{name} version {version} ({file.path}): {last_line(error)}"
                         ) from error
                     self._failed(name, version, error)
+                    self._unloadable[(name, version)] = file
                     continue
                 prepared.append(Prepared(name, version, file, session, before))
                 self._index[(name, version)] = IndexEntry(name, version, "LOADING")
         return prepared
 
     async def serve(self, prepared: list[Prepared]) -> None:
-        """Warm up and serve what `open` loaded; in poll mode, then keep watching."""
+        """Warm up and serve what `open` loaded; in poll and explicit modes, where a chosen
+        version failed, choose among the others as later scans do; in poll mode, then keep
+        watching."""
+        strict = self.settings.model_control == "none"
         async with self._changes:
             for item in prepared:
-                await self._load(
-                    item.name,
-                    item.version,
-                    item.file,
-                    strict=self.settings.model_control == "none",
-                    prepared=item,
-                )
+                await self._load(item.name, item.version, item.file, strict=strict, prepared=item)
+        if not strict:
+            for name, versions in self._last_scan.items():
+                await self._sync(name, versions)
         self._started = True
         if self.settings.model_control == "poll":
             self._poller = asyncio.create_task(self._poll(), name="repository-poll")
@@ -312,6 +323,8 @@ class ModelRegistry:
             for version in list(self._serving.get(name, {})):
                 if version not in wanted and version not in (keep or set()):
                     self._retire(name, version)
+            if not versions:  # unloaded, or gone from the repository
+                self._awaited.discard(name)
             for key in [k for k in self._index if k[0] == name]:
                 gone = key[1] not in versions and key[1] not in (keep or set())
                 if gone and self._index[key].state == "UNAVAILABLE":
@@ -365,6 +378,7 @@ class ModelRegistry:
         self._unloadable.pop(key, None)
         old = self._serving.setdefault(name, {}).get(version)
         self._serving[name][version] = pipeline  # the swap: new requests go to the new one
+        self._awaited.discard(name)
         pipeline.publish_metrics()
         self._files[key] = file
         self._index[key] = IndexEntry(name, version, "READY", memory_bytes=measured)

@@ -8,6 +8,7 @@ import io
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -193,6 +194,25 @@ def test_explain_as_png_is_the_upright_photo_with_the_map_bounded_in_size(
     # ramp's (white at the peak), so those pixels move far from the photo's.
     assert np.abs(drawn[:, 100:400] - shrunk[:, 100:400]).max() > 50
     assert response.headers["x-top-label"] in LABELS
+    assert LABELS[int(response.headers["x-top-index"])] == response.headers["x-top-label"]
+
+
+@pytest.mark.parametrize("label", ["猫 cat", "café", "line\r\nX-Injected: 1", "100% sure"])
+def test_a_png_answer_percent_encodes_a_label_no_header_can_hold(
+    tmp_path: Path, label: str
+) -> None:
+    labels = [label, label + " too", "plain"]
+    metadata = metadata_for(labels, SIZE, attention_output="attention_rollout")
+    model = classifier(tmp_path / "m.onnx", attention=True, metadata=metadata)
+    with ready_client(cpu_settings(model)) as client:
+        response = client.post(
+            "/v1/explain", files={"file": ("a.png", BRIGHT)}, headers={"accept": "image/png"}
+        )
+    assert response.status_code == 200, response.text
+    assert "x-injected" not in response.headers
+    top = int(response.headers["x-top-index"])
+    assert unquote(response.headers["x-top-label"]) == labels[top]
+    assert response.headers["x-top-label"].isascii()
 
 
 def decoded_count(client: TestClient) -> float:
@@ -377,9 +397,9 @@ def test_a_model_whose_numbers_moved_never_becomes_ready_and_says_why(
     assert any("self-test failed" in record.getMessage() for record in caplog.records)
 
 
-def failed_self_test(model: Path) -> str:
+def failed_self_test(model: Path, **settings: object) -> str:
     """The detail of `model`'s self-test, which must fail, once the server reports it."""
-    with TestClient(create_app(cpu_settings(model))) as client:
+    with TestClient(create_app(cpu_settings(model, **settings))) as client:
         deadline = time.monotonic() + 10
         while (status := client.get("/v1/models").json()["models"]) == [] or status[0]["self_test"][
             "status"
@@ -425,6 +445,20 @@ def test_a_golden_image_that_does_not_decode_fails_naming_it(
     detail = failed_self_test(explained_model(tmp_path / "m.onnx", self_test=broken))
     assert detail.startswith("golden image self_test.images[1] does not decode (")
     assert reason in detail and "model file is broken" in detail
+
+
+def test_a_golden_image_over_the_servers_pixel_bound_fails_naming_it(tmp_path: Path) -> None:
+    plain = explained_model(tmp_path / "plain.onnx")
+    model = explained_model(tmp_path / "m.onnx", self_test=golden(plain, [BRIGHT, DARK]))
+    detail = failed_self_test(model, max_pixels=40 * 40 - 1)
+    assert detail.startswith("golden image self_test.images[0] does not decode (")
+    assert "pixels" in detail
+
+
+def test_an_infinite_tolerance_is_refused_as_it_would_pass_anything(tmp_path: Path) -> None:
+    good = golden(explained_model(tmp_path / "plain.onnx"), [BRIGHT])
+    with pytest.raises(ValueError, match="tolerance"):
+        SelfTest.model_validate({**good.model_dump(), "tolerance": float("inf")})
 
 
 def test_the_bundled_model_with_perturbed_weights_never_becomes_ready(

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 from selenium import webdriver
 from selenium.webdriver import Chrome as WebDriver
 from selenium.webdriver.chrome.service import Service as ChromeService
@@ -230,6 +231,24 @@ def test_the_attention_overlay_is_shown_beside_the_photo(server: str, browser: W
     overlay = browser.find_element(By.ID, "overlay")
     assert browser.execute_script("return arguments[0].naturalWidth", overlay) > 0
     assert PHOTO.name in str(overlay.get_attribute("alt"))
+
+
+@needs_chromium
+def test_a_photo_the_browser_cannot_show_is_said_and_the_overlay_shows_it(
+    server: str, browser: WebDriver, tmp_path: Path
+) -> None:
+    tiff = tmp_path / "cat.tiff"
+    Image.open(PHOTO).save(tiff)
+    open_page(browser, server)
+    assert upload(browser, tiff) == "done"
+    caption = browser.find_element(By.ID, "photo-caption")
+    wait_for(browser, lambda b: "cannot show" in caption.text, "the photo's failure was not said")
+    assert tiff.name in caption.text and not browser.find_element(By.ID, "photo").is_displayed()
+    figure = browser.find_element(By.ID, "overlay-figure")
+    wait_for(browser, lambda b: figure.get_attribute("data-state") == "loaded", "no overlay")
+    assert upload(browser, PHOTO) == "done"  # the next photo is shown again
+    wait_for(browser, lambda b: browser.find_element(By.ID, "photo").is_displayed(), "hidden")
+    assert caption.text == "The photo"
 
 
 @needs_chromium

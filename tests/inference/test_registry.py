@@ -171,46 +171,104 @@ def test_an_api_token_guards_inference_but_not_health(repo: Path) -> None:
         assert client.get("/metrics").status_code == 200
 
 
-@pytest.mark.parametrize("breakage", ["truncated", "labels", "self_test"])
+BREAKAGE_REASONS = {
+    "truncated": "INVALID_PROTOBUF",
+    "labels": "2 labels",
+    "self_test": "self-test failed",
+}
+
+
+def add_broken_version(repo: Path, name: str, version: int, breakage: str) -> None:
+    """A version that must never serve, written then renamed into place."""
+    staging = repo / f".broken-{name}-{version}"
+    staging.mkdir()
+    if breakage == "truncated":
+        data = (repo / "shapes" / "1" / "model.onnx").read_bytes()
+        (staging / "model.onnx").write_bytes(data[: len(data) // 2])
+    elif breakage == "labels":
+        classifier(staging / "model.onnx", metadata=metadata_for(["a", "b"], 32))
+    else:  # expectations the graph does not give: a file computing other numbers
+        expected = ((0.5, 0.25, 0.25),)
+        self_test = SelfTest(
+            images=(base64.b64encode(PHOTO).decode(),), probabilities=expected, tolerance=1e-4
+        )
+        metadata = metadata_for(COLOURS, 32, self_test=self_test)
+        classifier(staging / "model.onnx", metadata=metadata)
+    (repo / name).mkdir(exist_ok=True)
+    staging.rename(repo / name / str(version))
+
+
+def index_entry(client: TestClient, name: str, version: str) -> dict[str, Any]:
+    """The index's entry for `name` `version`, once it is not LOADING (within 10 s)."""
+    deadline = time.monotonic() + 10
+    entry: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        index = client.post("/v2/repository/index", headers=admin()).json()
+        entry = next((e for e in index if e["name"] == name and e["version"] == version), {})
+        if entry.get("state") in ("READY", "UNAVAILABLE"):
+            break
+        time.sleep(0.1)
+    return entry
+
+
+@pytest.mark.parametrize("breakage", BREAKAGE_REASONS)
 def test_a_broken_new_version_never_serves_and_the_index_says_why(
     repo: Path, breakage: str
 ) -> None:
     settings = cpu_settings(repo, admin_token=TOKEN, model_control="poll", repository_poll_s=0.2)
     with ready_client(settings) as client:
-        staging = repo / ".broken"
-        staging.mkdir()
-        if breakage == "truncated":
-            data = (repo / "colours" / "2" / "model.onnx").read_bytes()
-            (staging / "model.onnx").write_bytes(data[: len(data) // 2])
-        elif breakage == "labels":
-            classifier(staging / "model.onnx", metadata=metadata_for(["a", "b"], 32))
-        else:  # expectations the graph does not give: a file computing other numbers
-            expected = ((0.5, 0.25, 0.25),)
-            self_test = SelfTest(
-                images=(base64.b64encode(PHOTO).decode(),), probabilities=expected, tolerance=1e-4
-            )
-            metadata = metadata_for(COLOURS, 32, self_test=self_test)
-            classifier(staging / "model.onnx", metadata=metadata)
-        staging.rename(repo / "colours" / "3")
-        deadline = time.monotonic() + 10
-        entry: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            index = client.post("/v2/repository/index", headers=admin()).json()
-            entry = next((e for e in index if e["version"] == "3"), {})
-            if entry.get("state") == "UNAVAILABLE":
-                break
-            time.sleep(0.1)
+        add_broken_version(repo, "colours", 3, breakage)
+        entry = index_entry(client, "colours", "3")
         assert entry.get("state") == "UNAVAILABLE", entry
-        expected_reason = {
-            "truncated": "INVALID_PROTOBUF",
-            "labels": "2 labels",
-            "self_test": "self-test failed",
-        }[breakage]
-        assert expected_reason in entry["reason"], entry
+        assert BREAKAGE_REASONS[breakage] in entry["reason"], entry
         answer = classify(client, "/v1/models/colours/classify")
         assert answer.status_code == 200 and answer.json()["model"]["version"] == "2"
         metrics = client.get("/metrics").text
         assert 'vit_model_load_failures_total{model="colours"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("control", ["poll", "explicit"])
+@pytest.mark.parametrize("breakage", ["truncated", "self_test"])
+def test_at_start_a_broken_latest_version_leaves_the_one_before_it_serving(
+    repo: Path, control: str, breakage: str
+) -> None:
+    add_broken_version(repo, "colours", 3, breakage)
+    settings = cpu_settings(repo, admin_token=TOKEN, model_control=control)
+    with ready_client(settings) as client:
+        answer = classify(client, "/v1/models/colours/classify")
+        assert answer.status_code == 200 and answer.json()["model"]["version"] == "2"
+        entry = index_entry(client, "colours", "3")
+        assert entry["state"] == "UNAVAILABLE" and BREAKAGE_REASONS[breakage] in entry["reason"]
+
+
+def test_at_start_a_model_no_version_of_which_loads_holds_readiness_until_one_does(
+    repo: Path,
+) -> None:
+    add_broken_version(repo, "faulty", 1, "self_test")
+    settings = cpu_settings(repo, admin_token=TOKEN, model_control="poll", repository_poll_s=0.2)
+    with TestClient(create_app(settings)) as client:
+        entry = index_entry(client, "faulty", "1")
+        assert entry["state"] == "UNAVAILABLE" and "self-test failed" in entry["reason"]
+        assert index_entry(client, "shapes", "1")["state"] == "READY"
+        answer = classify(client, "/v1/models/shapes/classify")
+        assert answer.status_code == 200, answer.text
+        assert client.get("/v2/health/ready").status_code == 503
+        add_version(repo, "faulty", 2)  # a version that loads: the model serves, and the server
+        wait_ready(client)
+        answer = classify(client, "/v1/models/faulty/classify")
+        assert answer.status_code == 200 and answer.json()["model"]["version"] == "2"
+
+
+def test_a_request_naming_no_version_goes_to_the_latest_that_is_ready(repo: Path) -> None:
+    add_broken_version(repo, "colours", 3, "self_test")
+    settings = cpu_settings(repo, admin_token=TOKEN, version_policy="latest:2")
+    with TestClient(create_app(settings)) as client:
+        assert index_entry(client, "colours", "3")["state"] == "UNAVAILABLE"
+        assert index_entry(client, "colours", "2")["state"] == "READY"
+        assert client.get("/v2/health/ready").status_code == 503  # none mode: it stays unready
+        answer = classify(client, "/v1/models/colours/classify")
+        assert answer.status_code == 200 and answer.json()["model"]["version"] == "2"
+        assert classify(client, "/v1/models/colours/versions/3/classify").status_code == 503
 
 
 def test_a_load_over_the_memory_budget_is_refused_with_the_reason(repo: Path) -> None:

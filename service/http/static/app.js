@@ -173,6 +173,28 @@ async function showOverlay(model, file, mine) {
   showObject(overlay, "overlay", outcome);
 }
 
+// The upload as this browser shows it; a format it cannot show (TIFF, in most browsers) is
+// said, and the overlay beside it is the photo as the server decoded it.
+function showPhoto(file) {
+  const photo = $("photo");
+  photo.hidden = false;
+  photo.alt = `The photo sent: ${file.name}`;
+  setText("photo-caption", "The photo");
+  photo.addEventListener(
+    "error",
+    () => {
+      if (photo.src !== objectUrls.photo) return; // a later upload's photo replaced it
+      photo.hidden = true;
+      setText(
+        "photo-caption",
+        `This browser cannot show ${file.name}; the overlay beside it is the photo as the server decoded it.`,
+      );
+    },
+    { once: true },
+  );
+  showObject(photo, "photo", file);
+}
+
 // A refused upload leaves nothing of the previous answer behind, hidden or not: no bars, no
 // photo, and no overlay still said to be loading.
 function clearResult() {
@@ -227,9 +249,7 @@ async function classify(file) {
   }
 
   const prediction = answer.predictions[0];
-  const photo = $("photo");
-  photo.alt = `The photo sent: ${file.name}`;
-  showObject(photo, "photo", file);
+  showPhoto(file);
   renderTop(prediction.top);
   renderOod(prediction);
   const latency = $("latency");
