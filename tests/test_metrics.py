@@ -108,3 +108,27 @@ def test_health_routes_are_counted(client: TestClient) -> None:
     after = samples(client)
     key = ("vit_requests_total", (("route", "/v2/health/ready"), ("status", "200")))
     assert after[key] - before.get(key, 0.0) == 1
+
+
+def test_a_fresh_server_has_measured_no_traffic_before_its_first_request(
+    client: TestClient,
+) -> None:
+    """Warm-up and the self-test's golden images are the service's own, not its clients'."""
+    fresh = samples(client)
+    assert value(fresh, "vit_model_self_test_passed", **MODEL) == 1
+    for name, labels in [
+        ("vit_input_images_total", {"format": "PNG"}),
+        ("vit_stage_duration_seconds_count", {"stage": "decode_preprocess"}),
+        ("vit_stage_duration_seconds_count", {"stage": "queue_wait"}),
+        ("vit_stage_duration_seconds_count", {"stage": "inference"}),
+        ("vit_batch_size_images_count", {}),
+    ]:
+        assert value(fresh, name, **MODEL, **labels) == 0, name
+    headers = {"content-type": "image/png"}
+    sent = client.post("/v1/classify", content=UPLOADS["png-rgba"][0], headers=headers)
+    assert sent.status_code == 200, sent.text
+    after = samples(client)
+    assert value(after, "vit_input_images_total", **MODEL, format="PNG") == 1
+    for stage in ("decode_preprocess", "queue_wait", "inference"):
+        assert value(after, "vit_stage_duration_seconds_count", **MODEL, stage=stage) == 1, stage
+    assert value(after, "vit_batch_size_images_count", **MODEL) == 1

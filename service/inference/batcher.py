@@ -39,6 +39,9 @@ class _Job:
     deadline: float
     enqueued: float
     future: asyncio.Future[Outputs]
+    counted: bool = True
+    """A client's images, measured in the metrics; the service's own (warm-up, self-test,
+    recovery probes) are not traffic."""
     started: bool = False
     """Taken by the batching thread: its answer will come, whatever its deadline says."""
 
@@ -133,11 +136,13 @@ class Batcher:
         held = self._held if images is None else images
         return max(1, math.ceil(held / rate)) if rate > 0 else 1
 
-    async def submit(self, inputs: np.ndarray, deadline: float) -> Outputs:
-        """The outputs' rows for `inputs`; 503 when the queue is full, 504 past the deadline."""
+    async def submit(self, inputs: np.ndarray, deadline: float, *, counted: bool = True) -> Outputs:
+        """The outputs' rows for `inputs`; 503 when the queue is full, 504 past the deadline.
+        `counted`: a client's, measured in the metrics (see _Job)."""
         count = len(inputs)
         now = time.monotonic()
-        job = _Job(inputs, deadline, now, asyncio.get_running_loop().create_future())
+        future = asyncio.get_running_loop().create_future()
+        job = _Job(inputs, deadline, now, future, counted=counted)
         with self._changed:
             if self._held + count > self._max_queue:
                 raise Overloaded("the inference queue is full", retry_after=self.retry_after())
@@ -255,10 +260,12 @@ class Batcher:
     def _infer(self, batch: list[_Job], predict: Predict) -> None:
         inputs = np.concatenate([job.inputs for job in batch])
         started = time.monotonic()
+        counted = any(job.counted for job in batch)
         for job in batch:
-            self._metrics.stage_seconds.labels("queue_wait").observe(started - job.enqueued)
+            if job.counted:
+                self._metrics.stage_seconds.labels("queue_wait").observe(started - job.enqueued)
         try:
-            outputs = self._calls(predict, inputs)
+            outputs = self._calls(predict, inputs, counted=counted)
         except Exception as error:
             logger.exception("inference failed on a batch of %d images", len(inputs))
             self._isolate(batch, predict, error)
@@ -269,7 +276,8 @@ class Batcher:
         with self._changed:
             self.consecutive_failures = 0
             self._throughput.observe(len(inputs), elapsed)
-        self._metrics.stage_seconds.labels("inference").observe(elapsed)
+        if counted:
+            self._metrics.stage_seconds.labels("inference").observe(elapsed)
         ends = np.cumsum([len(job.inputs) for job in batch])
         starts = ends - [len(job.inputs) for job in batch]
         rows = [{k: v[a:b] for k, v in outputs.items()} for a, b in zip(starts, ends, strict=True)]
@@ -284,7 +292,7 @@ class Batcher:
             outcome: Outputs | Exception = error
             if len(batch) > 1:
                 try:
-                    outcome = self._calls(predict, job.inputs)
+                    outcome = self._calls(predict, job.inputs, counted=job.counted)
                 except Exception as alone:
                     outcome = alone
             if isinstance(outcome, Exception):
@@ -299,7 +307,7 @@ class Batcher:
             self.consecutive_failures = 0 if known_good_works else self.consecutive_failures + 1
         self._answer(outcomes)
 
-    def _calls(self, predict: Predict, inputs: np.ndarray) -> Outputs:
+    def _calls(self, predict: Predict, inputs: np.ndarray, *, counted: bool) -> Outputs:
         """`inputs` through onnxruntime in calls of at most max_batch_size images: a request
         larger than that is split, never run as one larger call."""
         step = self._max_batch_size
@@ -307,7 +315,8 @@ class Batcher:
         for start in range(0, len(inputs), step):
             chunk = inputs[start : start + step]
             chunks.append(_checked(predict, chunk))
-            self._metrics.batch_size.observe(len(chunk))
+            if counted:
+                self._metrics.batch_size.observe(len(chunk))
         if len(chunks) == 1:
             return chunks[0]
         return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}

@@ -133,17 +133,26 @@ class Pipeline:
         return batch_size, 3, size, size
 
     async def prepare(
-        self, data: bytes, request: object | None = None, *, picture: bool = False
+        self,
+        data: bytes,
+        request: object | None = None,
+        *,
+        picture: bool = False,
+        counted: bool = True,
     ) -> Decoded:
         """One upload as a (1, 3, S, S) model input, decoded in a worker process (with
         `picture`, also the upright image, bounded, for an overlay); the images of one
-        `request` take their turns at the workers with other requests' images."""
+        `request` take their turns at the workers with other requests' images. `counted`: a
+        client's upload, measured in the metrics (the self-test's golden images are not)."""
         started = time.perf_counter()
         decoded = await self.decoders.decode(data, picture=picture, request=request)
-        self.metrics.stage_seconds.labels("decode_preprocess").observe(
-            time.perf_counter() - started
-        )
-        self.metrics.observe_decoded(decoded.format, decoded.original_mode, decoded.exif_rotated)
+        if counted:
+            self.metrics.stage_seconds.labels("decode_preprocess").observe(
+                time.perf_counter() - started
+            )
+            self.metrics.observe_decoded(
+                decoded.format, decoded.original_mode, decoded.exif_rotated
+            )
         return decoded
 
     async def infer(self, batch: np.ndarray, deadline: float) -> Outputs:
@@ -256,7 +265,7 @@ class Pipeline:
         try:
             for batch_size in self.session.warm_up_batch_sizes():
                 zeros = np.zeros(self.input_shape(batch_size), np.float32)
-                outputs = await self.batcher.submit(zeros, deadline)
+                outputs = await self.batcher.submit(zeros, deadline, counted=False)
                 width = outputs[PROBABILITIES].shape[1]
                 check_output_width(width, self.session.metadata, self.session.path)
                 check_output_kind(outputs[PROBABILITIES], self.session.metadata, self.session.path)
@@ -295,7 +304,10 @@ class Pipeline:
                 )
         # One image at a time, as separate requests come: within any queue bound.
         decoded = [await self._golden(index, image) for index, image in enumerate(test.images)]
-        rows = [(await self.batcher.submit(d.tensor, deadline))[PROBABILITIES] for d in decoded]
+        rows = [
+            (await self.batcher.submit(d.tensor, deadline, counted=False))[PROBABILITIES]
+            for d in decoded
+        ]
         # Finite both: the batcher refuses a NaN the model gives, and the file's are checked.
         differences = np.abs(np.concatenate(rows) - expected).max(axis=1)
         image = int(differences.argmax())
@@ -319,7 +331,7 @@ class Pipeline:
     async def _golden(self, index: int, image: str) -> Decoded:
         """Golden image `index`, decoded as an upload is."""
         try:
-            return await self.prepare(base64.b64decode(image, validate=True))
+            return await self.prepare(base64.b64decode(image, validate=True), counted=False)
         except binascii.Error as error:
             reason = f"not base64: {error}"
         except (*FILE_ERRORS, TooExpensiveToDecode) as error:  # over this server's bounds too
@@ -341,7 +353,7 @@ class Pipeline:
                 continue
             probe = np.zeros(self.input_shape(1), np.float32)
             try:
-                await self.batcher.submit(probe, time.monotonic() + WARM_UP_SECONDS)
+                await self.batcher.submit(probe, time.monotonic() + WARM_UP_SECONDS, counted=False)
             except ServiceError:
                 continue
             logger.info("inference works again: ready")
