@@ -106,8 +106,8 @@ class ModelMetadata(BaseModel):
     )
     precision: Literal["fp32", "fp16", "int8"] = Field(
         "fp32",
-        description="The weights' precision (int8: activations quantized per call); input and "
-        "output are float32 either way.",
+        description="The weights' precision (int8: activations quantized per call, so each "
+        "image is run in a call of its own); input and output are float32 either way.",
     )
     dataset: dict[str, object] = Field(
         default_factory=dict, description="What the model was trained and evaluated on."
@@ -144,6 +144,10 @@ class ModelMetadata(BaseModel):
             raise ValueError("self_test.probabilities must have one column per label")
         return self
 
+    @property
+    def images_per_call(self) -> int | None:
+        return images_per_call(self.precision)
+
     def to_props(self) -> dict[str, str]:
         props: dict[str, str] = {}
         for key, value in self.model_dump(mode="json").items():
@@ -173,6 +177,13 @@ class ModelMetadata(BaseModel):
             raise InvalidModelMetadata(
                 f"the model's metadata is malformed ({reason}); see docs/MODEL-FORMAT.md"
             ) from error
+
+
+def images_per_call(precision: str | None) -> int | None:
+    """Images one onnxruntime call may hold at `precision`: one for int8, whose activations take
+    one scale per call from the whole batch (an image's answer would move with its neighbours',
+    other clients' images); None: any number."""
+    return 1 if precision == "int8" else None
 
 
 def last_line(error: BaseException) -> str:

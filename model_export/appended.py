@@ -9,6 +9,8 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from model_contract.metadata import images_per_call
+
 CPU = "CPUExecutionProvider"
 
 
@@ -34,7 +36,8 @@ def session_with_outputs(
     proto: onnx.ModelProto, names: list[str]
 ) -> tuple[ort.InferenceSession, str, int | None]:
     """A CPU session of a copy of `proto` answering the named inner tensors too; its input and
-    its fixed batch size (None where the batch axis is dynamic)."""
+    the images a call must hold: its fixed batch size, or one for an int8 graph (as the service
+    runs it, ModelMetadata.images_per_call); None where any number will do."""
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
     existing = {output.name for output in probe.graph.output}
@@ -48,4 +51,5 @@ def session_with_outputs(
     options.log_severity_level = 4  # fatal only: a failing run is raised, and said in one line
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=[CPU])
     batch = batch_dim.dim_value if batch_dim.HasField("dim_value") else None
-    return session, graph_input.name, batch
+    precision = {p.key: p.value for p in proto.metadata_props}.get("precision")
+    return session, graph_input.name, batch or images_per_call(precision)

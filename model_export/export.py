@@ -240,8 +240,13 @@ def rebuild(path: Path) -> tuple[VisionTransformer, ModelMetadata, onnx.ModelPro
         config = ViTConfig(**metadata.dataset["config"])  # type: ignore[arg-type]
     except (InvalidModelMetadata, KeyError, TypeError) as error:
         raise NotACheckpoint(refusal) from error
-    if proto.producer_name != "vit-export" or metadata.precision != "fp32":
+    if proto.producer_name != "vit-export":
         raise NotACheckpoint(refusal)
+    if metadata.precision != "fp32":
+        raise NotACheckpoint(
+            f"{path} holds {metadata.precision} weights, which cannot be exported again "
+            "exactly: export from the FP32 file or the checkpoint it came from"
+        )
     strip_rollout(proto)
     strip_ood_score(proto)
     model = VisionTransformer(config)

@@ -44,7 +44,7 @@ from model_export.import_onnx import rollout_refusals
 from model_export.importing import (
     ImportRefused,
     chunks,
-    image_files,
+    decodable_image_files,
     model_name,
     served_logits,
     staged,
@@ -291,7 +291,7 @@ def import_hf(
     against it instead. The self-test set is cut from the check images; the out-of-distribution
     threshold is calibrated on `calibration_images` where given (otherwise the file has none)."""
     model, processor = load(source)
-    files = image_files(check_images)
+    files = decodable_image_files(check_images)
     try:
         spec = spec_from_processor(processor, jpeg_draft=jpeg_draft, images=files)
     except UnexpressibleProcessor as error:
@@ -342,7 +342,7 @@ def import_hf(
         if calibration_images is not None:
             proto = onnx.load(str(staged_path))
             ood = calibrate_on_files(
-                proto, session, image_files(calibration_images), folder=calibration_images
+                proto, session, decodable_image_files(calibration_images), folder=calibration_images
             )
             onnx.save(proto, str(staged_path))
         golden = [golden_png(p.read_bytes(), spec) for p in files[:SELF_TEST_IMAGES]]

@@ -30,7 +30,7 @@ from model_contract.preprocess import PreprocessSpec, preprocess
 from model_export.hf_preprocessing import UnexpressibleProcessor, spec_from_processor
 from model_export.importing import (
     ImportRefused,
-    image_files,
+    decodable_image_files,
     model_name,
     served_logits,
     staged,
@@ -242,12 +242,24 @@ BATCH_TOLERANCE = 1e-3
 the largest: the width of onnxruntime's kernels choosing other paths for other batch sizes."""
 
 
+PER_CALL_QUANTIZATION = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeMatMul"})
+"""Operators that quantize activations with one scale per call: onnxruntime's quantize_dynamic
+writes them."""
+
+
+def precision_of(proto: onnx.ModelProto) -> str:
+    """`int8` for a graph whose activations are quantized per call, which the service must run
+    one image a call; `fp32` otherwise (the weights' precision says nothing else to it)."""
+    ops = {node.op_type for node in proto.graph.node}
+    return "int8" if ops & PER_CALL_QUANTIZATION else "fp32"
+
+
 def check_batches(session: ModelSession, files: list[Path]) -> None:
     """One image alone and beside another, where the batch axis is dynamic: the service batches
     clients' images together, so a graph that runs one image at a time or mixes a batch's
     images (a batch norm left in training mode) is refused."""
-    if session.fixed_batch_size is not None:
-        return  # served in batches of exactly that size, as the check images were
+    if session.fixed_batch_size is not None or session.images_per_call is not None:
+        return  # served in batches of exactly that size, or one image a call, as checked
     spec = session.metadata.preprocessing
     first = preprocess(files[0].read_bytes(), spec)
     if len(files) > 1:
@@ -267,8 +279,10 @@ def check_batches(session: ModelSession, files: list[Path]) -> None:
     if gap > BATCH_TOLERANCE * max(1.0, float(np.abs(alone).max())):
         raise ImportRefused(
             f"an image's logits change by {gap:.3g} with another image beside it in the batch: "
-            "the graph mixes a batch's images (a batch norm in training mode?), so one "
-            "client's answer would depend on another's images"
+            "the graph mixes a batch's images (a batch norm in training mode, or activations "
+            "quantized per call: dynamic int8, which the service runs one image a call when "
+            "the metadata says `precision: int8`), so one client's answer would depend on "
+            "another's images"
         )
 
 
@@ -347,6 +361,7 @@ def import_onnx(
                 "labels": label_names,
                 "preprocessing": merged_spec,
                 "output": output_kind or old.get("output") or "logits",
+                "precision": old.get("precision") or precision_of(proto),
                 "output_name": choose_output(proto, output_name or old.get("output_name")),
                 "source": old.get("source")
                 or {
@@ -458,4 +473,4 @@ def ood_of(
     calibrated on the images under `folder`; None without them."""
     if folder is None:
         return None
-    return calibrate_on_files(proto, session, image_files(folder), folder=folder)
+    return calibrate_on_files(proto, session, decodable_image_files(folder), folder=folder)

@@ -16,7 +16,7 @@ from typing import Any
 import onnxruntime as ort
 
 from model_contract.metadata import InvalidModelMetadata, ModelMetadata
-from model_export.importing import ImportRefused, image_files
+from model_export.importing import ImportRefused, decodable_image_files
 from model_export.launch import needs_extra
 
 SPEC_FLAGS = (
@@ -150,7 +150,7 @@ def run_onnx(args: argparse.Namespace) -> bool:
         output_name=args.output_name,
         name=args.name,
         version=args.version,
-        check_images=image_files(args.check_images),
+        check_images=decodable_image_files(args.check_images),
         calibration_images=args.calibration_images,
         rollout=not args.no_rollout,
     )
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         sys.exit(line)
     if not passed:
-        sys.exit(1)
+        sys.exit(f"vit-import: the check failed; {args.output} not written")
     print(f"wrote {args.output} ({args.output.stat().st_size / 1e6:.1f} MB)")
 
 

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from model_contract.preprocess import PreprocessSpec, preprocess
 from service.runtime.session import ModelSession
@@ -28,6 +29,19 @@ def image_files(folder: Path | None) -> list[Path]:
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ImportRefused(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    return files
+
+
+def decodable_image_files(folder: Path | None) -> list[Path]:
+    """`image_files`, each decoded once: an import checks and calibrates on all of them, so one
+    that does not decode is refused, naming it, before anything is run on the others."""
+    files = image_files(folder)
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            raise ImportRefused(f"{path} does not decode: {error}") from error
     return files
 
 

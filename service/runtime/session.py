@@ -95,6 +95,7 @@ class ModelSession:
         self.metadata = ModelMetadata.from_props(self._session.get_modelmeta().custom_metadata_map)
         self.graph = check_graph(self._session, self.metadata, path)
         self.fixed_batch_size = self.graph.fixed_batch_size
+        self.images_per_call = self.metadata.images_per_call
         self.providers: tuple[str, ...] = tuple(self._session.get_providers())
         self.provider = self.providers[0]
         if options.require_cuda and self.provider not in (CUDA, TENSORRT):
@@ -163,7 +164,7 @@ class ModelSession:
             "lone_call_spinning": "on" if self._lone_session else "off",
             "cpu_memory_arena": "on" if session_options.enable_cpu_mem_arena else "off",
             "precision": self.metadata.precision,
-            "batch": "fixed " + str(self.fixed_batch_size) if self.fixed_batch_size else "dynamic",
+            "batch": self._batching(),
             "io_binding": "on" if self._bound else "off",
             "cuda_graph": "on" if cuda_graph else "off",
             "tensorrt": "on" if TENSORRT in self.providers else "off",
@@ -172,10 +173,18 @@ class ModelSession:
             "%s: %s", self.path, ", ".join(f"{key} {value}" for key, value in self.runtime.items())
         )
 
+    def _batching(self) -> str:
+        fixed = f"fixed {self.fixed_batch_size}" if self.fixed_batch_size else "dynamic"
+        if self.images_per_call is not None:
+            return f"{fixed}, {self.images_per_call} image per call ({self.metadata.precision})"
+        return fixed
+
     def _unbindable(self) -> str | None:
         """Why the bound buffers (float32, one per batch-size bucket) cannot serve this graph."""
         if self.fixed_batch_size is not None:
             return f"the graph fixes the batch at {self.fixed_batch_size}"
+        if self.images_per_call is not None:
+            return f"{self.metadata.precision} runs {self.images_per_call} image per call"
         if self.graph.output_type != "tensor(float)":
             return f"the graph's output is {self.graph.output_type}"
         if self.graph.attention_output is not None and self.graph.attention_grid is None:
@@ -231,22 +240,28 @@ class ModelSession:
         return self._run(self._session, batch)
 
     def _run(self, session: ort.InferenceSession, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """One plain run, float32; a graph with a fixed batch gets exactly that many rows per
-        call (the last call padded with zeros, which are never returned)."""
+        """Plain runs, float32: in calls of at most `images_per_call` images where that is
+        bounded; a graph with a fixed batch gets exactly that many rows per call (padded with
+        zeros, which are never returned)."""
         fixed = self.fixed_batch_size
+        step = self.images_per_call or fixed
         names = self._graph_outputs
-        if fixed is None or len(batch) == fixed:
-            values = session.run(list(names), {self.input_name: batch})
+
+        def plain(inputs: np.ndarray) -> dict[str, np.ndarray]:
+            values = session.run(list(names), {self.input_name: inputs})
             return {
                 name: np.asarray(value, dtype=np.float32)
                 for name, value in zip(names, values, strict=True)
             }
+
+        if step is None or len(batch) == step == (fixed or step):
+            return plain(batch)
         chunks = []
-        for start in range(0, len(batch), fixed):
-            chunk = batch[start : start + fixed]
-            padded = np.zeros((fixed, *batch.shape[1:]), dtype=batch.dtype)
+        for start in range(0, len(batch), step):
+            chunk = batch[start : start + step]
+            padded = np.zeros((fixed or len(chunk), *batch.shape[1:]), dtype=batch.dtype)
             padded[: len(chunk)] = chunk
-            chunks.append({k: v[: len(chunk)] for k, v in self._run(session, padded).items()})
+            chunks.append({k: v[: len(chunk)] for k, v in plain(padded).items()})
         return {name: np.concatenate([c[name] for c in chunks]) for name in names}
 
     def infer(self, batch: np.ndarray) -> Outputs:

@@ -240,8 +240,18 @@ def test_unreadable_inputs_are_refused_in_one_line(tmp_path: Path) -> None:
     symbolic = classifier(
         tmp_path / "s.onnx", size="s", classes="c", width_from_input=True, weights_classes=64
     )
+    truncated = tmp_path / "photos"
+    truncated.mkdir()
+    (truncated / "cut.jpg").write_bytes((PHOTOS / "cat.jpg").read_bytes()[:2000])
     cases = [
         (["onnx", str(not_onnx), "--labels", str(tmp_path / "labels.txt")], "not an ONNX file"),
+        (
+            [
+                *("onnx", str(classifier(tmp_path / "c.onnx")), "--no-rollout"),
+                *("--labels", str(tmp_path / "labels.txt"), "--check-images", str(truncated)),
+            ],
+            f"{truncated / 'cut.jpg'} does not decode",
+        ),
         (
             ["onnx", str(classifier(tmp_path / "m.onnx")), "--labels", str(tmp_path / "nope")],
             "No such file or directory",
