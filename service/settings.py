@@ -130,6 +130,11 @@ class Settings(BaseSettings, RuntimeOptions):
     """A connection must deliver a whole request head this soon after opening or after its
     previous response, or it is closed: idle and header-trickling clients cannot pile up."""
 
+    max_head_bytes: int = Field(32 * 1024, ge=1024)
+    """The largest request head (request line and headers), and on httptools at most
+    MAX_PIPELINED_REQUESTS heads waiting behind a request on one connection: a larger head is a
+    400, so one connection cannot fill memory with headers."""
+
     body_timeout_s: float = Field(30.0, gt=0)
     """A request body must have arrived this soon after its head, or the answer is 408: a
     20 MiB upload needs 5.6 Mbit/s."""

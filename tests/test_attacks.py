@@ -5,6 +5,7 @@ health keeps answering and ordinary clients keep getting 200."""
 from __future__ import annotations
 
 import json
+import select
 import socket
 import statistics
 import threading
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.http.slow_clients import MAX_PIPELINED_REQUESTS
 from tests import attacks
 from tests.conftest import ROOT
 from tests.images import upload_variety
@@ -296,6 +298,53 @@ def test_a_client_that_leaves_mid_body_is_counted_as_gone_not_as_a_server_error(
     assert "Traceback" not in server.output()[logged_before:]
 
 
+def test_a_client_that_leaves_once_its_request_is_sent_is_counted_as_gone(server: Server) -> None:
+    template = "/v1/classify"
+    before = {
+        status: metric(server, "vit_requests_total", route=template, status=status)
+        for status in ("200", "499", "500")
+    }
+    logged_before = len(server.output())
+    host, port = server.url.removeprefix("http://").split(":")
+    photo = (ROOT / "examples" / "heart.png").read_bytes()
+    for _ in range(5):
+        with socket.create_connection((host, int(port))) as connection:
+            head = (
+                f"POST {template} HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\n"
+                f"Content-Length: {len(photo)}\r\n\r\n"
+            )
+            connection.sendall(head.encode() + photo)
+            time.sleep(0.002)
+
+    def answered() -> float:  # gone while decoding or queued, or answered before it noticed
+        return sum(
+            metric(server, "vit_requests_total", route=template, status=status) - before[status]
+            for status in ("200", "499")
+        )
+
+    deadline = time.monotonic() + 5
+    while answered() < 5:
+        assert time.monotonic() < deadline, "the departed clients were never counted"
+        time.sleep(0.05)
+    assert metric(server, "vit_requests_total", route=template, status="500") == before["500"]
+    assert "Traceback" not in server.output()[logged_before:]
+
+
+def test_a_websocket_upgrade_is_answered_as_plain_http(server: Server) -> None:
+    before = metric(server, "vit_requests_total", route="/v2/health/live", status="200")
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as connection:
+        connection.sendall(
+            f"GET /v2/health/live HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\n"
+            "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode()
+        )
+        answer = connection.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    after = metric(server, "vit_requests_total", route="/v2/health/live", status="200")
+    assert after == before + 1
+
+
 MALFORMED = [
     b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
     b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",  # a chunk size that is no number
@@ -320,3 +369,48 @@ def test_malformed_http_is_a_counted_json_400(served_model: Path, parser: str) -
             assert json.loads(body)["type"] == "invalid_request"
         assert metric(running, "vit_requests_total", route="unmatched", status="400") == 2
         assert metric(running, "vit_rejections_total", reason="invalid_request") == 2
+
+
+def answers_of(connection: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    answer = b""
+    while chunk := connection.recv(65536):
+        answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+@pytest.mark.parametrize("part", ["url", "headers"])
+def test_a_head_over_its_bound_is_a_json_400(served_model: Path, parser: str, part: str) -> None:
+    """One connection must not fill memory with a request head (uvicorn's httptools protocol
+    keeps whatever it is sent)."""
+    with served(served_model, ROOT, http_parser=parser, max_head_bytes="16384") as running:
+        host, port = running.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as connection:
+            if part == "url":
+                connection.sendall(b"GET /v2/health/live?" + b"a" * 4096)
+                piece = b"a" * 4096
+            else:
+                connection.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")
+                piece = b"X-Filler: " + b"a" * 4086 + b"\r\n"
+            for _ in range(256):  # up to 1 MiB, in pieces as a network delivers it
+                if select.select([connection], [], [], 0.01)[0]:
+                    break  # answered before the head ended: what should happen
+                connection.sendall(piece)
+            answer = answers_of(connection)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400"), answer[:200]
+        assert json.loads(body)["type"] == "invalid_request"
+        assert httpx.get(f"{running.url}/v2/health/ready", timeout=5).status_code == 200
+
+
+def test_a_flood_of_pipelined_requests_is_a_json_400_after_a_bounded_queue(
+    served_model: Path,
+) -> None:
+    with served(served_model, ROOT, http_parser="httptools") as running:
+        host, port = running.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as connection:
+            connection.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n" * 2000)
+            answer = answers_of(connection)
+    assert answer.count(b"HTTP/1.1 200") <= 1 + MAX_PIPELINED_REQUESTS + 1
+    assert b"HTTP/1.1 400" in answer and b'"type":"invalid_request"' in answer

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from pydantic import SecretStr
 from starlette.routing import BaseRoute, Match
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import ServiceError, Unauthorized
 from service.http.responses import service_error_response
@@ -41,8 +41,8 @@ def bearer_token_matches(scope: Scope, token: SecretStr) -> bool:
 class Admission:
     """Answers 503 (`overloaded` with Retry-After, or `not_ready`), 404 (no such model) or 401
     (the inference token is required) for requests to `inference_routes` before their body is
-    read; an admitted request holds its ticket (service/inference/budget.py) until it has been
-    answered."""
+    read; an admitted request holds its ticket (service/inference/budget.py) until its answer
+    starts."""
 
     def __init__(self, app: ASGIApp, inference_routes: Sequence[BaseRoute]) -> None:
         self.app = app
@@ -82,7 +82,15 @@ class Admission:
             return
         state[TICKET] = ticket  # this request's copy of the state
         state[PIPELINE] = pipeline
+
+        async def send_releasing(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                # Its work is done: a client that is slow to read its answer (or never reads
+                # it) must not keep other requests' places.
+                ticket.release()
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_releasing)
         finally:
             ticket.release()

@@ -146,6 +146,8 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
         if not task.done():
             task.cancel()
+            # cancel() only asks: wait until the work has stopped (its decodes withdrawn)
+            await asyncio.wait((task,))
     if task.cancelled():
         raise ClientClosedRequest("the client disconnected before the answer was ready")
     return task.result()

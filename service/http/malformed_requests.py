@@ -36,8 +36,10 @@ class _JsonBadRequest:
             metrics.rejections.labels(InvalidRequest.type).inc()
 
 
-def served_protocol(head_timeout_s: float, parser: HttpParser = "httptools") -> type:
+def served_protocol(
+    head_timeout_s: float, parser: HttpParser, max_head_bytes: int
+) -> type:
     """uvicorn's protocol for `parser` as the service runs it, for `uvicorn.Config(http=...)`:
-    the head deadline (service/http/slow_clients.py) and malformed requests answered in JSON."""
-    base = head_deadline_protocol(head_timeout_s, parser)
+    the head bounds (service/http/slow_clients.py) and malformed requests answered in JSON."""
+    base = head_deadline_protocol(head_timeout_s, parser, max_head_bytes)
     return type(f"JsonBadRequest{base.__name__}", (_JsonBadRequest, base), {})

@@ -1,4 +1,5 @@
-"""A deadline for request heads, which uvicorn's HTTP protocols do not have.
+"""Bounds on request heads, which uvicorn's HTTP protocols do not have: a deadline, and on
+httptools a size.
 
 uvicorn closes a keep-alive connection only while it is silent: one that opens and sends
 nothing, or trickles its headers a byte at a time, is kept forever, and enough of them exhaust
@@ -6,6 +7,11 @@ the file descriptors. Here a connection must deliver a whole request head within
 `head_timeout_s` of opening or of its previous response, or it is closed. (Bodies have their
 own deadline in service/http/body.py.) Both of uvicorn's parsers get it: httptools (C, the faster)
 and h11 (pure Python).
+
+h11 refuses a head larger than its `max_incomplete_event_size` and reads one request at a time;
+uvicorn's httptools protocol keeps any URL and headers it is sent, and queues every pipelined
+head it parses, so a single connection could fill memory (~56 bytes per byte sent). There a
+head over `max_head_bytes`, or more than MAX_PIPELINED_REQUESTS heads waiting, is a 400.
 """
 
 from __future__ import annotations
@@ -17,6 +23,12 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 HttpParser = Literal["httptools", "h11"]
+MAX_PIPELINED_REQUESTS = 64
+"""Requests one connection may have waiting behind the one being answered (httptools)."""
+
+
+class HeadTooLarge(ValueError):
+    """Raised in a parser callback: httptools turns it into a parse error, which is a 400."""
 
 
 class _HeadDeadline:
@@ -68,14 +80,42 @@ class _H11HeadDeadline(_HeadDeadline, H11Protocol):
 
 
 class _HttpToolsHeadDeadline(_HeadDeadline, HttpToolsProtocol):
+    max_head_bytes: int
+    pipeline: Any
+    _head_bytes = 0
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)  # ": " and CRLF
+        super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
         self._head_arrived()
+        if len(self.pipeline) > MAX_PIPELINED_REQUESTS:
+            raise HeadTooLarge(f"over {MAX_PIPELINED_REQUESTS} pipelined requests waiting")
+
+    def _count_head(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > self.max_head_bytes:
+            raise HeadTooLarge(f"a request head over {self.max_head_bytes} bytes")
 
 
-def head_deadline_protocol(head_timeout_s: float, parser: HttpParser = "httptools") -> type:
-    """uvicorn's protocol for `parser` with the head deadline, for `uvicorn.Config(http=...)`."""
+def head_deadline_protocol(
+    head_timeout_s: float, parser: HttpParser, max_head_bytes: int
+) -> type:
+    """uvicorn's protocol for `parser` with the head deadline and (httptools) size, for
+    `uvicorn.Config(http=...)`; h11's size is `Config(h11_max_incomplete_event_size=...)`."""
     base = _HttpToolsHeadDeadline if parser == "httptools" else _H11HeadDeadline
     return type(
-        f"{base.__name__}Of{head_timeout_s:g}s", (base,), {"head_timeout_s": head_timeout_s}
+        f"{base.__name__}Of{head_timeout_s:g}s",
+        (base,),
+        {"head_timeout_s": head_timeout_s, "max_head_bytes": max_head_bytes},
     )

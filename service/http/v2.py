@@ -45,6 +45,15 @@ PARSE_ON_LOOP_BYTES = 64 * 1024
 thread, so health checks keep being answered."""
 
 
+def _json_bytes(body: bytes, request: Request) -> int:
+    """How much of `body` is JSON, which parsing expands: all of it, or the part the binary
+    extension's header length names (which may be all of it, too)."""
+    named = request.headers.get(oip.HEADER_LENGTH, "")
+    if named.isdigit() and len(named) <= 12:  # otherwise parse_request refuses it
+        return min(len(body), int(named))
+    return len(body)
+
+
 @router.get("", response_model=OipServerMetadata)
 async def server_metadata(request: Request) -> OipServerMetadata:
     return OipServerMetadata(
@@ -155,8 +164,7 @@ async def _infer(request: Request, pipeline: Pipeline, inference: Inference) -> 
         body = await read_body(
             request, settings.max_body_bytes, settings.body_timeout_s, inference.ticket
         )
-    if oip.HEADER_LENGTH not in request.headers:
-        inference.ticket.hold_bytes(JSON_PARSE_EXPANSION * len(body))
+    inference.ticket.hold_bytes(JSON_PARSE_EXPANSION * _json_bytes(body, request))
     spec = pipeline.spec
     parse = functools.partial(
         oip.parse_request,

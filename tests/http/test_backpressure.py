@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.types import Message
 
 from service.runtime.session import ModelSession, Outputs
 from tests.images import upload_variety
@@ -189,3 +192,85 @@ def test_bodies_over_the_in_flight_budget_are_503_and_multipart_never_touches_di
         form = client.post("/v1/classify", files=[("file", ("small.jpg", small, "image/jpeg"))])
         assert form.status_code == 200
         assert metric_value(client, "vit_body_bytes_in_flight") == 0
+
+
+def test_an_oip_json_body_holds_what_parsing_it_takes_whatever_its_headers_say(
+    served_model: Path,
+) -> None:
+    settings = cpu_settings(served_model, max_body_bytes_in_flight=3 * 1024 * 1024)
+    with ready_client(settings) as client:
+        metadata = client.get("/v2/models/shapes-vit").json()
+        tensor = metadata["inputs"][0]  # the pixels (the other takes encoded images)
+        shape = [4, *tensor["shape"][1:]]
+        request = {
+            "inputs": [
+                {
+                    "name": tensor["name"],
+                    "shape": shape,
+                    "datatype": "FP32",
+                    "data": [0.0] * int(np.prod(shape)),
+                }
+            ]
+        }
+        body = json.dumps(request).encode()
+        assert 512 * 1024 < len(body) < 1024 * 1024  # 5 times it is over the 3 MiB budget
+        for headers in ({}, {"inference-header-content-length": str(len(body))}):
+            answer = client.post(
+                "/v2/models/shapes-vit/infer",
+                content=body,
+                headers={"content-type": "application/json", **headers},
+            )
+            assert answer.status_code == 503 and answer.json()["type"] == "overloaded", headers
+        assert metric_value(client, "vit_body_bytes_in_flight") == 0
+
+
+def test_a_client_that_never_reads_its_answer_holds_no_place_once_it_starts(
+    served_model: Path,
+) -> None:
+    """The work is done once the answer starts: a client too slow to read it (or that never
+    does) must not keep the request's places from others."""
+    with ready_client(cpu_settings(served_model)) as client:
+        assert client.portal is not None
+        budget = client.app_state["registry"].get().budget
+        answer_started = threading.Event()
+
+        async def never_read() -> tuple[int, int]:
+            messages = [{"type": "http.request", "body": JPEG, "more_body": False}]
+            scope = {
+                "type": "http",
+                "asgi": {"version": "3.0"},
+                "http_version": "1.1",
+                "method": "POST",
+                "scheme": "http",
+                "path": "/v1/classify",
+                "raw_path": b"/v1/classify",
+                "query_string": b"",
+                "root_path": "",
+                "headers": [(b"content-type", b"image/jpeg")],
+                "client": ("127.0.0.1", 1),
+                "server": ("127.0.0.1", 80),
+                "state": dict(client.app_state),
+            }
+            never = asyncio.Event()
+            held: list[tuple[int, int]] = []
+
+            async def receive() -> Message:
+                if messages:
+                    return messages.pop()
+                await never.wait()
+                return {"type": "http.disconnect"}
+
+            async def send(message: Message) -> None:
+                if message["type"] == "http.response.body":
+                    held.append((budget.images, budget.body_bytes))
+                    answer_started.set()
+                    await never.wait()  # the transport's buffers are full: the write waits
+
+            task = asyncio.ensure_future(client.app(scope, receive, send))
+            while not held:
+                await asyncio.sleep(0.01)
+            task.cancel()
+            return held[0]
+
+        assert client.portal.call(never_read) == (0, 0)
+        assert answer_started.is_set()
