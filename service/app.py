@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 from service.errors import InvalidRequest, ServiceError
 from service.http import v1, v2, web
 from service.http.admission import Admission
+from service.http.malformed_requests import RequestFraming
 from service.http.middleware import RequestMetrics
 from service.http.responses import error_response, service_error_response
 from service.http.routers import inference_router
@@ -171,6 +172,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(inference_router)
     app.include_router(v2.repository_router)
     app.add_middleware(Admission, inference_routes=inference_router.routes)
+    app.add_middleware(RequestFraming)
     app.add_middleware(RequestMetrics)  # added last, so outermost: it sees refusals too
     app.add_api_route("/metrics", metrics_endpoint, include_in_schema=False)
     app.openapi = _openapi(app)  # type: ignore[method-assign]

@@ -349,6 +349,10 @@ MALFORMED = [
     b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
     b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",  # a chunk size that is no number
     b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nX-Bad: a\x00b\r\n\r\n",  # NUL in a header
+    # Both lengths: a proxy framing by Content-Length would pass the GET on as a body.
+    b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 5\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n",
 ]
 
 
@@ -367,8 +371,27 @@ def test_malformed_http_is_a_counted_json_400(served_model: Path, parser: str) -
             assert head.startswith(b"HTTP/1.1 400"), answer
             assert b"content-type: application/json" in head.lower()
             assert json.loads(body)["type"] == "invalid_request"
-        assert metric(running, "vit_requests_total", route="unmatched", status="400") == 2
-        assert metric(running, "vit_rejections_total", reason="invalid_request") == 2
+        count = len(MALFORMED)
+        assert metric(running, "vit_requests_total", route="unmatched", status="400") == count
+        assert metric(running, "vit_rejections_total", reason="invalid_request") == count
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_an_early_answer_to_a_request_expecting_100_continue_closes_the_connection(
+    served_model: Path, parser: str
+) -> None:
+    """The client waits for "100 Continue" before its body; answered without it, it may never
+    send the body, and a kept connection would read its next request as that body."""
+    with served(served_model, ROOT, http_parser=parser) as running:
+        host, port = running.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as connection:
+            connection.sendall(
+                b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+                b"Content-Length: 26214400\r\nExpect: 100-continue\r\n\r\n"
+            )
+            answer = answers_of(connection)  # returns once the server closes
+        head = answer.partition(b"\r\n\r\n")[0].lower()
+        assert head.startswith(b"http/1.1 4") and b"connection: close" in head, answer[:300]
 
 
 def answers_of(connection: socket.socket) -> bytes:

@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from service.errors import InvalidRequest
 from service.http.middleware import UNMATCHED_ROUTE
+from service.http.responses import service_error_response
 from service.http.slow_clients import HttpParser, head_deadline_protocol
 from service.metrics import Metrics
 
@@ -36,9 +39,53 @@ class _JsonBadRequest:
             metrics.rejections.labels(InvalidRequest.type).inc()
 
 
-def served_protocol(
-    head_timeout_s: float, parser: HttpParser, max_head_bytes: int
-) -> type:
+class RequestFraming:
+    """What h11 lets through, refused or made safe at the ASGI level: a request with both
+    Content-Length and Transfer-Encoding (which a proxy in front may frame otherwise, and so
+    smuggle a request past it) is a JSON 400 that closes the connection (httptools refuses it
+    itself); and an answer to an `Expect: 100-continue` request given before its body was asked
+    for closes the connection too, since the client may never send that body and its next
+    request would be read as it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {name: value.lower() for name, value in scope["headers"]}
+        if b"content-length" in headers and b"transfer-encoding" in headers:
+            metrics = scope.get("state", {}).get("metrics")
+            refusal = InvalidRequest(
+                "malformed HTTP request: Content-Length beside Transfer-Encoding (RFC 9112, 6.3)"
+            )
+            response = service_error_response(
+                refusal, metrics if isinstance(metrics, Metrics) else None
+            )
+            response.headers["connection"] = "close"
+            await response(scope, receive, send)
+            return
+        if headers.get(b"expect") != b"100-continue":
+            await self.app(scope, receive, send)
+            return
+        body_asked = False
+
+        async def receive_noting() -> Message:
+            nonlocal body_asked
+            body_asked = True
+            return await receive()
+
+        async def send_closing(message: Message) -> None:
+            if message["type"] == "http.response.start" and not body_asked:
+                closing = [*message.get("headers", []), (b"connection", b"close")]
+                message = {**message, "headers": closing}
+            await send(message)
+
+        await self.app(scope, receive_noting, send_closing)
+
+
+def served_protocol(head_timeout_s: float, parser: HttpParser, max_head_bytes: int) -> type:
     """uvicorn's protocol for `parser` as the service runs it, for `uvicorn.Config(http=...)`:
     the head bounds (service/http/slow_clients.py) and malformed requests answered in JSON."""
     base = head_deadline_protocol(head_timeout_s, parser, max_head_bytes)

@@ -108,9 +108,7 @@ class _HttpToolsHeadDeadline(_HeadDeadline, HttpToolsProtocol):
             raise HeadTooLarge(f"a request head over {self.max_head_bytes} bytes")
 
 
-def head_deadline_protocol(
-    head_timeout_s: float, parser: HttpParser, max_head_bytes: int
-) -> type:
+def head_deadline_protocol(head_timeout_s: float, parser: HttpParser, max_head_bytes: int) -> type:
     """uvicorn's protocol for `parser` with the head deadline and (httptools) size, for
     `uvicorn.Config(http=...)`; h11's size is `Config(h11_max_incomplete_event_size=...)`."""
     base = _HttpToolsHeadDeadline if parser == "httptools" else _H11HeadDeadline
