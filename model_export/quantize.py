@@ -7,7 +7,7 @@ import logging
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,8 @@ class Int8Report:
     top1_agree: int
     fp32_accuracy: float | None
     int8_accuracy: float | None
+    unlabelled: str = "no labels"
+    """Why accuracy was not measured, where it was not."""
 
     @property
     def top1_agreement(self) -> float:
@@ -58,7 +60,7 @@ class Int8Report:
     def line(self) -> str:
         verdict = "ok" if self.passed else "FAIL"
         accuracy = (
-            "accuracy not measured (no labels)"
+            f"accuracy not measured ({self.unlabelled})"
             if self.fp32_accuracy is None or self.int8_accuracy is None
             else f"accuracy {self.int8_accuracy:.2%} vs {self.fp32_accuracy:.2%} "
             f"(at most {INT8_MAX_ACCURACY_DROP * 100:.1f} points lower)"
@@ -126,13 +128,14 @@ def root_logger_quiet() -> Iterator[None]:
 def check_on_images(fp32: ModelSession, int8: ModelSession, folder: Path | None) -> Int8Report:
     """The two files on the check images (the shipped photos when None), as the service computes
     them; accuracy too where the folder holds one subfolder per label, as `vit-eval --images`."""
-    files, truth = image_files(folder), None
+    files, truth, unlabelled = image_files(folder), None, "no labels"
     if folder is not None:
         try:
             labelled = labelled_images(folder, fp32.labels)
-        except UnlabelledImages:
-            pass
+        except UnlabelledImages as error:
+            unlabelled = str(error)  # a mistyped label folder must not pass unseen
         else:
             files, truth = [path for path, _ in labelled], np.array([t for _, t in labelled])
     spec = fp32.metadata.preprocessing
-    return compare(served_logits(fp32, files, spec), served_logits(int8, files, spec), truth)
+    report = compare(served_logits(fp32, files, spec), served_logits(int8, files, spec), truth)
+    return replace(report, unlabelled=unlabelled)

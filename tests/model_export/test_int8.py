@@ -187,6 +187,21 @@ def test_hf_import_int8_is_gated_on_the_check_images(tmp_path: Path) -> None:
     assert ModelSession(output, IN_PROCESS).metadata.precision == "int8"
 
 
+def test_a_mistyped_label_folder_is_said_where_accuracy_is_not_measured(
+    served_model: Path, shapes_int8: Path, tmp_path: Path
+) -> None:
+    from model_export.quantize import check_on_images
+
+    folder = tmp_path / "mine"
+    (folder / "sqaure").mkdir(parents=True)  # a typo: no such label
+    photo = image_files(PHOTOS)[0]
+    (folder / "sqaure" / photo.name).write_bytes(photo.read_bytes())
+    fp32, int8 = ModelSession(served_model, IN_PROCESS), ModelSession(shapes_int8, IN_PROCESS)
+    report = check_on_images(fp32, int8, folder)
+    assert report.fp32_accuracy is None
+    assert "sqaure not among the model's labels" in report.line()
+
+
 def test_hf_import_int8_that_fails_its_gate_exits_non_zero(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
