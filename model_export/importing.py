@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import tempfile
 from collections.abc import Iterator
@@ -54,7 +55,9 @@ def model_name(source: str) -> str:
 @contextmanager
 def staged(output: Path) -> Iterator[Path]:
     """A temporary file beside `output`: the caller moves it over `output` once every check has
-    passed, so a failed import never leaves a servable file or replaces a good one."""
+    passed, so a failed import never leaves a servable file or replaces a good one, nor the
+    folders it made for it."""
+    made = [folder for folder in [output.parent, *output.parent.parents] if not folder.exists()]
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=output.parent, suffix=".onnx", delete=False) as file:
         path = Path(file.name)
@@ -63,6 +66,10 @@ def staged(output: Path) -> Iterator[Path]:
         yield path
     finally:
         path.unlink(missing_ok=True)
+        if not output.exists():
+            for folder in made:  # deepest first
+                with contextlib.suppress(OSError):  # another file was put there meanwhile
+                    folder.rmdir()
 
 
 def chunks(files: list[Path]) -> Iterator[list[Path]]:
