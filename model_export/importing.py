@@ -10,8 +10,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from model_contract.decode import decode
+from model_contract.errors import ImageError
 from model_contract.preprocess import PreprocessSpec, preprocess
 from service.runtime.session import ModelSession
 
@@ -34,14 +35,14 @@ def image_files(folder: Path | None) -> list[Path]:
 
 
 def decodable_image_files(folder: Path | None) -> list[Path]:
-    """`image_files`, each decoded once: an import checks and calibrates on all of them, so one
-    that does not decode is refused, naming it, before anything is run on the others."""
+    """`image_files`, each decoded once as the service decodes uploads: an import checks and
+    calibrates on all of them, so one that does not decode is refused, naming it, before
+    anything is run on the others."""
     files = image_files(folder)
     for path in files:
         try:
-            with Image.open(path) as image:
-                image.load()
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            decode(path.read_bytes())
+        except ImageError as error:
             raise ImportRefused(f"{path} does not decode: {error}") from error
     return files
 

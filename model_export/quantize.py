@@ -128,7 +128,7 @@ def root_logger_quiet() -> Iterator[None]:
 def check_on_images(fp32: ModelSession, int8: ModelSession, folder: Path | None) -> Int8Report:
     """The two files on the check images (the shipped photos when None), as the service computes
     them; accuracy too where the folder holds one subfolder per label, as `vit-eval --images`."""
-    files, truth, unlabelled = image_files(folder), None, "no labels"
+    files, truth, unlabelled = image_files(folder), None, None
     if folder is not None:
         try:
             labelled = labelled_images(folder, fp32.labels)
@@ -138,4 +138,4 @@ def check_on_images(fp32: ModelSession, int8: ModelSession, folder: Path | None)
             files, truth = [path for path, _ in labelled], np.array([t for _, t in labelled])
     spec = fp32.metadata.preprocessing
     report = compare(served_logits(fp32, files, spec), served_logits(int8, files, spec), truth)
-    return replace(report, unlabelled=unlabelled)
+    return report if unlabelled is None else replace(report, unlabelled=unlabelled)
