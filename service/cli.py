@@ -136,9 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         log_level=args.log_level,
         access_log=settings.access_log,
         timeout_graceful_shutdown=settings.graceful_shutdown_s,
-        http=served_protocol(
-            settings.head_timeout_s, settings.http_parser, settings.max_head_bytes
-        ),
+        http=served_protocol(settings),
         h11_max_incomplete_event_size=settings.max_head_bytes,
         loop=settings.event_loop,
         ws="none",  # HTTP only: an Upgrade: websocket request is answered as the request it is

@@ -131,9 +131,12 @@ class Settings(BaseSettings, RuntimeOptions):
     previous response, or it is closed: idle and header-trickling clients cannot pile up."""
 
     max_head_bytes: int = Field(32 * 1024, ge=1024)
-    """The largest request head (request line and headers), and on httptools at most
-    MAX_PIPELINED_REQUESTS heads waiting behind a request on one connection: a larger head is a
-    400, so one connection cannot fill memory with headers."""
+    """The largest request head (request line and headers): a larger one is a 400, so one
+    connection cannot fill memory with headers."""
+
+    max_pipelined_requests: int = Field(64, ge=1)
+    """Requests one connection may have waiting behind the one being answered (httptools queues
+    every head it parses); more is a 400."""
 
     body_timeout_s: float = Field(30.0, gt=0)
     """A request body must have arrived this soon after its head, or the answer is 408: a

@@ -14,8 +14,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.errors import InvalidRequest
 from service.http.middleware import UNMATCHED_ROUTE
 from service.http.responses import service_error_response
-from service.http.slow_clients import HttpParser, head_deadline_protocol
+from service.http.slow_clients import head_deadline_protocol
 from service.metrics import Metrics
+from service.settings import Settings
 
 
 class _JsonBadRequest:
@@ -85,8 +86,13 @@ class RequestFraming:
         await self.app(scope, receive_noting, send_closing)
 
 
-def served_protocol(head_timeout_s: float, parser: HttpParser, max_head_bytes: int) -> type:
-    """uvicorn's protocol for `parser` as the service runs it, for `uvicorn.Config(http=...)`:
-    the head bounds (service/http/slow_clients.py) and malformed requests answered in JSON."""
-    base = head_deadline_protocol(head_timeout_s, parser, max_head_bytes)
+def served_protocol(settings: Settings) -> type:
+    """uvicorn's protocol as the service runs it, for `uvicorn.Config(http=...)`: the head
+    bounds (service/http/slow_clients.py) and malformed requests answered in JSON."""
+    base = head_deadline_protocol(
+        settings.head_timeout_s,
+        settings.http_parser,
+        settings.max_head_bytes,
+        settings.max_pipelined_requests,
+    )
     return type(f"JsonBadRequest{base.__name__}", (_JsonBadRequest, base), {})

@@ -11,7 +11,7 @@ and h11 (pure Python).
 h11 refuses a head larger than its `max_incomplete_event_size` and reads one request at a time;
 uvicorn's httptools protocol keeps any URL and headers it is sent, and queues every pipelined
 head it parses, so a single connection could fill memory (~56 bytes per byte sent). There a
-head over `max_head_bytes`, or more than MAX_PIPELINED_REQUESTS heads waiting, is a 400.
+head over `max_head_bytes`, or more than `max_pipelined_requests` heads waiting, is a 400.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 HttpParser = Literal["httptools", "h11"]
-MAX_PIPELINED_REQUESTS = 64
-"""Requests one connection may have waiting behind the one being answered (httptools)."""
 
 
 class HeadTooLarge(ValueError):
@@ -81,6 +79,7 @@ class _H11HeadDeadline(_HeadDeadline, H11Protocol):
 
 class _HttpToolsHeadDeadline(_HeadDeadline, HttpToolsProtocol):
     max_head_bytes: int
+    max_pipelined_requests: int
     pipeline: Any
     _head_bytes = 0
 
@@ -99,8 +98,8 @@ class _HttpToolsHeadDeadline(_HeadDeadline, HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
         self._head_arrived()
-        if len(self.pipeline) > MAX_PIPELINED_REQUESTS:
-            raise HeadTooLarge(f"over {MAX_PIPELINED_REQUESTS} pipelined requests waiting")
+        if len(self.pipeline) > self.max_pipelined_requests:
+            raise HeadTooLarge(f"over {self.max_pipelined_requests} pipelined requests waiting")
 
     def _count_head(self, size: int) -> None:
         self._head_bytes += size
@@ -108,12 +107,16 @@ class _HttpToolsHeadDeadline(_HeadDeadline, HttpToolsProtocol):
             raise HeadTooLarge(f"a request head over {self.max_head_bytes} bytes")
 
 
-def head_deadline_protocol(head_timeout_s: float, parser: HttpParser, max_head_bytes: int) -> type:
-    """uvicorn's protocol for `parser` with the head deadline and (httptools) size, for
-    `uvicorn.Config(http=...)`; h11's size is `Config(h11_max_incomplete_event_size=...)`."""
+def head_deadline_protocol(
+    head_timeout_s: float, parser: HttpParser, max_head_bytes: int, max_pipelined_requests: int
+) -> type:
+    """uvicorn's protocol for `parser` with the head deadline and (httptools) size and pipeline
+    bounds, for `uvicorn.Config(http=...)`; h11's size is
+    `Config(h11_max_incomplete_event_size=...)`, and h11 reads one request at a time."""
     base = _HttpToolsHeadDeadline if parser == "httptools" else _H11HeadDeadline
-    return type(
-        f"{base.__name__}Of{head_timeout_s:g}s",
-        (base,),
-        {"head_timeout_s": head_timeout_s, "max_head_bytes": max_head_bytes},
-    )
+    bounds = {
+        "head_timeout_s": head_timeout_s,
+        "max_head_bytes": max_head_bytes,
+        "max_pipelined_requests": max_pipelined_requests,
+    }
+    return type(f"{base.__name__}Of{head_timeout_s:g}s", (base,), bounds)

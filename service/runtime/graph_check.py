@@ -179,10 +179,11 @@ def check_output_kind(rows: np.ndarray, metadata: ModelMetadata, path: Path) -> 
         return
     sums = rows.astype(np.float64).sum(axis=1)
     worst = float(sums[np.abs(sums - 1.0).argmax()])
-    if (rows < 0).any() or abs(worst - 1.0) > PROBABILITY_SUM_TOLERANCE:
+    negative = bool((rows < 0).any())
+    if negative or abs(worst - 1.0) > PROBABILITY_SUM_TOLERANCE:
         raise ModelMismatch(
             f"the metadata says the output is probabilities but the graph's rows are not (one "
-            f"sums to {worst:.4g}{', with negative values' if (rows < 0).any() else ''}); if it "
+            f"sums to {worst:.4g}{', with negative values' if negative else ''}); if it "
             f"gives logits, fix it with `vit-import onnx {path} -o {path} --output-kind logits`"
         )
 

@@ -99,7 +99,7 @@ def test_both_parsers_get_the_head_deadline() -> None:
 
     from service.http.slow_clients import head_deadline_protocol
 
-    fast = head_deadline_protocol(2.5, "httptools", 32 * 1024)
-    plain = head_deadline_protocol(2.5, "h11", 32 * 1024)
+    fast = head_deadline_protocol(2.5, "httptools", 32 * 1024, 64)
+    plain = head_deadline_protocol(2.5, "h11", 32 * 1024, 64)
     assert issubclass(fast, HttpToolsProtocol) and issubclass(plain, H11Protocol)
     assert fast.head_timeout_s == plain.head_timeout_s == 2.5  # type: ignore[attr-defined]
