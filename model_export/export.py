@@ -36,6 +36,7 @@ from model_export.stamp import (
     served_probabilities,
 )
 from model_export.vit import VisionTransformer, ViTConfig
+from service.runtime.model_file import SEAL_KEY, SEAL_PLACEHOLDER, seal
 from service.runtime.options import IN_PROCESS
 from service.runtime.session import ModelSession, softmax
 
@@ -144,13 +145,21 @@ def to_onnx(model: nn.Module, path: Path, image_size: int) -> None:
 
 
 def write_metadata(path: Path, metadata: ModelMetadata, *, producer: str = "vit-export") -> None:
-    """Store the metadata in the file (replacing any) and run onnx's full checker over it."""
-    proto = onnx.load(str(path))
+    """Store the metadata in the file (replacing any), checked and sealed (`save_sealed`)."""
+    save_sealed(onnx.load(str(path)), path, metadata, producer=producer)
+
+
+def save_sealed(
+    proto: onnx.ModelProto, path: Path, metadata: ModelMetadata, *, producer: str
+) -> None:
+    """Write `proto` to `path` as the one file the service serves: `metadata` replacing any,
+    onnx's full checker passed, every weight inside, and sealed with the sha256 of its content
+    (first among the metadata, so a copy cut short anywhere after the graph is refused)."""
     del proto.metadata_props[:]
-    onnx.helper.set_model_props(proto, metadata.to_props())
+    onnx.helper.set_model_props(proto, {SEAL_KEY: SEAL_PLACEHOLDER, **metadata.to_props()})
     proto.producer_name = producer
     onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, str(path))
+    path.write_bytes(seal(proto.SerializeToString()))
 
 
 def parity_inputs(spec: PreprocessSpec, seed: int) -> list[tuple[str, np.ndarray]]:

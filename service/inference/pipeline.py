@@ -18,6 +18,7 @@ import numpy as np
 from model_contract.ood import in_distribution
 from service.errors import (
     DeadlineExceeded,
+    ModelLoadFailed,
     NotReady,
     ServiceError,
     TooExpensiveToDecode,
@@ -36,7 +37,6 @@ from service.settings import Settings
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-WARM_UP_SECONDS = 600.0
 FILE_ERRORS = (UnsupportedImageFormat, UndecodableImage, TooManyPixels)
 """What one uploaded file can be at fault for, as opposed to its request. Not a file that
 overran its decoder's limits: that fails the whole request at once and stops its other files,
@@ -55,6 +55,11 @@ class SelfTestStatus:
 class SelfTestFailed(RuntimeError):
     """The golden images' probabilities came out other than the model file expects, or the
     file's self-test is broken."""
+
+
+class WarmUpOverran(ModelLoadFailed):
+    """The warm-up outlasted the time the model's load-time checks may take; its inference may
+    still be running, so the pipeline is closed in the background."""
 
 
 BROKEN_FILE = "the model file is broken (export or import it again to write its self-test afresh)"
@@ -261,7 +266,9 @@ class Pipeline:
         kept (readiness reports it) and raised: the server stops rather than stay unready."""
         self.batcher.start()
         await asyncio.to_thread(self.decoders.start)
-        deadline = time.monotonic() + WARM_UP_SECONDS
+        # Bounded as the file's first inferences were: a graph slower than that here is refused.
+        bound = self.session.check_seconds
+        deadline = time.monotonic() + bound
         try:
             for batch_size in self.session.warm_up_batch_sizes():
                 zeros = np.zeros(self.input_shape(batch_size), np.float32)
@@ -269,10 +276,16 @@ class Pipeline:
                 width = outputs[PROBABILITIES].shape[1]
                 check_output_width(width, self.session.metadata, self.session.path)
                 check_output_kind(outputs[PROBABILITIES], self.session.metadata, self.session.path)
+        except DeadlineExceeded:
+            self.warm_up_error = f"the warm-up did not finish within {bound:.0f} s"
+            raise WarmUpOverran(self.warm_up_error) from None
         except Exception as error:
             self.warm_up_error = str(error)
             raise
-        await self._self_test(deadline)
+        try:
+            await self._self_test(deadline)
+        except DeadlineExceeded:
+            self._self_test_failed(f"the golden images were not answered within {bound:.0f} s")
         self._warmed_up = True
         self._recovery = asyncio.create_task(self._recover_when_failing(), name="recovery")
         metadata = self.session.metadata
@@ -353,7 +366,9 @@ class Pipeline:
                 continue
             probe = np.zeros(self.input_shape(1), np.float32)
             try:
-                await self.batcher.submit(probe, time.monotonic() + WARM_UP_SECONDS, counted=False)
+                await self.batcher.submit(
+                    probe, time.monotonic() + self.session.check_seconds, counted=False
+                )
             except ServiceError:
                 continue
             logger.info("inference works again: ready")

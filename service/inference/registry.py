@@ -20,8 +20,8 @@ from typing import Literal
 
 from model_contract.metadata import InvalidModelMetadata, last_line
 from service.errors import ModelLoadFailed, ModelNotFound, NotReady, ServiceError
-from service.inference.pipeline import Pipeline, SelfTestFailed
-from service.inference.repository import Scan, VersionFile, VersionPolicy, scan
+from service.inference.pipeline import Pipeline, SelfTestFailed, WarmUpOverran
+from service.inference.repository import Scan, Unreadable, VersionFile, VersionPolicy, scan
 from service.metrics import Metrics
 from service.runtime.heap import give_back_free_memory
 from service.runtime.session import CudaUnavailable, ModelSession
@@ -80,7 +80,11 @@ class ModelRegistry:
         self._files: dict[tuple[str, int], VersionFile] = {}
         self._unloadable: dict[tuple[str, int], VersionFile] = {}
         self._index: dict[tuple[str, int], IndexEntry] = {}
-        self._changes = asyncio.Lock()
+        self._changes: dict[str, asyncio.Lock] = {}
+        """One lock per model name: a load, however long, holds up only its own model's."""
+        self._reserved: dict[tuple[str, int], int] = {}
+        """Memory held back for versions being loaded, against the budget."""
+        self._unreadable: Unreadable = {}
         self._poller: asyncio.Task[None] | None = None
         self._retiring: dict[asyncio.Task[None], Pipeline] = {}
         self._last_scan: Scan = {}
@@ -147,15 +151,37 @@ class ModelRegistry:
 
     async def index(self) -> list[IndexEntry]:
         """Every version loaded, loading or failed, and, as Triton lists them, each model of
-        the repository with none of those (never loaded, or unloaded): no version, "not loaded"."""
-        found = await asyncio.to_thread(scan, self.settings.model)
+        the repository with none of those (never loaded, or unloaded): no version, "not loaded";
+        a folder that cannot be read, with why."""
+        found = await self._scan()
         known = {name for name, _ in self._index}
         idle = [
             IndexEntry(name, None, "UNAVAILABLE", "not loaded")
             for name in found
             if name not in known
         ]
-        return sorted([*self._index.values(), *idle], key=lambda e: (e.name, e.version or 0))
+        unreadable = [
+            IndexEntry(name, version, "UNAVAILABLE", why)
+            for (name, version), why in self._unreadable.items()
+            if version is None or (name, version) not in self._index
+        ]
+        entries = [*self._index.values(), *idle, *unreadable]
+        return sorted(entries, key=lambda e: (e.name, e.version or 0))
+
+    async def _scan(self) -> Scan:
+        """The repository as it is now; each folder that cannot be read is logged once and
+        reported in the index until it can."""
+        unreadable: Unreadable = {}
+        found = await asyncio.to_thread(scan, self.settings.model, unreadable)
+        for (name, version), why in unreadable.items():
+            if self._unreadable.get((name, version)) != why:
+                folder = name if version is None else f"{name}/{version}"
+                logger.warning("repository folder %s %s: skipped", folder, why)
+        self._unreadable = unreadable
+        return found
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._changes.setdefault(name, asyncio.Lock())
 
     def memory_bytes(self) -> int:
         return sum(e.memory_bytes for e in self._index.values() if e.state == "READY")
@@ -165,7 +191,7 @@ class ModelRegistry:
     async def open(self) -> list[Prepared]:
         """The sessions of what the repository holds, loaded and checked (an error here, in
         none mode, ends startup at once); `serve` warms them up and starts serving them."""
-        found = await asyncio.to_thread(scan, self.settings.model)
+        found = await self._scan()
         self._last_scan = found
         if not found:
             root = self.settings.model
@@ -186,7 +212,8 @@ class ModelRegistry:
                 file = versions[version]
                 before = resident_bytes()
                 try:
-                    session = await self._session(name, version, file.path)
+                    room = self._room((name, version))
+                    session = await self._session(name, version, file.path, room)
                 except Exception as error:
                     if self.settings.model_control == "none":
                         if isinstance(error, SAYS_WHAT_FAILED):
@@ -206,8 +233,8 @@ class ModelRegistry:
         version failed, choose among the others as later scans do; in poll mode, then keep
         watching."""
         strict = self.settings.model_control == "none"
-        async with self._changes:
-            for item in prepared:
+        for item in prepared:
+            async with self._lock(item.name):
                 await self._load(item.name, item.version, item.file, strict=strict, prepared=item)
         if not strict:
             for name, versions in self._last_scan.items():
@@ -219,7 +246,7 @@ class ModelRegistry:
     async def load(self, name: str) -> None:
         """Load (or reload) `name` from the repository as it is now; 400 if any version it
         chooses fails to load (as Triton answers), saying which versions serve on."""
-        found = await asyncio.to_thread(scan, self.settings.model)
+        found = await self._scan()
         if name not in found:
             raise ModelNotFound(f"no model {name!r} in the repository")
         await self._sync(name, found[name], reload=True)
@@ -239,7 +266,7 @@ class ModelRegistry:
         """Stop serving `name`; a model of the repository that is not loaded is unloaded
         already (as Triton answers), and only a name known nowhere is 404."""
         if name not in self._serving:
-            found = await asyncio.to_thread(scan, self.settings.model)
+            found = await self._scan()
             if name not in found:
                 raise ModelNotFound(f"no model {name!r} is loaded or in the repository")
             return
@@ -257,30 +284,36 @@ class ModelRegistry:
 
     async def _poll(self) -> None:
         """Every repository_poll_s: act on what changed, once a file is the same in two scans
-        in a row (one still being copied is not)."""
+        in a row (one still being copied is not); each model on its own, so that one slow or
+        failing load holds up no other model's."""
         while True:
             await asyncio.sleep(self.settings.repository_poll_s)
             try:
-                found = await asyncio.to_thread(scan, self.settings.model)
+                found = await self._scan()
             except Exception as error:  # a repository being rearranged: the next poll sees it
                 logger.warning("repository scan failed: %s", error)
                 continue
             previous, self._last_scan = self._last_scan, found
-            for name in sorted(set(found) | set(self._serving)):
-                stable = {
-                    v: f
-                    for v, f in found.get(name, {}).items()
-                    if previous.get(name, {}).get(v) == f
-                }
-                settling = set(found.get(name, {})) - set(stable)
-                for version in settling & set(self._serving.get(name, {})):
-                    # Being rewritten: chosen as the file it serves, until the new one settles
-                    # (or the policy would pick another version for the meantime).
-                    stable[version] = self._files.get((name, version), found[name][version])
-                try:
-                    await self._sync(name, stable, keep=settling)
-                except Exception:  # one model's trouble must not stop the polling of all
-                    logger.exception("repository poll of model %s failed", name)
+            names = sorted(set(found) | set(self._serving))
+            await asyncio.gather(*(self._poll_model(name, found, previous) for name in names))
+
+    async def _poll_model(self, name: str, found: Scan, previous: Scan) -> None:
+        if (name, None) in self._unreadable:
+            return  # its folder cannot be read now: what it serves serves on
+        before = previous.get(name, {})
+        stable = {v: f for v, f in found.get(name, {}).items() if before.get(v) == f}
+        settling = set(found.get(name, {})) - set(stable)
+        unreadable = {v for n, v in self._unreadable if n == name and v is not None}
+        for version in (settling | unreadable) & set(self._serving.get(name, {})):
+            # Being rewritten, or unreadable for now: chosen as the file it serves, until the
+            # new one settles (or the policy would pick another version for the meantime).
+            served = self._files.get((name, version)) or found.get(name, {}).get(version)
+            if served is not None:
+                stable[version] = served
+        try:
+            await self._sync(name, stable, keep=settling | unreadable)
+        except Exception:  # one model's trouble must not stop the polling of all
+            logger.exception("repository poll of model %s failed", name)
 
     async def _sync(
         self,
@@ -293,7 +326,7 @@ class ModelRegistry:
     ) -> None:
         """Make what is served of `name` what the policy chooses of `versions`: load new and
         changed files (all chosen ones with `reload`), retire the others (except `keep`)."""
-        async with self._changes:
+        async with self._lock(name):
             # A file that failed to load is not tried again until it changes, and never
             # displaces a version that serves: the policy chooses among the others, and a
             # serving version whose new file failed stays chosen, as the file it serves.
@@ -345,15 +378,22 @@ class ModelRegistry:
         self._index[key] = IndexEntry(name, version, "LOADING")
         started = time.monotonic()
         try:
-            self._check_memory_budget(name, version, file)
+            estimate = MEMORY_ESTIMATE_FACTOR * file.size
+            self._check_memory(key, estimate, f"~{estimate >> 20} MB estimated for this version")
+            self._reserved[key] = estimate
             if prepared is not None:
                 before, session = prepared.resident_before, prepared.session
             else:
                 before = resident_bytes()
-                session = await self._session(name, version, file.path)
+                session = await self._session(name, version, file.path, self._room(key))
+            self._reserved[key] = max(estimate, session.load_check.peak_bytes)
             pipeline = Pipeline(session, self.settings, self.metrics)
             try:
                 await pipeline.start()
+            except WarmUpOverran:
+                # Its inference may never return: closing waits for it, so never here.
+                self._retire_pipeline(pipeline)
+                raise
             except SelfTestFailed as failed:
                 if not strict:
                     await pipeline.close(keep_metrics=self._labels_in_use(pipeline))
@@ -369,12 +409,19 @@ class ModelRegistry:
                 await pipeline.close(keep_metrics=self._labels_in_use(pipeline))
                 raise
             measured = max(resident_bytes() - before, file.size)
+            try:
+                self._check_memory(key, measured, f"{measured >> 20} MB measured after warm-up")
+            except ModelLoadFailed:
+                await pipeline.close(keep_metrics=self._labels_in_use(pipeline))
+                raise
         except Exception as error:
             self._failed(name, version, error, previous)
             self._unloadable[key] = file
             if strict:
                 raise
             return
+        finally:
+            self._reserved.pop(key, None)
         self._unloadable.pop(key, None)
         old = self._serving.setdefault(name, {}).get(version)
         self._serving[name][version] = pipeline  # the swap: new requests go to the new one
@@ -408,23 +455,34 @@ class ModelRegistry:
             )  # fmt: skip
         self._index[(name, version)] = entry
 
-    def _check_memory_budget(self, name: str, version: int, file: VersionFile) -> None:
+    def _room(self, key: tuple[str, int]) -> int | None:
+        """Memory the budget leaves for one more version (None: no budget): what the versions
+        serving (but the one `key` would replace) and the loads under way do not hold."""
         budget = self.settings.models_memory_bytes
         if not budget:
-            return
-        replaced = self._index.get((name, version))
-        held = self.memory_bytes() - (replaced.memory_bytes if replaced else 0)
-        estimate = MEMORY_ESTIMATE_FACTOR * file.size
-        if held + estimate > budget:
+            return None
+        replaced = self._index.get(key)
+        held = self.memory_bytes() - (replaced.memory_bytes if replaced is not None else 0)
+        reserved = sum(size for other, size in self._reserved.items() if other != key)
+        return budget - held - reserved
+
+    def _check_memory(self, key: tuple[str, int], needed: int, what: str) -> None:
+        room = self._room(key)
+        if room is not None and needed > room:
+            budget = self.settings.models_memory_bytes
             raise ModelLoadFailed(
-                f"would exceed VIT_MODELS_MEMORY_BYTES: {held >> 20} MB held + ~{estimate >> 20} "
-                f"MB for this version > {budget >> 20} MB"
+                f"would exceed VIT_MODELS_MEMORY_BYTES ({budget >> 20} MB): {what}, and the "
+                f"versions serving or loading leave {max(room, 0) >> 20} MB"
             )
 
-    async def _session(self, name: str, version: int, path: Path) -> ModelSession:
+    async def _session(
+        self, name: str, version: int, path: Path, max_memory_bytes: int | None
+    ) -> ModelSession:
         """A loaded, checked session for one version, named as the repository names it."""
         settings = self.settings
-        session = await asyncio.to_thread(ModelSession, path, settings)
+        session = await asyncio.to_thread(
+            ModelSession, path, settings, max_memory_bytes=max_memory_bytes
+        )
         stated = session.metadata
         if not settings.model.is_dir():
             return session

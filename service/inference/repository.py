@@ -39,6 +39,8 @@ class VersionFile:
 
 Scan = dict[str, dict[int, VersionFile]]
 """name -> version -> file."""
+Unreadable = dict[tuple[str, int | None], str]
+"""(name, version or None for the model's folder) -> why it could not be read."""
 
 
 @dataclass(frozen=True)
@@ -74,23 +76,39 @@ class VersionPolicy:
         return [v for v in ordered if v in self.versions]
 
 
-def scan(root: Path) -> Scan:
+def scan(root: Path, unreadable: Unreadable | None = None) -> Scan:
     """Every model and version under `root`; a single file is one model, named and versioned
-    by its metadata (version 1 where its version is not a positive integer)."""
+    by its metadata (version 1 where its version is not a positive integer). A model or
+    version folder that cannot be read (permissions, a link to nowhere readable) is left out,
+    and why is put in `unreadable`: one such folder never hides the others."""
     if root.is_file():
         file = VersionFile.of(root)
         name, version = single_file_identity(file)
         return {name: {version: file}}
     found: Scan = {}
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name)):
-        versions = {
-            int(v.name): VersionFile.of(v / MODEL_FILE)
-            for v in model_dir.iterdir()
-            if v.is_dir() and _VERSION.fullmatch(v.name) and (v / MODEL_FILE).is_file()
-        }
+    for model_dir in sorted(p for p in root.iterdir() if _NAME.fullmatch(p.name)):
+        try:
+            if not model_dir.is_dir():
+                continue
+            entries = [v for v in model_dir.iterdir() if _VERSION.fullmatch(v.name)]
+        except OSError as error:
+            _note(unreadable, (model_dir.name, None), error)
+            continue
+        versions: dict[int, VersionFile] = {}
+        for entry in entries:
+            try:
+                if entry.is_dir() and (entry / MODEL_FILE).is_file():
+                    versions[int(entry.name)] = VersionFile.of(entry / MODEL_FILE)
+            except OSError as error:
+                _note(unreadable, (model_dir.name, int(entry.name)), error)
         if versions:
             found[model_dir.name] = versions
     return found
+
+
+def _note(unreadable: Unreadable | None, where: tuple[str, int | None], error: OSError) -> None:
+    if unreadable is not None:
+        unreadable[where] = f"cannot be read: {error.strerror or error}"
 
 
 @functools.lru_cache(maxsize=8)

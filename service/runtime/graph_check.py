@@ -11,7 +11,8 @@ import onnxruntime as ort
 
 from model_contract.metadata import InvalidModelMetadata, ModelMetadata
 from model_contract.ood import GRAPH_SCORES, SCORE_OUTPUT
-from service.runtime.options import CPU
+from service.runtime.model_file import ONNX_FORMAT_ONLY, read_model_file
+from service.runtime.options import CPU, RuntimeOptions
 
 FLOAT_TYPES = ("tensor(float)", "tensor(float16)")
 
@@ -191,11 +192,13 @@ def check_output_kind(rows: np.ndarray, metadata: ModelMetadata, path: Path) -> 
 def inspect_model(path: Path) -> tuple[ModelMetadata, GraphContract]:
     """The file's metadata and graph, checked against each other in about the time it takes to
     read the file (no graph optimisation, CPU only): for refusing a model before serving."""
+    data = read_model_file(path, max_metadata_bytes=RuntimeOptions().max_metadata_bytes).data
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3  # errors only: the verdict is the one line that matters
+    options.add_session_config_entry(*ONNX_FORMAT_ONLY)
     try:
-        session = ort.InferenceSession(str(path), options, providers=[CPU])
+        session = ort.InferenceSession(data, options, providers=[CPU])
     except Exception as error:  # onnxruntime raises its own untyped errors
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error)
         raise InvalidModelMetadata(f"not an ONNX model onnxruntime can load: {reason}") from error

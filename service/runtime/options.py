@@ -108,6 +108,22 @@ class RuntimeOptions(BaseModel):
     tensorrt_fp16: bool = False
     """Let TensorRT run layers in half precision."""
 
+    model_check_timeout_s: float = Field(30.0, gt=0)
+    """The longest a model file's load-time checks may take (a fresh session and one call each
+    with a batch of 1 and of 2, run in a process of their own), plus
+    `model_check_seconds_per_gb` for each GB of the file; a file that overruns is refused and
+    its process killed, so a graph that never finishes cannot hold a load. The warm-up and
+    self-test that follow in the server are bounded by the same time."""
+
+    model_check_seconds_per_gb: float = Field(60.0, ge=0)
+    """What the load-time checks' bound grows by per GB of model file: creating a session and
+    running a ViT-B/16 (346 MB) once takes a few seconds on two cores."""
+
+    max_metadata_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024)
+    """The most bytes a model file's metadata (every key and value together) may hold; a file
+    with more is refused before it is parsed. A ViT-B/16 with 1,000 labels, its calibration
+    and its golden images holds well under 1 MB."""
+
 
 IN_PROCESS = RuntimeOptions(providers=(CPU,), lone_call_spinning=False)
 """For tools that run a model once in-process (export checks, evaluation, tests of numbers):

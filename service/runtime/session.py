@@ -16,6 +16,8 @@ from model_contract.metadata import ModelMetadata
 from model_contract.ood import ood_scores
 from service.runtime.graph_check import check_graph
 from service.runtime.io_binding import BucketedIoBinding
+from service.runtime.load_check import LoadCheckFailed, check_in_a_process, time_bound
+from service.runtime.model_file import ONNX_FORMAT_ONLY, read_model_file
 from service.runtime.options import CPU, CUDA, TENSORRT, RuntimeOptions
 from service.runtime.providers import (
     NO_NVIDIA_DRIVER,
@@ -44,6 +46,11 @@ def per_image(outputs: Outputs) -> list[Outputs]:
 
 
 CUDA_GRAPH_WARM_UP_RUNS = 3
+
+
+class OutputRowsMismatch(RuntimeError):
+    """A call's output did not have one row per image: the graph ignores the batch for some
+    inputs, and no row can be given to any image of that call."""
 
 
 class CudaUnavailable(RuntimeError):
@@ -75,11 +82,31 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 class ModelSession:
     """A loaded self-describing model: its metadata, its providers, and inference."""
 
-    def __init__(self, path: Path, options: RuntimeOptions = DEFAULT_OPTIONS) -> None:
+    def __init__(
+        self,
+        path: Path,
+        options: RuntimeOptions = DEFAULT_OPTIONS,
+        *,
+        max_memory_bytes: int | None = None,
+    ) -> None:
+        """The model at `path`, checked before it is loaded here: one self-contained file, its
+        first session and inferences bounded in time (and, with `max_memory_bytes`, in memory)
+        in a process of their own, each output one row per image."""
         self.path = path
-        model_bytes = path.read_bytes()
+        model_bytes = read_model_file(path, max_metadata_bytes=options.max_metadata_bytes).data
         self.sha256 = hashlib.sha256(model_bytes).hexdigest()
+        self.load_check = check_in_a_process(model_bytes, options)
+        """What the file's first session and inferences showed in a process of their own."""
+        peak = self.load_check.peak_bytes
+        if max_memory_bytes is not None and peak > max_memory_bytes:
+            raise LoadCheckFailed(
+                f"its first session and inferences took {peak >> 20} MB, over the "
+                f"{max_memory_bytes >> 20} MB the memory budget (VIT_MODELS_MEMORY_BYTES) leaves"
+            )
+        self.check_seconds = time_bound(options, len(model_bytes))
+        """How long a load-time inference of this model may take."""
         session_options = ort.SessionOptions()
+        session_options.add_session_config_entry(*ONNX_FORMAT_ONLY)
         session_options.intra_op_num_threads = options.intra_op_threads or default_thread_count()
         session_options.inter_op_num_threads = options.inter_op_threads
         session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -129,6 +156,7 @@ class ModelSession:
             self.output_name,
             *filter(None, [self.attention_output, self.graph.ood_output]),
         )
+        self.load_check.check_rows(self._graph_outputs)
         self.output_names = (
             PROBABILITIES,
             *([ATTENTION_ROLLOUT] if self.attention_output else []),
@@ -266,20 +294,26 @@ class ModelSession:
 
     def infer(self, batch: np.ndarray) -> Outputs:
         """Every output the service serves for a batch, by name (see `Outputs`)."""
-        return self._named(self._raw(batch))
+        return self._named(self._raw(batch), len(batch))
 
     def infer_alone(self, batch: np.ndarray) -> Outputs:
         """`infer` for a call with nothing else to do on the machine: through the session
         whose threads busy-wait between operators while it runs, when there is one."""
         if self._lone_session is None:
             return self.infer(batch)
-        return self._named(self._run(self._lone_session, batch))
+        return self._named(self._run(self._lone_session, batch), len(batch))
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities (N, classes), float32, each row summing to 1."""
         return self.infer(batch)[PROBABILITIES]
 
-    def _named(self, raw: dict[str, np.ndarray]) -> Outputs:
+    def _named(self, raw: dict[str, np.ndarray], images: int) -> Outputs:
+        for name, values in raw.items():
+            if values.ndim == 0 or len(values) != images:
+                raise OutputRowsMismatch(
+                    f"the graph's output {name} gave {list(values.shape)} for {images} images: "
+                    "not one row per image"
+                )
         scores = raw[self.output_name]
         named = {
             PROBABILITIES: (
@@ -305,6 +339,7 @@ def _lone_call_session(
     instead of sleeping (a lone image's call ~1 ms faster on 2 cores), and stop the moment the
     call returns, so they never take cycles from work that arrives afterwards."""
     lone = ort.SessionOptions()
+    lone.add_session_config_entry(*ONNX_FORMAT_ONLY)
     lone.intra_op_num_threads = threads
     lone.inter_op_num_threads = options.inter_op_num_threads
     lone.graph_optimization_level = options.graph_optimization_level

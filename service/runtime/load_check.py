@@ -1,0 +1,167 @@
+"""A model file's first session and inferences, run in a process of its own with a time bound,
+before the server (or a model tool) loads it: a graph that never finishes, or that allocates
+without bound, is killed there and refused, where a thread stuck in onnxruntime could never be
+stopped.
+
+The process gets the file's bytes on stdin (never a path, which could change in between),
+builds a CPU session as the service does and runs a batch of one and of two zeros through
+every output, then reports each output's shape per batch, its peak memory and its time as one
+JSON line on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from model_contract.metadata import InvalidModelMetadata, last_line
+from service.runtime.model_file import ONNX_FORMAT_ONLY, check_model_bytes
+from service.runtime.options import CPU, RuntimeOptions
+
+CHECK_BATCH_SIZES = (1, 2)
+"""Batch sizes every output must answer with one row per image (a graph that fixes its batch
+gets that size alone)."""
+MAX_CHECK_INPUT_SIZE = 4096
+"""The largest input side the check feeds; a larger one is refused by the session's own checks."""
+
+
+class LoadCheckFailed(InvalidModelMetadata):
+    """The model's first session or inferences overran their time, failed or crashed."""
+
+
+@dataclass(frozen=True)
+class LoadCheck:
+    """What the model's first session and inferences showed, in a process of their own."""
+
+    output_shapes: dict[int, dict[str, tuple[int, ...]]]
+    """batch size -> output name -> shape; empty where the input could not be fed zeros."""
+    peak_bytes: int
+    """The most memory the session and its inferences held at once."""
+    seconds: float
+
+    def check_rows(self, outputs: tuple[str, ...]) -> None:
+        """LoadCheckFailed unless each of `outputs` gave one row per image in every batch."""
+        for batch_size, shapes in self.output_shapes.items():
+            for name in outputs:
+                shape = shapes.get(name)
+                if shape is None or not shape or shape[0] != batch_size:
+                    raise LoadCheckFailed(
+                        f"the graph's output {name} gives shape {list(shape or ())} for a batch "
+                        f"of {batch_size}: not one row per image, so batched requests would get "
+                        "other images' answers; export it with the batch as its first axis"
+                    )
+
+
+def time_bound(options: RuntimeOptions, file_bytes: int) -> float:
+    """Seconds the load-time checks of a file of `file_bytes` may take."""
+    return options.model_check_timeout_s + options.model_check_seconds_per_gb * file_bytes / 1e9
+
+
+def check_in_a_process(data: bytes, options: RuntimeOptions) -> LoadCheck:
+    """`data`'s first session and inferences in a child process, killed past `time_bound`;
+    LoadCheckFailed saying why where they overran, failed or crashed."""
+    bound = time_bound(options, len(data))
+    command = [sys.executable, "-m", __name__]
+    try:
+        done = subprocess.run(command, input=data, capture_output=True, timeout=bound, check=False)
+    except subprocess.TimeoutExpired:
+        raise LoadCheckFailed(
+            f"the model's first session and inferences did not finish within {bound:.0f} s "
+            "(VIT_MODEL_CHECK_TIMEOUT_S, plus VIT_MODEL_CHECK_SECONDS_PER_GB per GB of file): "
+            "a graph that runs this long is refused"
+        ) from None
+    lines = done.stdout.decode("utf-8", "replace").strip().splitlines()
+    if done.returncode != 0 or not lines:
+        why = last_line(Exception(done.stderr.decode("utf-8", "replace")))
+        raise LoadCheckFailed(
+            f"the model's first session and inferences crashed (exit {done.returncode}: {why})"
+        )
+    report = json.loads(lines[-1])
+    if "error" in report:
+        raise LoadCheckFailed(f"the model's first inferences failed: {report['error']}")
+    return LoadCheck(
+        output_shapes={
+            int(size): {name: tuple(shape) for name, shape in shapes.items()}
+            for size, shapes in report["output_shapes"].items()
+        },
+        peak_bytes=int(report["peak_bytes"]),
+        seconds=float(report["seconds"]),
+    )
+
+
+def _peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB elsewhere
+
+
+def _input_shape(session: Any, props: dict[str, str]) -> tuple[list[int], int] | None:
+    """Batch sizes to run and the input's side, or None where zeros cannot be fed."""
+    inputs = session.get_inputs()
+    if len(inputs) != 1 or inputs[0].type != "tensor(float)" or len(inputs[0].shape) != 4:
+        return None
+    batch, _, *spatial = inputs[0].shape
+    fixed = [d for d in spatial if isinstance(d, int)]
+    side: object = fixed[0] if fixed else None
+    if side is None:
+        try:
+            side = json.loads(props.get("preprocessing", "{}")).get("input_size")
+        except (json.JSONDecodeError, AttributeError):
+            return None
+    if not isinstance(side, int) or not 0 < side <= MAX_CHECK_INPUT_SIZE:
+        return None
+    sizes = [batch] if isinstance(batch, int) and batch > 0 else list(CHECK_BATCH_SIZES)
+    return sizes, side
+
+
+def _run_check(data: bytes) -> dict[str, Any]:
+    """The child's work: the session as the service builds it, then one call per batch size."""
+    import numpy as np
+    import onnxruntime as ort
+
+    started = time.monotonic()
+    baseline = _peak_rss_bytes()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    options.add_session_config_entry(*ONNX_FORMAT_ONLY)
+    try:
+        session = ort.InferenceSession(data, options, providers=[CPU])
+    except Exception:  # onnxruntime's own, untyped: the caller's own session says it again
+        return {"output_shapes": {}, "peak_bytes": 0, "seconds": time.monotonic() - started}
+    shapes: dict[str, dict[str, list[int]]] = {}
+    fed = _input_shape(session, session.get_modelmeta().custom_metadata_map)
+    names = [output.name for output in session.get_outputs()]
+    for batch_size in fed[0] if fed else []:
+        side = fed[1] if fed else 0
+        zeros = np.zeros((batch_size, 3, side, side), np.float32)
+        try:
+            values = session.run(names, {session.get_inputs()[0].name: zeros})
+        except Exception as error:  # onnxruntime's own, untyped
+            return {"error": last_line(error)}
+        shapes[str(batch_size)] = {
+            name: list(np.shape(value)) for name, value in zip(names, values, strict=True)
+        }
+    return {
+        "output_shapes": shapes,
+        "peak_bytes": max(0, _peak_rss_bytes() - baseline),
+        "seconds": time.monotonic() - started,
+    }
+
+
+def main() -> None:
+    data = sys.stdin.buffer.read()
+    try:
+        check_model_bytes(data, max_metadata_bytes=len(data))  # never trust what was piped
+    except InvalidModelMetadata as error:
+        print(json.dumps({"error": str(error)}))
+        return
+    print(json.dumps(_run_check(data)))
+
+
+if __name__ == "__main__":
+    main()
