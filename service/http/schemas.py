@@ -75,7 +75,9 @@ class ClassifyResponse(BaseModel):
     predictions: list[Prediction] = Field(description="One per image, in request order.")
 
 
-class ModelInfo(BaseModel):
+class ModelDescription(BaseModel):
+    """What a served version is, fixed once it serves (its file, session and metadata)."""
+
     name: str
     version: str
     labels: list[str]
@@ -101,13 +103,18 @@ class ModelInfo(BaseModel):
     ood: OodCalibration | None = Field(
         description="The out-of-distribution score and threshold; null: not calibrated."
     )
-    self_test: SelfTestInfo
     cost: dict[str, int] | None = Field(
         None,
         description="Per image, where the metadata describes a plain ViT: tokens, attention "
         "pairs per layer, and FLOPs (attention, projections, MLP, embedding and head, total); "
         "docs/SCALING.md.",
     )
+
+
+class ModelInfo(ModelDescription):
+    """A served version: what it is, and how its startup self-test stands now."""
+
+    self_test: SelfTestInfo
 
 
 class SelfTestInfo(BaseModel):

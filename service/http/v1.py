@@ -4,7 +4,10 @@ loaded models."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import string
+import weakref
+from collections.abc import Iterable
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -18,10 +21,12 @@ from service.http.negotiation import preferred
 from service.http.overlay import overlay_png
 from service.http.responses import classify_response, error_responses
 from service.http.routers import inference_router
-from service.http.schemas import ClassifyResponse, ModelInfo, ModelList, SelfTestInfo
+from service.http.schemas import ClassifyResponse, ModelDescription, ModelList, SelfTestInfo
 from service.inference.pipeline import Answer, Pipeline
 from service.runtime.decode_workers import PICTURE_SIDE
 from service.runtime.session import ATTENTION_ROLLOUT, PROBABILITIES
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 
@@ -218,10 +223,10 @@ async def _answers(
     return outcomes, [image.name for image in images]
 
 
-def model_info(pipeline: Pipeline) -> ModelInfo:
+def describe(pipeline: Pipeline) -> ModelDescription:
     session = pipeline.session
     metadata = session.metadata
-    return ModelInfo(
+    return ModelDescription(
         name=metadata.name,
         version=metadata.version,
         labels=list(metadata.labels),
@@ -238,7 +243,6 @@ def model_info(pipeline: Pipeline) -> ModelInfo:
         source=metadata.source,
         outputs=list(session.output_names),
         ood=metadata.ood,
-        self_test=SelfTestInfo(status=pipeline.self_test.status, detail=pipeline.self_test.detail),
         cost=(
             cost.as_dict()
             if (cost := cost_of(metadata.dataset.get("config"), len(metadata.labels)))
@@ -247,9 +251,44 @@ def model_info(pipeline: Pipeline) -> ModelInfo:
     )
 
 
+_descriptions: weakref.WeakKeyDictionary[Pipeline, str | None] = weakref.WeakKeyDictionary()
+"""Each served version's description as JSON, built on its first listing (None: it could not
+be built), and let go with its pipeline: serialising every version's labels and metadata per
+request made each unauthenticated listing cost what the files' metadata weighs."""
+
+
+def description_json(pipeline: Pipeline) -> str | None:
+    if pipeline not in _descriptions:
+        try:
+            _descriptions[pipeline] = describe(pipeline).model_dump_json()
+        except Exception:  # one version's metadata must not take the listing of all down
+            metadata = pipeline.session.metadata
+            logger.exception(
+                "model %s version %s cannot be described: /v1/models leaves it out",
+                metadata.name,
+                metadata.version,
+            )
+            _descriptions[pipeline] = None
+    return _descriptions[pipeline]
+
+
+def model_list(pipelines: Iterable[Pipeline]) -> Response:
+    """A ModelList: each version's description as built once, and its self-test as it
+    stands now (it passes or fails after the version is listed), spliced in as the last field."""
+    models = []
+    for pipeline in pipelines:
+        described = description_json(pipeline)
+        if described is None:
+            continue
+        test = pipeline.self_test
+        self_test = SelfTestInfo(status=test.status, detail=test.detail).model_dump_json()
+        models.append(f'{described[:-1]},"self_test":{self_test}}}')
+    return Response(f'{{"models":[{",".join(models)}]}}', media_type=JSON)
+
+
 @router.get("/models", response_model=ModelList, summary="The models served and how they run")
-async def models(registry: RegistryDep) -> ModelList:
-    return ModelList(models=[model_info(pipeline) for pipeline in registry.pipelines()])
+async def models(registry: RegistryDep) -> Response:
+    return model_list(registry.pipelines())
 
 
 @router.get(
@@ -258,7 +297,6 @@ async def models(registry: RegistryDep) -> ModelList:
     responses=error_responses(404),
     summary="The versions of one model served",
 )
-async def model(name: str, registry: RegistryDep) -> ModelList:
+async def model(name: str, registry: RegistryDep) -> Response:
     registry.get(name)  # 404 unless served
-    pipelines = [p for p in registry.pipelines() if p.session.metadata.name == name]
-    return ModelList(models=[model_info(pipeline) for pipeline in pipelines])
+    return model_list(p for p in registry.pipelines() if p.session.metadata.name == name)

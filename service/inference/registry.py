@@ -24,6 +24,7 @@ from service.inference.pipeline import Pipeline, SelfTestFailed, WarmUpOverran
 from service.inference.repository import Scan, Unreadable, VersionFile, VersionPolicy, scan
 from service.metrics import Metrics
 from service.runtime.heap import give_back_free_memory
+from service.runtime.model_file import UnsafeModelFile
 from service.runtime.session import CudaUnavailable, ModelSession
 from service.settings import Settings
 
@@ -216,7 +217,10 @@ class ModelRegistry:
                     session = await self._session(name, version, file.path, room)
                 except Exception as error:
                     if self.settings.model_control == "none":
-                        if isinstance(error, SAYS_WHAT_FAILED):
+                        # The checks of a file's bytes and first inferences speak of the file
+                        # alone, not naming it.
+                        names = not isinstance(error, UnsafeModelFile)
+                        if isinstance(error, SAYS_WHAT_FAILED) and names:
                             raise
                         raise ModelLoadFailed(  # onnxruntime's, which do not name the file
                             f"{name} version {version} ({file.path}): {last_line(error)}"

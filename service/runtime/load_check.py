@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from model_contract.metadata import InvalidModelMetadata, last_line
-from service.runtime.model_file import ONNX_FORMAT_ONLY, check_model_bytes
+from service.runtime.model_file import ONNX_FORMAT_ONLY, UnsafeModelFile, check_model_bytes
 from service.runtime.options import CPU, RuntimeOptions
 
 CHECK_BATCH_SIZES = (1, 2)
@@ -30,7 +30,7 @@ MAX_CHECK_INPUT_SIZE = 4096
 """The largest input side the check feeds; a larger one is refused by the session's own checks."""
 
 
-class LoadCheckFailed(InvalidModelMetadata):
+class LoadCheckFailed(UnsafeModelFile):
     """The model's first session or inferences overran their time, failed or crashed."""
 
 

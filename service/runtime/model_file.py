@@ -12,6 +12,7 @@ skipped, not read).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -194,7 +195,7 @@ class ModelFile:
     """A model file's bytes, checked: self-contained, its metadata within bounds and, where it
     carries a seal, intact."""
 
-    data: bytes
+    data: bytes = dataclasses.field(repr=False)
     metadata_bytes: int
     sealed: bool
 
