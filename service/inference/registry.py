@@ -10,6 +10,7 @@ closes and gives its memory back. A version that fails to load leaves the one se
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import os
@@ -87,6 +88,8 @@ class ModelRegistry:
         """Memory held back for versions being loaded, against the budget."""
         self._unreadable: Unreadable = {}
         self._poller: asyncio.Task[None] | None = None
+        self._polling: dict[str, asyncio.Task[None]] = {}
+        """Each model's poll under way, by name."""
         self._retiring: dict[asyncio.Task[None], Pipeline] = {}
         self._last_scan: Scan = {}
         self._awaited: set[str] = set()
@@ -279,6 +282,8 @@ class ModelRegistry:
     async def close(self) -> None:
         if self._poller is not None:
             self._poller.cancel()
+        for task in list(self._polling.values()):
+            task.cancel()
         for pipeline in self.pipelines():
             await pipeline.close()
         self._serving.clear()
@@ -298,8 +303,15 @@ class ModelRegistry:
                 logger.warning("repository scan failed: %s", error)
                 continue
             previous, self._last_scan = self._last_scan, found
-            names = sorted(set(found) | set(self._serving))
-            await asyncio.gather(*(self._poll_model(name, found, previous) for name in names))
+            for name in sorted(set(found) | set(self._serving)):
+                if name in self._polling:
+                    continue  # still acting on an earlier scan: the next one after that
+                task = asyncio.create_task(self._poll_model(name, found, previous))
+                self._polling[name] = task
+                task.add_done_callback(functools.partial(self._polled, name))
+
+    def _polled(self, name: str, _: asyncio.Task[None]) -> None:
+        self._polling.pop(name, None)
 
     async def _poll_model(self, name: str, found: Scan, previous: Scan) -> None:
         if (name, None) in self._unreadable:

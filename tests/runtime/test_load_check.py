@@ -1,0 +1,65 @@
+"""A model's first session and inferences in a process of their own: bounded in time, measured
+in memory, and each output one row per image, or the model is refused."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.runtime.load_check import LoadCheckFailed, check_in_a_process, time_bound
+from service.runtime.options import IN_PROCESS, RuntimeOptions
+from service.runtime.session import ModelSession, OutputRowsMismatch
+from tests.hostile_models import (
+    SIZE,
+    batch_ignoring,
+    batch_ignoring_when_bright,
+    endless_loop,
+    memory_bomb,
+)
+from tests.onnx_models import classifier, metadata_for
+
+QUICK = IN_PROCESS.model_copy(update={"model_check_timeout_s": 2.0})
+
+
+def test_a_graph_that_never_finishes_is_refused_within_the_bound(tmp_path: Path) -> None:
+    started = time.monotonic()
+    with pytest.raises(LoadCheckFailed, match="did not finish within 2 s"):
+        ModelSession(endless_loop(tmp_path / "model.onnx"), QUICK)
+    assert time.monotonic() - started < 10  # the bound, not the graph, decided
+
+
+def test_an_output_that_ignores_the_batch_is_refused_at_load(tmp_path: Path) -> None:
+    with pytest.raises(LoadCheckFailed, match=r"logits gives shape \[1, 3\] for a batch of 2"):
+        ModelSession(batch_ignoring(tmp_path / "model.onnx"), IN_PROCESS)
+
+
+def test_every_call_is_checked_for_one_row_per_image(tmp_path: Path) -> None:
+    session = ModelSession(batch_ignoring_when_bright(tmp_path / "model.onnx"), IN_PROCESS)
+    dark = np.zeros((2, 3, SIZE, SIZE), np.float32)
+    assert session.predict(dark).shape == (2, 3)
+    with pytest.raises(OutputRowsMismatch, match=r"logits gave \[1, 3\] for 2 images"):
+        session.predict(dark + 1)
+
+
+def test_memory_is_measured_and_a_bound_refuses_a_graph_over_it(tmp_path: Path) -> None:
+    model = memory_bomb(tmp_path / "model.onnx", floats=100_000_000)  # 400 MB per call
+    check = check_in_a_process(model.read_bytes(), IN_PROCESS)
+    assert check.peak_bytes > 200 << 20
+    with pytest.raises(LoadCheckFailed, match=r"took \d+ MB, over the 100 MB"):
+        ModelSession(model, IN_PROCESS, max_memory_bytes=100 << 20)
+
+
+def test_an_ordinary_model_passes_with_its_shapes_and_memory(tmp_path: Path) -> None:
+    model = classifier(tmp_path / "model.onnx", metadata=metadata_for(["a", "b", "c"], 32))
+    check = ModelSession(model, IN_PROCESS).load_check
+    assert check.output_shapes == {1: {"logits": (1, 3)}, 2: {"logits": (2, 3)}}
+    assert 0 <= check.peak_bytes < 100 << 20 and check.seconds < QUICK.model_check_timeout_s
+
+
+def test_the_time_bound_grows_with_the_file() -> None:
+    options = RuntimeOptions(model_check_timeout_s=10, model_check_seconds_per_gb=60)
+    assert time_bound(options, 0) == 10
+    assert time_bound(options, 500_000_000) == pytest.approx(40)
