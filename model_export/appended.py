@@ -5,11 +5,15 @@ them."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper
 
 from model_contract.metadata import images_per_call
+from service.runtime.load_check import run_bounded, time_bound
+from service.runtime.model_file import check_model_bytes
+from service.runtime.options import IN_PROCESS
 
 CPU = "CPUExecutionProvider"
 
@@ -32,9 +36,21 @@ def remove_appended(proto: onnx.ModelProto, output: str, prefix: str) -> bool:
     return True
 
 
+class BoundedSession:
+    """A CPU session of a graph being imported or exported, each of whose runs is stopped past
+    the load-time checks' bound for a file of its size: its graph is not trusted yet."""
+
+    def __init__(self, session: ort.InferenceSession, model_bytes: int) -> None:
+        self._session = session
+        self._seconds = time_bound(IN_PROCESS, model_bytes)
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [np.asarray(v) for v in run_bounded(self._session, names, feeds, self._seconds)]
+
+
 def session_with_outputs(
     proto: onnx.ModelProto, names: list[str]
-) -> tuple[ort.InferenceSession, str, int | None]:
+) -> tuple[BoundedSession, str, int | None]:
     """A CPU session of a copy of `proto` answering the named inner tensors too; its input and
     the images a call must hold: its fixed batch size, or one for an int8 graph (as the service
     runs it, ModelMetadata.images_per_call); None where any number will do."""
@@ -49,7 +65,9 @@ def session_with_outputs(
     batch_dim = graph_input.type.tensor_type.shape.dim[0]
     options = ort.SessionOptions()
     options.log_severity_level = 4  # fatal only: a failing run is raised, and said in one line
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=[CPU])
+    data = probe.SerializeToString()
+    check_model_bytes(data, max_metadata_bytes=IN_PROCESS.max_metadata_bytes)
+    session = ort.InferenceSession(data, options, providers=[CPU])
     batch = batch_dim.dim_value if batch_dim.HasField("dim_value") else None
     precision = {p.key: p.value for p in proto.metadata_props}.get("precision")
-    return session, graph_input.name, batch or images_per_call(precision)
+    return BoundedSession(session, len(data)), graph_input.name, batch or images_per_call(precision)

@@ -23,11 +23,10 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from model_contract.ood import SCORE_OUTPUT
-from model_export.appended import remove_appended, session_with_outputs
+from model_export.appended import BoundedSession, remove_appended, session_with_outputs
 
 _PREFIX = "/ood_score"
 _FEATURES = f"{_PREFIX}/features"
@@ -170,7 +169,7 @@ def _probe(
 
 
 def _run(
-    session: ort.InferenceSession,
+    session: BoundedSession,
     input_name: str,
     fixed: int | None,
     names: list[str],

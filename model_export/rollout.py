@@ -20,6 +20,9 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from model_export.appended import CPU, remove_appended, session_with_outputs
+from service.runtime.load_check import run_bounded, time_bound
+from service.runtime.model_file import read_model_file
+from service.runtime.options import IN_PROCESS
 
 ROLLOUT_OUTPUT = "attention_rollout"
 _PREFIX = "/attention_rollout"
@@ -216,7 +219,10 @@ def add_rollout_to_file(path: Path, *, input_size: int) -> AttentionMaps:
 
 def rollout_of(path: Path, batch: np.ndarray) -> np.ndarray:
     """The file's `attention_rollout` for a batch of model inputs, on the CPU."""
-    session = ort.InferenceSession(str(path), providers=[CPU])
+    data = read_model_file(path, max_metadata_bytes=IN_PROCESS.max_metadata_bytes).data
+    session = ort.InferenceSession(data, providers=[CPU])
     (name,) = [i.name for i in session.get_inputs()]
-    (rollout,) = session.run([ROLLOUT_OUTPUT], {name: batch})
+    (rollout,) = run_bounded(
+        session, [ROLLOUT_OUTPUT], {name: batch}, time_bound(IN_PROCESS, len(data))
+    )
     return np.asarray(rollout)

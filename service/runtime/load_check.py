@@ -15,6 +15,7 @@ import json
 import resource
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -92,6 +93,31 @@ def check_in_a_process(data: bytes, options: RuntimeOptions) -> LoadCheck:
         peak_bytes=int(report["peak_bytes"]),
         seconds=float(report["seconds"]),
     )
+
+
+def run_bounded(
+    session: Any, names: list[str], feeds: dict[str, Any], seconds: float
+) -> list[Any]:
+    """`session.run` for a model tool's own inferences of an untrusted graph (calibration, the
+    rollout's probe), told to stop after `seconds`: onnxruntime checks the flag between
+    operators, inside loops' bodies too. LoadCheckFailed if it had to."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.log_severity_level = 4  # fatal only: a stopped run is said in one line
+    timer = threading.Timer(seconds, lambda: setattr(options, "terminate", True))
+    timer.start()
+    try:
+        return list(session.run(names, feeds, options))
+    except Exception as error:  # onnxruntime's own, untyped
+        if options.terminate:
+            raise LoadCheckFailed(
+                f"an inference of the model did not finish within {seconds:.0f} s "
+                "(VIT_MODEL_CHECK_TIMEOUT_S): a graph that runs this long is refused"
+            ) from error
+        raise
+    finally:
+        timer.cancel()
 
 
 def _peak_rss_bytes() -> int:
