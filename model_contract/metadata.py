@@ -4,9 +4,17 @@ vit-import (docs/MODEL-FORMAT.md describes every key)."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from model_contract.preprocess import PreprocessSpec
 
@@ -28,6 +36,19 @@ _LEGACY_SPEC_KEYS = frozenset(
         "alpha_background",
     }
 )
+# Bounds on what a file may say about itself: its metadata is untrusted input, and every
+# /v1/models listing carries it. Each is far above what a real model needs: ImageNet-21k's
+# 21,843 labels, WordNet's longest synonym lists (a few hundred characters), and vit-export's
+# `dataset` (two levels, under a kilobyte). Validators check them, not field constraints, so
+# that the documented JSON schema (docs/MODEL-FORMAT.md) stays the code's.
+MAX_NAME_CHARS = 256
+"""`name` and `version`: they reach URLs, metric labels and answers."""
+MAX_LABELS = 100_000
+MAX_LABEL_CHARS = 1_000
+MAX_DATASET_DEPTH = 8
+"""Levels of nesting in `dataset`: the dataset object itself is the first."""
+MAX_DATASET_CHARS = 100_000
+"""`dataset` as JSON."""
 
 
 class InvalidModelMetadata(ValueError):
@@ -134,6 +155,34 @@ class ModelMetadata(BaseModel):
         None, description="Golden images and expected probabilities for a startup check."
     )
 
+    @field_validator("name", "version")
+    @classmethod
+    def _short_name(cls, value: str) -> str:
+        if len(value) > MAX_NAME_CHARS:
+            raise ValueError(f"{len(value):,} characters; at most {MAX_NAME_CHARS}")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _bounded_labels(cls, labels: tuple[str, ...]) -> tuple[str, ...]:
+        if len(labels) > MAX_LABELS:
+            raise ValueError(f"{len(labels):,} labels; at most {MAX_LABELS:,}")
+        for index, label in enumerate(labels):
+            if len(label) > MAX_LABEL_CHARS:
+                raise ValueError(
+                    f"label {index} has {len(label):,} characters; at most {MAX_LABEL_CHARS:,}"
+                )
+        return labels
+
+    @field_validator("dataset")
+    @classmethod
+    def _bounded_dataset(cls, dataset: dict[str, object]) -> dict[str, object]:
+        _check_json_value(dataset, "dataset", 1)
+        size = len(json.dumps(dataset, ensure_ascii=False))
+        if size > MAX_DATASET_CHARS:
+            raise ValueError(f"{size:,} characters as JSON; at most {MAX_DATASET_CHARS:,}")
+        return dataset
+
     @model_validator(mode="after")
     def _energy_needs_logits(self) -> ModelMetadata:
         if self.ood is not None and self.ood.score == "energy" and self.output != "logits":
@@ -167,16 +216,45 @@ class ModelMetadata(BaseModel):
             )
         known = {key: value for key, value in props.items() if key in cls.model_fields}
         try:
-            decoded = {k: json.loads(v) if k in _JSON_FIELDS else v for k, v in known.items()}
+            decoded = {k: _decoded(k, v) if k in _JSON_FIELDS else v for k, v in known.items()}
             spec = decoded["preprocessing"]
             if isinstance(spec, dict) and set(spec) == _LEGACY_SPEC_KEYS:
                 decoded["preprocessing"] = {**spec, "jpeg_draft": True}
             return cls.model_validate(decoded)
-        except (json.JSONDecodeError, ValidationError) as error:
+        except ValueError as error:  # ValidationError is one
             reason = one_line(error) if isinstance(error, ValidationError) else str(error)
             raise InvalidModelMetadata(
                 f"the model's metadata is malformed ({reason}); see docs/MODEL-FORMAT.md"
             ) from error
+
+
+def _decoded(key: str, text: str) -> object:
+    """`text` as JSON, or a ValueError naming `key`: json refuses malformed text, integers of
+    over 4,300 digits (ValueError) and arrays nested thousands deep (RecursionError)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise ValueError(f"{key}: {error}") from error
+
+
+def _check_json_value(value: object, path: str, depth: int) -> None:
+    """Refuse anything in `dataset` that is not plain JSON (string keys, finite numbers) or that
+    nests deeper than MAX_DATASET_DEPTH, saying where (`path`, cut short: keys may be long)."""
+    where = path if len(path) <= 120 else f"{path[:117]}..."
+    if isinstance(value, dict | list | tuple) and depth > MAX_DATASET_DEPTH:
+        raise ValueError(f"more than {MAX_DATASET_DEPTH} levels of nesting, at {where}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{where} has a key of type {type(key).__name__}, not a string")
+            _check_json_value(item, f"{path}.{key}", depth + 1)
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _check_json_value(item, f"{path}[{index}]", depth + 1)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} is {value}; numbers must be finite")
+    elif not isinstance(value, str | int | float | None):  # bool is an int
+        raise ValueError(f"{where} is of type {type(value).__name__}, not a JSON value")
 
 
 def images_per_call(precision: str | None) -> int | None:

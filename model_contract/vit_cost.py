@@ -18,6 +18,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+_INT64_MAX = 2**63 - 1
+"""The largest size, ratio or figure taken: what a client reading the cost as int64 holds."""
+
 
 @dataclass(frozen=True)
 class ViTCost:
@@ -69,17 +72,42 @@ def vit_cost(
 
 def cost_of(config: Any, num_classes: int) -> ViTCost | None:
     """The cost of a model whose metadata describes its architecture (`dataset.config`, as
-    vit-export and vit-import hf write it); None when it does not."""
+    vit-export and vit-import hf write it); None when it does not, or describes none that could
+    run (metadata is untrusted: a listing must not fail on it): sizes that are not positive
+    integers, a patch larger than the image, an MLP ratio that is not a positive finite number,
+    or a figure past what a 64-bit integer holds."""
     if not isinstance(config, dict):
         return None
-    try:
-        return vit_cost(
-            image_size=int(config["image_size"]),
-            patch_size=int(config["patch_size"]),
-            width=int(config["width"]),
-            depth=int(config["depth"]),
-            mlp_ratio=float(config["mlp_ratio"]),
-            num_classes=num_classes,
-        )
-    except (KeyError, TypeError, ValueError):
+    image_size, patch_size, width, depth = (
+        _size(config.get(key)) for key in ("image_size", "patch_size", "width", "depth")
+    )
+    ratio = _ratio(config.get("mlp_ratio"))
+    if image_size is None or patch_size is None or width is None or depth is None:
         return None
+    if ratio is None or patch_size > image_size:
+        return None
+    cost = vit_cost(
+        image_size=image_size,
+        patch_size=patch_size,
+        width=width,
+        depth=depth,
+        mlp_ratio=ratio,
+        num_classes=num_classes,
+    )
+    return cost if cost.total_flops <= _INT64_MAX else None
+
+
+def _size(value: object) -> int | None:
+    """A positive integer (written as one, or as a whole float) up to _INT64_MAX, else None."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= _INT64_MAX:
+        return value
+    return None
+
+
+def _ratio(value: object) -> float | None:
+    """A positive finite number up to _INT64_MAX, else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if 0 < value <= _INT64_MAX else None  # NaN compares false

@@ -130,3 +130,21 @@ def expected_logits(batch: np.ndarray, classes: int = 3, scale: float = 1.0) -> 
     """What `classifier` computes, in numpy."""
     weights = scale * (np.arange(3 * classes, dtype=np.float32).reshape(3, classes) - 2)
     return np.asarray(batch.mean(axis=(2, 3)) @ weights)
+
+
+def restamped(path: Path, **props: str) -> Path:
+    """`path` with `props` written into its metadata verbatim, over what it holds: metadata no
+    exporter would write (broken JSON, values out of bounds) that `ModelMetadata` would refuse."""
+    model = onnx.load(str(path))
+    current = {prop.key: prop.value for prop in model.metadata_props}
+    helper.set_model_props(model, {**current, **props})
+    onnx.save(model, str(path))
+    return path
+
+
+def nested(levels: int) -> dict[str, object]:
+    """`{"a": {"a": ... {}}}`, `levels` objects deep: a `dataset` deeper than any real one."""
+    value: dict[str, object] = {}
+    for _ in range(levels - 1):
+        value = {"a": value}
+    return value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from model_contract.preprocess import preprocess
 from service.runtime.options import CPU, IN_PROCESS
 from service.runtime.session import ModelSession
 from tests.images import asymmetric, encode, upload_variety, with_orientation
+from tests.onnx_models import classifier, metadata_for, nested, restamped
+from tests.repositories import COLOURS, TOKEN, add_version
 from tests.service_support import cpu_settings, ready_client
 
 UPLOADS = upload_variety()
@@ -287,3 +290,59 @@ def _counter(metrics: str, reason: str) -> float:
 def test_a_single_bad_file_keeps_its_status(client: TestClient) -> None:
     files = {"file": ("broken.png", b"\x89PNG\r\n\x1a\n truncated", "image/png")}
     assert error_of(client.post("/v1/classify", files=files)) == (422, "undecodable_image")
+
+
+VIT_CONFIG = {"image_size": 32, "patch_size": 16, "width": 4, "depth": 1, "mlp_ratio": 2.0}
+
+
+def test_a_versions_bad_metadata_never_breaks_the_listing_of_the_others(tmp_path: Path) -> None:
+    """Refused at load where it could break something (the index says why); served where it is
+    harmless, a config that describes no runnable ViT reported without a cost."""
+    repo = tmp_path / "repo"
+    for name, version, config in [
+        ("colours", 1, VIT_CONFIG),
+        ("colours", 2, VIT_CONFIG),
+        ("zero-patch", 1, {**VIT_CONFIG, "patch_size": 0}),
+        ("huge-ratio", 1, {**VIT_CONFIG, "mlp_ratio": 1e308}),
+    ]:
+        (repo / name / str(version)).mkdir(parents=True)
+        metadata = metadata_for(COLOURS, 32, dataset={"config": config})
+        classifier(repo / name / str(version) / "model.onnx", metadata=metadata)
+    restamped(repo / "colours" / "2" / "model.onnx", dataset=json.dumps(nested(300)))
+    settings = cpu_settings(repo, admin_token=TOKEN, model_control="explicit")
+    with ready_client(settings) as client:
+        response = client.get("/v1/models")
+        index = client.post("/v2/repository/index", headers={"authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 200, response.text
+    costs = {(m["name"], m["version"]): m["cost"] for m in response.json()["models"]}
+    assert set(costs) == {("colours", "1"), ("zero-patch", "1"), ("huge-ratio", "1")}
+    assert costs[("colours", "1")]["tokens"] == 5
+    assert costs[("zero-patch", "1")] is None and costs[("huge-ratio", "1")] is None
+    (refused,) = [e for e in index.json() if (e["name"], e["version"]) == ("colours", "2")]
+    assert refused["state"] == "UNAVAILABLE"
+    assert "dataset: Value error, more than 8 levels of nesting" in refused["reason"]
+
+
+def test_a_version_that_cannot_be_described_is_left_out_and_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    repo = tmp_path / "repo"
+    add_version(repo, "colours", 1)
+    add_version(repo, "other", 1)
+    with ready_client(cpu_settings(repo)) as client:
+        (other,) = [
+            p
+            for p in client.app_state["registry"].pipelines()
+            if p.session.metadata.name == "other"
+        ]
+        # Metadata that load now refuses, set past validation: the listing's last line of
+        # defence, should some metadata still fail to serialise.
+        other.session.metadata = other.session.metadata.model_copy(update={"dataset": nested(300)})
+        for _ in range(2):
+            response = client.get("/v1/models")
+            assert response.status_code == 200, response.text
+            assert [m["name"] for m in response.json()["models"]] == ["colours"]
+        assert client.get("/v1/models/other").json() == {"models": []}
+        assert client.get("/v1/models/colours").json()["models"][0]["name"] == "colours"
+    logged = [r for r in caplog.records if "cannot be described" in r.getMessage()]
+    assert len(logged) == 1 and "model other version 1" in logged[0].getMessage()

@@ -1,8 +1,14 @@
-"""The analytic cost of a plain ViT against a count by hand, and as /v1/models reports it."""
+"""The analytic cost of a plain ViT against a count by hand, as /v1/models reports it, and none
+for a config that describes no ViT that could run."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from model_contract.vit_cost import cost_of, vit_cost
 from tests.service_support import cpu_settings, ready_client
@@ -39,3 +45,56 @@ def test_models_report_the_cost_where_the_metadata_describes_a_vit(served_model:
         image_size=128, patch_size=16, width=192, depth=6, mlp_ratio=4.0, num_classes=8
     )
     assert model["cost"]["total_flops"] == expected.total_flops
+
+
+CONFIG = {"image_size": 32, "patch_size": 16, "width": 4, "depth": 1, "mlp_ratio": 2.0}
+
+
+NOT_RUNNABLE = {
+    "zero patch": {"patch_size": 0},
+    "negative patch": {"patch_size": -16},
+    "patch over the image": {"patch_size": 64},
+    "fractional width": {"width": 4.5},
+    "boolean depth": {"depth": True},
+    "size as text": {"image_size": "32"},
+    "size of 400 digits": {"image_size": 10**400},
+    "ratio 1e308": {"mlp_ratio": 1e308},
+    "infinite ratio": {"mlp_ratio": math.inf},
+    "NaN ratio": {"mlp_ratio": math.nan},
+    "zero ratio": {"mlp_ratio": 0},
+    "ratio of 400 digits": {"mlp_ratio": 10**400},
+    "FLOPs past 64 bits": {"depth": 2**62},  # each size fits, the product does not
+}
+
+
+@pytest.mark.parametrize("change", NOT_RUNNABLE.values(), ids=NOT_RUNNABLE.keys())
+def test_a_config_that_describes_no_runnable_vit_has_no_cost(change: dict[str, object]) -> None:
+    assert cost_of(CONFIG, 3) is not None
+    assert cost_of({**CONFIG, **change}, 3) is None
+
+
+def test_whole_numbers_written_as_floats_are_sizes() -> None:
+    assert cost_of({**CONFIG, "image_size": 32.0, "mlp_ratio": 2}, 3) == cost_of(CONFIG, 3)
+
+
+JSON_SCALARS = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=3),
+)
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["image_size", "patch_size", "width", "depth", "mlp_ratio"]),
+        JSON_SCALARS,
+    )
+)
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # a busy 2-core machine
+def test_any_config_gets_a_cost_or_none_never_an_error(config: dict[str, object]) -> None:
+    cost = cost_of(config, 1000)
+    if cost is not None:
+        figures = cost.as_dict().values()
+        assert all(0 <= figure <= 2**63 - 1 for figure in figures)
