@@ -16,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from model_export.export import write_metadata
 from service.app import create_app
 from service.settings import Settings
 from tests.hostile_models import (
@@ -26,7 +27,8 @@ from tests.hostile_models import (
     memory_bomb,
 )
 from tests.images import encode
-from tests.repositories import PHOTO, TOKEN, add_version, colours_probabilities
+from tests.onnx_models import metadata_for
+from tests.repositories import COLOURS, PHOTO, TOKEN, add_version, colours_probabilities
 from tests.service_support import cpu_settings, ready_client
 
 SECRET = b"db-password=hunter2 and the rest of a config file"
@@ -220,3 +222,19 @@ def test_a_folder_that_cannot_be_read_is_skipped_and_reported(repo: Path, locked
         add_version(repo, "colours", 2, scale=2.0)
         wait_for(lambda: classify(client, "colours").json()["model"]["version"] == "2")
         assert client.post("/v2/repository/index", headers=admin()).status_code == 200
+
+
+def test_a_sealed_copy_cut_short_never_retires_the_version_serving(repo: Path) -> None:
+    sealed = repo / "colours" / "1" / "model.onnx"
+    write_metadata(sealed, metadata_for(COLOURS, 32, held_out_accuracy=0.5), producer="test")
+    settings = cpu_settings(repo, admin_token=TOKEN, model_control="poll", repository_poll_s=0.1)
+    with started(settings) as client:
+        data = sealed.read_bytes()
+        half = data[: data.rindex(b"held_out_accuracy") - 4]  # an entry boundary: it parses
+        staging = repo / ".colours-2"
+        staging.mkdir()
+        (staging / "model.onnx").write_bytes(half)
+        staging.rename(repo / "colours" / "2")
+        wait_for(lambda: index(client).get(("colours", "2"), {}).get("state") == "UNAVAILABLE")
+        assert "does not match its content_sha256" in index(client)[("colours", "2")]["reason"]
+        serves_colours(client, "1", 1.0)
