@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from model_contract.metadata import InvalidModelMetadata, last_line
@@ -120,7 +121,15 @@ def run_bounded(
         timer.cancel()
 
 
-def _peak_rss_bytes() -> int:
+def _memory_bytes(field: str) -> int:
+    """This process's resident memory now (`VmRSS`) or at its peak (`VmHWM`). Linux's
+    `ru_maxrss` keeps the peak of the process that forked this one across exec, so a large
+    server would hide a child's growth; /proc's counts start afresh. Elsewhere, `ru_maxrss`."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB elsewhere
 
@@ -150,7 +159,7 @@ def _run_check(data: bytes) -> dict[str, Any]:
     import onnxruntime as ort
 
     started = time.monotonic()
-    baseline = _peak_rss_bytes()
+    baseline = _memory_bytes("VmRSS")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
@@ -174,7 +183,7 @@ def _run_check(data: bytes) -> dict[str, Any]:
         }
     return {
         "output_shapes": shapes,
-        "peak_bytes": max(0, _peak_rss_bytes() - baseline),
+        "peak_bytes": max(0, _memory_bytes("VmHWM") - baseline),
         "seconds": time.monotonic() - started,
     }
 

@@ -108,7 +108,7 @@ class RuntimeOptions(BaseModel):
     tensorrt_fp16: bool = False
     """Let TensorRT run layers in half precision."""
 
-    model_check_timeout_s: float = Field(30.0, gt=0)
+    model_check_timeout_s: float = Field(10.0, gt=0)
     """The longest a model file's load-time checks may take (a fresh session and one call each
     with a batch of 1 and of 2, run in a process of their own), plus
     `model_check_seconds_per_gb` for each GB of the file; a file that overruns is refused and
