@@ -27,6 +27,7 @@ from model_export.importing import staged
 from model_export.ood_features import strip_ood_score
 from model_export.quantize import Int8Report, compare, quantize
 from model_export.rollout import ROLLOUT_OUTPUT, add_rollout_to_file, rollout_of, strip_rollout
+from model_export.sealing import read_checked, write_metadata
 from model_export.stamp import (
     SELF_TEST_IMAGES,
     calibrate_best,
@@ -36,7 +37,6 @@ from model_export.stamp import (
     served_probabilities,
 )
 from model_export.vit import VisionTransformer, ViTConfig
-from service.runtime.model_file import SEAL_KEY, SEAL_PLACEHOLDER, seal
 from service.runtime.options import IN_PROCESS
 from service.runtime.session import ModelSession, softmax
 
@@ -144,24 +144,6 @@ def to_onnx(model: nn.Module, path: Path, image_size: int) -> None:
     )
 
 
-def write_metadata(path: Path, metadata: ModelMetadata, *, producer: str = "vit-export") -> None:
-    """Store the metadata in the file (replacing any), checked and sealed (`save_sealed`)."""
-    save_sealed(onnx.load(str(path)), path, metadata, producer=producer)
-
-
-def save_sealed(
-    proto: onnx.ModelProto, path: Path, metadata: ModelMetadata, *, producer: str
-) -> None:
-    """Write `proto` to `path` as the one file the service serves: `metadata` replacing any,
-    onnx's full checker passed, every weight inside, and sealed with the sha256 of its content
-    (first among the metadata, so a copy cut short anywhere after the graph is refused)."""
-    del proto.metadata_props[:]
-    onnx.helper.set_model_props(proto, {SEAL_KEY: SEAL_PLACEHOLDER, **metadata.to_props()})
-    proto.producer_name = producer
-    onnx.checker.check_model(proto, full_check=True)
-    path.write_bytes(seal(proto.SerializeToString()))
-
-
 def parity_inputs(spec: PreprocessSpec, seed: int) -> list[tuple[str, np.ndarray]]:
     """Random tensors and real preprocessed images, at each parity batch size."""
     rng = np.random.default_rng(seed)
@@ -243,7 +225,7 @@ def rebuild(path: Path) -> tuple[VisionTransformer, ModelMetadata, onnx.ModelPro
     """A file vit-export wrote, as its PyTorch model (from the graph's weights), its metadata
     and its classification graph (any rollout removed); NotACheckpoint for any other file."""
     refusal = f"{path} is an ONNX file vit-export did not write: stamp it with `vit-import onnx`"
-    proto = onnx.load(str(path))
+    proto = read_checked(path)
     try:
         metadata = ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props})
         config = ViTConfig(**metadata.dataset["config"])  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import pickle
 import shutil
 import sys
 import warnings
@@ -37,7 +38,6 @@ from model_export.export import (
     Float16Inside,
     to_onnx,
     with_rollout,
-    write_metadata,
 )
 from model_export.hf_preprocessing import UnexpressibleProcessor, spec_from_processor
 from model_export.import_onnx import rollout_refusals
@@ -46,10 +46,14 @@ from model_export.importing import (
     chunks,
     decodable_image_files,
     model_name,
+    read_json,
+    refuse_custom_code,
     served_logits,
+    source_name,
     staged,
 )
 from model_export.quantize import Int8Report, check_on_images, quantize
+from model_export.sealing import write_metadata
 from model_export.stamp import (
     SELF_TEST_IMAGES,
     calibrate_on_files,
@@ -63,6 +67,8 @@ from service.runtime.session import ATTENTION_ROLLOUT, ModelSession, softmax
 logger = logging.getLogger(__name__)
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+CHECKPOINT_JSON = ("config.json", "preprocessor_config.json", "processor_config.json")
+"""The files from which transformers chooses a checkpoint's model and image processor classes."""
 
 
 class LogitsOnly(nn.Module):
@@ -136,8 +142,30 @@ def weights_sha256(source: str) -> str:
     return hashlib.sha256("".join(sha256_of(f) for f in files).encode()).hexdigest()
 
 
+def checkpoint_json(source: str) -> Path:
+    """The folder holding the checkpoint's CHECKPOINT_JSON files: `source` itself, or for a hub
+    id those files alone, downloaded (the weights come later, through transformers)."""
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, allow_patterns=list(CHECKPOINT_JSON)))
+    except (OSError, ValueError) as error:  # the hub's errors; ValueError: not a repository id
+        raise ImportRefused(
+            f"{source}: neither a checkpoint folder nor a hub checkpoint ({last_line(error)})"
+        ) from error
+
+
 def load(source: str) -> tuple[nn.Module, Any]:
-    """transformers' classifier and its PIL-backend image processor, as the pipeline loads them."""
+    """transformers' classifier and its PIL-backend image processor, as the pipeline loads them,
+    or a refusal where the checkpoint would run code of its own: Python it ships (refused before
+    transformers reads it) or pickled weights holding more than tensors."""
+    folder = checkpoint_json(source)
+    for name in CHECKPOINT_JSON:
+        if (folder / name).is_file():
+            refuse_custom_code(read_json(folder / name), folder / name)
+
     from transformers import AutoImageProcessor, AutoModelForImageClassification
     from transformers.utils import logging as transformers_logging
 
@@ -149,8 +177,16 @@ def load(source: str) -> tuple[nn.Module, Any]:
             "backend; the served numbers are those of its PIL backend (pass "
             "image_processor=AutoImageProcessor.from_pretrained(SOURCE, backend='pil'))"
         )
-    model = AutoModelForImageClassification.from_pretrained(source).eval()
-    processor = AutoImageProcessor.from_pretrained(source, backend="pil")
+    try:
+        model = AutoModelForImageClassification.from_pretrained(
+            source, trust_remote_code=False
+        ).eval()
+    except pickle.UnpicklingError as error:  # torch.load(weights_only=True) met an object
+        raise ImportRefused(
+            f"{source}: its pickled weights hold objects other than tensors, which could run "
+            "code as they are unpickled; vit-import loads tensors only: use safetensors weights"
+        ) from error
+    processor = AutoImageProcessor.from_pretrained(source, backend="pil", trust_remote_code=False)
     config = model.config
     if config.problem_type == "multi_label_classification" or config.num_labels < 2:
         raise ImportRefused(
@@ -308,7 +344,7 @@ def import_hf(
         dataset={"config": architecture(config)} if architecture(config) else {},
         source={
             "importer": "vit-import hf",
-            "source": source,
+            "source": source_name(source),
             "model_type": str(config.model_type),
             "architecture": type(model).__name__,
             "image_processor": type(processor).__name__,

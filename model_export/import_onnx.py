@@ -1,6 +1,7 @@
 """An ONNX classifier made elsewhere (optimum, timm, torch.onnx.export) -> the self-describing file
 the service loads: labels, preprocessing and provenance stamped into its metadata, the graph
-checked against them, and a smoke inference on real photos. No torch here."""
+checked against them, a smoke inference on real photos, and the file sealed as vit-export seals
+its own. The file is untrusted input: it is checked on its bytes before anything else reads it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -32,13 +33,19 @@ from model_export.importing import (
     ImportRefused,
     decodable_image_files,
     model_name,
+    read_json,
+    refuse_custom_code,
     served_logits,
+    source_name,
     staged,
 )
 from model_export.ood_features import strip_ood_score
 from model_export.rollout import ROLLOUT_OUTPUT, NoAttention, add_rollout, strip_rollout
+from model_export.sealing import save_sealed
 from model_export.stamp import SELF_TEST_IMAGES, calibrate_on_files, golden_png, self_test
 from service.runtime.graph_check import check_output_width, inspect_model
+from service.runtime.load_check import LoadCheckFailed, check_in_a_process
+from service.runtime.model_file import UnsafeModelFile, check_model_bytes
 from service.runtime.options import IN_PROCESS
 from service.runtime.session import ModelSession
 
@@ -113,19 +120,19 @@ def spec_from_preprocessor_config(
     processor with its own step loop checked on `images`)."""
     from transformers import AutoImageProcessor
 
-    try:
-        fields = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ImportRefused(f"{path}: not a readable JSON file ({error})") from error
+    fields = read_json(path)
     if not isinstance(fields, dict) or not any(key in fields for key in PROCESSOR_TYPES):
         raise ImportRefused(
             f"{path}: not an image processor's preprocessor_config.json "
             f"(it has no {' or '.join(PROCESSOR_TYPES)})"
         )
+    refuse_custom_code(fields, path)
     with tempfile.TemporaryDirectory() as folder:
         try:
             shutil.copy(path, Path(folder) / HF_PREPROCESSOR)
-            processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
+            processor = AutoImageProcessor.from_pretrained(
+                folder, backend="pil", trust_remote_code=False
+            )
         except Exception as error:  # transformers' own errors for a config it cannot use, untyped
             # Its first sentence: an unknown type's error goes on to list every known one.
             reason = last_line(error).replace(folder, str(path.parent)).split(". ")[0]
@@ -140,12 +147,54 @@ def spec_from_preprocessor_config(
 
 
 def existing_metadata(proto: onnx.ModelProto) -> dict[str, Any]:
-    """The file's own metadata where it already has valid metadata (stamping it again)."""
+    """The file's own metadata where it already has valid metadata (stamping it again): its
+    fields only, so a seal (of the old content) is not carried, and a source path an earlier
+    version stamped keeps only its last part."""
     props = {p.key: p.value for p in proto.metadata_props}
     try:
-        return ModelMetadata.from_props(props).model_dump()
+        old = ModelMetadata.from_props(props).model_dump()
     except InvalidModelMetadata:
         return {}
+    path = PurePath(old["source"].get("source", ""))
+    if path.is_absolute():
+        old["source"] = {**old["source"], "source": path.name}
+    return old
+
+
+ONE_FILE = (
+    "; vit-import reads no other file either: export the model as one file "
+    "(torch.onnx.export(..., external_data=False)), or where it is over 2 GB, import its "
+    "checkpoint with half-precision weights (vit-import hf --fp16)"
+)
+"""How to make a model whose weights are kept beside it (torch.onnx.export's default) one file."""
+
+
+def read_model(model_file: Path) -> onnx.ModelProto:
+    """The file parsed from its bytes, read once, or a refusal where they are not one intact,
+    self-contained model (`check_model_bytes`): a tensor kept in another file may name any file
+    (`..`, a link), and onnx.load would read it into the output. Parsed from the bytes, onnx
+    opens no file a tensor names. Its first session and inferences run bounded in a process of
+    their own (`check_in_a_process`) before any of the importer's."""
+    try:
+        data = model_file.read_bytes()
+    except OSError as error:
+        raise ImportRefused(f"{model_file}: {error.strerror or error}") from error
+    try:
+        proto = onnx.load_model_from_string(data)
+    except Exception as error:  # protobuf's decode errors and onnx's own, untyped
+        raise ImportRefused(f"{model_file}: not an ONNX file ({last_line(error)})") from error
+    try:
+        check_model_bytes(data, max_metadata_bytes=IN_PROCESS.max_metadata_bytes)
+    except UnsafeModelFile as error:
+        external = any(
+            t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer
+        )
+        raise ImportRefused(f"{model_file}: {error}{ONE_FILE if external else ''}") from error
+    try:  # before any inference of its own: a graph that never finishes is stopped there
+        check_in_a_process(data, IN_PROCESS)
+    except LoadCheckFailed as error:
+        raise ImportRefused(f"{model_file}: {error}") from error
+    return proto
 
 
 def graph_input_size(proto: onnx.ModelProto) -> int | None:
@@ -168,21 +217,6 @@ def graph_input_size(proto: onnx.ModelProto) -> int | None:
         )
     sides = {d for d in dims[2:] if d is not None}
     return sides.pop() if len(sides) == 1 else None
-
-
-MAXIMUM_WEIGHTS = onnx.checker.MAXIMUM_PROTOBUF
-"""What one ONNX file can hold: the service loads one file, not weights kept beside it."""
-
-
-def refuse_external_weights(proto: onnx.ModelProto, model_file: Path) -> None:
-    """A refusal where the weights would not fit in the one file the service loads."""
-    weights = sum(tensor.ByteSize() for tensor in proto.graph.initializer)
-    if weights >= MAXIMUM_WEIGHTS:
-        raise ImportRefused(
-            f"{model_file}: {weights / 1e9:.2f} GB of weights, over the 2 GB one ONNX file can "
-            "hold, and the service loads one file (no external data): import the model with "
-            "half-precision weights (vit-import hf --fp16) or serve a smaller one"
-        )
 
 
 def choose_output(proto: onnx.ModelProto, named: str | None) -> str | None:
@@ -267,14 +301,8 @@ def check_batches(session: ModelSession, files: list[Path]) -> None:
     else:  # noise: unlike the first image in every way a graph could mix them
         other = np.random.default_rng(0).standard_normal(first.shape).astype(np.float32)
     alone = session.logits(first)
-    try:
-        paired = session.logits(np.concatenate([first, other]))
-    except Exception as error:  # onnxruntime's own errors, untyped
-        raise ImportRefused(
-            f"the graph's batch axis is dynamic, but it fails on a batch of 2 "
-            f"({last_line(error)}): export it with the batch fixed to 1, which the service "
-            "serves one image at a time"
-        ) from error
+    # A graph that fails on a batch of 2 was refused by the session's load check already.
+    paired = session.logits(np.concatenate([first, other]))
     gap = float(np.abs(paired[0] - alone[0]).max())
     if gap > BATCH_TOLERANCE * max(1.0, float(np.abs(alone).max())):
         raise ImportRefused(
@@ -313,11 +341,7 @@ def import_onnx(
     model_file = source / ONNX_FILE if folder else source
     if not model_file.is_file():
         raise ImportRefused(f"{model_file}: no such file")
-    try:
-        proto = onnx.load(str(model_file))
-    except Exception as error:  # protobuf's decode errors and onnx's own, untyped
-        raise ImportRefused(f"{model_file}: not an ONNX file ({last_line(error)})") from error
-    refuse_external_weights(proto, model_file)
+    proto = read_model(model_file)
     graph_size = graph_input_size(proto)
     old = existing_metadata(proto)
     strip_rollout(proto)  # a file stamped before: its rollout and score are made again below
@@ -366,7 +390,7 @@ def import_onnx(
                 "source": old.get("source")
                 or {
                     "importer": "vit-import onnx",
-                    "source": str(source),
+                    "source": source_name(source),
                     "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
                     **({"model_type": str(config["model_type"])} if "model_type" in config else {}),
                 },
@@ -385,6 +409,9 @@ def import_onnx(
     )
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, metadata.to_props())
+    # Until it is sealed, the file is not ours: a file our tools wrote that carries neither its
+    # seal nor its self-test is refused as cut short (a file stamped before says they wrote it).
+    proto.producer_name = ""
     with staged(output) as staged_path:
         onnx.save(proto, str(staged_path))
         try:
@@ -405,9 +432,14 @@ def import_onnx(
                 "self_test": golden(session, check_images),
             }
         )
-        del proto.metadata_props[:]
-        onnx.helper.set_model_props(proto, metadata.to_props())
-        onnx.save(proto, str(staged_path))
+        try:
+            save_sealed(proto, staged_path, metadata, producer="vit-import")
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+            # Its first line: the ones after it are what follows from the first.
+            reason = str(error).strip().splitlines()[0]
+            raise ImportRefused(
+                f"{model_file}: onnx's checker refuses the graph ({reason})"
+            ) from error
         staged_path.replace(output)
     if unsaid:
         defaults = ", ".join(f"{field} {getattr(merged_spec, field)}" for field in unsaid)

@@ -1,8 +1,10 @@
-"""What both importers share: their refusal, the images they check with, and model names."""
+"""What both importers share: their refusal, the images they check with, the names they give
+models and sources, and what they refuse to run."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import tempfile
 from collections.abc import Iterator
@@ -51,6 +53,44 @@ def model_name(source: str) -> str:
     """A name fit for URLs (/v2/models/{name}) from a path or hub id: its last part."""
     last = Path(source.rstrip("/")).name
     return re.sub(r"[^A-Za-z0-9._-]+", "-", last).strip("-.") or "model"
+
+
+def source_name(source: str | Path) -> str:
+    """What a file's metadata says it came from: a local path's last part, a hub id whole. The
+    folders above a path are the importing machine's, and /v1/models shows the metadata to
+    anyone."""
+    if not Path(source).exists():
+        return str(source)  # a hub id: no path on this machine
+    return Path(source).resolve().name
+
+
+def read_json(path: Path) -> object:
+    """A checkpoint's JSON file, or a refusal naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: not UTF-8, not JSON
+        raise ImportRefused(f"{path}: not a readable JSON file ({error})") from error
+
+
+CUSTOM_CODE_KEYS = ("auto_map", "custom_pipelines")
+"""The keys by which a checkpoint's JSON asks transformers to import Python shipped with it (or
+kept in another hub repository)."""
+
+
+def refuse_custom_code(fields: object, path: Path) -> None:
+    """A refusal where `fields` (the JSON file at `path`) ask for the checkpoint's own Python
+    code, at the top level or in a section (processor_config.json nests its image processor's).
+    A download is read, never run: transformers would ask `[y/N]` on a terminal and run the
+    code on "y"."""
+    sections = [fields, *fields.values()] if isinstance(fields, dict) else []
+    for section in sections:
+        for key in CUSTOM_CODE_KEYS:
+            if isinstance(section, dict) and key in section:
+                raise ImportRefused(
+                    f"{path}: its {key} asks to run Python code shipped with the checkpoint, "
+                    "and vit-import runs none: import a model whose architecture and image "
+                    "processor transformers itself ships"
+                )
 
 
 @contextmanager

@@ -137,8 +137,10 @@ def calibrate_on_files(
 ) -> OodCalibration:
     """`calibrate_best` on the user's unlabelled in-distribution images: every other file (the
     first, third, ...) fits the class means (of the model's predicted classes) and covariance,
-    the others set the threshold."""
+    the others set the threshold. The description names `folder` by its last part: the folders
+    above it are the importing machine's, and /v1/models shows it to anyone."""
     spec = session.metadata.preprocessing
+    where = f"under {folder.resolve().name}/"
 
     def batches(chosen: list[Path]) -> Iterator[np.ndarray]:
         for start in range(0, len(chosen), CALIBRATION_BATCH_SIZE):
@@ -147,13 +149,13 @@ def calibrate_on_files(
 
     fitting, thresholding = files[0::2], files[1::2]
     if not thresholding:
-        return calibrate(session, batches(files), source=f"{len(files)} images under {folder}")
+        return calibrate(session, batches(files), source=f"{len(files)} images {where}")
     return calibrate_best(
         proto,
         session,
         fit_batches=((batch, None) for batch in batches(fitting)),
         threshold_batches=batches(thresholding),
-        source=f"{len(thresholding)} images under {folder} (the 2nd, 4th, ...)",
+        source=f"{len(thresholding)} images {where} (the 2nd, 4th, ...)",
         fit_source=f"the other {len(fitting)} (their predicted classes)",
     )
 

@@ -96,6 +96,45 @@ def deit_with_teacher_shortest_edge(folder: Path) -> Checkpoint:
     return save(folder, model, processor, labels)
 
 
+def asking_to_run_its_code(folder: Path, marker: Path, *, in_file: str) -> Checkpoint:
+    """The ViT checkpoint with Python of its own beside it, which writes `marker` when imported,
+    named by an `auto_map` in `in_file`: config.json's under a model type transformers lacks (so
+    that it asks whether to run it), or preprocessor_config.json's."""
+    checkpoint = vit_imagenet_bicubic(folder)
+    code = f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+    (folder / "modeling_evil.py").write_text(code)
+    fields = json.loads((folder / in_file).read_text())
+    if in_file == "config.json":
+        fields["model_type"] = "evil-vit"
+        fields["auto_map"] = {
+            "AutoConfig": "modeling_evil.EvilConfig",
+            "AutoModelForImageClassification": "modeling_evil.EvilModel",
+        }
+    else:
+        fields["auto_map"] = {"AutoImageProcessor": "modeling_evil.EvilProcessor"}
+    (folder / in_file).write_text(json.dumps(fields))
+    return checkpoint
+
+
+class RunsCode:
+    """Unpickled, writes the marker file: what a malicious pickle does, harmlessly."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+
+
+def pickled_with_code(folder: Path, marker: Path) -> Checkpoint:
+    """The ViT checkpoint with its weights only as a pickled pytorch_model.bin that writes
+    `marker` when unpickled."""
+    checkpoint = vit_imagenet_bicubic(folder)
+    (folder / "model.safetensors").unlink()
+    torch.save({"classifier.bias": RunsCode(marker)}, folder / "pytorch_model.bin")
+    return checkpoint
+
+
 CHECKPOINTS = {
     "vit": vit_imagenet_bicubic,
     "deit": deit_resize_then_crop,

@@ -85,6 +85,12 @@ def check_in_a_process(data: bytes, options: RuntimeOptions) -> LoadCheck:
         )
     report = json.loads(lines[-1])
     if "error" in report:
+        if report.get("batch_size", 1) > 1:
+            raise LoadCheckFailed(
+                f"the graph's batch axis is dynamic, but it fails on a batch of "
+                f"{report['batch_size']} ({report['error']}): export it with the batch fixed to "
+                "1, which the service serves one image at a time"
+            )
         raise LoadCheckFailed(f"the model's first inferences failed: {report['error']}")
     return LoadCheck(
         output_shapes={
@@ -177,7 +183,7 @@ def _run_check(data: bytes) -> dict[str, Any]:
         try:
             values = session.run(names, {session.get_inputs()[0].name: zeros})
         except Exception as error:  # onnxruntime's own, untyped
-            return {"error": last_line(error)}
+            return {"error": last_line(error), "batch_size": batch_size}
         shapes[str(batch_size)] = {
             name: list(np.shape(value)) for name, value in zip(names, values, strict=True)
         }

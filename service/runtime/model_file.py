@@ -142,7 +142,7 @@ def _check_tensor(data: memoryview, tensor: _Field, where: str) -> None:
         raise UnsafeModelFile(
             f"the tensor {name or '(unnamed)'!r} ({where}) keeps its data in another file; the "
             "service loads one self-contained file and never reads files beside it: save the "
-            "model with its weights inside (vit-import does)"
+            "model as one file with every weight inside it"
         )
 
 

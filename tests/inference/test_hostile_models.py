@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from model_export.export import write_metadata
+from model_export.sealing import write_metadata
 from service.app import create_app
 from service.settings import Settings
 from tests.hostile_models import (

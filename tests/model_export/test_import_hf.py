@@ -19,6 +19,7 @@ pytest.importorskip("transformers")
 from model_contract.metadata import ModelMetadata  # noqa: E402
 from model_contract.preprocess import PreprocessSpec, preprocess  # noqa: E402
 from model_export.importing import PHOTOS, image_files  # noqa: E402
+from service.runtime.model_file import check_model_bytes  # noqa: E402
 from service.runtime.options import IN_PROCESS  # noqa: E402
 from service.runtime.session import ModelSession  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
@@ -93,7 +94,10 @@ def test_the_file_says_where_it_came_from(imported: tuple[Checkpoint, Path]) -> 
     assert metadata.labels == tuple(checkpoint.labels)
     assert metadata.name == checkpoint.folder.name
     assert metadata.source["importer"] == "vit-import hf"
-    assert metadata.source["source"] == str(checkpoint.folder)
+    assert metadata.source["source"] == checkpoint.folder.name  # not the importing machine's path
+    assert not [value for value in props.values() if str(checkpoint.folder.parent) in value]
+    sealed = check_model_bytes(model.read_bytes(), max_metadata_bytes=IN_PROCESS.max_metadata_bytes)
+    assert sealed.sealed
     assert metadata.source["model_type"] in ("vit", "deit")
     assert (
         metadata.preprocessing.jpeg_draft is False

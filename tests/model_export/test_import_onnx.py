@@ -19,8 +19,8 @@ from transformers import AutoModelForImageClassification  # noqa: E402
 
 from model_contract.metadata import ModelMetadata  # noqa: E402
 from model_contract.preprocess import PreprocessSpec, preprocess  # noqa: E402
-from model_export import import_onnx, importer  # noqa: E402
-from model_export.importing import PHOTOS, ImportRefused, image_files  # noqa: E402
+from model_export import importer  # noqa: E402
+from model_export.importing import PHOTOS, image_files  # noqa: E402
 from service.runtime.graph_check import inspect_model  # noqa: E402
 from service.runtime.session import softmax  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
@@ -62,6 +62,7 @@ def optimum_style(folder: Path) -> Path:
         input_names=["pixel_values"],
         output_names=["logits"],
         dynamic_axes={"pixel_values": {0: "batch_size"}, "logits": {0: "batch_size"}},
+        external_data=False,  # optimum keeps weights under 2 GB in the one file
     )
     for name in ("config.json", "preprocessor_config.json"):
         (exported / name).write_text((checkpoint.folder / name).read_text())
@@ -465,17 +466,33 @@ def test_transparency_is_dropped_as_pillow_does_unless_a_background_is_given(
     assert "neither none nor R,G,B" in bad
 
 
-def test_weights_over_what_one_file_holds_are_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_weights_kept_beside_the_graph_are_refused_until_exported_as_one_file(
+    tmp_path: Path,
 ) -> None:
-    """The 2 GB of one ONNX file, lowered here to a few bytes (the weights are 9 floats)."""
-    monkeypatch.setattr(import_onnx, "MAXIMUM_WEIGHTS", 16)
+    """torch.onnx.export keeps large weights in model.onnx.data unless told otherwise; the
+    service loads one file, and the import reads no other."""
     (tmp_path / "labels.txt").write_text("\n".join(LABELS))
-    with pytest.raises(ImportRefused, match="GB of weights, over the 2 GB one ONNX file"):
-        import_onnx.import_onnx(
-            classifier(tmp_path / "m.onnx"),
-            tmp_path / "o.onnx",
-            labels=tmp_path / "labels.txt",
-            check_images=image_files(PHOTOS),
-            rollout=False,
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 3)).eval()
+    model = tmp_path / "m.onnx"
+
+    def export(*, external_data: bool = True) -> None:
+        torch.onnx.export(
+            module,
+            (torch.rand(1, 3, 32, 32),),
+            str(model),
+            input_names=["pixels"],
+            output_names=["logits"],
+            dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
+            external_data=external_data,
         )
+
+    export()
+    assert (tmp_path / "m.onnx.data").exists()
+    flags = ["--labels", str(tmp_path / "labels.txt"), "--no-rollout"]
+    line = refusal("onnx", str(model), "-o", str(tmp_path / "o.onnx"), *flags)
+    assert "keeps its data in another file" in line and "external_data=False" in line
+    assert not (tmp_path / "o.onnx").exists()
+    export(external_data=False)
+    imported = run_plain(str(model), "-o", str(tmp_path / "o.onnx"), *flags[:2])
+    assert imported.returncode == 0, imported.stderr

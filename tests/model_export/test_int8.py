@@ -21,7 +21,8 @@ from tests.service_support import cpu_settings, ready_client
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("torch")
 
-from model_export.export import held_out, main, write_metadata  # noqa: E402
+from model_export.export import held_out, main  # noqa: E402
+from model_export.sealing import write_metadata  # noqa: E402
 from model_export.stamp import probability_diff, self_test  # noqa: E402
 
 
@@ -124,6 +125,7 @@ def test_an_int8_file_is_restamped_and_a_foreign_one_is_known_as_int8(
     assert metadata.precision == "int8" and not metadata.preprocessing.jpeg_draft
     proto = onnx.load(str(shapes_int8))
     del proto.metadata_props[:]  # as onnxruntime's quantize_dynamic leaves a file
+    proto.producer_name = "onnx.quantize"
     foreign = tmp_path / "foreign.onnx"
     onnx.save(proto, str(foreign))
     labels = tmp_path / "labels.txt"

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from model_export.export import write_metadata
+from model_export.sealing import write_metadata
 from service.runtime.model_file import (
     SEAL_KEY,
     UnsafeModelFile,
