@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from model_contract.metadata import ModelMetadata
 from model_contract.preprocess import PreprocessSpec
+from service.runtime.model_file import SEAL_KEY
 
 
 def metadata_for(labels: list[str], size: int, **fields: object) -> ModelMetadata:
@@ -148,3 +149,12 @@ def nested(levels: int) -> dict[str, object]:
     for _ in range(levels - 1):
         value = {"a": value}
     return value
+
+
+def unsealed(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """`proto` without its seal, as a file changed by hand after it was written would be once
+    its seal was dropped: for tests of the checks behind the seal."""
+    kept = [p for p in proto.metadata_props if p.key != SEAL_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    return proto

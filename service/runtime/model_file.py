@@ -246,7 +246,7 @@ def check_model_bytes(data: bytes, *, max_metadata_bytes: int) -> ModelFile:
             f"the file's content does not match its {SEAL_KEY}: it was cut short or changed "
             "after it was written; copy it again, or export or import it afresh"
         )
-    if seal is None and producer in OUR_TOOLS and not self_tested:
+    if seal is None and producer in OUR_TOOLS and metadata_bytes and not self_tested:
         raise UnsafeModelFile(
             f"the file says {producer} wrote it, but it carries neither its seal nor its "
             "self-test: it was cut short; copy it again, or export or import it afresh"

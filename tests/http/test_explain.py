@@ -24,7 +24,7 @@ from service.http.overlay import UNSEEN_DIMMING
 from service.runtime.options import IN_PROCESS
 from service.runtime.session import ModelSession
 from tests.images import asymmetric, encode, with_orientation
-from tests.onnx_models import classifier, expected_attention, metadata_for
+from tests.onnx_models import classifier, expected_attention, metadata_for, unsealed
 from tests.service_support import cpu_settings, ready_client, rejections
 
 LABELS = ["red", "green", "blue"]
@@ -472,7 +472,7 @@ def test_the_bundled_model_with_perturbed_weights_never_becomes_ready(
     weights = numpy_helper.to_array(head)
     head.CopyFrom(numpy_helper.from_array(weights * np.float32(0.5), head.name))
     perturbed = tmp_path / "perturbed.onnx"
-    onnx.save(proto, str(perturbed))
+    onnx.save(unsealed(proto), str(perturbed))  # sealed, the change would be refused at once
     with TestClient(create_app(cpu_settings(perturbed))) as client:
         deadline = time.monotonic() + 60
         while (models := client.get("/v1/models").json()["models"]) == [] or models[0]["self_test"][
