@@ -183,3 +183,48 @@ def batch_ignoring_when_bright(path: Path) -> Path:
             numpy_helper.from_array(np.array(0.5, dtype=np.float32), "half"),
         ],
     )
+
+
+def slow_for_big_batches(path: Path, trips: int) -> Path:
+    """`endless_loop`'s Loop, but of `trips` trips for a batch of three images or more and one
+    trip below: the load check's batches of one and two pass, a warm-up of bigger batches
+    (IO binding's buckets) does not finish in time."""
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Add", ["total_in", "step"], ["total_out"]),
+        ],
+        "slow",
+        [
+            helper.make_tensor_value_info("trip", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("total_in", TensorProto.FLOAT, []),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("total_out", TensorProto.FLOAT, []),
+        ],
+        initializer=[numpy_helper.from_array(np.array(1.0, dtype=np.float32), "step")],
+    )
+    nodes = [
+        helper.make_node("Shape", ["pixels"], ["shape"], start=0, end=1),
+        helper.make_node("Greater", ["shape", "two"], ["big"]),
+        helper.make_node("Where", ["big", "many", "one"], ["trip_row"]),
+        helper.make_node("Squeeze", ["trip_row"], ["trips"]),
+        helper.make_node("ReduceSum", ["means"], ["start"], keepdims=0),
+        helper.make_node("Loop", ["trips", "always", "start"], ["total"], body=body),
+        helper.make_node("Mul", ["total", "nothing"], ["zero_total"]),
+        helper.make_node("MatMul", ["means", "weights"], ["plain"]),
+        helper.make_node("Add", ["plain", "zero_total"], ["logits"]),
+    ]
+    return _save(
+        nodes,
+        path,
+        [
+            numpy_helper.from_array(np.array([2], dtype=np.int64), "two"),
+            numpy_helper.from_array(np.array([trips], dtype=np.int64), "many"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "one"),
+            numpy_helper.from_array(np.array(True), "always"),
+            numpy_helper.from_array(np.array(0.0, dtype=np.float32), "nothing"),
+        ],
+    )

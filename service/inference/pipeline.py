@@ -58,8 +58,8 @@ class SelfTestFailed(RuntimeError):
 
 
 class WarmUpOverran(ModelLoadFailed):
-    """The warm-up outlasted the time the model's load-time checks may take; its inference may
-    still be running, so the pipeline is closed in the background."""
+    """The warm-up or self-test outlasted the time the model's load-time checks may take; its
+    inference may still be running, so the pipeline is closed in the background."""
 
 
 BROKEN_FILE = "the model file is broken (export or import it again to write its self-test afresh)"
@@ -272,7 +272,7 @@ class Pipeline:
         try:
             for batch_size in self.session.warm_up_batch_sizes():
                 zeros = np.zeros(self.input_shape(batch_size), np.float32)
-                outputs = await self.batcher.submit(zeros, deadline, counted=False)
+                outputs = await self._load_time_inference(zeros, deadline)
                 width = outputs[PROBABILITIES].shape[1]
                 check_output_width(width, self.session.metadata, self.session.path)
                 check_output_kind(outputs[PROBABILITIES], self.session.metadata, self.session.path)
@@ -285,7 +285,9 @@ class Pipeline:
         try:
             await self._self_test(deadline)
         except DeadlineExceeded:
-            self._self_test_failed(f"the golden images were not answered within {bound:.0f} s")
+            why = f"the golden images were not answered within {bound:.0f} s"
+            self.self_test = SelfTestStatus("failed", why)
+            raise WarmUpOverran(f"self-test failed: {why}") from None
         self._warmed_up = True
         self._recovery = asyncio.create_task(self._recover_when_failing(), name="recovery")
         metadata = self.session.metadata
@@ -295,6 +297,16 @@ class Pipeline:
             metadata.version,
             *astuple(self.self_test),
         )
+
+    async def _load_time_inference(self, batch: np.ndarray, deadline: float) -> Outputs:
+        """The outputs for a warm-up or self-test batch, given up at `deadline` even while its
+        call runs (a client's request waits for a call that started): a graph slower than the
+        load-time bound may never return."""
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                return await self.batcher.submit(batch, deadline, counted=False)
+        except TimeoutError:
+            raise DeadlineExceeded("the load-time inference outlasted its bound") from None
 
     async def _self_test(self, deadline: float) -> None:
         """The model file's golden images through the whole serving path (decoding workers,
@@ -318,7 +330,7 @@ class Pipeline:
         # One image at a time, as separate requests come: within any queue bound.
         decoded = [await self._golden(index, image) for index, image in enumerate(test.images)]
         rows = [
-            (await self.batcher.submit(d.tensor, deadline, counted=False))[PROBABILITIES]
+            (await self._load_time_inference(d.tensor, deadline))[PROBABILITIES]
             for d in decoded
         ]
         # Finite both: the batcher refuses a NaN the model gives, and the file's are checked.

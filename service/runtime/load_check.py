@@ -145,8 +145,10 @@ def _input_shape(session: Any, props: dict[str, str]) -> tuple[list[int], int] |
     inputs = session.get_inputs()
     if len(inputs) != 1 or inputs[0].type != "tensor(float)" or len(inputs[0].shape) != 4:
         return None
-    batch, _, *spatial = inputs[0].shape
+    batch, channels, *spatial = inputs[0].shape
     fixed = [d for d in spatial if isinstance(d, int)]
+    if isinstance(channels, int) and channels != 3 or len(set(fixed)) > 1:
+        return None  # no image batch [N, 3, S, S]: the caller's own checks say what it is
     side: object = fixed[0] if fixed else None
     if side is None:
         try:

@@ -32,7 +32,7 @@ format, which the checks here do not read."""
 _VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
 
 # Field numbers of onnx.proto3 that can hold a tensor, a graph or a file reference.
-_MODEL_PRODUCER, _MODEL_GRAPH, _MODEL_METADATA, _MODEL_TRAINING, _MODEL_FUNCTIONS = 2, 7, 14, 20, 25
+_MODEL_GRAPH, _MODEL_METADATA, _MODEL_TRAINING, _MODEL_FUNCTIONS = 7, 14, 20, 25
 _TRAINING_GRAPHS = (1, 2)  # TrainingInfoProto: initialization, algorithm
 _GRAPH_NODES, _GRAPH_INITIALIZERS, _GRAPH_SPARSE = 1, 5, 15
 _NODE_NAME, _NODE_OP_TYPE, _NODE_ATTRIBUTES = 3, 4, 5
@@ -44,9 +44,6 @@ _TENSOR_NAME, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 8, 13, 14
 _ENTRY_KEY, _ENTRY_VALUE = 1, 2
 _EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 
-OUR_TOOLS = frozenset({"vit-export", "vit-import"})
-"""Producers whose finished files always carry a self-test (and, since seals, a seal)."""
-SELF_TEST_KEY = "self_test"
 FILE_LOADING_OPS = frozenset({"EPContext"})
 """Operators that read a file named in their attributes (a compiled engine beside the model)."""
 MAX_NESTING = 64
@@ -211,14 +208,10 @@ def check_model_bytes(data: bytes, *, max_metadata_bytes: int) -> ModelFile:
     graphs = 0
     metadata_bytes = 0
     seal: str | None = None
-    producer = ""
-    self_tested = False
     for field in _fields(view, 0, len(view)):
         if field.wire_type != _LENGTH:
             continue
-        if field.number == _MODEL_PRODUCER:
-            producer = _text(view, field)
-        elif field.number == _MODEL_GRAPH:
+        if field.number == _MODEL_GRAPH:
             graphs += 1
             _check_graph(view, field, "the main graph", 0)
         elif field.number == _MODEL_METADATA:
@@ -226,7 +219,6 @@ def check_model_bytes(data: bytes, *, max_metadata_bytes: int) -> ModelFile:
             key, value, _ = _entry(view, field)
             if key == SEAL_KEY:
                 seal = value
-            self_tested = self_tested or key == SELF_TEST_KEY
         elif field.number == _MODEL_TRAINING:
             for number in _TRAINING_GRAPHS:
                 for graph in _messages(view, field.value_start, field.end, number):
@@ -245,11 +237,6 @@ def check_model_bytes(data: bytes, *, max_metadata_bytes: int) -> ModelFile:
         raise UnsafeModelFile(
             f"the file's content does not match its {SEAL_KEY}: it was cut short or changed "
             "after it was written; copy it again, or export or import it afresh"
-        )
-    if seal is None and producer in OUR_TOOLS and metadata_bytes and not self_tested:
-        raise UnsafeModelFile(
-            f"the file says {producer} wrote it, but it carries neither its seal nor its "
-            "self-test: it was cut short; copy it again, or export or import it afresh"
         )
     return ModelFile(data, metadata_bytes, seal is not None)
 

@@ -25,6 +25,7 @@ from tests.hostile_models import (
     endless_loop,
     external_data,
     memory_bomb,
+    slow_for_big_batches,
 )
 from tests.images import encode
 from tests.onnx_models import metadata_for
@@ -237,4 +238,25 @@ def test_a_sealed_copy_cut_short_never_retires_the_version_serving(repo: Path) -
         staging.rename(repo / "colours" / "2")
         wait_for(lambda: index(client).get(("colours", "2"), {}).get("state") == "UNAVAILABLE")
         assert "does not match its content_sha256" in index(client)[("colours", "2")]["reason"]
+        serves_colours(client, "1", 1.0)
+
+
+def test_a_warm_up_over_the_bound_is_refused_without_waiting_for_it(repo: Path) -> None:
+    """The load check runs batches of one and two; IO binding warms up every bucket (1 to 16),
+    and this graph takes ~8 s from a batch of three on: the server stops waiting at the bound."""
+    slow_for_big_batches(repo / "slow" / "1" / "model.onnx", trips=8_000_000)
+    settings = cpu_settings(
+        repo,
+        admin_token=TOKEN,
+        model_control="explicit",
+        io_binding=True,
+        model_check_timeout_s=2.0,
+    )
+    with started(settings) as client:
+        began = time.monotonic()
+        wait_for(lambda: index(client)[("slow", "1")]["state"] != "LOADING")
+        assert time.monotonic() - began < 6.0
+        entry = index(client)[("slow", "1")]
+        assert entry["state"] == "UNAVAILABLE"
+        assert entry["reason"] == "the warm-up did not finish within 2 s", entry
         serves_colours(client, "1", 1.0)
