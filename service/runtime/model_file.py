@@ -36,7 +36,7 @@ _MODEL_GRAPH, _MODEL_METADATA, _MODEL_TRAINING, _MODEL_FUNCTIONS = 7, 14, 20, 25
 _TRAINING_GRAPHS = (1, 2)  # TrainingInfoProto: initialization, algorithm
 _GRAPH_NODES, _GRAPH_INITIALIZERS, _GRAPH_SPARSE = 1, 5, 15
 _NODE_NAME, _NODE_OP_TYPE, _NODE_ATTRIBUTES = 3, 4, 5
-_FUNCTION_NODES = 7
+_FUNCTION_NODES, _FUNCTION_DEFAULTS = 7, 11  # FunctionProto: node, attribute_proto
 _ATTRIBUTE_TENSOR, _ATTRIBUTE_GRAPH, _ATTRIBUTE_TENSORS, _ATTRIBUTE_GRAPHS = 5, 6, 10, 11
 _ATTRIBUTE_SPARSE, _ATTRIBUTE_SPARSES = 22, 23
 _SPARSE_PARTS = (1, 2)  # SparseTensorProto: values, indices
@@ -177,17 +177,21 @@ def _check_node(data: memoryview, node: _Field, where: str, depth: int) -> None:
             f"the {here} loads a file of its own; the service serves one self-contained file"
         )
     for attribute in attributes:
-        for field in _fields(data, attribute.value_start, attribute.end):
-            if field.wire_type != _LENGTH:
-                continue
-            if field.number in (_ATTRIBUTE_TENSOR, _ATTRIBUTE_TENSORS):
-                _check_tensor(data, field, f"an attribute of the {here}")
-            elif field.number in (_ATTRIBUTE_SPARSE, _ATTRIBUTE_SPARSES):
-                for part in _SPARSE_PARTS:
-                    for tensor in _messages(data, field.value_start, field.end, part):
-                        _check_tensor(data, tensor, f"an attribute of the {here}")
-            elif field.number in (_ATTRIBUTE_GRAPH, _ATTRIBUTE_GRAPHS):
-                _check_graph(data, field, f"a subgraph of the {here}", depth + 1)
+        _check_attribute(data, attribute, f"the {here}", depth)
+
+
+def _check_attribute(data: memoryview, attribute: _Field, owner: str, depth: int) -> None:
+    for field in _fields(data, attribute.value_start, attribute.end):
+        if field.wire_type != _LENGTH:
+            continue
+        if field.number in (_ATTRIBUTE_TENSOR, _ATTRIBUTE_TENSORS):
+            _check_tensor(data, field, f"an attribute of {owner}")
+        elif field.number in (_ATTRIBUTE_SPARSE, _ATTRIBUTE_SPARSES):
+            for part in _SPARSE_PARTS:
+                for tensor in _messages(data, field.value_start, field.end, part):
+                    _check_tensor(data, tensor, f"an attribute of {owner}")
+        elif field.number in (_ATTRIBUTE_GRAPH, _ATTRIBUTE_GRAPHS):
+            _check_graph(data, field, f"a subgraph of {owner}", depth + 1)
 
 
 @dataclass(frozen=True)
@@ -226,6 +230,8 @@ def check_model_bytes(data: bytes, *, max_metadata_bytes: int) -> ModelFile:
         elif field.number == _MODEL_FUNCTIONS:
             for node in _messages(view, field.value_start, field.end, _FUNCTION_NODES):
                 _check_node(view, node, "a function", 0)
+            for default in _messages(view, field.value_start, field.end, _FUNCTION_DEFAULTS):
+                _check_attribute(view, default, "a function's defaults", 0)
     if not graphs:
         raise UnsafeModelFile("not an ONNX model: the file holds no graph")
     if metadata_bytes > max_metadata_bytes:

@@ -86,6 +86,25 @@ def _sparse() -> bytes:
     )
 
 
+def _in_a_function() -> bytes:
+    constant = helper.make_node("Constant", [], ["k"], value=_external("in_function"))
+    function = helper.make_function("local", "Leak", [], ["k"], [constant], [])
+    model = onnx.ModelProto()
+    model.ParseFromString(_one_node_graph(helper.make_node("Leak", [], ["y"], domain="local")))
+    model.functions.append(function)
+    return bytes(model.SerializeToString())
+
+
+def _a_functions_default() -> bytes:
+    default = helper.make_attribute("weights", _external("default"))
+    function = helper.make_function("local", "Leak", [], ["k"], [], [])
+    function.attribute_proto.append(default)
+    model = onnx.ModelProto()
+    model.ParseFromString(_one_node_graph(helper.make_node("Leak", [], ["y"], domain="local")))
+    model.functions.append(function)
+    return bytes(model.SerializeToString())
+
+
 @pytest.mark.parametrize(
     ("build", "tensor"),
     [
@@ -95,6 +114,8 @@ def _sparse() -> bytes:
         ),
         (_in_a_subgraph, "deep"),
         (_sparse, "sparse_values"),
+        (_in_a_function, "in_function"),
+        (_a_functions_default, "default"),
         (
             lambda: _one_node_graph(
                 helper.make_node("Identity", ["w"], ["y"]), initializer=[_external("w")]
@@ -102,7 +123,7 @@ def _sparse() -> bytes:
             "w",
         ),
     ],
-    ids=["constant", "subgraph", "sparse", "initializer"],
+    ids=["constant", "subgraph", "sparse", "function", "function-default", "initializer"],
 )
 def test_external_data_anywhere_in_the_file_is_refused(build: object, tensor: str) -> None:
     assert callable(build)
