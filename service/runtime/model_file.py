@@ -42,7 +42,9 @@ _ATTRIBUTE_SPARSE, _ATTRIBUTE_SPARSES = 22, 23
 _SPARSE_PARTS = (1, 2)  # SparseTensorProto: values, indices
 _TENSOR_NAME, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 8, 13, 14
 _ENTRY_KEY, _ENTRY_VALUE = 1, 2
-_EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
+_ENUM_BITS = 0xFFFFFFFF
+_MAX_TAG = 1 << 32
+_MAX_LENGTH = 1 << 31
 
 FILE_LOADING_OPS = frozenset({"EPContext"})
 """Operators that read a file named in their attributes (a compiled engine beside the model)."""
@@ -83,6 +85,10 @@ def _fields(data: memoryview, start: int, end: int) -> Iterator[_Field]:
     position = start
     while position < end:
         tag, value_start = _read_varint(data, position, end)
+        if tag >= _MAX_TAG:
+            # protobuf's C++ parser, onnxruntime's, keeps a tag's low 32 bits: a wider one
+            # would be one field here and another there.
+            raise UnsafeModelFile("not an ONNX model: a protobuf tag wider than 32 bits")
         number, wire_type = tag >> 3, tag & 7
         varint = 0
         if wire_type == _VARINT:
@@ -93,6 +99,8 @@ def _fields(data: memoryview, start: int, end: int) -> Iterator[_Field]:
             field_end = value_start + 4
         elif wire_type == _LENGTH:
             length, value_start = _read_varint(data, value_start, end)
+            if length >= _MAX_LENGTH:
+                raise UnsafeModelFile("not an ONNX model: a protobuf field over 2 GB")
             field_end = value_start + length
         else:
             raise UnsafeModelFile(f"not an ONNX model: protobuf wire type {wire_type}")
@@ -133,8 +141,8 @@ def _check_tensor(data: memoryview, tensor: _Field, where: str) -> None:
             name = _text(data, field)
         elif field.number == _TENSOR_EXTERNAL_DATA:
             external = True
-        elif field.number == _TENSOR_DATA_LOCATION and field.varint == _EXTERNAL:
-            external = True
+        elif field.number == _TENSOR_DATA_LOCATION and field.varint & _ENUM_BITS:
+            external = True  # an enum is 32 bits there: anything but DEFAULT (0) is refused
     if external:
         raise UnsafeModelFile(
             f"the tensor {name or '(unnamed)'!r} ({where}) keeps its data in another file; the "

@@ -216,3 +216,53 @@ def test_no_session_opens_a_file_by_its_path(tmp_path: Path) -> None:
     session = ModelSession(model, IN_PROCESS)
     os.remove(model)
     assert session.predict(np.zeros((1, 3, 32, 32), np.float32)).shape == (1, 3)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _length_field(tag: int, payload: bytes) -> bytes:
+    return _varint(tag) + _varint(len(payload)) + payload
+
+
+def test_a_tag_wider_than_32_bits_cannot_hide_a_field_from_the_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """protobuf's C++ parser keeps a tag's low 32 bits: an initializer tagged 5 + 2^32 is an
+    initializer to onnxruntime and an unknown field to a reader that keeps them all."""
+    (tmp_path / "secret.txt").write_bytes(SECRET)
+    monkeypatch.chdir(tmp_path)
+    model = onnx.load_model_from_string(
+        external_data(tmp_path / "model.onnx", "secret.txt", 3).read_bytes()
+    )
+    (stolen,) = [t for t in model.graph.initializer if t.name == "stolen"]
+    model.graph.initializer.remove(stolen)
+    hidden = _length_field(((5 << 3) | 2) + (1 << 32), stolen.SerializeToString())
+    graph = model.graph.SerializeToString() + hidden
+    model.ClearField("graph")
+    data = model.SerializeToString() + _length_field((7 << 3) | 2, graph)
+    raw = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    logits = raw.run(None, {"pixels": np.zeros((1, 3, SIZE, SIZE), np.float32)})[0]
+    np.testing.assert_allclose(logits[0] * 100, list(SECRET[:3]), atol=1e-3)  # a real attack
+
+    with pytest.raises(UnsafeModelFile, match="a protobuf tag wider than 32 bits"):
+        check_model_bytes(data, max_metadata_bytes=BOUND)
+
+
+def test_any_data_location_but_the_default_is_refused() -> None:
+    """onnxruntime keeps an enum's low 32 bits: 2^32 + 1 is EXTERNAL there."""
+    tensor = numpy_helper.from_array(np.zeros(3, np.float32), "w")
+    wide = tensor.SerializeToString() + _varint(14 << 3) + _varint((1 << 32) + 1)
+    model = onnx.ModelProto()
+    model.ParseFromString(_one_node_graph(helper.make_node("Identity", ["w"], ["y"])))
+    graph = model.graph.SerializeToString() + _length_field((5 << 3) | 2, wide)
+    model.ClearField("graph")
+    data = model.SerializeToString() + _length_field((7 << 3) | 2, graph)
+    with pytest.raises(UnsafeModelFile, match="the tensor 'w'"):
+        check_model_bytes(data, max_metadata_bytes=BOUND)
