@@ -228,3 +228,46 @@ def slow_for_big_batches(path: Path, trips: int) -> Path:
             numpy_helper.from_array(np.array(0.0, dtype=np.float32), "nothing"),
         ],
     )
+
+
+def endless_on_real_images(path: Path) -> Path:
+    """`endless_loop`'s Loop, of 2^62 trips for any input but zeros (the load-time checks'): it
+    passes every check at load and never finishes on a client's image."""
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Add", ["total_in", "step"], ["total_out"]),
+        ],
+        "forever",
+        [
+            helper.make_tensor_value_info("trip", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("total_in", TensorProto.FLOAT, []),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("total_out", TensorProto.FLOAT, []),
+        ],
+        initializer=[numpy_helper.from_array(np.array(1.0, dtype=np.float32), "step")],
+    )
+    nodes = [
+        helper.make_node("ReduceMax", ["means"], ["brightest"], keepdims=0),
+        helper.make_node("Abs", ["brightest"], ["size"]),
+        helper.make_node("Greater", ["size", "nothing"], ["real"]),
+        helper.make_node("Where", ["real", "many", "none"], ["trips"]),
+        helper.make_node("ReduceSum", ["means"], ["start"], keepdims=0),
+        helper.make_node("Loop", ["trips", "always", "start"], ["total"], body=body),
+        helper.make_node("Mul", ["total", "nothing"], ["zero_total"]),
+        helper.make_node("MatMul", ["means", "weights"], ["plain"]),
+        helper.make_node("Add", ["plain", "zero_total"], ["logits"]),
+    ]
+    return _save(
+        nodes,
+        path,
+        [
+            numpy_helper.from_array(np.array(2**62, dtype=np.int64), "many"),
+            numpy_helper.from_array(np.array(0, dtype=np.int64), "none"),
+            numpy_helper.from_array(np.array(True), "always"),
+            numpy_helper.from_array(np.array(0.0, dtype=np.float32), "nothing"),
+        ],
+    )

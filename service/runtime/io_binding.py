@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
+from service.runtime.watchdog import watchdog
+
 
 def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
     """Powers of two below `max_batch_size`, then `max_batch_size` itself."""
@@ -54,13 +56,16 @@ class _Bucket:
         if graph_id is not None:
             self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
 
-    def run(self, session: ort.InferenceSession, batch: np.ndarray) -> dict[str, np.ndarray]:
+    def run(
+        self, session: ort.InferenceSession, batch: np.ndarray, seconds: float
+    ) -> dict[str, np.ndarray]:
         count = len(batch)
         self.staging[:count] = batch
         self.staging[count:] = 0.0
         if self.input.device_name() != "cpu":  # a CPU OrtValue shares `staging`'s memory
             self.input.update_inplace(self.staging)
-        session.run_with_iobinding(self.binding, self.run_options)
+        with watchdog().bounded(seconds, self.run_options) as options:
+            session.run_with_iobinding(self.binding, options)
         return {name: value.numpy()[:count].copy() for name, value in self.outputs.items()}
 
 
@@ -97,9 +102,10 @@ class BucketedIoBinding:
     def max_batch_size(self) -> int:
         return self.buckets[-1].batch_size
 
-    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Every bound output for a batch of at most `max_batch_size` images."""
+    def run(self, batch: np.ndarray, seconds: float) -> dict[str, np.ndarray]:
+        """Every bound output for a batch of at most `max_batch_size` images, stopped past
+        `seconds` (InferenceOverran)."""
         for bucket in self.buckets:
             if len(batch) <= bucket.batch_size:
-                return bucket.run(self._session, batch)
+                return bucket.run(self._session, batch, seconds)
         raise ValueError(f"a batch of {len(batch)} exceeds the largest bucket")

@@ -15,7 +15,6 @@ import json
 import resource
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 from model_contract.metadata import InvalidModelMetadata, last_line
 from service.runtime.model_file import ONNX_FORMAT_ONLY, UnsafeModelFile, check_model_bytes
 from service.runtime.options import CPU, RuntimeOptions
+from service.runtime.watchdog import InferenceOverran, watchdog
 
 CHECK_BATCH_SIZES = (1, 2)
 """Batch sizes every output must answer with one row per image (a graph that fixes its batch
@@ -106,25 +106,15 @@ def run_bounded(
     session: Any, names: list[str], feeds: dict[str, Any], seconds: float
 ) -> list[Any]:
     """`session.run` for a model tool's own inferences of an untrusted graph (calibration, the
-    rollout's probe), told to stop after `seconds`: onnxruntime checks the flag between
-    operators, inside loops' bodies too. LoadCheckFailed if it had to."""
-    import onnxruntime as ort
-
-    options = ort.RunOptions()
-    options.log_severity_level = 4  # fatal only: a stopped run is said in one line
-    timer = threading.Timer(seconds, lambda: setattr(options, "terminate", True))
-    timer.start()
+    rollout's probe), stopped after `seconds`: LoadCheckFailed if it had to be."""
     try:
-        return list(session.run(names, feeds, options))
-    except Exception as error:  # onnxruntime's own, untyped
-        if options.terminate:
-            raise LoadCheckFailed(
-                f"an inference of the model did not finish within {seconds:.0f} s "
-                "(VIT_MODEL_CHECK_TIMEOUT_S): a graph that runs this long is refused"
-            ) from error
-        raise
-    finally:
-        timer.cancel()
+        with watchdog().bounded(seconds) as options:
+            return list(session.run(names, feeds, options))
+    except InferenceOverran as error:
+        raise LoadCheckFailed(
+            f"an inference of the model did not finish within {seconds:.0f} s "
+            "(VIT_MODEL_CHECK_TIMEOUT_S): a graph that runs this long is refused"
+        ) from error
 
 
 def _memory_bytes(field: str) -> int:

@@ -25,6 +25,7 @@ from service.runtime.providers import (
     nvidia_driver_present,
     plan_providers,
 )
+from service.runtime.watchdog import watchdog
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +241,12 @@ class ModelSession:
             logger.warning("fallback: %s", fallback)
         return 1
 
+    def call_seconds(self, images: int) -> float:
+        """How long one onnxruntime call of `images` may run before it is stopped: the load-time
+        bound, which covered a batch of two, for every two images. A graph whose time depends on
+        its pixels cannot hold a thread, a core and its requests' places for good."""
+        return self.check_seconds * max(1.0, images / 2)
+
     def warm_up_batch_sizes(self) -> tuple[int, ...]:
         """Every bound batch size (each has its buffers, and on CUDA its graph, to set up);
         with CUDA graphs each several times, since onnxruntime captures after a few runs;
@@ -263,7 +270,10 @@ class ModelSession:
             # Through the bound buckets only, in chunks if need be: with CUDA graphs on, a plain
             # run would replay (or capture over) graph 0 with the wrong buffers.
             step = self._bound.max_batch_size
-            chunks = [self._bound.run(batch[i : i + step]) for i in range(0, len(batch), step)]
+            chunks = [
+                self._bound.run(batch[i : i + step], self.call_seconds(step))
+                for i in range(0, len(batch), step)
+            ]
             return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
         return self._run(self._session, batch)
 
@@ -276,7 +286,8 @@ class ModelSession:
         names = self._graph_outputs
 
         def plain(inputs: np.ndarray) -> dict[str, np.ndarray]:
-            values = session.run(list(names), {self.input_name: inputs})
+            with watchdog().bounded(self.call_seconds(len(inputs))) as options:
+                values = session.run(list(names), {self.input_name: inputs}, options)
             return {
                 name: np.asarray(value, dtype=np.float32)
                 for name, value in zip(names, values, strict=True)

@@ -23,6 +23,7 @@ from tests.hostile_models import (
     batch_ignoring,
     batch_ignoring_when_bright,
     endless_loop,
+    endless_on_real_images,
     external_data,
     memory_bomb,
     slow_for_big_batches,
@@ -260,3 +261,19 @@ def test_a_warm_up_over_the_bound_is_refused_without_waiting_for_it(repo: Path) 
         assert entry["state"] == "UNAVAILABLE"
         assert entry["reason"] == "the warm-up did not finish within 2 s", entry
         serves_colours(client, "1", 1.0)
+
+
+def test_a_graph_that_never_finishes_on_real_images_frees_its_thread(tmp_path: Path) -> None:
+    """Zeros, all the load-time checks feed, pass; any photo would loop for ever: each call is
+    stopped at its bound, its request answered 500, and the next call gets the thread."""
+    model = endless_on_real_images(tmp_path / "model.onnx")
+    settings = cpu_settings(model, model_check_timeout_s=2.0, inference_workers=1)
+    with ready_client(settings) as client:
+        for _ in range(2):
+            began = time.monotonic()
+            answer = client.post(
+                "/v1/classify", content=PHOTO, headers={"content-type": "image/png"}
+            )
+            assert answer.status_code == 500 and answer.json()["type"] == "inference_failed"
+            assert time.monotonic() - began < 6.0
+        assert client.get("/v2/health/live").status_code == 200

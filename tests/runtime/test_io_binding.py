@@ -54,9 +54,9 @@ def test_io_binding_gives_the_plain_paths_probabilities(
     calls: list[int] = []
     original = BucketedIoBinding.run
 
-    def counted(self: BucketedIoBinding, rows: np.ndarray) -> dict[str, np.ndarray]:
+    def counted(self: BucketedIoBinding, rows: np.ndarray, seconds: float) -> dict[str, np.ndarray]:
         calls.append(len(rows))
-        return original(self, rows)
+        return original(self, rows, seconds)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(BucketedIoBinding, "run", counted)
