@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,8 @@ _ENTRY_KEY, _ENTRY_VALUE = 1, 2
 _ENUM_BITS = 0xFFFFFFFF
 _MAX_TAG = 1 << 32
 _MAX_LENGTH = 1 << 31
+MAX_FILE_BYTES = 1 << 31
+"""protobuf's limit on one message, so on one ONNX file."""
 
 FILE_LOADING_OPS = frozenset({"EPContext"})
 """Operators that read a file named in their attributes (a compiled engine beside the model)."""
@@ -256,8 +259,16 @@ def check_model_bytes(data: bytes, *, max_metadata_bytes: int) -> ModelFile:
 
 
 def read_model_file(path: Path, *, max_metadata_bytes: int) -> ModelFile:
-    """The file at `path`, checked (see `check_model_bytes`)."""
-    return check_model_bytes(path.read_bytes(), max_metadata_bytes=max_metadata_bytes)
+    """The file at `path`, checked (see `check_model_bytes`); never more than one ONNX file can
+    hold is read (a sparse file may claim any size and cost no disk)."""
+    with path.open("rb") as file:
+        too_big = os.fstat(file.fileno()).st_size > MAX_FILE_BYTES
+        data = b"" if too_big else file.read(MAX_FILE_BYTES + 1)
+    if too_big or len(data) > MAX_FILE_BYTES:
+        raise UnsafeModelFile(
+            f"the file is over the {MAX_FILE_BYTES >> 30} GB one ONNX file can hold"
+        )
+    return check_model_bytes(data, max_metadata_bytes=max_metadata_bytes)
 
 
 def content_digest(data: bytes) -> str:

@@ -7,12 +7,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from service.runtime.load_check import LoadCheckFailed, check_in_a_process, time_bound
 from service.runtime.options import IN_PROCESS, RuntimeOptions
 from service.runtime.session import ModelSession, OutputRowsMismatch
 from tests.hostile_models import (
+    COLOURS,
     SIZE,
     batch_ignoring,
     batch_ignoring_when_bright,
@@ -63,3 +65,16 @@ def test_the_time_bound_grows_with_the_file() -> None:
     options = RuntimeOptions(model_check_timeout_s=10, model_check_seconds_per_gb=60)
     assert time_bound(options, 0) == 10
     assert time_bound(options, 500_000_000) == pytest.approx(40)
+
+
+def test_a_model_asking_for_an_input_too_large_to_check_is_refused_unrun(tmp_path: Path) -> None:
+    proto = onnx.load(str(endless_loop(tmp_path / "endless.onnx")))
+    for dim in proto.graph.input[0].type.tensor_type.shape.dim[2:]:
+        dim.dim_param = "side"  # symbolic: the metadata's input size is what is fed
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, metadata_for(COLOURS, 4097).to_props())
+    onnx.save(proto, str(tmp_path / "huge.onnx"))
+    started = time.monotonic()
+    with pytest.raises(LoadCheckFailed, match="input size 4097 is over the 4096 pixels"):
+        ModelSession(tmp_path / "huge.onnx", QUICK)
+    assert time.monotonic() - started < QUICK.model_check_timeout_s

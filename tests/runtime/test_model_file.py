@@ -266,3 +266,11 @@ def test_any_data_location_but_the_default_is_refused() -> None:
     data = model.SerializeToString() + _length_field((7 << 3) | 2, graph)
     with pytest.raises(UnsafeModelFile, match="the tensor 'w'"):
         check_model_bytes(data, max_metadata_bytes=BOUND)
+
+
+def test_a_file_over_what_onnx_can_hold_is_refused_unread(tmp_path: Path) -> None:
+    huge = tmp_path / "model.onnx"
+    with huge.open("wb") as file:
+        file.truncate(3 << 30)  # sparse: 3 GB claimed, no disk taken
+    with pytest.raises(UnsafeModelFile, match="over the 2 GB one ONNX file can hold"):
+        read_model_file(huge, max_metadata_bytes=BOUND)
