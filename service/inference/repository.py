@@ -79,7 +79,7 @@ class VersionPolicy:
 def scan(root: Path, unreadable: Unreadable | None = None) -> Scan:
     """Every model and version under `root`; a single file is one model, named and versioned
     by its metadata (version 1 where its version is not a positive integer). A model or
-    version folder that cannot be read (permissions, a link to nowhere readable) is left out,
+    version folder that cannot be read (its permissions, say) is left out,
     and why is put in `unreadable`: one such folder never hides the others."""
     if root.is_file():
         file = VersionFile.of(root)
