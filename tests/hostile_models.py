@@ -67,15 +67,16 @@ def external_data(path: Path, location: str, length: int) -> Path:
     )
 
 
-def endless_loop(path: Path) -> Path:
-    """A Loop of 2^63 - 1 trips whose start value depends on the input (so no optimisation can
-    fold it away), its body a single Add: the first inference never finishes."""
+def _counting_loop(trips: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes and constants of a Loop of `trips` trips that adds one at each, started from the
+    image's values (so no optimisation can fold it away), its total times zero added to the
+    logits: the answer is an ordinary classifier's, once the loop ends."""
     body = helper.make_graph(
         [
             helper.make_node("Identity", ["cond_in"], ["cond_out"]),
             helper.make_node("Add", ["total_in", "step"], ["total_out"]),
         ],
-        "forever",
+        "counting",
         [
             helper.make_tensor_value_info("trip", TensorProto.INT64, []),
             helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
@@ -89,20 +90,23 @@ def endless_loop(path: Path) -> Path:
     )
     nodes = [
         helper.make_node("ReduceSum", ["means"], ["start"], keepdims=0),
-        helper.make_node("Loop", ["trips", "always", "start"], ["total"], body=body),
+        helper.make_node("Loop", [trips, "always", "start"], ["total"], body=body),
         helper.make_node("Mul", ["total", "nothing"], ["zero_total"]),
         helper.make_node("MatMul", ["means", "weights"], ["plain"]),
         helper.make_node("Add", ["plain", "zero_total"], ["logits"]),
     ]
-    return _save(
-        nodes,
-        path,
-        [
-            numpy_helper.from_array(np.array(2**63 - 1, dtype=np.int64), "trips"),
-            numpy_helper.from_array(np.array(True), "always"),
-            numpy_helper.from_array(np.array(0.0, dtype=np.float32), "nothing"),
-        ],
-    )
+    constants = [
+        numpy_helper.from_array(np.array(True), "always"),
+        numpy_helper.from_array(np.array(0.0, dtype=np.float32), "nothing"),
+    ]
+    return nodes, constants
+
+
+def endless_loop(path: Path) -> Path:
+    """A Loop of 2^63 - 1 trips: the first inference never finishes."""
+    nodes, constants = _counting_loop("trips")
+    trips = numpy_helper.from_array(np.array(2**63 - 1, dtype=np.int64), "trips")
+    return _save(nodes, path, [trips, *constants])
 
 
 def batch_ignoring(path: Path) -> Path:
@@ -186,36 +190,16 @@ def batch_ignoring_when_bright(path: Path) -> Path:
 
 
 def slow_for_big_batches(path: Path, trips: int) -> Path:
-    """`endless_loop`'s Loop, but of `trips` trips for a batch of three images or more and one
-    trip below: the load check's batches of one and two pass, a warm-up of bigger batches
-    (IO binding's buckets) does not finish in time."""
-    body = helper.make_graph(
-        [
-            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-            helper.make_node("Add", ["total_in", "step"], ["total_out"]),
-        ],
-        "slow",
-        [
-            helper.make_tensor_value_info("trip", TensorProto.INT64, []),
-            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("total_in", TensorProto.FLOAT, []),
-        ],
-        [
-            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("total_out", TensorProto.FLOAT, []),
-        ],
-        initializer=[numpy_helper.from_array(np.array(1.0, dtype=np.float32), "step")],
-    )
+    """`_counting_loop` of `trips` trips for a batch of three images or more and one trip below:
+    the load check's batches of one and two pass, a warm-up of bigger batches (IO binding's
+    buckets) does not finish in time."""
+    loop, constants = _counting_loop("trips")
     nodes = [
         helper.make_node("Shape", ["pixels"], ["shape"], start=0, end=1),
         helper.make_node("Greater", ["shape", "two"], ["big"]),
         helper.make_node("Where", ["big", "many", "one"], ["trip_row"]),
         helper.make_node("Squeeze", ["trip_row"], ["trips"]),
-        helper.make_node("ReduceSum", ["means"], ["start"], keepdims=0),
-        helper.make_node("Loop", ["trips", "always", "start"], ["total"], body=body),
-        helper.make_node("Mul", ["total", "nothing"], ["zero_total"]),
-        helper.make_node("MatMul", ["means", "weights"], ["plain"]),
-        helper.make_node("Add", ["plain", "zero_total"], ["logits"]),
+        *loop,
     ]
     return _save(
         nodes,
@@ -224,42 +208,21 @@ def slow_for_big_batches(path: Path, trips: int) -> Path:
             numpy_helper.from_array(np.array([2], dtype=np.int64), "two"),
             numpy_helper.from_array(np.array([trips], dtype=np.int64), "many"),
             numpy_helper.from_array(np.array([1], dtype=np.int64), "one"),
-            numpy_helper.from_array(np.array(True), "always"),
-            numpy_helper.from_array(np.array(0.0, dtype=np.float32), "nothing"),
+            *constants,
         ],
     )
 
 
 def endless_on_real_images(path: Path) -> Path:
-    """`endless_loop`'s Loop, of 2^62 trips for any input but zeros (the load-time checks'): it
-    passes every check at load and never finishes on a client's image."""
-    body = helper.make_graph(
-        [
-            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-            helper.make_node("Add", ["total_in", "step"], ["total_out"]),
-        ],
-        "forever",
-        [
-            helper.make_tensor_value_info("trip", TensorProto.INT64, []),
-            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("total_in", TensorProto.FLOAT, []),
-        ],
-        [
-            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("total_out", TensorProto.FLOAT, []),
-        ],
-        initializer=[numpy_helper.from_array(np.array(1.0, dtype=np.float32), "step")],
-    )
+    """`_counting_loop` of 2^62 trips for any input but zeros (the load-time checks'): it passes
+    every check at load and never finishes on a client's image."""
+    loop, constants = _counting_loop("trips")
     nodes = [
         helper.make_node("ReduceMax", ["means"], ["brightest"], keepdims=0),
         helper.make_node("Abs", ["brightest"], ["size"]),
         helper.make_node("Greater", ["size", "nothing"], ["real"]),
         helper.make_node("Where", ["real", "many", "none"], ["trips"]),
-        helper.make_node("ReduceSum", ["means"], ["start"], keepdims=0),
-        helper.make_node("Loop", ["trips", "always", "start"], ["total"], body=body),
-        helper.make_node("Mul", ["total", "nothing"], ["zero_total"]),
-        helper.make_node("MatMul", ["means", "weights"], ["plain"]),
-        helper.make_node("Add", ["plain", "zero_total"], ["logits"]),
+        *loop,
     ]
     return _save(
         nodes,
@@ -267,7 +230,6 @@ def endless_on_real_images(path: Path) -> Path:
         [
             numpy_helper.from_array(np.array(2**62, dtype=np.int64), "many"),
             numpy_helper.from_array(np.array(0, dtype=np.int64), "none"),
-            numpy_helper.from_array(np.array(True), "always"),
-            numpy_helper.from_array(np.array(0.0, dtype=np.float32), "nothing"),
+            *constants,
         ],
     )
