@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 
 from model_contract.metadata import ModelMetadata
 from model_contract.ood import in_distribution
-from service.errors import ERROR_TYPES, Overloaded, ServiceError
+from service.errors import ERROR_TYPES, Overloaded, ServiceError, Unauthorized
 from service.http.schemas import (
     Attention,
     ClassifyResponse,
@@ -96,5 +96,15 @@ def error_response(
 
 
 def service_error_response(error: ServiceError, metrics: Metrics | None) -> JSONResponse:
-    headers = {"Retry-After": str(error.retry_after)} if isinstance(error, Overloaded) else None
-    return error_response(metrics, error.status_code, error.message, error.type, headers)
+    return error_response(
+        metrics, error.status_code, error.message, error.type, _headers_for(error)
+    )
+
+
+def _headers_for(error: ServiceError) -> dict[str, str] | None:
+    """What HTTP says beside an error: when to retry, and how to authenticate (RFC 6750)."""
+    if isinstance(error, Overloaded):
+        return {"Retry-After": str(error.retry_after)}
+    if isinstance(error, Unauthorized):
+        return {"WWW-Authenticate": "Bearer"}
+    return None

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from model_contract.metadata import InvalidModelMetadata, last_line
-from service.errors import ModelLoadFailed, ModelNotFound, NotReady, ServiceError
+from service.errors import Forbidden, ModelLoadFailed, ModelNotFound, NotReady, ServiceError
 from service.inference.pipeline import Pipeline, SelfTestFailed, WarmUpOverran
 from service.inference.repository import Scan, Unreadable, VersionFile, VersionPolicy, scan
 from service.metrics import Metrics
@@ -97,6 +97,8 @@ class ModelRegistry:
         waits for them until one serves, or they are unloaded or leave the repository."""
         metrics.models_memory_bytes.set_function(lambda: float(self.memory_bytes()))
         self._started = False
+        self._alone_at_start: str | None = None
+        """The one model served when startup ended, where there was one: the default model."""
         self.draining = False
         """Set on SIGTERM: readiness turns false while requests are still answered."""
 
@@ -127,14 +129,19 @@ class ModelRegistry:
         return any(e.name == name and e.state == "LOADING" for e in self._index.values())
 
     def default_name(self) -> str:
+        """The model routes without a name serve: VIT_DEFAULT_MODEL, or the one model served at
+        start, for good (unloaded, it is a 404; never another model's labels); while starting,
+        the one served so far."""
         if self.settings.default_model:
             return self.settings.default_model
-        if len(self._serving) == 1:
+        if self._alone_at_start is not None:
+            return self._alone_at_start
+        if not self._started and len(self._serving) == 1:
             return next(iter(self._serving))
         names = ", ".join(sorted(self._serving)) or "none"
         raise ModelNotFound(
-            f"several models are served ({names}): name one, /v1/models/{{name}}/classify, "
-            "or set VIT_DEFAULT_MODEL"
+            f"no default model (serving: {names}): name one, /v1/models/{{name}}/classify, or "
+            "set VIT_DEFAULT_MODEL"
         )
 
     def pipelines(self) -> list[Pipeline]:
@@ -246,6 +253,8 @@ class ModelRegistry:
         if not strict:
             for name, versions in self._last_scan.items():
                 await self._sync(name, versions)
+        if len(self._serving) == 1:
+            self._alone_at_start = next(iter(self._serving))
         self._started = True
         if self.settings.model_control == "poll":
             self._poller = asyncio.create_task(self._poll(), name="repository-poll")
@@ -253,6 +262,7 @@ class ModelRegistry:
     async def load(self, name: str) -> None:
         """Load (or reload) `name` from the repository as it is now; 400 if any version it
         chooses fails to load (as Triton answers), saying which versions serve on."""
+        self._require_explicit("load")
         found = await self._scan()
         if name not in found:
             raise ModelNotFound(f"no model {name!r} in the repository")
@@ -272,12 +282,24 @@ class ModelRegistry:
     async def unload(self, name: str) -> None:
         """Stop serving `name`; a model of the repository that is not loaded is unloaded
         already (as Triton answers), and only a name known nowhere is 404."""
+        self._require_explicit("unload")
         if name not in self._serving:
             found = await self._scan()
             if name not in found:
                 raise ModelNotFound(f"no model {name!r} is loaded or in the repository")
             return
         await self._sync(name, {})
+
+    def _require_explicit(self, action: str) -> None:
+        """403 outside explicit mode, as Triton refuses: in poll mode the repository decides
+        what is served (the next scan would undo the call), in none mode the start did."""
+        mode = self.settings.model_control
+        if mode != "explicit":
+            decides = "the repository's contents decide" if mode == "poll" else "the start decided"
+            raise Forbidden(
+                f"{action} needs VIT_MODEL_CONTROL=explicit: in {mode} mode {decides} what is "
+                "served"
+            )
 
     async def close(self) -> None:
         if self._poller is not None:
@@ -503,7 +525,7 @@ class ModelRegistry:
         if not settings.model.is_dir():
             return session
         if (stated.name, stated.version) != (name, str(version)):
-            logger.warning(
+            logger.info(  # as designed: the folders name a repository's models
                 "%s: the metadata says %s version %s; the repository's %s version %d wins",
                 path,
                 stated.name,

@@ -115,8 +115,12 @@ def admin(token: str = TOKEN) -> dict[str, str]:
 
 
 def test_the_repository_api_needs_its_token(repo: Path, client: TestClient) -> None:
-    assert client.post("/v2/repository/index").status_code == 401
-    assert client.post("/v2/repository/index", headers=admin("wrong")).status_code == 401
+    for refused in (
+        client.post("/v2/repository/index"),
+        client.post("/v2/repository/index", headers=admin("wrong")),
+    ):
+        assert refused.status_code == 401
+        assert refused.headers["www-authenticate"] == "Bearer"  # RFC 6750
     index = client.post("/v2/repository/index", headers=admin()).json()
     assert {(e["name"], e["version"], e["state"]) for e in index} == {
         ("colours", "1", "READY"),
@@ -160,7 +164,8 @@ def test_explicit_unload_and_load(repo: Path) -> None:
 def test_an_api_token_guards_inference_but_not_health(repo: Path) -> None:
     with TestClient(create_app(cpu_settings(repo, api_token="infer-token"))) as client:
         wait_ready(client)
-        assert classify(client, "/v1/models/shapes/classify").status_code == 401
+        refused = classify(client, "/v1/models/shapes/classify")
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
         allowed = client.post(
             "/v1/models/shapes/classify",
             content=PHOTO,
@@ -428,3 +433,41 @@ def test_a_retired_versions_series_all_go(repo: Path) -> None:
             ]
             time.sleep(0.05)
         assert 'model="shapes",version="1"' in text  # the others' stay
+
+
+def test_the_folder_naming_a_model_is_said_once_at_info(
+    repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The layout naming the model is the design, not a fault: no warning for it."""
+    caplog.set_level("INFO", logger="service.inference.registry")
+    with ready_client(cpu_settings(repo)):
+        pass
+    said = [r for r in caplog.records if "the repository's colours version 2 wins" in r.message]
+    assert [r.levelname for r in said] == ["INFO"]
+
+
+@pytest.mark.parametrize("mode", ["none", "poll"])
+def test_load_and_unload_are_refused_outside_explicit_mode(repo: Path, mode: str) -> None:
+    settings = cpu_settings(repo, admin_token=TOKEN, model_control=mode)
+    with ready_client(settings) as client:
+        for action in ("load", "unload"):
+            refused = client.post(f"/v2/repository/models/colours/{action}", headers=admin())
+            assert refused.status_code == 403, refused.text
+            assert f"{action} needs VIT_MODEL_CONTROL=explicit" in refused.json()["error"]
+        assert classify(client, "/v1/models/colours/classify").status_code == 200
+
+
+def test_the_default_route_never_switches_to_another_model(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    add_version(repo, "colours", 1, scale=1.0)
+    settings = cpu_settings(repo, admin_token=TOKEN, model_control="explicit")
+    with ready_client(settings) as client:
+        assert classify(client, "/v1/classify").json()["model"]["name"] == "colours"
+        (repo / "shapes" / "1").mkdir(parents=True)
+        shutil.copy(DEFAULT_MODEL, repo / "shapes" / "1" / "model.onnx")
+        assert client.post("/v2/repository/models/shapes/load", headers=admin()).is_success
+        assert classify(client, "/v1/classify").json()["model"]["name"] == "colours"
+        assert client.post("/v2/repository/models/colours/unload", headers=admin()).is_success
+        gone = classify(client, "/v1/classify")
+        assert gone.status_code == 404, gone.text  # not shapes' labels for colours' clients
+        assert "no model 'colours' is served (serving: shapes)" in gone.json()["error"]
