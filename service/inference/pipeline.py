@@ -330,8 +330,7 @@ class Pipeline:
         # One image at a time, as separate requests come: within any queue bound.
         decoded = [await self._golden(index, image) for index, image in enumerate(test.images)]
         rows = [
-            (await self._load_time_inference(d.tensor, deadline))[PROBABILITIES]
-            for d in decoded
+            (await self._load_time_inference(d.tensor, deadline))[PROBABILITIES] for d in decoded
         ]
         # Finite both: the batcher refuses a NaN the model gives, and the file's are checked.
         differences = np.abs(np.concatenate(rows) - expected).max(axis=1)

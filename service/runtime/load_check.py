@@ -104,9 +104,7 @@ def check_in_a_process(data: bytes, options: RuntimeOptions) -> LoadCheck:
     )
 
 
-def run_bounded(
-    session: Any, names: list[str], feeds: dict[str, Any], seconds: float
-) -> list[Any]:
+def run_bounded(session: Any, names: list[str], feeds: dict[str, Any], seconds: float) -> list[Any]:
     """`session.run` for a model tool's own inferences of an untrusted graph (calibration, the
     rollout's probe), stopped after `seconds`: LoadCheckFailed if it had to be."""
     try:

@@ -213,9 +213,7 @@ def locked(repo: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 def test_a_folder_that_cannot_be_read_is_skipped_and_reported(repo: Path, locked: Path) -> None:
-    settings = cpu_settings(
-        repo, admin_token=TOKEN, model_control="poll", repository_poll_s=0.1
-    )
+    settings = cpu_settings(repo, admin_token=TOKEN, model_control="poll", repository_poll_s=0.1)
     with started(settings) as client:
         entry = index(client)[("locked", "")]
         assert entry["state"] == "UNAVAILABLE"
