@@ -180,8 +180,8 @@ def _run_check(data: bytes) -> dict[str, Any]:
     except _Unfeedable as error:
         return {"error": str(error)}
     names = [output.name for output in session.get_outputs()]
-    for batch_size in fed[0] if fed else []:
-        side = fed[1] if fed else 0
+    sizes, side = fed if fed is not None else ([], 0)
+    for batch_size in sizes:
         zeros = np.zeros((batch_size, 3, side, side), np.float32)
         try:
             values = session.run(names, {session.get_inputs()[0].name: zeros})
