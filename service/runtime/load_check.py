@@ -93,7 +93,7 @@ def check_in_a_process(data: bytes, options: RuntimeOptions) -> LoadCheck:
                 f"{report['batch_size']} ({report['error']}): export it with the batch fixed to "
                 "1, which the service serves one image at a time"
             )
-        raise LoadCheckFailed(f"the model's first inferences failed: {report['error']}")
+        raise LoadCheckFailed(f"the model's first session or inferences failed: {report['error']}")
     return LoadCheck(
         output_shapes={
             int(size): {name: tuple(shape) for name, shape in shapes.items()}
@@ -172,8 +172,10 @@ def _run_check(data: bytes) -> dict[str, Any]:
     options.add_session_config_entry(*ONNX_FORMAT_ONLY)
     try:
         session = ort.InferenceSession(data, options, providers=[CPU])
-    except Exception:  # onnxruntime's own, untyped: the caller's own session says it again
-        return {"output_shapes": {}, "peak_bytes": 0, "seconds": time.monotonic() - started}
+    except Exception as error:  # onnxruntime's own, untyped
+        # Refused here, not left to the caller's session: one on another provider might load
+        # what no check has run.
+        return {"error": f"not an ONNX model onnxruntime can load: {last_line(error)}"}
     shapes: dict[str, dict[str, list[int]]] = {}
     try:
         fed = _input_shape(session, session.get_modelmeta().custom_metadata_map)

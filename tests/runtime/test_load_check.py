@@ -78,3 +78,13 @@ def test_a_model_asking_for_an_input_too_large_to_check_is_refused_unrun(tmp_pat
     with pytest.raises(LoadCheckFailed, match="input size 4097 is over the 4096 pixels"):
         ModelSession(tmp_path / "huge.onnx", QUICK)
     assert time.monotonic() - started < QUICK.model_check_timeout_s
+
+
+def test_a_graph_the_checks_session_cannot_load_is_refused_there(tmp_path: Path) -> None:
+    """Refused by the check itself: a session on another provider must not load what the check
+    never ran."""
+    proto = onnx.load(str(classifier(tmp_path / "m.onnx", metadata=metadata_for(COLOURS, 32))))
+    proto.graph.node.append(onnx.helper.make_node("NoSuchOperator", ["logits"], ["unused"]))
+    onnx.save(proto, str(tmp_path / "unknown.onnx"))
+    with pytest.raises(LoadCheckFailed, match="not an ONNX model onnxruntime can load"):
+        check_in_a_process((tmp_path / "unknown.onnx").read_bytes(), IN_PROCESS)
