@@ -1,15 +1,12 @@
 """The web page at `/` and the API docs at `/docs`: served from the package, and driven in a real
 headless Chromium (Debian's, through its chromedriver) against a real server, offline.
-
-`VIT_WEB_SCREENSHOT=docs/web-page.png pytest tests/http/test_web.py -k screenshot` rewrites the
-screenshot the README shows.
-"""
+(`python -m benchmarks.screenshot` draws the README's picture of the page.)"""
 
 from __future__ import annotations
 
 import base64
+import io
 import json
-import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -18,9 +15,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 from selenium import webdriver
 from selenium.webdriver import Chrome as WebDriver
 from selenium.webdriver.chrome.service import Service as ChromeService
@@ -30,6 +29,8 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.conftest import ROOT
+from tests.images import encode
+from tests.onnx_models import classifier, metadata_for
 from tests.service_support import cpu_settings, ready_client, served
 
 CHROMIUM = shutil.which("chromium")
@@ -42,6 +43,8 @@ needs_chromium = pytest.mark.skipif(
 TOKEN = "a-token-for-the-web-page"
 PHOTO = ROOT / "model_export" / "photos" / "cat.jpg"
 WAIT_S = 60.0
+IMAGES_PROCESSED = "vit_images_processed_total"
+EXIF_ORIENTATION = 0x0112
 
 
 # Without a browser: what the server sends.
@@ -126,14 +129,20 @@ def browser() -> Iterator[WebDriver]:
         driver.quit()
 
 
-def requested_urls(browser: WebDriver) -> list[str]:
-    """Every URL the browser asked for since the last call (the log drains as it is read)."""
-    urls = []
+def requests_sent(browser: WebDriver) -> list[tuple[str, str]]:
+    """Every request the browser sent since the last call, as (method, URL); the log drains as
+    it is read."""
+    sent = []
     for entry in browser.get_log("performance"):
         message = json.loads(entry["message"])["message"]
         if message["method"] == "Network.requestWillBeSent":
-            urls.append(message["params"]["request"]["url"])
-    return urls
+            request = message["params"]["request"]
+            sent.append((request["method"], request["url"]))
+    return sent
+
+
+def requested_urls(browser: WebDriver) -> list[str]:
+    return [url for _, url in requests_sent(browser)]
 
 
 def assert_only_loopback(urls: list[str], server: str) -> None:
@@ -190,6 +199,44 @@ def served_models(server: str) -> list[dict[str, Any]]:
     return models
 
 
+def images_processed(server: str) -> float:
+    """The server's count of images classified, every model together, as Prometheus reads it."""
+    families = text_string_to_metric_families(httpx.get(f"{server}/metrics", timeout=10).text)
+    return sum(
+        sample.value
+        for family in families
+        for sample in family.samples
+        if sample.name == IMAGES_PROCESSED
+    )
+
+
+def shown_pixels(browser: WebDriver, image_id: str) -> np.ndarray:
+    """The RGB pixels of the page's image `image_id`, at its own size, as the browser holds them."""
+    data_url = browser.execute_script(
+        """const image = document.getElementById(arguments[0]);
+        const canvas = document.createElement("canvas");
+        canvas.width = image.naturalWidth;
+        canvas.height = image.naturalHeight;
+        canvas.getContext("2d").drawImage(image, 0, 0);
+        return canvas.toDataURL("image/png");""",
+        image_id,
+    )
+    png = base64.b64decode(str(data_url).split(",", 1)[1])
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+
+
+def server_overlay(server: str, photo: bytes, name: str) -> np.ndarray:
+    """The attention overlay the server draws for `photo` (explain's PNG answer)."""
+    answer = httpx.post(
+        f"{server}/v1/explain",
+        files={"file": (name, photo, "image/jpeg")},
+        headers={"Authorization": f"Bearer {TOKEN}", "Accept": "image/png"},
+        timeout=30,
+    )
+    assert answer.status_code == 200, answer.text
+    return np.asarray(Image.open(io.BytesIO(answer.content)).convert("RGB"), dtype=np.int16)
+
+
 @needs_chromium
 def test_the_page_answers_as_the_api_does(server: str, browser: WebDriver) -> None:
     expected = classify_by_api(server, PHOTO)
@@ -217,24 +264,51 @@ def test_the_page_answers_as_the_api_does(server: str, browser: WebDriver) -> No
 
 
 @needs_chromium
-def test_the_attention_overlay_is_shown_beside_the_photo(server: str, browser: WebDriver) -> None:
+def test_one_upload_is_one_request_and_one_image_counted(server: str, browser: WebDriver) -> None:
     open_page(browser, server)
-    upload(browser, PHOTO)
-    figure = browser.find_element(By.ID, "overlay-figure")
-    wait_for(
-        browser,
-        lambda b: figure.get_attribute("data-state") != "loading",
-        "the overlay never finished",
-    )
-    caption = browser.find_element(By.ID, "overlay-caption").text
-    assert figure.get_attribute("data-state") == "loaded", caption
-    overlay = browser.find_element(By.ID, "overlay")
-    assert browser.execute_script("return arguments[0].naturalWidth", overlay) > 0
-    assert PHOTO.name in str(overlay.get_attribute("alt"))
+    requests_sent(browser)
+    before = images_processed(server)
+    assert upload(browser, PHOTO) == "done"
+    posts = [url for method, url in requests_sent(browser) if method == "POST"]
+    (model,) = served_models(server)
+    assert posts == [
+        f"{server}/v1/models/{model['name']}/versions/{model['version']}/explain?top_k=5"
+    ]
+    assert images_processed(server) == before + 1
+    assert browser.find_element(By.ID, "overlay-figure").get_attribute("data-state") == "loaded"
 
 
 @needs_chromium
-def test_a_photo_the_browser_cannot_show_is_said_and_the_overlay_shows_it(
+def test_the_overlay_is_the_one_the_server_draws(
+    server: str, browser: WebDriver, tmp_path: Path
+) -> None:
+    """The page lays the attention over the photo itself, upright as its EXIF says, with the
+    colours, box and dimming of the server's PNG overlay: the same picture, within a level or
+    two of rounding."""
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6  # stored on its side, 200 x 300: upright, the cat's 300 x 200
+    sideways = encode(Image.open(PHOTO).transpose(Image.Transpose.ROTATE_90), "JPEG", exif=exif)
+    photo = tmp_path / "cat-sideways.jpg"
+    photo.write_bytes(sideways)
+    expected = server_overlay(server, sideways, photo.name)
+    assert expected.shape == (200, 300, 3)
+
+    open_page(browser, server)
+    assert upload(browser, photo) == "done"
+    assert browser.find_element(By.ID, "overlay-figure").get_attribute("data-state") == "loaded"
+    overlay = browser.find_element(By.ID, "overlay")
+    assert photo.name in str(overlay.get_attribute("alt"))
+    shown = shown_pixels(browser, "overlay")
+    assert shown.shape == expected.shape
+    difference = np.abs(shown - expected)
+    assert difference.mean() < 0.25 and np.percentile(difference, 99) <= 2, (
+        difference.mean(),
+        np.percentile(difference, 99),
+    )
+
+
+@needs_chromium
+def test_a_photo_the_browser_cannot_show_is_said_and_its_attention_drawn_on_grey(
     server: str, browser: WebDriver, tmp_path: Path
 ) -> None:
     tiff = tmp_path / "cat.tiff"
@@ -242,10 +316,14 @@ def test_a_photo_the_browser_cannot_show_is_said_and_the_overlay_shows_it(
     open_page(browser, server)
     assert upload(browser, tiff) == "done"
     caption = browser.find_element(By.ID, "photo-caption")
-    wait_for(browser, lambda b: "cannot show" in caption.text, "the photo's failure was not said")
-    assert tiff.name in caption.text and not browser.find_element(By.ID, "photo").is_displayed()
-    figure = browser.find_element(By.ID, "overlay-figure")
-    wait_for(browser, lambda b: figure.get_attribute("data-state") == "loaded", "no overlay")
+    assert "cannot show" in caption.text and tiff.name in caption.text
+    assert not browser.find_element(By.ID, "photo").is_displayed()
+    assert browser.find_element(By.ID, "overlay-figure").get_attribute("data-state") == "loaded"
+    overlay = shown_pixels(browser, "overlay")
+    assert overlay.shape == (200, 300, 3)
+    dimmed_grey = round(128 * 0.45)  # the left edge: cropped away before the model saw it
+    assert (overlay[:, 0] == dimmed_grey).all()
+    assert overlay.max() > 128  # the heat, over the box
     assert upload(browser, PHOTO) == "done"  # the next photo is shown again
     wait_for(browser, lambda b: browser.find_element(By.ID, "photo").is_displayed(), "hidden")
     assert caption.text == "The photo"
@@ -273,6 +351,24 @@ def test_a_refused_upload_leaves_nothing_of_the_previous_answer(
     for image in ("photo", "overlay"):
         assert browser.find_element(By.ID, image).get_attribute("src") is None, image
     assert browser.find_element(By.ID, "ood").get_attribute("textContent") == ""
+
+
+@needs_chromium
+def test_a_model_without_a_rollout_is_asked_to_classify_only(
+    browser: WebDriver, tmp_path: Path
+) -> None:
+    model = classifier(tmp_path / "plain.onnx", metadata=metadata_for(["red", "green", "blue"], 32))
+    with served(model, ROOT) as plain:
+        open_page(browser, plain.url, token=None)
+        requests_sent(browser)
+        assert upload(browser, PHOTO) == "done"
+        posts = [url for method, url in requests_sent(browser) if method == "POST"]
+        assert posts == [f"{plain.url}/v1/models/foreign/versions/1/classify?top_k=5"]
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#top-k li")) == 3
+        figure = browser.find_element(By.ID, "overlay-figure")
+        assert figure.get_attribute("data-state") == "none"
+        assert "no attention rollout" in browser.find_element(By.ID, "overlay-caption").text
+        assert not browser.find_element(By.ID, "overlay").is_displayed()
 
 
 @needs_chromium
@@ -306,12 +402,37 @@ def test_the_model_card_reports_the_self_test(server: str, browser: WebDriver) -
 
 
 @needs_chromium
-def test_without_the_token_the_page_says_why(server: str, browser: WebDriver) -> None:
+def test_without_the_token_the_page_points_at_its_token_field(
+    server: str, browser: WebDriver
+) -> None:
     open_page(browser, server, token=None)
     assert upload(browser, PHOTO) == "failed"
     status = browser.find_element(By.ID, "status").text
-    assert "401 unauthorized" in status and PHOTO.name in status
+    assert PHOTO.name in status and "API token field" in status
+    assert "Authorization" not in status and "header" not in status
     assert not browser.find_element(By.ID, "result").is_displayed()
+    token = browser.find_element(By.ID, "token")
+    assert browser.switch_to.active_element == token
+    assert token.get_attribute("aria-invalid") == "true"
+    error = browser.find_element(By.ID, "token-error")
+    assert error.is_displayed() and "needs a token" in error.text
+    assert "token-error" in str(token.get_attribute("aria-describedby")).split()
+
+    token.send_keys(TOKEN + Keys.ENTER)  # the photo goes again, with the token
+    results = browser.find_element(By.ID, "results")
+    wait_for(browser, lambda b: results.get_attribute("data-state") == "done", "not sent again")
+    assert browser.find_elements(By.CSS_SELECTOR, "#top-k li")
+    assert token.get_attribute("aria-invalid") is None
+    assert not browser.find_element(By.ID, "token-error").is_displayed()
+
+
+@needs_chromium
+def test_a_wrong_token_is_said_to_be_refused(server: str, browser: WebDriver) -> None:
+    open_page(browser, server, token="not-" + TOKEN)
+    assert upload(browser, PHOTO) == "failed"
+    assert "refused the API token" in browser.find_element(By.ID, "status").text
+    assert browser.switch_to.active_element.get_attribute("id") == "token"
+    assert "refused" in browser.find_element(By.ID, "token-error").text
 
 
 @needs_chromium
@@ -364,26 +485,3 @@ def test_docs_render_offline(server: str, browser: WebDriver) -> None:
     ]
     assert "/v1/classify" in paths
     assert_only_loopback(requested_urls(browser), server)
-
-
-@needs_chromium
-@pytest.mark.skipif(
-    "VIT_WEB_SCREENSHOT" not in os.environ, reason="set VIT_WEB_SCREENSHOT=PATH to rewrite it"
-)
-def test_screenshot(server: str, browser: WebDriver) -> None:
-    browser.set_window_size(1280, 1000)
-    open_page(browser, server)
-    upload(browser, PHOTO)
-    wait_for(
-        browser,
-        lambda b: b.find_element(By.ID, "overlay-figure").get_attribute("data-state") != "loading",
-        "the overlay never finished",
-    )
-    browser.execute_script("document.activeElement.blur()")
-    height = browser.execute_script("return document.documentElement.scrollHeight")
-    whole_page = {"x": 0, "y": 0, "width": 1280, "height": height, "scale": 1}
-    shot = browser.execute_cdp_cmd(
-        "Page.captureScreenshot",
-        {"format": "png", "captureBeyondViewport": True, "clip": whole_page},
-    )
-    Path(os.environ["VIT_WEB_SCREENSHOT"]).write_bytes(base64.b64decode(shot["data"]))

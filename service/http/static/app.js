@@ -1,16 +1,26 @@
-// The web page: lists the served models, describes the chosen one, and sends a photo to
-// /v1/.../classify (the answer, its bars and the round trip) and /v1/.../explain (the attention
-// overlay, drawn by the server). Plain script, no build step, no requests beyond this server.
+// The web page: lists the served models, describes the chosen one, and sends each photo once,
+// to /v1/.../explain: its one JSON answer gives the bars, the out-of-distribution flag and the
+// attention grid, which the page lays over the photo itself (a model without an attention
+// rollout is asked /v1/.../classify instead). Plain script, no build step, no requests beyond
+// this server.
 "use strict";
 
 const TOKEN_KEY = "vit-api-token";
 const TOP_K = 5;
+const ROLLOUT = "attention_rollout"; // the output a model needs for explain
+// The overlay as service/http/overlay.py draws explain's PNG answer: the same colours, the
+// same share of the heat, the same dimming outside the box and at most the same size.
+const HEAT_OPACITY = 0.6;
+const UNSEEN_DIMMING = 0.45;
+const OVERLAY_SIDE = 512;
+const NO_PHOTO_GREY = 128; // stands in for a photo this browser cannot decode
 
 const $ = (id) => document.getElementById(id);
 
 let models = [];
 let lastFile = null;
 let upload = 0; // answers to an older upload than the latest are dropped
+let needsToken = false; // the last upload was refused for its token
 const objectUrls = { photo: null, overlay: null };
 
 function showObject(img, key, blob) {
@@ -146,53 +156,124 @@ function renderOod(prediction) {
   }
 }
 
-async function showOverlay(model, file, mine) {
-  const figure = $("overlay-figure");
-  const overlay = $("overlay");
-  const form = new FormData();
-  form.append("file", file, file.name);
-  let outcome;
-  try {
-    const response = await fetch(`${modelPath(model)}/explain`, {
-      method: "POST",
-      headers: authHeaders({ Accept: "image/png" }),
-      body: form,
-    });
-    outcome = response.ok ? await response.blob() : new Error(await problem(response));
-  } catch (error) {
-    outcome = error;
-  }
-  if (mine !== upload) return;
-  if (outcome instanceof Error) {
-    figure.dataset.state = "failed";
-    setText("overlay-caption", `No attention overlay: ${outcome.message}`);
-    return;
-  }
-  overlay.alt = `Attention of ${model.name} over ${file.name}: brighter where it weighed more`;
-  overlay.addEventListener("load", () => (figure.dataset.state = "loaded"), { once: true });
-  showObject(overlay, "overlay", outcome);
+// Heat in [0, 1] as RGB in [0, 255], black through red and yellow to white (heat_colours in
+// service/http/overlay.py).
+function heatColour(heat) {
+  return [3 * heat, 3 * heat - 1, 3 * heat - 2].map((c) => Math.min(Math.max(c, 0), 1) * 255);
 }
 
-// The upload as this browser shows it; a format it cannot show (TIFF, in most browsers) is
-// said, and the overlay beside it is the photo as the server decoded it.
-function showPhoto(file) {
+const clamp = (value, low, high) => Math.min(Math.max(value, low), high);
+
+// `grid` read at the fractional cell (x, y), between cell centres and held at the edges, as
+// Pillow's bilinear resize stretches it for the server's overlay.
+function bilinear(grid, x, y) {
+  const rows = grid.length;
+  const columns = grid[0].length;
+  const x0 = Math.floor(x);
+  const y0 = Math.floor(y);
+  const [left, right] = [clamp(x0, 0, columns - 1), clamp(x0 + 1, 0, columns - 1)];
+  const [top, bottom] = [clamp(y0, 0, rows - 1), clamp(y0 + 1, 0, rows - 1)];
+  const across = x - x0;
+  const down = y - y0;
+  const upper = grid[top][left] * (1 - across) + grid[top][right] * across;
+  const lower = grid[bottom][left] * (1 - across) + grid[bottom][right] * across;
+  return upper * (1 - down) + lower * down;
+}
+
+// The box the model saw, from the original's pixels into the canvas's, at least one pixel.
+function boxOnCanvas(box, imageSize, width, height) {
+  const [scaleX, scaleY] = [width / imageSize[0], height / imageSize[1]];
+  const left = clamp(Math.round(box[0] * scaleX), 0, width - 1);
+  const top = clamp(Math.round(box[1] * scaleY), 0, height - 1);
+  const right = clamp(Math.round(box[2] * scaleX), left + 1, width);
+  const bottom = clamp(Math.round(box[3] * scaleY), top + 1, height);
+  return [left, top, right, bottom];
+}
+
+// The grid stretched over the box as heat, its largest value the hottest; outside the box,
+// the picture dimmed: it was cropped away before the model saw it.
+function paintAttention(image, grid, [left, top, right, bottom]) {
+  const { width, height, data } = image;
+  const peak = Math.max(...grid.flat());
+  const [rows, columns] = [grid.length, grid[0].length];
+  for (let y = 0; y < height; y++) {
+    const gridY = ((y - top + 0.5) * rows) / (bottom - top) - 0.5;
+    for (let x = 0; x < width; x++) {
+      const at = 4 * (y * width + x);
+      if (y < top || y >= bottom || x < left || x >= right) {
+        for (let c = 0; c < 3; c++) data[at + c] *= UNSEEN_DIMMING;
+        continue;
+      }
+      const gridX = ((x - left + 0.5) * columns) / (right - left) - 0.5;
+      const heat = peak > 0 ? clamp(bilinear(grid, gridX, gridY) / peak, 0, 1) : 0;
+      const alpha = HEAT_OPACITY * heat;
+      const colour = heatColour(heat);
+      for (let c = 0; c < 3; c++) data[at + c] = data[at + c] * (1 - alpha) + colour[c] * alpha;
+    }
+  }
+}
+
+// The photo (grey where this browser cannot decode it) with its attention over it, as PNG.
+function drawOverlay(photo, attention) {
+  const [width, height] = attention.image_size;
+  const scale = Math.min(1, OVERLAY_SIDE / Math.max(width, height));
+  const canvas = document.createElement("canvas");
+  canvas.width = Math.max(1, Math.round(width * scale));
+  canvas.height = Math.max(1, Math.round(height * scale));
+  const context = canvas.getContext("2d");
+  if (photo) {
+    context.drawImage(photo, 0, 0, canvas.width, canvas.height); // upright, as EXIF says
+  } else {
+    context.fillStyle = `rgb(${NO_PHOTO_GREY} ${NO_PHOTO_GREY} ${NO_PHOTO_GREY})`;
+    context.fillRect(0, 0, canvas.width, canvas.height);
+  }
+  const image = context.getImageData(0, 0, canvas.width, canvas.height);
+  paintAttention(
+    image,
+    attention.grid,
+    boxOnCanvas(attention.box, attention.image_size, canvas.width, canvas.height),
+  );
+  context.putImageData(image, 0, 0);
+  return new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
+}
+
+async function showOverlay(model, file, blob) {
+  const figure = $("overlay-figure");
+  const overlay = $("overlay");
+  overlay.alt = `Attention of ${model.name} over ${file.name}: brighter where it weighed more`;
+  showObject(overlay, "overlay", blob);
+  try {
+    await overlay.decode();
+    figure.dataset.state = "loaded";
+  } catch {
+    if (overlay.src !== objectUrls.overlay) return; // a later upload's overlay replaced it
+    figure.dataset.state = "failed";
+    setText("overlay-caption", "No attention overlay: this browser could not draw it.");
+  }
+}
+
+// The upload as this browser shows it, or null where it cannot decode it (TIFF, in most
+// browsers): the caption says so, and the overlay beside it is drawn on grey.
+async function showPhoto(file) {
   const photo = $("photo");
   photo.hidden = false;
   photo.alt = `The photo sent: ${file.name}`;
   setText("photo-caption", "The photo");
-  photo.addEventListener(
-    "error",
-    () => {
-      if (photo.src !== objectUrls.photo) return; // a later upload's photo replaced it
+  showObject(photo, "photo", file);
+  const mine = objectUrls.photo;
+  try {
+    await photo.decode();
+    return photo;
+  } catch {
+    if (mine === objectUrls.photo) {
       photo.hidden = true;
       setText(
         "photo-caption",
-        `This browser cannot show ${file.name}; the overlay beside it is the photo as the server decoded it.`,
+        `This browser cannot show ${file.name}; the attention beside it is drawn on grey.`,
       );
-    },
-    { once: true },
-  );
-  showObject(photo, "photo", file);
+    }
+    return null;
+  }
 }
 
 // A refused upload leaves nothing of the previous answer behind, hidden or not: no bars, no
@@ -210,38 +291,70 @@ function clearResult() {
   $("overlay-figure").dataset.state = "empty";
 }
 
-async function classify(file) {
+// A browser sends no Authorization header of its own: after a 401 the page points at its
+// token field, marked and focused, and says what to do there.
+function askForToken(file) {
+  const token = $("token");
+  const given = token.value.trim() !== "";
+  token.setAttribute("aria-invalid", "true");
+  setText("token-error", given ? "The server refused this token." : "This server needs a token.");
+  token.focus();
+  needsToken = true;
+  const why = given
+    ? "the server refused the API token. Correct it"
+    : "this server needs an API token. Enter it";
+  return (
+    `Could not classify ${file.name}: ${why} in the API token field and press Enter to send ` +
+    "the photo again."
+  );
+}
+
+function tokenAccepted() {
+  needsToken = false;
+  $("token").removeAttribute("aria-invalid");
+  setText("token-error", "");
+}
+
+async function send(file) {
   const model = models[Number($("model").value)];
   if (!model) return;
   const mine = ++upload;
   lastFile = file;
+  const explained = model.outputs.includes(ROLLOUT);
   const results = $("results");
   results.setAttribute("aria-busy", "true");
   results.dataset.state = "working";
   setText("status", `Classifying ${file.name} with ${model.name} version ${model.version}…`);
   $("result").hidden = true;
+  clearResult();
   $("overlay-figure").dataset.state = "loading";
   setText("overlay-caption", "Where the model looked: its attention over the photo, brighter where it weighed more");
-  showObject($("overlay"), "overlay", null);
 
   const form = new FormData();
   form.append("file", file, file.name);
   const started = performance.now();
+  let status = 0;
   let answer;
   try {
-    const response = await fetch(`${modelPath(model)}/classify?top_k=${TOP_K}`, {
+    const route = explained ? "explain" : "classify";
+    const response = await fetch(`${modelPath(model)}/${route}?top_k=${TOP_K}`, {
       method: "POST",
-      headers: authHeaders(),
+      headers: authHeaders({ Accept: "application/json" }),
       body: form,
     });
+    status = response.status;
     answer = response.ok ? await response.json() : new Error(await problem(response));
   } catch (error) {
     answer = error;
   }
   const elapsed = performance.now() - started;
   if (mine !== upload) return;
+  if (status !== 0 && status !== 401) tokenAccepted(); // past the token check, right or wrong
   if (answer instanceof Error) {
-    setText("status", `Could not classify ${file.name}: ${answer.message}`);
+    setText(
+      "status",
+      status === 401 ? askForToken(file) : `Could not classify ${file.name}: ${answer.message}`,
+    );
     clearResult();
     results.dataset.state = "failed";
     results.setAttribute("aria-busy", "false");
@@ -249,7 +362,6 @@ async function classify(file) {
   }
 
   const prediction = answer.predictions[0];
-  showPhoto(file);
   renderTop(prediction.top);
   renderOod(prediction);
   const latency = $("latency");
@@ -261,8 +373,20 @@ async function classify(file) {
   setText("status", `${file.name}: ${best.label}, ${percent(best.probability)}.`);
   $("result").hidden = false;
 
-  await showOverlay(model, file, mine);
+  const photo = await showPhoto(file);
   if (mine !== upload) return;
+  if (prediction.attention) {
+    const overlay = await drawOverlay(photo, prediction.attention);
+    if (mine !== upload) return;
+    await showOverlay(model, file, overlay);
+    if (mine !== upload) return;
+  } else {
+    $("overlay-figure").dataset.state = "none";
+    setText(
+      "overlay-caption",
+      `No attention overlay: ${model.name} version ${model.version} carries no attention rollout.`,
+    );
+  }
   results.dataset.state = "done";
   results.setAttribute("aria-busy", "false");
 }
@@ -282,7 +406,7 @@ function acceptDrops() {
   area.addEventListener("drop", (event) => {
     event.preventDefault();
     const file = event.dataTransfer.files[0];
-    if (file) classify(file);
+    if (file) send(file);
   });
   zone.addEventListener("click", () => $("file").click());
 }
@@ -291,13 +415,16 @@ function start() {
   const token = $("token");
   token.value = sessionStorage.getItem(TOKEN_KEY) ?? "";
   token.addEventListener("input", () => sessionStorage.setItem(TOKEN_KEY, token.value));
+  token.addEventListener("change", () => {
+    if (needsToken && lastFile) send(lastFile); // the photo the token was missing for
+  });
   $("file").addEventListener("change", (event) => {
     const file = event.target.files[0];
-    if (file) classify(file);
+    if (file) send(file);
   });
   $("model").addEventListener("change", () => {
     renderCard(models[Number($("model").value)]);
-    if (lastFile) classify(lastFile);
+    if (lastFile) send(lastFile);
   });
   acceptDrops();
   loadModels();
