@@ -1,7 +1,8 @@
 """Probe a running container: classify real images over HTTP and compare with the model in-process.
 
-Run by `../shared/container/smoke.sh` as its PROBE_CMD (`python -m tests.container_probe`, with
-the container's base URL in $URL). Exits non-zero, saying why, unless every answer is the bundled
+Called by tests/test_container.py on a container it started itself, or run by
+`../shared/container/smoke.sh` as its PROBE_CMD (`python -m tests.container_probe`, with the
+container's base URL in $URL). Exits non-zero, saying why, unless every answer is the bundled
 model's own result for those bytes.
 """
 
