@@ -69,6 +69,22 @@ def decode(
     )
 
 
+def image_format(data: bytes) -> str | None:
+    """The allowlisted format whose signature `data` starts with, or None: the test Pillow's
+    `open` applies first, so bytes sent without an image media type are known for an image
+    (or refused) without decoding them. A signature says nothing of the rest: `decode` still
+    refuses what is corrupt."""
+    prefix = data[:16]  # as much as Pillow's `open` shows each format's test
+    for name in ALLOWED_FORMATS:
+        if name not in Image.OPEN:
+            Image.init()
+        _, accept = Image.OPEN[name]
+        verdict = accept(prefix) if accept is not None else True
+        if verdict and not isinstance(verdict, str):  # a string: a plugin this Pillow lacks
+            return name
+    return None
+
+
 def decode_opened(
     image: Image.Image,
     *,

@@ -56,9 +56,18 @@ class Evaluation:
 
     def report(self) -> str:
         width = max(len(label) for label in self.labels) + 1
-        header = " " * width + "".join(f"{label[:6]:>7}" for label in self.labels)
+        # Each column as wide as its whole label or its largest count: a cut label can read
+        # as another (`golden retriever` and `golden eagle`).
+        columns = [
+            max(len(label), len(str(int(most)))) + 1
+            for label, most in zip(self.labels, self.confusion.max(axis=0), strict=True)
+        ]
+        header = " " * width + "".join(
+            f"{label:>{column}}" for label, column in zip(self.labels, columns, strict=True)
+        )
         rows = [
-            f"{label:<{width}}" + "".join(f"{int(n):>7}" for n in row)
+            f"{label:<{width}}"
+            + "".join(f"{int(n):>{column}}" for n, column in zip(row, columns, strict=True))
             for label, row in zip(self.labels, self.confusion, strict=True)
         ]
         summary = f"accuracy {self.accuracy:.2%} ({np.trace(self.confusion)}/{self.count})"

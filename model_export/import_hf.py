@@ -334,7 +334,7 @@ def import_hf(
         raise ImportRefused(f"the image processor cannot be expressed: {error}") from error
     config: Any = model.config
     metadata = ModelMetadata(
-        name=name or model_name(source),
+        name=name or model_name(output),
         version=version,
         labels=labels_of(config),
         preprocessing=spec,

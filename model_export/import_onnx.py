@@ -332,10 +332,11 @@ def import_onnx(
     """Stamp `source` (a file, or an optimum-style directory) and write it to `output`.
 
     Each field comes from, in order: the flags, the files given or found beside the model
-    (config.json, preprocessor_config.json), the file's own metadata, the graph. The attention
-    rollout is appended (refused where the graph has no attention softmax, unless `rollout` is
-    off), the self-test set cut from the check images, and the out-of-distribution threshold
-    calibrated on `calibration_images` where given (otherwise the file has none).
+    (config.json, preprocessor_config.json), the file's own metadata, the graph; a name none
+    of them gives is the output file's (`model_name`). The attention rollout is appended
+    (refused where the graph has no attention softmax, unless `rollout` is off), the self-test
+    set cut from the check images, and the out-of-distribution threshold calibrated on
+    `calibration_images` where given (otherwise the file has none).
     """
     folder = source if source.is_dir() else None
     model_file = source / ONNX_FILE if folder else source
@@ -380,7 +381,7 @@ def import_onnx(
         metadata = ModelMetadata.model_validate(
             {
                 **old,
-                "name": name or old.get("name") or model_name(str(folder or model_file.stem)),
+                "name": name or old.get("name") or model_name(output),
                 "version": version or old.get("version") or "1",
                 "labels": label_names,
                 "preprocessing": merged_spec,

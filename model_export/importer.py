@@ -42,7 +42,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for sub in (hf, onnx):
         sub.add_argument("source")
         sub.add_argument("-o", "--output", type=Path, required=True)
-        sub.add_argument("--name", help="the model's name (default: the source's last part)")
+        sub.add_argument(
+            "--name",
+            help="the model's name in URLs and answers (default: the name a stamped ONNX file "
+            "already carries, else the output file's name less its suffix)",
+        )
         sub.add_argument("--version", help="the model's version (default 1)")
         sub.add_argument(
             "--check-images",

@@ -49,10 +49,10 @@ def decodable_image_files(folder: Path | None) -> list[Path]:
     return files
 
 
-def model_name(source: str) -> str:
-    """A name fit for URLs (/v2/models/{name}) from a path or hub id: its last part."""
-    last = Path(source.rstrip("/")).name
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", last).strip("-.") or "model"
+def model_name(output: Path) -> str:
+    """The name a model is served under unless told otherwise: the file it is written to, less
+    its suffix (`models/my-vit.onnx` serves `my-vit`), made fit for URLs (/v2/models/{name})."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", output.stem).strip("-.") or "model"
 
 
 def source_name(source: str | Path) -> str:

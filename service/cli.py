@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import re
 import socket
 import sys
-from pathlib import Path
+import textwrap
 from types import FrameType
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import uvicorn
 from fastapi import FastAPI
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
+from pydantic.fields import FieldInfo
 from pydantic_settings import SettingsError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,6 +23,7 @@ from model_contract.metadata import InvalidModelMetadata
 from service.app import create_app
 from service.http.malformed_requests import served_protocol
 from service.runtime.graph_check import inspect_model
+from service.runtime.options import RuntimeOptions
 from service.runtime.scheduling import favour_the_event_loop
 from service.settings import Settings
 
@@ -95,25 +99,93 @@ def refuse_if_taken(host: str, port: int) -> None:
         sys.exit(f"vit-serve: cannot listen on {host}:{port}: {error.strerror}")
 
 
+FLAGS = ("model", "host", "port")
+"""The settings `vit-serve` also takes as flags: the ones a person starting it by hand changes."""
+
+HELP_WIDTH = 79
+
+
+def settings_help() -> str:
+    """Every setting: the variable that sets it, its default and its docstring's first sentence,
+    read from `Settings` so the help says what the code does (a secret's default is never
+    shown)."""
+    runtime = set(RuntimeOptions.model_fields)
+    fields = Settings.model_fields.items()
+    service = [(name, field) for name, field in fields if name not in runtime]
+    engine = [(name, field) for name, field in fields if name in runtime]
+    return "\n".join(
+        [
+            "settings (environment variables; service/settings.py says more):",
+            *(line for name, field in service for line in _setting_lines(name, field)),
+            "",
+            "how the model runs (service/runtime/options.py says more):",
+            *(line for name, field in engine for line in _setting_lines(name, field)),
+        ]
+    )
+
+
+def variable(name: str) -> str:
+    """The environment variable that sets the setting `name`."""
+    return f"{Settings.model_config.get('env_prefix', '')}{name.upper()}"
+
+
+def _setting_lines(name: str, field: FieldInfo) -> list[str]:
+    choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else ()
+    shown = f"{variable(name)}{_default(field)}"
+    if choices:
+        shown += f"  ({' | '.join(str(choice) for choice in choices)})"
+    description = " ".join((field.description or "").split())
+    first_sentence = re.split(r"(?<=\.)\s", description, maxsplit=1)[0]
+    indent = " " * 6
+    return [
+        f"  {shown}",
+        *textwrap.wrap(
+            first_sentence,
+            HELP_WIDTH,
+            initial_indent=indent,
+            subsequent_indent=indent,
+            break_on_hyphens=False,
+        ),
+    ]
+
+
+def _default(field: FieldInfo) -> str:
+    """`=value` as the variable would be written, or why there is none to show."""
+    if SecretStr in (field.annotation, *get_args(field.annotation)):
+        return " (a secret: no default shown)"
+    value = field.get_default(call_default_factory=True)
+    if value is None:
+        return " (unset by default)"
+    if isinstance(value, bool):
+        return f"={str(value).lower()}"
+    if isinstance(value, tuple | list):
+        return f"='{json.dumps(list(value))}'"  # lists are JSON
+    if isinstance(value, float):
+        return f"={value:g}"
+    return f"={value}"
+
+
+def flag_help(flag: str) -> str:
+    default = Settings.model_fields[flag].get_default(call_default_factory=True)
+    return f"instead of {variable(flag)} (default {default})"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="vit-serve",
-        description="Serve a self-describing ONNX ViT over HTTP. "
-        "Every option is also an environment variable (VIT_MODEL, VIT_HOST, VIT_PORT, ...).",
+        description="Serve a self-describing ONNX ViT over HTTP. Every setting is an environment\n"
+        "variable (listed below); --model, --host and --port take precedence over theirs.",
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--model",
-        type=Path,
-        help="ONNX file or model repository directory (default models/shapes-vit.onnx)",
-    )
-    parser.add_argument("--host", help="interface to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port (default 8000)")
+    for flag in FLAGS:
+        parser.add_argument(f"--{flag}", help=flag_help(flag))  # `Settings` validates it
     parser.add_argument(
         "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
     )
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {
-        key: value for key in ("model", "host", "port") if (value := getattr(args, key)) is not None
+        key: value for key in FLAGS if (value := getattr(args, key)) is not None
     }
     settings = settings_from(overrides)
     logging.basicConfig(

@@ -16,16 +16,18 @@ class Settings(BaseSettings, RuntimeOptions):
     """Service configuration; `VIT_MODEL=...` sets `model`, and so on. The runtime options
     (providers, threads, batch size, IO binding, ...) are RuntimeOptions', read the same way."""
 
-    model_config = SettingsConfigDict(env_prefix="VIT_", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="VIT_", frozen=True, use_attribute_docstrings=True)
 
     model: Path = Path("models/shapes-vit.onnx")
-    """The self-describing ONNX file to serve (written by vit-export or vit-import), or a model
-    repository: a directory laid out as `<name>/<version>/model.onnx` (docs/REPOSITORY.md)."""
+    """The self-describing ONNX file (from vit-export or vit-import) or model repository to
+    serve. A repository is a directory laid out as `<name>/<version>/model.onnx`
+    (docs/REPOSITORY.md)."""
 
     model_control: Literal["none", "poll", "explicit"] = "none"
-    """none: load every model at start, change nothing afterwards; poll: also load new and
-    changed versions and unload removed ones every repository_poll_s; explicit: change only on
-    POST /v2/repository/models/{name}/load or unload (every model is loaded at start)."""
+    """What may change the models served after start: none, poll or explicit. none: load every
+    model at start, change nothing afterwards; poll: also load new and changed versions and
+    unload removed ones every repository_poll_s; explicit: change only on POST
+    /v2/repository/models/{name}/load or unload (every model is loaded at start)."""
 
     repository_poll_s: float = Field(5.0, gt=0)
     """How often poll mode scans the repository."""
@@ -52,7 +54,7 @@ class Settings(BaseSettings, RuntimeOptions):
         return None if value == "" else value
 
     models_memory_bytes: int = Field(0, ge=0)
-    """The most resident memory the loaded model versions may take together (0: no bound); a
+    """The most resident memory the loaded model versions may take together (0: no bound). A
     load that would exceed it is refused with the reason. Each version's memory is measured as
     it loads (and estimated at three times its file's size before)."""
 
@@ -63,11 +65,12 @@ class Settings(BaseSettings, RuntimeOptions):
     """TCP port uvicorn listens on."""
 
     inference_nice: int = Field(5, ge=0, le=19)
-    """Niceness added to the inference threads (Linux), which also run as batch work that never
-    preempts a running thread (service/runtime/scheduling.py). With the cores saturated, the
-    event loop (health, refusals, responses) and the decoders then run first and onnxruntime
-    takes the rest: at twice capacity on 2 cores the 503s' p99 was 69-93 ms against 116-312 ms
-    at 0, with the same goodput; at 16 clients throughput was the same or 1-4% higher."""
+    """Niceness added to the inference threads (Linux): the event loop and the decoders run
+    first. The threads also run as batch work that never preempts a running thread
+    (service/runtime/scheduling.py). With the cores saturated, onnxruntime takes what the event
+    loop (health, refusals, responses) and the decoders leave: at twice capacity on 2 cores
+    the 503s' p99 was 69-93 ms against 116-312 ms at 0, with the same goodput; at 16 clients
+    throughput was the same or 1-4% higher."""
 
     decode_workers: int = Field(2, ge=1)
     """Processes decoding and preprocessing uploads, each one image at a time. Each holds
@@ -76,13 +79,13 @@ class Settings(BaseSettings, RuntimeOptions):
     plus up to `decode_memory_bytes` while it decodes."""
 
     decode_memory_bytes: int = Field(192 * 1024 * 1024, ge=16 * 1024 * 1024)
-    """Memory one image's decoding may take beyond what its worker holds at rest (the worker's
-    address space limit, RLIMIT_AS); over it the image is a 422 `too_expensive_to_decode` and
-    the worker is replaced. A 40 MP RGB PNG needs ~130 MB; a 40 MP 16-bit or RGBA one more.
-    The Deployment's memory limit follows from it (docs/RELIABILITY.md, "Memory budget")."""
+    """Memory one image's decoding may take beyond what its worker holds at rest (RLIMIT_AS).
+    Over it the image is a 422 `too_expensive_to_decode` and the worker is replaced. A 40 MP
+    RGB PNG needs ~130 MB; a 40 MP 16-bit or RGBA one more. The Deployment's memory limit
+    follows from it (docs/RELIABILITY.md, "Memory budget")."""
 
     decode_timeout_s: float = Field(2.0, gt=0)
-    """Wall-clock time one image's decoding may take; over it the worker is killed and
+    """Wall-clock time one image's decoding may take. Over it the worker is killed and
     replaced and the image is a 422 `too_expensive_to_decode`. A 40 MP PNG takes ~0.5 s on
     one core."""
 
@@ -90,16 +93,16 @@ class Settings(BaseSettings, RuntimeOptions):
     """Largest request body accepted, enforced while it streams (chunked bodies too): 413 above."""
 
     max_body_bytes_in_flight: int = Field(64 * 1024 * 1024, ge=1)
-    """Budget for the request bodies held at once, counted while they stream in (multipart
-    bodies twice: the body and the files parsed from it; OIP JSON bodies five times: the
-    Python objects parsing makes) and held until each request has left: a request that would
-    go over it gets 503 with Retry-After before more is read."""
+    """Budget for the request bodies held at once: over it, 503 with Retry-After. Bodies are
+    counted while they stream in (multipart bodies twice: the body and the files parsed from
+    it; OIP JSON bodies five times: the Python objects parsing makes) and held until each
+    request has left; a request that would go over it is refused before more is read."""
 
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
     """Largest image (width x height) decoded, checked from the header first: 422 above."""
 
     max_images_per_request: int = Field(64, ge=1)
-    """Most images one /v1/classify or OIP request may carry: 400 above."""
+    """Most images one /v1/classify or OIP request may carry: 413 above."""
 
     default_top_k: int = Field(5, ge=1)
     """Classes listed in `top` when the request does not say."""
@@ -109,7 +112,7 @@ class Settings(BaseSettings, RuntimeOptions):
     one batch runs the next one fills up anyway, so waiting only adds latency on CPU."""
 
     max_queue: int = Field(256, ge=1)
-    """Images admitted before new requests get 503 with Retry-After: every image of every
+    """Images admitted before new requests get 503 with Retry-After. Every image of every
     admitted request counts, from admission (one place while its body is read) until its
     answer has gone, whether it is being read, decoded, queued or in inference. About one
     second of work for the default model on 2 cores (~250 images/s)."""
@@ -119,27 +122,27 @@ class Settings(BaseSettings, RuntimeOptions):
     the model. The `X-Request-Timeout-Ms` header can lower it per request."""
 
     unready_after_failures: int = Field(5, ge=1)
-    """After this many onnxruntime calls in a row raise (or return NaN/Inf), readiness turns
-    false so the orchestrator routes around this replica; a probe inference every
+    """Failed onnxruntime calls in a row (raised, or returned NaN/Inf) that turn readiness
+    false. The orchestrator then routes around this replica; a probe inference every
     recovery_probe_interval_s brings it back when inference works again."""
 
     recovery_probe_interval_s: float = Field(1.0, gt=0)
     """How often a replica that stopped being ready over failures tries inference again."""
 
     head_timeout_s: float = Field(10.0, gt=0)
-    """A connection must deliver a whole request head this soon after opening or after its
-    previous response, or it is closed: idle and header-trickling clients cannot pile up."""
+    """How soon a connection must deliver a whole request head, after opening or after its
+    previous response, or be closed. Idle and header-trickling clients cannot pile up."""
 
     max_head_bytes: int = Field(32 * 1024, ge=1024)
-    """The largest request head (request line and headers): a larger one is a 400, so one
-    connection cannot fill memory with headers."""
+    """The largest request head (request line and headers); a larger one is a 400. So bounded,
+    one connection cannot fill memory with headers."""
 
     max_pipelined_requests: int = Field(64, ge=1)
-    """Requests one connection may have waiting behind the one being answered (httptools queues
-    every head it parses); more is a 400."""
+    """Requests one connection may have waiting behind the one being answered; more is a 400.
+    httptools queues every head it parses."""
 
     body_timeout_s: float = Field(30.0, gt=0)
-    """A request body must have arrived this soon after its head, or the answer is 408: a
+    """A request body must have arrived this soon after its head, or the answer is 408. A
     20 MiB upload needs 5.6 Mbit/s."""
 
     graceful_shutdown_s: int = Field(20, ge=1)

@@ -11,6 +11,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 
+from model_contract.decode import ALLOWED_FORMATS, image_format
 from service.errors import (
     ClientClosedRequest,
     EmptyBody,
@@ -23,6 +24,11 @@ from service.errors import (
 from service.inference.budget import Ticket
 
 FILE_FIELD = "file"
+MULTIPART, OCTET_STREAM = "multipart/form-data", "application/octet-stream"
+ACCEPTED_BODIES = (
+    f"{MULTIPART} with field {FILE_FIELD!r}, an image/* body, or an image file's bytes as "
+    f"{OCTET_STREAM}"
+)
 MAX_FORM_FIELDS = 16
 MAX_FIELD_BYTES = 64 * 1024
 
@@ -72,28 +78,26 @@ class Upload:
 async def uploaded_images(
     request: Request, *, limit: int, timeout: float, max_files: int, ticket: Ticket
 ) -> list[Upload]:
-    """Image files from a multipart form (field `file`, repeatable) or a raw `image/*` body."""
+    """Image files from a multipart form (field `file`, repeatable) or a raw body: `image/*`,
+    or bytes of no declared image type (`application/octet-stream`, what many clients send for
+    bytes, or no Content-Type, which RFC 9110 lets a server read by content) that begin as an
+    accepted image format does."""
     kind = media_type(request)
-    accepted = kind == "multipart/form-data" or kind.startswith("image/")
-    if kind and not accepted:
-        raise UnsupportedMediaType(
-            f"send multipart/form-data with field {FILE_FIELD!r} or an image/* body, not {kind!r}"
-        )
+    if kind not in (MULTIPART, OCTET_STREAM, "") and not kind.startswith("image/"):
+        raise UnsupportedMediaType(f"send {ACCEPTED_BODIES}, not {kind!r}")
     body = await read_body(request, limit, timeout, ticket)
     if not body:
-        raise EmptyBody(
-            f"the request body is empty: send an image as multipart/form-data (field "
-            f"{FILE_FIELD!r}) or as an image/* body"
-        )
-    if not accepted:
+        raise EmptyBody(f"the request body is empty: send {ACCEPTED_BODIES}")
+    if kind == MULTIPART:
+        ticket.hold_bytes(len(body))  # the files parsed from it are a second copy at most
+        return await _form_files(request, body, max_files)
+    if not kind.startswith("image/") and image_format(body) is None:
+        declared = f"is {kind}" if kind else "has no Content-Type"
         raise UnsupportedMediaType(
-            f"the body has no Content-Type: send multipart/form-data with field {FILE_FIELD!r} "
-            "or an image/* body"
+            f"the body {declared} and is not an image file in an accepted format "
+            f"({', '.join(ALLOWED_FORMATS)}): send {ACCEPTED_BODIES}"
         )
-    if kind.startswith("image/"):
-        return [Upload(name=None, data=body)]
-    ticket.hold_bytes(len(body))  # the files parsed from it are a second copy at most
-    return await _form_files(request, body, max_files)
+    return [Upload(name=None, data=body)]
 
 
 async def _form_files(request: Request, body: bytes, max_files: int) -> list[Upload]:

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from model_contract.vit_cost import cost_of
 from service.errors import InvalidRequest, NoAttention, NotAcceptable, ServiceError
-from service.http.body import FILE_FIELD, unless_disconnected, uploaded_images
+from service.http.body import FILE_FIELD, OCTET_STREAM, unless_disconnected, uploaded_images
 from service.http.dependencies import Inference, InferenceDep, RegistryDep
 from service.http.negotiation import preferred
 from service.http.overlay import overlay_png
@@ -52,6 +52,7 @@ _UPLOAD_BODY = {
                 }
             },
             "image/*": {"schema": {"type": "string", "format": "binary"}},
+            OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}},
         },
     }
 }

@@ -23,7 +23,7 @@ class RuntimeOptions(BaseModel):
     """The session's options; each GPU-side one falls back cleanly, and says so, where it
     cannot apply (service/runtime/providers.py)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     def cpu_arena_for(self, model_bytes: int) -> bool:
         """Whether a session for a model file of `model_bytes` keeps onnxruntime's CPU arena."""
@@ -50,11 +50,11 @@ class RuntimeOptions(BaseModel):
     request's p50 was ~0.5 ms lower but its p99 higher."""
 
     lone_call_spinning: bool = True
-    """On the CPU provider, run a lone image (no other call running, nothing queued or being
-    decoded) through a second session whose threads busy-wait while it runs and stop as it
-    returns: ~1 ms off that call on 2 cores (batch 1: 3.0-4.0 ms against 4.0-4.5 ms), with none
-    of the spinning's cost under load. Costs a second copy of the session: +24 MB resident
-    with the default model (165 -> 189 MB)."""
+    """On the CPU provider, run a lone image through a second session that busy-waits while it
+    runs. Lone: no other call running, nothing queued or being decoded; the session's threads
+    stop as it returns: ~1 ms off that call on 2 cores (batch 1: 3.0-4.0 ms against
+    4.0-4.5 ms), with none of the spinning's cost under load. Costs a second copy of the
+    session: +24 MB resident with the default model (165 -> 189 MB)."""
 
     cpu_memory_arena: Literal["auto", "on", "off"] = "auto"
     """onnxruntime's CPU memory arena, which keeps each call's largest activations for the next.
@@ -78,9 +78,10 @@ class RuntimeOptions(BaseModel):
     time may use. A lone image still gets every core (see `lone_call_spinning`)."""
 
     io_binding: bool = False
-    """Run inference through onnxruntime IO binding with buffers preallocated per batch-size
-    bucket (powers of two up to max_batch_size). Saves per-call device allocations and copies on
-    a GPU; on the CPU provider it computes exactly the same numbers and saves little."""
+    """Run inference through onnxruntime IO binding, with buffers preallocated per batch size.
+    The sizes are buckets, powers of two up to max_batch_size. Saves per-call device
+    allocations and copies on a GPU; on the CPU provider it computes exactly the same numbers
+    and saves little."""
 
     cuda_graph: bool = False
     """Capture one CUDA graph per batch bucket and replay it (implies IO binding). Falls back,
@@ -99,7 +100,7 @@ class RuntimeOptions(BaseModel):
     fixed buffers."""
 
     tensorrt: bool = False
-    """Put onnxruntime's TensorRT provider first (CUDA, then CPU, behind it); skipped, and
+    """Put onnxruntime's TensorRT provider first (CUDA, then CPU, behind it). Skipped, and
     reported, where this onnxruntime build or machine lacks TensorRT."""
 
     tensorrt_cache_dir: Path = Path("/tmp/vit-tensorrt-cache")
@@ -109,18 +110,18 @@ class RuntimeOptions(BaseModel):
     """Let TensorRT run layers in half precision."""
 
     model_check_timeout_s: float = Field(10.0, gt=0)
-    """The longest a model file's load-time checks may take (a fresh session and one call each
-    with a batch of 1 and of 2, run in a process of their own), plus
-    `model_check_seconds_per_gb` for each GB of the file; a file that overruns is refused and
-    its process killed, so a graph that never finishes cannot hold a load. The warm-up and
-    self-test that follow in the server are bounded by the same time."""
+    """The longest a model file's load-time checks may take, plus `model_check_seconds_per_gb`
+    for each GB of the file. The checks (a fresh session and one call each with a batch of 1
+    and of 2) run in a process of their own; a file that overruns is refused and its process
+    killed, so a graph that never finishes cannot hold a load. The warm-up and self-test that
+    follow in the server are bounded by the same time."""
 
     model_check_seconds_per_gb: float = Field(60.0, ge=0)
-    """What the load-time checks' bound grows by per GB of model file: creating a session and
+    """What the load-time checks' bound grows by per GB of model file. Creating a session and
     running a ViT-B/16 (346 MB) once takes a few seconds on two cores."""
 
     max_metadata_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024)
-    """The most bytes a model file's metadata (every key and value together) may hold; a file
+    """The most bytes a model file's metadata may hold, every key and value together. A file
     with more is refused before it is parsed. A ViT-B/16 with 1,000 labels, its calibration
     and its golden images holds well under 1 MB."""
 

@@ -1,10 +1,79 @@
-"""Content negotiation: the media type a route answers with, as the `Accept` header ranks it."""
+"""Content negotiation, both ways: what a request body is taken as (its Content-Type, or for
+bytes of no image type, their content), and the media type a route answers with, as the `Accept`
+header ranks it."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
+from fastapi.testclient import TestClient
 
 from service.http.negotiation import preferred
+from tests.images import upload_variety
+from tests.service_support import cpu_settings, ready_client, rejections
+
+UPLOADS = upload_variety()
+OCTET_STREAM = "application/octet-stream"
+
+
+@pytest.fixture(scope="module")
+def client(served_model: Path) -> Iterator[TestClient]:
+    with ready_client(cpu_settings(served_model)) as client:
+        yield client
+
+
+def classify(client: TestClient, data: bytes, content_type: str | None) -> dict[str, object]:
+    headers = {} if content_type is None else {"content-type": content_type}
+    response = client.post("/v1/classify?probabilities=true", content=data, headers=headers)
+    assert response.status_code == 200, response.text
+    answer: dict[str, object] = response.json()
+    return answer
+
+
+@pytest.mark.parametrize("name", sorted(UPLOADS))
+@pytest.mark.parametrize("content_type", [OCTET_STREAM, None], ids=["octet-stream", "none"])
+def test_image_bytes_of_no_image_type_are_known_by_their_content(
+    client: TestClient, name: str, content_type: str | None
+) -> None:
+    data, declared = UPLOADS[name]
+    assert classify(client, data, content_type) == classify(client, data, declared)
+
+
+@pytest.mark.parametrize("content_type", [OCTET_STREAM, None], ids=["octet-stream", "none"])
+def test_bytes_that_are_no_image_are_415_saying_what_is_accepted(
+    client: TestClient, content_type: str | None
+) -> None:
+    headers = {} if content_type is None else {"content-type": content_type}
+    before = rejections(client, "unsupported_media_type")
+    for body in (b"garbage", b'{"image": "cat.jpg"}', bytes(4096)):
+        response = client.post("/v1/classify", content=body, headers=headers)
+        assert response.status_code == 415
+        error = response.json()
+        assert error["type"] == "unsupported_media_type"
+        for accepted in ("multipart/form-data", "image/*", OCTET_STREAM, "JPEG", "PNG", "WEBP"):
+            assert accepted in error["error"]
+    assert rejections(client, "unsupported_media_type") == before + 3
+
+
+def test_an_image_signature_over_corrupt_bytes_is_still_refused_by_the_decoder(
+    client: TestClient,
+) -> None:
+    data, _ = UPLOADS["jpeg"]
+    response = client.post(
+        "/v1/classify", content=data[:300], headers={"content-type": OCTET_STREAM}
+    )
+    assert (response.status_code, response.json()["type"]) == (422, "undecodable_image")
+
+
+def test_other_media_types_stay_415_even_for_image_bytes(client: TestClient) -> None:
+    data, _ = UPLOADS["png-rgba"]
+    for media_type in ("text/plain", "application/json", "application/x-www-form-urlencoded"):
+        response = client.post("/v1/classify", content=data, headers={"content-type": media_type})
+        assert (response.status_code, response.json()["type"]) == (415, "unsupported_media_type")
+        assert OCTET_STREAM in response.json()["error"]
+
 
 OFFERED = ("application/json", "image/png")
 

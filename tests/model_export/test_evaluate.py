@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from model_export import shapes
-from model_export.evaluate import evaluate, evaluate_folder, labelled_images, main
+from model_export.evaluate import Evaluation, evaluate, evaluate_folder, labelled_images, main
 from service.runtime.options import IN_PROCESS
 from service.runtime.session import ModelSession
 
@@ -46,6 +46,20 @@ def test_a_folder_per_label_gives_the_datasets_confusion(
         row = reference.confusion[i]
         if row.sum():
             assert recall[label] == pytest.approx(row[i] / row.sum())
+
+
+def test_the_confusion_matrix_shows_whole_labels_over_their_columns() -> None:
+    labels = ("golden retriever", "golden eagle", "cat")
+    confusion = np.array([[12, 3, 0], [1, 1034, 2], [0, 0, 7]])
+    lines = Evaluation(labels=labels, confusion=confusion).report().splitlines()
+    start = lines.index("confusion (rows: true, columns: predicted)") + 1
+    header, rows = lines[start], lines[start + 1 :]
+    ends = [header.index(label) + len(label) for label in labels]  # right-aligned over counts
+    assert len(rows) == len(labels)
+    for label, row, counts in zip(labels, rows, confusion, strict=True):
+        assert row.startswith(label)
+        assert [int(row[:end].split()[-1]) for end in ends] == list(counts)
+    assert len({len(line) for line in (header, *rows)}) == 1
 
 
 def test_the_command_reports_accuracy_recall_and_skips_broken_files(

@@ -50,7 +50,7 @@ def imported(
 ) -> Iterator[tuple[Checkpoint, Path]]:
     folder = tmp_path_factory.mktemp("hf") / request.param
     checkpoint = CHECKPOINTS[request.param](folder)
-    output = folder.parent / f"{request.param}.onnx"
+    output = folder.parent / f"served-{request.param}.onnx"
     result = run_import("hf", str(folder), "-o", str(output))
     assert result.returncode == 0, result.stderr
     assert re.search(r"top-1 equal 5/5, max \|drollout\|.*  ok$", result.stdout, re.M)
@@ -92,7 +92,7 @@ def test_the_file_says_where_it_came_from(imported: tuple[Checkpoint, Path]) -> 
     props = {p.key: p.value for p in onnx.load(str(model)).metadata_props}
     metadata = ModelMetadata.from_props(props)
     assert metadata.labels == tuple(checkpoint.labels)
-    assert metadata.name == checkpoint.folder.name
+    assert metadata.name == f"served-{checkpoint.folder.name}"  # the file's, not the folder's
     assert metadata.source["importer"] == "vit-import hf"
     assert metadata.source["source"] == checkpoint.folder.name  # not the importing machine's path
     assert not [value for value in props.values() if str(checkpoint.folder.parent) in value]
@@ -144,17 +144,19 @@ def test_fp16_import_keeps_the_answers(tmp_path: Path) -> None:
     assert ModelMetadata.from_props(props).precision == "fp16"
 
 
-def test_the_users_own_check_images_are_used(tmp_path: Path) -> None:
+def test_the_users_own_check_images_and_name_are_used(tmp_path: Path) -> None:
     checkpoint = vit_imagenet_bicubic(tmp_path / "vit")
     mine = tmp_path / "mine"
     mine.mkdir()
     for photo in image_files(PHOTOS)[:2]:
         (mine / photo.name).write_bytes(photo.read_bytes())
+    output = tmp_path / "m.onnx"
     result = run_import(
-        "hf", str(checkpoint.folder), "-o", str(tmp_path / "m.onnx"), "--check-images", str(mine)
+        "hf", str(checkpoint.folder), "-o", str(output), "--check-images", str(mine), "--name", "my"
     )
     assert result.returncode == 0, result.stderr
     assert "on 2 images" in result.stdout
+    assert ModelSession(output, IN_PROCESS).metadata.name == "my"
 
 
 @pytest.mark.parametrize(

@@ -83,7 +83,8 @@ def test_an_optimum_directory_serves_the_pipelines_numbers(tmp_path: Path) -> No
     assert metadata.ood is not None and metadata.ood.score == "mahalanobis"
     assert metadata.ood.calibration_images == 2
     assert metadata.self_test is not None and len(metadata.self_test.images) == 4
-    assert metadata.labels == ("left", "right", "up") and metadata.name == "optimum"
+    # Named after the file it serves from, not the directory optimum wrote.
+    assert metadata.labels == ("left", "right", "up") and metadata.name == "served"
     assert (
         metadata.source["importer"] == "vit-import onnx" and metadata.source["model_type"] == "deit"
     )
@@ -115,7 +116,7 @@ def test_labels_come_from_a_text_file_a_json_list_or_a_config(tmp_path: Path, ki
     result = run_plain(str(plain), "-o", str(output), "--labels", str(labels_file[0]))
     assert result.returncode == 0, result.stderr
     metadata = metadata_of(output)
-    assert metadata.labels == tuple(LABELS) and metadata.name == "plain"
+    assert metadata.labels == tuple(LABELS) and metadata.name == "stamped"  # the output's
     assert metadata.preprocessing.input_size == 32  # from the graph
     assert metadata.output == "logits" and metadata.version == "1"
     # Nothing said how it was trained: the defaults are used, and the import says which.
@@ -158,6 +159,7 @@ def test_the_fix_a_refusal_names_works(tmp_path: Path) -> None:
     metadata, graph = inspect_model(wrong)
     assert metadata.preprocessing.input_size == 32 and metadata.labels == tuple(LABELS)
     assert graph.input_name == "pixels"
+    assert metadata.name == "foreign"  # the name the file carries, not the file's own name
 
 
 def test_several_outputs_need_a_name_unless_one_is_logits(tmp_path: Path) -> None:
