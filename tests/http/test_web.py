@@ -35,9 +35,14 @@ from tests.service_support import cpu_settings, ready_client, served
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
+MISSING = [
+    package
+    for package, command in (("chromium", CHROMIUM), ("chromium-driver", CHROMEDRIVER))
+    if command is None
+]
 needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None,
-    reason="Debian's chromium and chromium-driver are not installed (make test installs them)",
+    bool(MISSING),
+    reason=f"Debian's {' and '.join(MISSING)} not installed (make test installs it as root)",
 )
 
 TOKEN = "a-token-for-the-web-page"
