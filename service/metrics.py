@@ -1,11 +1,22 @@
-"""Prometheus metrics on a registry owned by the app (so tests can build many apps); what a
-model version does is labelled with its `model` and `version`."""
+"""Prometheus metrics on a registry owned by the app (so tests can build many apps), named and
+labelled by Prometheus' conventions; what a model version does is labelled with its `model` and
+`version`."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 
 # Sub-millisecond (one CPU inference of a small model) to seconds (a queue under overload).
 LATENCY_BUCKETS = (
@@ -35,24 +46,36 @@ PROBABILITY_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999
 
 
 MODEL = ["model", "version"]
+HTTP = ["method", "route", "code"]
+"""The labels of an HTTP request: its method, the template of the route that took it (never the
+raw path) and the status code of the answer."""
 
 
 class Metrics:
-    """Every metric the service exports, names prefixed `vit_`, units in the names."""
+    """Every metric the service exports: its own prefixed `vit_`, base units as suffixes, and the
+    standard `process_*` and `python_*` families of the server process."""
 
     def __init__(self) -> None:
+        # A `*_created` twin of every counter and histogram is one more series each, exported
+        # as a gauge that nothing queries. The switch is prometheus_client's, for the whole
+        # process, which exports no registry but this one.
+        disable_created_metrics()
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.requests = Counter(
             "vit_requests",
-            "HTTP requests by route template and status.",
-            ["route", "status"],
+            "HTTP requests by method, route template and status code.",
+            HTTP,
             registry=r,
         )
         self.request_seconds = Histogram(
             "vit_request_duration_seconds",
-            "Total time to answer a request.",
-            ["route"],
+            "Total time to answer a request, by method, route template, status code and the "
+            'model that served it ("" where none did).',
+            [*HTTP, "model"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -100,7 +123,7 @@ class Metrics:
             registry=r,
         )
         self.body_bytes_in_flight = Gauge(
-            "vit_body_bytes_in_flight",
+            "vit_body_in_flight_bytes",
             "Request body bytes held by admitted requests.",
             MODEL,
             registry=r,
@@ -124,7 +147,17 @@ class Metrics:
             registry=r,
         )
         self.model = Info(
-            "vit_model", "A served model version and where it runs.", MODEL, registry=r
+            "vit_model",
+            "A served model version and where it runs: its sha256 and runtime options in "
+            "effect (/v1/models says more).",
+            MODEL,
+            registry=r,
+        )
+        self.fallbacks = Gauge(
+            "vit_model_fallbacks",
+            "Runtime options asked for but not in effect (/v1/models lists them, and why).",
+            MODEL,
+            registry=r,
         )
         self.out_of_distribution = Counter(
             "vit_out_of_distribution_images",
@@ -141,7 +174,7 @@ class Metrics:
             registry=r,
         )
         self.top1_probability = Histogram(
-            "vit_top1_probability",
+            "vit_top1_probability_ratio",
             "Probability of the predicted class (confidence drift).",
             MODEL,
             buckets=PROBABILITY_BUCKETS,
@@ -179,6 +212,7 @@ class Metrics:
             self.images,
             self.decode_workers_replaced,
             self.model,
+            self.fallbacks,
             self.out_of_distribution,
             self.self_test_passed,
             self.top1_probability,
@@ -219,6 +253,7 @@ class ModelMetrics:
         self.memory_bytes = metrics.memory_bytes.labels(name, version)
         self.ready = metrics.ready.labels(name, version)
         self.model = metrics.model.labels(name, version)
+        self.fallbacks = metrics.fallbacks.labels(name, version)
         self._images = metrics.images.labels(name, version)
         self._top1 = metrics.top1_probability.labels(name, version)
         self._predicted = _Labelled(metrics.predicted_class, name, version)

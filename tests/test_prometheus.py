@@ -22,7 +22,7 @@ from tests.service_support import free_port, running_server
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(
     PROMETHEUS is None,
-    reason="Debian's prometheus package is not installed (make test installs it)",
+    reason="Debian's prometheus package is not installed (make test installs it as root)",
 )
 
 
@@ -97,7 +97,7 @@ def test_prometheus_scrapes_the_request_counter(service: str, prometheus: str) -
         )
         with urllib.request.urlopen(request, timeout=30) as response:
             assert response.status == 200
-    promql = 'vit_requests_total{job="vit-inference",route="/v1/classify",status="200"}'
+    promql = 'vit_requests_total{job="vit-inference",method="POST",route="/v1/classify",code="200"}'
     deadline = time.monotonic() + 90
     while not (result := query(prometheus, promql)) or float(result[0]["value"][1]) < sent:
         assert time.monotonic() < deadline, f"Prometheus never saw {sent} requests: {result}"

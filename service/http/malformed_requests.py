@@ -12,7 +12,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import InvalidRequest
-from service.http.middleware import UNMATCHED_ROUTE
+from service.http.middleware import OTHER_METHOD, UNMATCHED_ROUTE
 from service.http.responses import service_error_response
 from service.http.slow_clients import head_deadline_protocol
 from service.metrics import Metrics
@@ -36,7 +36,7 @@ class _JsonBadRequest:
         self.transport.close()
         metrics = self.app_state.get("metrics")
         if isinstance(metrics, Metrics):
-            metrics.requests.labels(UNMATCHED_ROUTE, "400").inc()
+            metrics.requests.labels(OTHER_METHOD, UNMATCHED_ROUTE, "400").inc()
             metrics.rejections.labels(InvalidRequest.type).inc()
 
 

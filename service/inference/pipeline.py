@@ -125,13 +125,17 @@ class Pipeline:
         metrics.ready.set_function(lambda: float(self.ready))
         status = self.self_test.status
         metrics.publish_self_test(status == "passed" if status in ("passed", "failed") else None)
+        # Label values are identifiers: the runtime's `batch` phrase becomes two of them, and
+        # the fallbacks' reasons stay on /v1/models with only their count here.
         metrics.model.info(
             {
                 "sha256": session.sha256,
                 **session.runtime,
-                "fallbacks": "; ".join(session.fallbacks) or "none",
+                "batch": str(session.fixed_batch_size or "dynamic"),
+                "images_per_call": str(session.images_per_call or "batch"),
             }
         )
+        metrics.fallbacks.set(len(session.fallbacks))
 
     def input_shape(self, batch_size: int) -> tuple[int, int, int, int]:
         size = self.spec.input_size

@@ -88,7 +88,7 @@ def decoded_images(client: TestClient) -> float:
 def refusals(client: TestClient, route: str) -> tuple[float, float]:
     """(requests answered 503 on `route`, rejections counted as overloaded)."""
     return (
-        metric_value(client, "vit_requests_total", route=route, status="503"),
+        metric_value(client, "vit_requests_total", route=route, code="503"),
         metric_value(client, "vit_rejections_total", reason="overloaded"),
     )
 
@@ -191,7 +191,7 @@ def test_bodies_over_the_in_flight_budget_are_503_and_multipart_never_touches_di
         small = JPEG + b"\0" * (1024 * 1024)
         form = client.post("/v1/classify", files=[("file", ("small.jpg", small, "image/jpeg"))])
         assert form.status_code == 200
-        assert metric_value(client, "vit_body_bytes_in_flight") == 0
+        assert metric_value(client, "vit_body_in_flight_bytes") == 0
 
 
 def test_an_oip_json_body_holds_what_parsing_it_takes_whatever_its_headers_say(
@@ -221,7 +221,7 @@ def test_an_oip_json_body_holds_what_parsing_it_takes_whatever_its_headers_say(
                 headers={"content-type": "application/json", **headers},
             )
             assert answer.status_code == 503 and answer.json()["type"] == "overloaded", headers
-        assert metric_value(client, "vit_body_bytes_in_flight") == 0
+        assert metric_value(client, "vit_body_in_flight_bytes") == 0
 
 
 def test_a_client_that_never_reads_its_answer_holds_no_place_once_it_starts(

@@ -104,7 +104,10 @@ def test_an_int8_files_answer_for_an_image_does_not_depend_on_its_neighbours(
             "/v1/classify?probabilities=true",
             files=[("file", ("s", star)), ("file", ("b", bright))],
         )
+        metrics = client.get("/metrics").text
     assert one.status_code == two.status_code == 200, two.text
+    (info,) = [line for line in metrics.splitlines() if line.startswith("vit_model_info{")]
+    assert 'batch="dynamic"' in info and 'images_per_call="1"' in info  # identifiers, no phrase
     first = two.json()["predictions"][0]
     assert first["probabilities"] == one.json()["predictions"][0]["probabilities"]
 

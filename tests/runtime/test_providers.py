@@ -182,4 +182,6 @@ def test_the_api_and_metrics_report_what_is_in_effect(served_model: Path) -> Non
     assert info["runtime"]["io_binding"] == "on" and info["runtime"]["tensorrt"] == "off"
     assert any(TENSORRT in fallback for fallback in info["fallbacks"])
     (line,) = [m for m in metrics.splitlines() if m.startswith("vit_model_info{")]
-    assert 'io_binding="on"' in line and TENSORRT in line
+    assert 'io_binding="on"' in line and 'tensorrt="off"' in line
+    (count,) = [m for m in metrics.splitlines() if m.startswith("vit_model_fallbacks{")]
+    assert float(count.split()[-1]) == len(info["fallbacks"]) > 0
