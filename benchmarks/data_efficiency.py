@@ -196,18 +196,23 @@ def report(rows: list[dict[str, Any]], missing: Sequence[Run] = ()) -> str:
     lines = [
         "# Data efficiency: the ViT against a CNN",
         "",
-        "Written by `python -m benchmarks.data_efficiency` on this project's 2-core CPU machine,",
-        "shared with other work. Two models of 2.8 M parameters each: the default ViT (width 192,",
-        "depth 6, 3 heads, 16x16 patches, 128x128 input; `model_export/vit.py`) and a residual",
-        "CNN in ResNet-18's layout at half its width (a two-convolution stem to 32x32, four stages",
-        "of two basic blocks at 32, 64, 128 and 256 channels, global average pooling;",
+        "For an ML engineer with few labelled images, choosing between a ViT and a CNN: how each",
+        "one's held-out accuracy grows with the number of training images, trained the same way.",
+        "",
+        "Every figure is from one run of `python -m benchmarks.data_efficiency` (written by",
+        "benchmarks/data_efficiency.py; raw results in",
+        "[data_efficiency.json](data_efficiency.json)) on this project's 2-core CPU reference",
+        "machine, shared with other work. Two models of 2.8 M parameters each: the default ViT",
+        "(width 192, depth 6, 3 heads, 16x16 patches, 128x128 input; `model_export/vit.py`) and a",
+        "residual CNN in ResNet-18's layout at half its width (a two-convolution stem to 32x32,",
+        "four stages of two basic blocks at 32, 64, 128 and 256 channels, global average pooling;",
         "`model_export/cnn.py`). Both are trained by the same function, `model_export.train.fit`,",
         "with the bundled model's recipe: AdamW at 5e-4 with weight decay 0.05 on matrices, 10%",
         "linear warm-up then cosine decay, label smoothing 0.1, batch 64, bf16 autocast, and the",
         "same augmentation (shifts of up to 8 pixels; on `shapes` also flips and quarter turns,",
-        "which a digit does not survive). Each pair gets the same number of steps. A seed fixes",
-        "a model's initial weights, the order of its batches and its augmentation, not which",
-        "images it sees: every seed trains on the same sets.",
+        "which a digit does not survive). On each training set both models get the same number of",
+        "steps. A seed fixes a model's initial weights, the order of its batches and its",
+        "augmentation, not which images it sees: every seed trains on the same sets.",
         "",
         "- `shapes`: the first 500, 2,000, 8,000 and 30,000 images of seed 0 (each set inside",
         f"  the next), scored on the {TEST_COUNT:,} images after them, never trained on.",
@@ -278,7 +283,7 @@ def verdict(summary: dict[str, Any]) -> list[str]:
         if "vit" in entry and "cnn" in entry
     )
     if not pairs:
-        return ["No `shapes` pair finished."]
+        return ["No `shapes` training set finished for both models."]
     sizes = [size for size, _, _ in pairs]
     gaps = [vit["mean"] - cnn["mean"] for _, vit, cnn in pairs]
     ties = [

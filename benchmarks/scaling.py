@@ -136,16 +136,22 @@ def report(rows: list[dict[str, Any]]) -> str:
     lines = [
         "# Cost against resolution",
         "",
-        "Written by `python -m benchmarks.scaling`: the default model's ViT (width 192, depth 6,",
-        "3 heads, MLP ratio 4, 16x16 patches) exported at each size with random weights, measured",
-        "with onnxruntime on this project's 2-core CPU machine (median of repeated calls, each",
-        "size in a fresh process; the machine is shared: times vary ~10-20% between runs). Peak",
-        "memory is what the calls took above the loaded session. FLOPs are analytic, a",
-        "multiply-add counting 2 (`model_contract/vit_cost.py`); `/v1/models` reports them.",
+        "For an ML engineer choosing a ViT's input size: how its compute, latency and memory grow",
+        "with the input's side, and where attention starts to dominate.",
+        "",
+        "The measured figures are from one run of `python -m benchmarks.scaling` (written by",
+        "benchmarks/scaling.py; raw results in [scaling.json](scaling.json)) on this project's",
+        "2-core CPU reference machine: the default model's ViT (width 192, depth 6, 3 heads, MLP",
+        "ratio 4, 16x16 patches) exported at each size with random weights and run by onnxruntime,",
+        "median of repeated calls, each size in a fresh process. The machine is shared: times",
+        "vary ~10-20% between runs. Peak memory is what the calls took above the loaded session.",
+        "FLOPs are computed, not measured, a multiply-add counting 2",
+        "(`model_contract/vit_cost.py`); `/v1/models` reports them. Attention scores per layer",
+        "are the token pairs attention compares: tokens squared.",
         "",
         "![FLOPs by part and measured time against tokens](scaling.png)",
         "",
-        "| input | tokens | attention pairs / layer | GFLOPs: attention | projections | MLP "
+        "| input | tokens | attention scores / layer | GFLOPs: attention | projections | MLP "
         "| total | attention share | batch 1 ms | batch 8 ms / image | images/s (batch 8) "
         "| peak MB / image (batch 1, 8) | time / FLOPs vs 128 |",
         "|" + " ---: |" * 13,
@@ -165,14 +171,19 @@ def report(rows: list[dict[str, Any]]) -> str:
             f"{m['8']['images_per_second']:.1f} | {m['1']['peak_mb_per_image']:.0f}, "
             f"{m['8']['peak_mb_per_image']:.0f} | {per_flop:.2f}x |"
         )
+    first, last = rows[0], rows[-1]
     lines += [
         "",
         "Attention (the QK^T and AV products) grows with the square of the tokens, the projections",
         "and the MLP linearly: it overtakes them once the tokens exceed (2 + MLP ratio) x width =",
-        f"{int((2 + MLP_RATIO) * WIDTH):,} here, between 512 and 1024 pixels. The last column is",
-        "the measured time per FLOP against the 128-pixel model's: near 1, the measured time",
+        f"{int((2 + MLP_RATIO) * WIDTH):,} here, between 512 and 1024 pixels. The last column",
+        "is the measured time per FLOP against the 128-pixel model's: near 1, the measured time",
         "follows the FLOPs, quadratic term included (the FLOPs leave out attention's softmax and",
-        "its N^2 memory traffic; the smallest model pays fixed per-call costs).",
+        "its N^2 memory traffic; the smallest model pays fixed per-call costs). Pick the smallest",
+        "input that keeps the accuracy you need: at batch 8 the"
+        f" {first['size']}-pixel model served {first['measured']['8']['images_per_second']:.1f}"
+        f" images/s here, the {last['size']}-pixel one"
+        f" {last['measured']['8']['images_per_second']:.1f}.",
         "",
     ]
     return "\n".join(lines)
