@@ -45,9 +45,9 @@ class RuntimeOptions(BaseModel):
 
     intra_op_spinning: bool = False
     """Let onnxruntime's threads busy-wait for the next operator instead of sleeping. Off, the
-    decode threads get those cycles: at 16 concurrent clients on 2 cores the service served
-    13-23% more images/s (profiled and measured A/B, docs/BENCHMARKS-analysis.md); on, a lone
-    request's p50 was ~0.5 ms lower but its p99 higher."""
+    decode threads get those cycles: spinning on every call cost 5% of the images/s at 16
+    clients on 2 cores (docs/BENCHMARKS-analysis.md). `lone_call_spinning` keeps the gain for a
+    lone request."""
 
     lone_call_spinning: bool = True
     """On the CPU provider, run a lone image through a second session that busy-waits while it
