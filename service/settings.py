@@ -79,8 +79,9 @@ class Settings(BaseSettings, RuntimeOptions):
     plus up to `decode_memory_bytes` while it decodes."""
 
     decode_memory_bytes: int = Field(192 * 1024 * 1024, ge=16 * 1024 * 1024)
-    """Memory one image's decoding may take beyond what its worker holds at rest (RLIMIT_AS).
-    Over it the image is a 422 `too_expensive_to_decode` and the worker is replaced. A 40 MP
+    """Memory one image's decoding may take beyond what its worker holds at rest. Enforced on
+    Linux (RLIMIT_AS); macOS has no equivalent. Over it the image is a 422
+    `too_expensive_to_decode` and the worker is replaced. A 40 MP
     RGB PNG needs ~130 MB; a 40 MP 16-bit or RGBA one more. The Deployment's memory limit
     follows from it (docs/RELIABILITY.md, "Memory budget")."""
 

@@ -13,7 +13,6 @@ import asyncio
 import functools
 import gc
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from service.inference.repository import Scan, Unreadable, VersionFile, VersionP
 from service.metrics import Metrics
 from service.runtime.heap import give_back_free_memory
 from service.runtime.model_file import UnsafeModelFile
+from service.runtime.platform import resident_bytes
 from service.runtime.session import CudaUnavailable, ModelSession
 from service.settings import Settings
 
@@ -63,12 +63,6 @@ class IndexEntry:
     state: State
     reason: str = ""
     memory_bytes: int = 0
-
-
-def resident_bytes() -> int:
-    """This process's resident memory, from /proc."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 class ModelRegistry:

@@ -2,9 +2,10 @@
 
 Pillow's decoders run in C and in pure Python; neither can be interrupted, and a crafted file can
 make them allocate gigabytes or run for minutes. In a process of its own a decoder can be bounded
-(`RLIMIT_AS`) and stopped (killed), and its memory comes back when the process goes. Workers are
-forked from multiprocessing's fork server, which has this module and Pillow imported already, so
-replacing a killed worker costs a fork, not an interpreter start.
+(`RLIMIT_AS`, where the kernel enforces it: Linux) and stopped (killed), and its memory comes back
+when the process goes. Workers are forked from multiprocessing's fork server, which has this
+module and Pillow imported already, so replacing a killed worker costs a fork, not an interpreter
+start.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import multiprocessing
 import os
 import resource
 import select
+import sys
+import tempfile
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -46,6 +49,7 @@ from service.errors import (
     from_image_error,
 )
 from service.runtime.heap import give_back_free_memory, serve_from_heap
+from service.runtime.platform import enforces_memory_limits, missing_protection
 from service.runtime.scheduling import run_as_batch_work
 
 logger = logging.getLogger(__name__)
@@ -126,10 +130,11 @@ def _keep_freed_memory_for_the_next_image() -> None:
 
 
 def _serve(
-    conn: Connection, spec_json: str, max_pixels: int, memory_bytes: int, upload_at: int
+    conn: Connection, spec_json: str, max_pixels: int, memory_bytes: int | None, upload_at: int
 ) -> None:
     """A worker's life: decode each image put in the shared file, write its tensor there and
-    answer with what decoding found, or with its error."""
+    answer with what decoding found, or with its error. `memory_bytes` None: no memory limit
+    (the kernel would not enforce it)."""
     run_as_batch_work()
     # libtiff and libjpeg warn on stderr; the answer carries every error that matters.
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -137,11 +142,12 @@ def _serve(
     shared = _Shared(reduction.recv_handle(conn), reduction.recv_handle(conn), upload_at)
     _keep_freed_memory_for_the_next_image()
     spec = PreprocessSpec.model_validate_json(spec_json)
-    with open("/proc/self/statm") as statm:
-        mapped = int(statm.read().split()[0]) * resource.getpagesize()
-    # What the worker has mapped now (interpreter, libraries) plus what one image may take.
-    limit = mapped + memory_bytes
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    if memory_bytes is not None:
+        with open("/proc/self/statm") as statm:
+            mapped = int(statm.read().split()[0]) * resource.getpagesize()
+        # What the worker has mapped now (interpreter, libraries) plus what one image may take.
+        limit = mapped + memory_bytes
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     kept_memory = False
     while True:
         waits = [shared.bell, conn.fileno()]
@@ -153,7 +159,7 @@ def _serve(
         if conn.fileno() in readable:  # the server has gone: it never writes here
             return
         kept_before, kept_memory = kept_memory, True
-        request = os.eventfd_read(shared.bell) - 1
+        request = shared.heard() - 1
         size, wants_picture = request >> 1, bool(request & 1)
         try:
             data = shared.take_upload(size)
@@ -223,30 +229,49 @@ def _picture_size(size: tuple[int, int]) -> tuple[int, int]:
 
 
 class _Shared:
-    """A worker's memfd, mapped by the server and by the worker: the tensor at 0, the upload
-    at `upload_at`. A pipe would move them in 64 KB pieces, each a wake-up of the other side,
+    """A worker's file in memory (a memfd; an unlinked temporary file where there is none, as
+    on macOS), mapped by the server and by the worker: the tensor at 0, the upload at
+    `upload_at`. A pipe would move them in 64 KB pieces, each a wake-up of the other side,
     and `pread`/`pwrite` cost several times a copy through the mapping. An upload over
     `MAPPED_UPLOAD_BYTES` goes into the file past the mapping, and its pages are given back
     as soon as the worker has read it."""
 
-    def __init__(self, fd: int, bell: int, upload_at: int) -> None:
+    def __init__(self, fd: int, bell: int, upload_at: int, ringer: int | None = None) -> None:
         self.fd = fd
         self.bell = bell
-        """An eventfd the server writes an upload's size + 1 to. A write to a pipe or a socket
-        asks the scheduler to run the woken worker on the writer's core, where it preempts the
-        event loop; an eventfd's wake-up lets it go to the other core."""
+        """What the worker waits on: the server writes an upload's size + 1 to it (`ring`),
+        as 8 bytes. An eventfd: a write to a pipe or a socket asks the scheduler to run the
+        woken worker on the writer's core, where it preempts the event loop; an eventfd's
+        wake-up lets it go to the other core. A pipe where there is no eventfd (macOS)."""
+        self._ringer = bell if ringer is None else ringer
+        """The end the server writes to: the eventfd itself, or the pipe's other end."""
         self._upload_at = upload_at
         self._mapped = upload_at + MAPPED_UPLOAD_BYTES
         self._map = mmap.mmap(fd, self._mapped)
 
     @classmethod
     def created(cls, upload_at: int) -> _Shared:
-        """A new file, sized for the mapping, for a worker about to start. Only its creator
-        sizes it: a worker that did so as it started would cut off an upload already
-        written past the mapping (the first large upload after a worker was replaced)."""
-        fd = os.memfd_create("vit-decode", os.MFD_CLOEXEC)
+        """A new file, sized for the mapping, and a bell, for a worker about to start. Only
+        its creator sizes the file: a worker that did so as it started would cut off an upload
+        already written past the mapping (the first large upload after a worker was replaced)."""
+        if hasattr(os, "memfd_create"):
+            fd = os.memfd_create("vit-decode", os.MFD_CLOEXEC)
+        else:
+            fd, path = tempfile.mkstemp(prefix="vit-decode-")
+            os.unlink(path)  # only the server and its worker, through their descriptors
         os.ftruncate(fd, upload_at + MAPPED_UPLOAD_BYTES)  # pages are allocated when written
-        return cls(fd, os.eventfd(0, os.EFD_CLOEXEC), upload_at)
+        if hasattr(os, "eventfd"):
+            return cls(fd, os.eventfd(0, os.EFD_CLOEXEC), upload_at)
+        bell, ringer = os.pipe()
+        return cls(fd, bell, upload_at, ringer)
+
+    def ring(self, value: int) -> None:
+        """Wake the worker with `value` (never 0)."""
+        os.write(self._ringer, value.to_bytes(8, sys.byteorder))
+
+    def heard(self) -> int:
+        """In the worker: the value the server rang with."""
+        return int.from_bytes(os.read(self.bell, 8), sys.byteorder)
 
     def put_upload(self, data: bytes) -> None:
         if len(data) <= MAPPED_UPLOAD_BYTES:
@@ -283,6 +308,8 @@ class _Shared:
         self._map.close()
         os.close(self.fd)
         os.close(self.bell)
+        if self._ringer != self.bell:
+            os.close(self._ringer)
 
 
 class _Popen(popen_forkserver.Popen):
@@ -407,6 +434,15 @@ class DecodeWorkers:
         self._spec_json = spec.model_dump_json()
         self._max_pixels = max_pixels
         self._memory_bytes = memory_bytes
+        self._memory_limit = memory_bytes if enforces_memory_limits() else None
+        """What a worker holds an image to; None where the kernel would not enforce it."""
+        if self._memory_limit is None:
+            missing_protection(
+                f"decoding workers run without a memory limit on {sys.platform}: its kernel "
+                "does not enforce RLIMIT_AS, so an image that needs more than "
+                "VIT_DECODE_MEMORY_BYTES is stopped only by VIT_DECODE_TIMEOUT_S (VIT_MAX_PIXELS "
+                "still refuses the largest images before decoding)"
+            )
         self._timeout_s = timeout_s
         self._on_replaced = on_replaced
         tensor_bytes = 3 * spec.input_size * spec.input_size * np.dtype(np.float32).itemsize
@@ -477,7 +513,7 @@ class DecodeWorkers:
             job.worker = worker
             try:
                 worker.shared.put_upload(job.data)
-                os.eventfd_write(worker.shared.bell, (len(job.data) << 1 | job.picture) + 1)
+                worker.shared.ring((len(job.data) << 1 | job.picture) + 1)
             except OSError:
                 self._fail(job, "crash", UndecodableImage("the decoder stopped on this image"))
                 continue
@@ -567,7 +603,7 @@ class DecodeWorkers:
         parent, child = self._context.Pipe()
         process = _Process(
             target=_serve,
-            args=(child, self._spec_json, self._max_pixels, self._memory_bytes, self._upload_at),
+            args=(child, self._spec_json, self._max_pixels, self._memory_limit, self._upload_at),
             name="vit-decode",
             daemon=True,
         )

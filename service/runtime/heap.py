@@ -1,5 +1,5 @@
-"""glibc's heap, tuned and given back to the system where the process runs on glibc (with
-another C library, such as musl, nothing changes)."""
+"""The C library's heap, tuned where the process runs on glibc and given back to the system on
+glibc and macOS (with another C library, such as musl, nothing changes)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,13 @@ def serve_from_heap(up_to: int) -> None:
 
 
 def give_back_free_memory() -> None:
-    """Return the heap's free pages to the system (`malloc_trim`): what the process's resident
-    memory then shows is what it uses."""
+    """Return the heap's free pages to the system (glibc's `malloc_trim`; on macOS,
+    `malloc_zone_pressure_relief` over every zone): what the process's resident memory then
+    shows is what it uses."""
     malloc_trim = getattr(_LIBC, "malloc_trim", None)
     if malloc_trim is not None:
         malloc_trim(0)
+        return
+    pressure_relief = getattr(_LIBC, "malloc_zone_pressure_relief", None)
+    if pressure_relief is not None:
+        pressure_relief(None, ctypes.c_size_t(0))  # no zone: all of them; no goal: all it can

@@ -14,6 +14,8 @@ import logging
 import os
 import sys
 
+from service.runtime.platform import missing_protection
+
 logger = logging.getLogger(__name__)
 
 GIL_SWITCH_INTERVAL_S = 0.0005
@@ -42,7 +44,14 @@ def favour_the_event_loop() -> None:
     before the models load (the modules, the app and its routes) kept out of the collector's
     full collections: under load Python runs one every few seconds, and over the whole heap it
     stopped the event loop for ~30 ms each time; over what requests and models create, ~1 ms.
-    Models are loaded after, so an unloaded one is collected as ever."""
+    Models are loaded after, so an unloaded one is collected as ever. Where threads cannot be
+    marked batch work (`run_as_batch_work`), says so once."""
+    if sys.platform != "linux":
+        missing_protection(
+            f"inference threads and decoding workers are not batch work on {sys.platform}: "
+            "SCHED_BATCH and a thread's own niceness (VIT_INFERENCE_NICE) are Linux's, so on "
+            "saturated cores they can hold up the event loop's answers and refusals"
+        )
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     gc.collect()
     gc.freeze()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from service.runtime.io_binding import BucketedIoBinding
 from service.runtime.load_check import LoadCheckFailed, check_in_a_process, time_bound
 from service.runtime.model_file import ONNX_FORMAT_ONLY, read_model_file
 from service.runtime.options import CPU, CUDA, TENSORRT, RuntimeOptions
+from service.runtime.platform import usable_cpu_count
 from service.runtime.providers import (
     NO_NVIDIA_DRIVER,
     ProviderPlan,
@@ -60,7 +60,7 @@ class CudaUnavailable(RuntimeError):
 
 def default_thread_count() -> int:
     """All cores this process may use: one session on one replica should own the machine."""
-    return max(1, len(os.sched_getaffinity(0)))
+    return usable_cpu_count()
 
 
 def load_pip_cuda_libraries() -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import time
@@ -16,6 +17,7 @@ from PIL import Image
 
 from model_contract.preprocess import PreprocessSpec, preprocess_upload
 from service.errors import TooExpensiveToDecode, TooManyPixels, UnsupportedImageFormat
+from service.runtime import platform
 from service.runtime.decode_workers import IDLE_BEFORE_TRIM_S, MAPPED_UPLOAD_BYTES, DecodeWorkers
 from tests import attacks
 from tests.images import asymmetric, encode, upload_variety
@@ -25,10 +27,14 @@ UPLOADS = upload_variety()
 
 
 class Pool:
-    """A started pool and the worker replacements it reported."""
+    """A pool (started unless told otherwise) and the worker replacements it reported."""
 
     def __init__(
-        self, workers: int, timeout_s: float, memory_bytes: int = 256 * 1024 * 1024
+        self,
+        workers: int,
+        timeout_s: float,
+        memory_bytes: int = 256 * 1024 * 1024,
+        start: bool = True,
     ) -> None:
         self.replaced: list[str] = []
         self.workers = DecodeWorkers(
@@ -39,7 +45,8 @@ class Pool:
             timeout_s=timeout_s,
             on_replaced=self.replaced.append,
         )
-        self.workers.start()
+        if start:
+            self.workers.start()
 
 
 @pytest.fixture
@@ -282,3 +289,63 @@ def test_an_idle_worker_gives_back_the_memory_it_kept() -> None:
         assert resident_bytes(pid) <= kept - 16 * 1024 * 1024
     finally:
         started.workers.close()
+
+
+def test_without_memfd_and_eventfd_workers_share_an_unlinked_file_and_wait_on_a_pipe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """macOS has neither: the same tensors come back, small uploads through the mapping and
+    large ones past it, and the file is unlinked from the start (nothing left behind)."""
+    monkeypatch.delattr(os, "memfd_create", raising=False)
+    monkeypatch.delattr(os, "eventfd", raising=False)
+    noise = np.random.default_rng(2).integers(0, 256, (800, 800, 3), dtype=np.uint8)
+    large = encode(Image.fromarray(noise), "PNG")
+    assert len(large) > MAPPED_UPLOAD_BYTES
+    uploads = [UPLOADS["jpeg"][0], large, UPLOADS["png-rgba"][0], large]
+    single = Pool(workers=1, timeout_s=30.0)
+    try:
+
+        async def decode_all() -> list[np.ndarray]:
+            return [(await single.workers.decode(data)).tensor for data in uploads]
+
+        for data, tensor in zip(uploads, asyncio.run(decode_all()), strict=True):
+            np.testing.assert_array_equal(tensor, preprocess_upload(data, SPEC)[0])
+        (pid,) = single.workers.pids()
+        if Path(f"/proc/{pid}/fd").exists():
+            held = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+            assert any("vit-decode-" in link and link.endswith("(deleted)") for link in held)
+            assert any(link.startswith("pipe:") for link in held)
+            assert not any("memfd:" in link or "eventfd" in link for link in held), held
+    finally:
+        single.workers.close()
+    assert single.replaced == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the comparison needs RLIMIT_AS enforced")
+def test_where_the_kernel_ignores_the_memory_limit_workers_decode_without_it_and_say_so_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """macOS accepts RLIMIT_AS and ignores it: its workers are not given it, an image over
+    the allowance decodes there as it does in-process, and the server says so in one line,
+    however many model versions start workers."""
+    large = encode(Image.new("RGB", (4000, 3000), (200, 40, 90)), "PNG")  # 48 MB decoded
+    allowance = 32 * 1024 * 1024
+    caplog.set_level(logging.WARNING)
+    assert decodes_within(large, allowance, []) == [False]  # Linux holds it to the allowance
+    assert not caplog.records
+    with monkeypatch.context() as simulated:
+        simulated.setattr(sys, "platform", "darwin")
+        simulated.setattr(platform, "_said", set())
+        pools = [
+            Pool(workers=1, timeout_s=30.0, memory_bytes=allowance, start=False) for _ in range(2)
+        ]
+    pools[0].workers.start()
+    try:
+        decoded = asyncio.run(pools[0].workers.decode(large))
+    finally:
+        for pool in pools:
+            pool.workers.close()
+    np.testing.assert_array_equal(decoded.tensor, preprocess_upload(large, SPEC)[0])
+    assert pools[0].replaced == []
+    (line,) = [record.getMessage() for record in caplog.records]
+    assert line.startswith("decoding workers run without a memory limit on darwin")
