@@ -204,9 +204,7 @@ def imported_vit(folder: Path, title: str, hidden: int, heads: int) -> dict[str,
     reference = served_logits(fp32, photos, spec)
     gate = {
         name: gate_row(
-            compare(
-                reference, served_logits(ModelSession(files[name], IN_PROCESS), photos, spec)
-            )
+            compare(reference, served_logits(ModelSession(files[name], IN_PROCESS), photos, spec))
         )
         for name in ("dynamic", "static QDQ")
     }
