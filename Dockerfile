@@ -15,6 +15,7 @@ COPY docker/runtime_requirements.py docker/
 RUN python3 docker/runtime_requirements.py "$RUNTIME" > requirements.txt \
     && /opt/venv/bin/pip install --requirement requirements.txt
 COPY model_contract/ model_contract/
+COPY model_runtime/ model_runtime/
 COPY service/ service/
 COPY model_export/ model_export/
 COPY vit_tools/ vit_tools/

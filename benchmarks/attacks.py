@@ -16,13 +16,16 @@ from typing import Any
 import httpx
 import numpy as np
 
-from tests import attacks
-from tests.service_support import Server, served
-from tests.test_attacks import JPEG, Watch
+from harness import attacks
+from harness.servers import Server, served
+from harness.watch import Watch
+from model_export import shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "shapes-vit.onnx"
 SECONDS = 6.0
+JPEG = shapes.sample(424242, 0).data
+"""The ordinary client's upload, the same shapes image as tests/test_attacks.py sends."""
 
 
 def p99(values: list[float]) -> float:
@@ -81,7 +84,7 @@ def main() -> None:
         for name, attack in ATTACKS.items():
             statuses: list[int] = []
             seconds: list[float] = []
-            with Watch(server) as watch:
+            with Watch(server, JPEG) as watch:
                 ends = time.monotonic() + SECONDS
                 while time.monotonic() < ends:
                     started = time.perf_counter()

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.run import photos
-from tests.service_support import served
+from harness.servers import served
 from vit_tools.bench import Report, load
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -33,8 +33,8 @@ from model_contract.preprocess import preprocess
 from model_export.export import held_out
 from model_export.importing import PHOTOS, image_files, served_logits
 from model_export.quantize import Int8Report, compare, quantize, root_logger_quiet
-from service.runtime.options import CPU, IN_PROCESS
-from service.runtime.session import ModelSession, default_thread_count
+from model_runtime.options import CPU, IN_PROCESS
+from model_runtime.session import ModelSession, default_thread_count
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "shapes-vit.onnx"

@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from model_contract.preprocess import PreprocessSpec, preprocess
-from service.runtime.session import softmax
+from model_runtime.session import softmax
 
 MODEL = Path(os.environ.get("VIT_MODEL", "models/shapes-vit.onnx"))
 NAME = "vit"

@@ -22,9 +22,9 @@ from typing import Any
 import onnxruntime as ort
 
 from benchmarks.int8 import imported_checkpoint
-from service.runtime.load_check import check_in_a_process
-from service.runtime.model_file import read_model_file
-from service.runtime.options import CPU, IN_PROCESS
+from model_runtime.load_check import check_in_a_process
+from model_runtime.model_file import read_model_file
+from model_runtime.options import CPU, IN_PROCESS
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 5

@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 
 from model_contract.preprocess import PreprocessSpec, preprocess
-from service.runtime.session import softmax
+from model_runtime.session import softmax
 
 MODEL = Path(os.environ.get("VIT_MODEL", "models/shapes-vit.onnx"))
 session = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])

@@ -29,8 +29,8 @@ from model_contract.ood import SCORE_OUTPUT, Score, ood_scores, threshold_accept
 from model_contract.preprocess import preprocess
 from model_export.export import CALIBRATION_SEED, held_out
 from model_export.importing import PHOTOS, image_files
-from service.runtime.options import IN_PROCESS
-from service.runtime.session import ModelSession
+from model_runtime.options import IN_PROCESS
+from model_runtime.session import ModelSession
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "shapes-vit.onnx"

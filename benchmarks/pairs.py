@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.run import DOCS, resident_mb, start
-from tests.service_support import free_port
+from harness.servers import free_port
 from vit_tools.bench import Report, load
 
 Variant = tuple[Path, dict[str, str]]

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from benchmarks.run import photos
-from tests.service_support import served
+from harness.servers import served
 from vit_tools.bench import Report, load
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,8 +26,8 @@ import onnx
 import onnxruntime as ort
 
 from model_export.rollout import ROLLOUT_OUTPUT, strip_rollout
-from service.runtime.options import CPU
-from service.runtime.session import default_thread_count
+from model_runtime.options import CPU
+from model_runtime.session import default_thread_count
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "shapes-vit.onnx"

@@ -26,8 +26,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from harness.servers import free_port
 from model_export import shapes
-from tests.service_support import free_port
 from vit_tools.bench import Report, ceiling, load, lone_image
 
 ROOT = Path(__file__).resolve().parents[1]

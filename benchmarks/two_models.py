@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.run import DOCS, ROOT, SIZES, photos, start
-from tests.service_support import free_port
+from harness.servers import free_port
 from vit_tools.bench import Report, load
 
 MODELS = ("model-a", "model-b")

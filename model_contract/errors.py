@@ -17,3 +17,7 @@ class UndecodableImage(ImageError):
 
 class TooManyPixels(ImageError):
     """The image declares more pixels than the configured limit."""
+
+
+class TooExpensiveToDecode(ImageError):
+    """Decoding the image overran the memory or the time its decoder may take."""

@@ -11,9 +11,9 @@ import onnxruntime as ort
 from onnx import helper
 
 from model_contract.metadata import images_per_call
-from service.runtime.load_check import run_bounded, time_bound
-from service.runtime.model_file import check_model_bytes
-from service.runtime.options import IN_PROCESS
+from model_runtime.load_check import run_bounded, time_bound
+from model_runtime.model_file import check_model_bytes
+from model_runtime.options import IN_PROCESS
 
 CPU = "CPUExecutionProvider"
 

@@ -19,9 +19,9 @@ from model_contract.metadata import InvalidModelMetadata
 from model_contract.preprocess import PreprocessSpec, preprocess
 from model_export import shapes
 from model_export.importing import ImportRefused, image_files
-from service.runtime.graph_check import inspect_model
-from service.runtime.options import IN_PROCESS
-from service.runtime.session import ModelSession
+from model_runtime.graph_check import inspect_model
+from model_runtime.options import IN_PROCESS
+from model_runtime.session import ModelSession
 
 DATASETS = {"shapes": shapes}
 

@@ -37,8 +37,8 @@ from model_export.stamp import (
     served_probabilities,
 )
 from model_export.vit import VisionTransformer, ViTConfig
-from service.runtime.options import IN_PROCESS
-from service.runtime.session import ModelSession, softmax
+from model_runtime.options import IN_PROCESS
+from model_runtime.session import ModelSession, softmax
 
 logger = logging.getLogger(__name__)
 

@@ -61,8 +61,8 @@ from model_export.stamp import (
     probability_diff,
     self_test,
 )
-from service.runtime.options import IN_PROCESS
-from service.runtime.session import ATTENTION_ROLLOUT, ModelSession, softmax
+from model_runtime.options import IN_PROCESS
+from model_runtime.session import ATTENTION_ROLLOUT, ModelSession, softmax
 
 logger = logging.getLogger(__name__)
 

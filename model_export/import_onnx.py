@@ -43,11 +43,11 @@ from model_export.ood_features import strip_ood_score
 from model_export.rollout import ROLLOUT_OUTPUT, NoAttention, add_rollout, strip_rollout
 from model_export.sealing import save_sealed
 from model_export.stamp import SELF_TEST_IMAGES, calibrate_on_files, golden_png, self_test
-from service.runtime.graph_check import check_output_width, inspect_model
-from service.runtime.load_check import LoadCheckFailed, check_in_a_process
-from service.runtime.model_file import UnsafeModelFile, check_model_bytes
-from service.runtime.options import IN_PROCESS
-from service.runtime.session import ModelSession
+from model_runtime.graph_check import check_output_width, inspect_model
+from model_runtime.load_check import LoadCheckFailed, check_in_a_process
+from model_runtime.model_file import UnsafeModelFile, check_model_bytes
+from model_runtime.options import IN_PROCESS
+from model_runtime.session import ModelSession
 
 HF_CONFIG = "config.json"
 HF_PREPROCESSOR = "preprocessor_config.json"

@@ -16,7 +16,7 @@ import numpy as np
 from model_contract.decode import decode
 from model_contract.errors import ImageError
 from model_contract.preprocess import PreprocessSpec, preprocess
-from service.runtime.session import ModelSession
+from model_runtime.session import ModelSession
 
 PHOTOS = Path(__file__).resolve().parent / "photos"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")

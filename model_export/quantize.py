@@ -20,7 +20,7 @@ from model_export.evaluate import UnlabelledImages, labelled_images
 from model_export.importing import image_files, served_logits
 from model_export.ood_features import strip_ood_score
 from model_export.rollout import add_rollout_to_file, strip_rollout
-from service.runtime.session import ModelSession
+from model_runtime.session import ModelSession
 
 # An int8 file must give the FP32 model's answer on nearly every image and lose at most half
 # a point of accuracy where the images' labels are known.

@@ -20,9 +20,9 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from model_export.appended import CPU, remove_appended, session_with_outputs
-from service.runtime.load_check import run_bounded, time_bound
-from service.runtime.model_file import read_model_file
-from service.runtime.options import IN_PROCESS
+from model_runtime.load_check import run_bounded, time_bound
+from model_runtime.model_file import read_model_file
+from model_runtime.options import IN_PROCESS
 
 ROLLOUT_OUTPUT = "attention_rollout"
 _PREFIX = "/attention_rollout"

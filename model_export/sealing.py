@@ -8,8 +8,8 @@ from pathlib import Path
 import onnx
 
 from model_contract.metadata import ModelMetadata
-from service.runtime.model_file import SEAL_KEY, SEAL_PLACEHOLDER, check_model_bytes, seal
-from service.runtime.options import IN_PROCESS
+from model_runtime.model_file import SEAL_KEY, SEAL_PLACEHOLDER, check_model_bytes, seal
+from model_runtime.options import IN_PROCESS
 
 
 def read_checked(path: Path) -> onnx.ModelProto:

@@ -30,7 +30,7 @@ from model_export.ood_features import (
     ood_scores_of,
     strip_ood_score,
 )
-from service.runtime.session import ModelSession, softmax
+from model_runtime.session import ModelSession, softmax
 
 logger = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ from pydantic_settings import SettingsError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model_contract.metadata import InvalidModelMetadata
+from model_runtime.graph_check import inspect_model
+from model_runtime.options import RuntimeOptions
+from model_runtime.scheduling import favour_the_event_loop
 from service.app import create_app
 from service.http.malformed_requests import served_protocol
-from service.runtime.graph_check import inspect_model
-from service.runtime.options import RuntimeOptions
-from service.runtime.scheduling import favour_the_event_loop
 from service.settings import Settings
 
 
@@ -118,7 +118,7 @@ def settings_help() -> str:
             "settings (environment variables; service/settings.py says more):",
             *(line for name, field in service for line in _setting_lines(name, field)),
             "",
-            "how the model runs (service/runtime/options.py says more):",
+            "how the model runs (model_runtime/options.py says more):",
             *(line for name, field in engine for line in _setting_lines(name, field)),
         ]
     )

@@ -151,6 +151,7 @@ IMAGE_ERRORS: dict[type[image_errors.ImageError], type[ServiceError]] = {
     image_errors.UnsupportedImageFormat: UnsupportedImageFormat,
     image_errors.UndecodableImage: UndecodableImage,
     image_errors.TooManyPixels: TooManyPixels,
+    image_errors.TooExpensiveToDecode: TooExpensiveToDecode,
 }
 
 

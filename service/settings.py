@@ -9,7 +9,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model_contract.decode import DEFAULT_MAX_PIXELS
-from service.runtime.options import RuntimeOptions
+from model_runtime.options import RuntimeOptions
 
 
 class Settings(BaseSettings, RuntimeOptions):
@@ -67,7 +67,7 @@ class Settings(BaseSettings, RuntimeOptions):
     inference_nice: int = Field(5, ge=0, le=19)
     """Niceness added to the inference threads (Linux): the event loop and the decoders run
     first. The threads also run as batch work that never preempts a running thread
-    (service/runtime/scheduling.py). With the cores saturated, onnxruntime takes what the event
+    (model_runtime/scheduling.py). With the cores saturated, onnxruntime takes what the event
     loop (health, refusals, responses) and the decoders leave: at twice capacity on 2 cores
     the 503s' p99 was 69-93 ms against 116-312 ms at 0, with the same goodput; at 16 clients
     throughput was the same or 1-4% higher."""

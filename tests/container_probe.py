@@ -16,8 +16,8 @@ import numpy as np
 
 from model_contract.preprocess import preprocess
 from model_export import shapes
-from service.runtime.options import IN_PROCESS
-from service.runtime.session import ModelSession
+from model_runtime.options import IN_PROCESS
+from model_runtime.session import ModelSession
 from tests.conftest import DEFAULT_MODEL
 
 PROBE_SEED = 777

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from model_contract.metadata import ModelMetadata
 from model_contract.preprocess import PreprocessSpec
-from service.runtime.model_file import SEAL_KEY
+from model_runtime.model_file import SEAL_KEY
 
 
 def metadata_for(labels: list[str], size: int, **fields: object) -> ModelMetadata:

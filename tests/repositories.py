@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from model_contract.preprocess import PreprocessSpec, preprocess
-from service.runtime.session import softmax
+from model_runtime.session import softmax
 from tests.images import asymmetric, encode
 from tests.onnx_models import classifier, expected_logits, metadata_for
 

@@ -11,7 +11,7 @@ TORCH_FREE_MODULES = [
     "model_contract.decode",
     "model_contract.preprocess",
     "model_contract.metadata",
-    "service.runtime.session",
+    "model_runtime.session",
     "service.errors",
     "model_export.evaluate",
     "model_export.shapes",

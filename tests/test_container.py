@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.servers import free_port, running_server
 from tests.conftest import ROOT
 from tests.container_probe import probe
-from tests.service_support import free_port, running_server
 
 SMOKE = ROOT.parent / "shared" / "container" / "smoke.sh"
 IMAGE = "localhost/vit-inference:cpu-test"

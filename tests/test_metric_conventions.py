@@ -18,11 +18,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from harness.servers import served
 from model_export import shapes
 from service.app import create_app
 from service.http.middleware import STATIC_ROUTE, UNMATCHED_ROUTE
 from tests.conftest import ROOT
-from tests.service_support import cpu_settings, served
+from tests.service_support import cpu_settings
 
 PROMTOOL = shutil.which("promtool")
 JPEG = shapes.sample(11, 0).data

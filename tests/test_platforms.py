@@ -23,7 +23,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from service.runtime import decode_workers, platform
+from model_runtime import decode_workers, platform
 from tests.conftest import ROOT
 from tests.service_support import cpu_settings, ready_client
 

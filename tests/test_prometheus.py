@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import yaml
 
+from harness.servers import free_port, running_server
 from model_export import shapes
 from tests.conftest import ROOT
-from tests.service_support import free_port, running_server
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(

@@ -24,23 +24,17 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.servers import free_port, running_server, served
 from model_contract.metadata import InvalidModelMetadata
 from model_contract.preprocess import preprocess
 from model_export import shapes
+from model_runtime.options import IN_PROCESS
+from model_runtime.session import CudaUnavailable, ModelSession
 from service.app import create_app
 from service.inference.pipeline import Pipeline
-from service.runtime.options import IN_PROCESS
-from service.runtime.session import CudaUnavailable, ModelSession
 from tests.conftest import ROOT
 from tests.images import upload_variety
-from tests.service_support import (
-    cpu_settings,
-    free_port,
-    ready_client,
-    running_server,
-    served,
-    wait_ready,
-)
+from tests.service_support import cpu_settings, ready_client, wait_ready
 
 UPLOADS = upload_variety()
 

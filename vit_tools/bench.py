@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from model_contract.preprocess import preprocess
-from service.runtime.options import IN_PROCESS
-from service.runtime.session import ModelSession
+from model_runtime.options import IN_PROCESS
+from model_runtime.session import ModelSession
 from vit_tools.client import image_files
 
 

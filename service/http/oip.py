@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
+from model_runtime.session import PROBABILITIES
 from service.errors import EmptyBody, InvalidRequest
 from service.http.schemas import (
     OipInferenceRequest,
@@ -25,7 +26,6 @@ from service.http.schemas import (
     OipRequestInput,
     OipResponseOutput,
 )
-from service.runtime.session import PROBABILITIES
 
 HEADER_LENGTH = "inference-header-content-length"
 BINARY_MEDIA_TYPE = "application/octet-stream"

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 
 from model_contract.metadata import ModelMetadata
 from model_contract.ood import in_distribution
+from model_runtime.session import ATTENTION_ROLLOUT, OOD_SCORE, PROBABILITIES
 from service.errors import ERROR_TYPES, Overloaded, ServiceError, Unauthorized
 from service.http.schemas import (
     Attention,
@@ -20,7 +21,6 @@ from service.http.schemas import (
 )
 from service.inference.pipeline import Answer
 from service.metrics import Metrics
-from service.runtime.session import ATTENTION_ROLLOUT, OOD_SCORE, PROBABILITIES
 
 
 def classify_response(

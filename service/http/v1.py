@@ -14,6 +14,8 @@ from urllib.parse import quote
 from fastapi import APIRouter, Query, Request, Response
 
 from model_contract.vit_cost import cost_of
+from model_runtime.decode_workers import PICTURE_SIDE
+from model_runtime.session import ATTENTION_ROLLOUT, PROBABILITIES
 from service.errors import InvalidRequest, NoAttention, NotAcceptable, ServiceError
 from service.http.body import FILE_FIELD, OCTET_STREAM, unless_disconnected, uploaded_images
 from service.http.dependencies import Inference, InferenceDep, RegistryDep
@@ -23,8 +25,6 @@ from service.http.responses import classify_response, error_responses
 from service.http.routers import inference_router
 from service.http.schemas import ClassifyResponse, ModelDescription, ModelList, SelfTestInfo
 from service.inference.pipeline import Answer, Pipeline
-from service.runtime.decode_workers import PICTURE_SIDE
-from service.runtime.session import ATTENTION_ROLLOUT, PROBABILITIES
 
 logger = logging.getLogger(__name__)
 

@@ -9,6 +9,13 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from model_runtime.session import (
+    ATTENTION_ROLLOUT,
+    OOD_SCORE,
+    PROBABILITIES,
+    ModelSession,
+    Outputs,
+)
 from service.http import oip
 from service.http.body import read_body, unless_disconnected
 from service.http.dependencies import AdminDep, Inference, InferenceDep, RegistryDep
@@ -25,13 +32,6 @@ from service.http.schemas import (
     RepositoryModel,
 )
 from service.inference.pipeline import Pipeline
-from service.runtime.session import (
-    ATTENTION_ROLLOUT,
-    OOD_SCORE,
-    PROBABILITIES,
-    ModelSession,
-    Outputs,
-)
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 repository_router = APIRouter(prefix="/v2/repository", tags=["model repository"])

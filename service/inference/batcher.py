@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from model_runtime.scheduling import run_as_batch_work
+from model_runtime.session import Outputs
 from service.errors import DeadlineExceeded, InferenceFailed, Overloaded
 from service.metrics import ModelMetrics
-from service.runtime.scheduling import run_as_batch_work
-from service.runtime.session import Outputs
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,11 @@ from typing import Literal, NoReturn, TypeVar
 
 import numpy as np
 
+from model_contract.errors import ImageError
 from model_contract.ood import in_distribution
+from model_runtime.decode_workers import Decoded, DecodeWorkers
+from model_runtime.graph_check import check_output_kind, check_output_width
+from model_runtime.session import OOD_SCORE, PROBABILITIES, ModelSession, Outputs, per_image
 from service.errors import (
     DeadlineExceeded,
     ModelLoadFailed,
@@ -25,13 +29,11 @@ from service.errors import (
     TooManyPixels,
     UndecodableImage,
     UnsupportedImageFormat,
+    from_image_error,
 )
 from service.inference.batcher import Batcher
 from service.inference.budget import Budget, Ticket
 from service.metrics import Metrics
-from service.runtime.decode_workers import Decoded, DecodeWorkers
-from service.runtime.graph_check import check_output_kind, check_output_width
-from service.runtime.session import OOD_SCORE, PROBABILITIES, ModelSession, Outputs, per_image
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -154,7 +156,10 @@ class Pipeline:
         `request` take their turns at the workers with other requests' images. `counted`: a
         client's upload, measured in the metrics (the self-test's golden images are not)."""
         started = time.perf_counter()
-        decoded = await self.decoders.decode(data, picture=picture, request=request)
+        try:
+            decoded = await self.decoders.decode(data, picture=picture, request=request)
+        except ImageError as error:
+            raise from_image_error(error) from error
         if counted:
             self.metrics.stage_seconds.labels("decode_preprocess").observe(
                 time.perf_counter() - started

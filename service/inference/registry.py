@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Literal
 
 from model_contract.metadata import InvalidModelMetadata, last_line
+from model_runtime.heap import give_back_free_memory
+from model_runtime.model_file import UnsafeModelFile
+from model_runtime.platform import resident_bytes
+from model_runtime.session import CudaUnavailable, ModelSession
 from service.errors import Forbidden, ModelLoadFailed, ModelNotFound, NotReady, ServiceError
 from service.inference.pipeline import Pipeline, SelfTestFailed, WarmUpOverran
 from service.inference.repository import Scan, Unreadable, VersionFile, VersionPolicy, scan
 from service.metrics import Metrics
-from service.runtime.heap import give_back_free_memory
-from service.runtime.model_file import UnsafeModelFile
-from service.runtime.platform import resident_bytes
-from service.runtime.session import CudaUnavailable, ModelSession
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)

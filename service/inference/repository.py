@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.runtime.graph_check import inspect_model
+from model_runtime.graph_check import inspect_model
 
 MODEL_FILE = "model.onnx"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

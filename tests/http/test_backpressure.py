@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import Message
 
-from service.runtime.session import ModelSession, Outputs
+from model_runtime.session import ModelSession, Outputs
 from tests.images import upload_variety
 from tests.service_support import cpu_settings, ready_client
 

@@ -19,10 +19,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from model_contract.metadata import ModelMetadata, OodCalibration, SelfTest
 from model_contract.ood import ood_scores
 from model_contract.preprocess import PreprocessSpec, preprocess
+from model_runtime.options import IN_PROCESS
+from model_runtime.session import ModelSession
 from service.app import create_app
 from service.http.overlay import UNSEEN_DIMMING
-from service.runtime.options import IN_PROCESS
-from service.runtime.session import ModelSession
 from tests.images import asymmetric, encode, with_orientation
 from tests.onnx_models import classifier, expected_attention, metadata_for, unsealed
 from tests.service_support import cpu_settings, ready_client, rejections
@@ -511,7 +511,7 @@ def test_a_score_the_graph_computes_is_read_from_its_output(
 
 
 def test_a_graph_score_the_graph_lacks_is_refused_at_load(tmp_path: Path) -> None:
-    from service.runtime.graph_check import ModelMismatch
+    from model_runtime.graph_check import ModelMismatch
 
     calibration = OodCalibration(
         score="mahalanobis",

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+from harness.servers import running_server
 from tests.conftest import ROOT
-from tests.service_support import running_server
 
 
 @pytest.fixture(scope="module")

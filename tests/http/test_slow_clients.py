@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness.servers import Server, served
 from tests.conftest import ROOT
-from tests.service_support import Server, served
 
 HEAD_TIMEOUT_S = 1.0
 BODY_TIMEOUT_S = 1.0

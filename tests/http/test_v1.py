@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from model_contract.preprocess import preprocess
-from service.runtime.options import CPU, IN_PROCESS
-from service.runtime.session import ModelSession
+from model_runtime.options import CPU, IN_PROCESS
+from model_runtime.session import ModelSession
 from tests.images import asymmetric, encode, upload_variety, with_orientation
 from tests.onnx_models import classifier, metadata_for, nested, restamped
 from tests.repositories import COLOURS, TOKEN, add_version

@@ -14,8 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from model_contract.preprocess import preprocess
-from service.runtime.options import IN_PROCESS
-from service.runtime.session import ModelSession
+from model_runtime.options import IN_PROCESS
+from model_runtime.session import ModelSession
 from tests.images import upload_variety
 from tests.service_support import cpu_settings, ready_client
 

@@ -28,10 +28,11 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
+from harness.servers import served
 from tests.conftest import ROOT
 from tests.images import encode
 from tests.onnx_models import classifier, metadata_for
-from tests.service_support import cpu_settings, ready_client, served
+from tests.service_support import cpu_settings, ready_client
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")

@@ -11,10 +11,10 @@ import time
 import numpy as np
 import pytest
 
+from model_runtime.session import PROBABILITIES, Outputs
 from service.errors import DeadlineExceeded, InferenceFailed, Overloaded
 from service.inference.batcher import Batcher
 from service.metrics import Metrics
-from service.runtime.session import PROBABILITIES, Outputs
 
 
 class GatedModel:

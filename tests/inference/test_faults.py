@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from model_export import shapes
-from service.runtime.session import PROBABILITIES, ModelSession, Outputs
+from model_runtime.session import PROBABILITIES, ModelSession, Outputs
 from tests.service_support import cpu_settings, ready_client, rejections
 
 FAILURES_UNTIL_UNREADY = 3

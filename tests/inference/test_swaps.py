@@ -14,9 +14,9 @@ import httpx
 import numpy as np
 import pytest
 
+from harness.servers import Server, served
 from tests.conftest import DEFAULT_MODEL, ROOT
 from tests.repositories import PHOTO, TOKEN, add_version, colours_probabilities
-from tests.service_support import Server, served
 
 CLIENTS = 16
 SECONDS = 20.0

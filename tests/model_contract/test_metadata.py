@@ -16,8 +16,8 @@ from model_contract.metadata import (
     InvalidModelMetadata,
     ModelMetadata,
 )
-from service.runtime.options import IN_PROCESS
-from service.runtime.session import ModelSession
+from model_runtime.options import IN_PROCESS
+from model_runtime.session import ModelSession
 from tests.onnx_models import classifier, metadata_for, nested, restamped
 
 LABELS = ["red", "green", "blue"]

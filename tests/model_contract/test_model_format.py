@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from model_contract.metadata import ModelMetadata
-from service.runtime.graph_check import inspect_model
+from model_runtime.graph_check import inspect_model
 from tests.conftest import ROOT
 from tests.onnx_models import classifier
 

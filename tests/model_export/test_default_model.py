@@ -11,8 +11,8 @@ import pytest
 from model_contract.preprocess import PreprocessSpec
 from model_export import shapes
 from model_export.evaluate import evaluate
-from service.runtime.options import IN_PROCESS
-from service.runtime.session import ModelSession
+from model_runtime.options import IN_PROCESS
+from model_runtime.session import ModelSession
 from tests.conftest import ROOT
 
 # Never used by vit-train (seed 0) or vit-export (seed 1000003) for the bundled model.

@@ -11,8 +11,8 @@ import pytest
 
 from model_export import shapes
 from model_export.evaluate import Evaluation, evaluate, evaluate_folder, labelled_images, main
-from service.runtime.options import IN_PROCESS
-from service.runtime.session import ModelSession
+from model_runtime.options import IN_PROCESS
+from model_runtime.session import ModelSession
 
 SEED, COUNT = 4242, 48
 

@@ -22,8 +22,8 @@ from model_export.export import (  # noqa: E402
     ROLLOUT_TOLERANCE,
     check_parity,
 )
-from service.runtime.options import CPU, IN_PROCESS  # noqa: E402
-from service.runtime.session import ModelSession  # noqa: E402
+from model_runtime.options import CPU, IN_PROCESS  # noqa: E402
+from model_runtime.session import ModelSession  # noqa: E402
 
 
 def test_checkpoint_holds_everything_needed_to_rebuild(tiny_checkpoint: Path) -> None:

@@ -16,12 +16,13 @@ import pytest
 from PIL import Image, ImageOps
 
 pytest.importorskip("transformers")
+from harness.servers import served  # noqa: E402
 from model_contract.metadata import ModelMetadata  # noqa: E402
 from model_contract.preprocess import PreprocessSpec, preprocess  # noqa: E402
 from model_export.importing import PHOTOS, image_files  # noqa: E402
-from service.runtime.model_file import check_model_bytes  # noqa: E402
-from service.runtime.options import IN_PROCESS  # noqa: E402
-from service.runtime.session import ModelSession  # noqa: E402
+from model_runtime.model_file import check_model_bytes  # noqa: E402
+from model_runtime.options import IN_PROCESS  # noqa: E402
+from model_runtime.session import ModelSession  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 from tests.hf_checkpoints import (  # noqa: E402
     CHECKPOINTS,
@@ -41,7 +42,6 @@ from tests.hf_checkpoints import (  # noqa: E402
     save,
     vit_imagenet_bicubic,
 )
-from tests.service_support import served  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=sorted(CHECKPOINTS))
@@ -258,8 +258,8 @@ def test_the_parity_check_fails_when_the_preprocessing_differs(tmp_path: Path) -
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     from model_export.import_hf import check_parity
-    from service.runtime.options import IN_PROCESS
-    from service.runtime.session import ModelSession
+    from model_runtime.options import IN_PROCESS
+    from model_runtime.session import ModelSession
 
     checkpoint = vit_imagenet_bicubic(tmp_path / "vit")
     model = tmp_path / "m.onnx"
@@ -301,8 +301,8 @@ def test_the_rollout_equals_transformers_own(imported: tuple[Checkpoint, Path]) 
     from model_export.attention import hf_rollout
     from model_export.export import ROLLOUT_TOLERANCE
     from model_export.rollout import rollout_of
-    from service.runtime.options import IN_PROCESS
-    from service.runtime.session import ModelSession
+    from model_runtime.options import IN_PROCESS
+    from model_runtime.session import ModelSession
 
     checkpoint, model_file = imported
     model = AutoModelForImageClassification.from_pretrained(checkpoint.folder).eval()

@@ -17,12 +17,13 @@ pytest.importorskip("transformers")
 import torch  # noqa: E402
 from transformers import AutoModelForImageClassification  # noqa: E402
 
+from harness.servers import served  # noqa: E402
 from model_contract.metadata import ModelMetadata  # noqa: E402
 from model_contract.preprocess import PreprocessSpec, preprocess  # noqa: E402
 from model_export import importer  # noqa: E402
 from model_export.importing import PHOTOS, image_files  # noqa: E402
-from service.runtime.graph_check import inspect_model  # noqa: E402
-from service.runtime.session import softmax  # noqa: E402
+from model_runtime.graph_check import inspect_model  # noqa: E402
+from model_runtime.session import softmax  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 from tests.hf_checkpoints import (  # noqa: E402
     PROBABILITY_TOLERANCE,
@@ -33,7 +34,6 @@ from tests.hf_checkpoints import (  # noqa: E402
     run_import,
 )
 from tests.onnx_models import classifier, expected_logits, metadata_for  # noqa: E402
-from tests.service_support import served  # noqa: E402
 
 LABELS = ["red", "green", "blue"]
 

@@ -13,8 +13,8 @@ from model_contract.preprocess import preprocess
 from model_export import quantize, shapes
 from model_export.importing import PHOTOS, image_files
 from model_export.quantize import Int8Report, compare
-from service.runtime.options import IN_PROCESS
-from service.runtime.session import ModelSession
+from model_runtime.options import IN_PROCESS
+from model_runtime.session import ModelSession
 from tests.images import encode
 from tests.service_support import cpu_settings, ready_client
 

@@ -27,8 +27,8 @@ from model_export.ood_features import (
 )
 from model_export.shapes import samples
 from model_export.stamp import ACCEPT_RATE, calibrate_mahalanobis
-from service.runtime.options import IN_PROCESS
-from service.runtime.session import ModelSession
+from model_runtime.options import IN_PROCESS
+from model_runtime.session import ModelSession
 
 SIZE, DIM, CLASSES, TOKENS = 4, 6, 3, 5  # 4 patch tokens (a 2x2 grid) after a class token
 

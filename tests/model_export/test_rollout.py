@@ -27,8 +27,8 @@ from model_export.rollout import (  # noqa: E402
     strip_rollout,
 )
 from model_export.shapes import samples  # noqa: E402
-from service.runtime.options import IN_PROCESS  # noqa: E402
-from service.runtime.session import ModelSession  # noqa: E402
+from model_runtime.options import IN_PROCESS  # noqa: E402
+from model_runtime.session import ModelSession  # noqa: E402
 from tests.onnx_models import classifier  # noqa: E402
 
 

@@ -18,8 +18,8 @@ pytest.importorskip("transformers")
 from model_contract.metadata import ModelMetadata  # noqa: E402
 from model_export import evaluate  # noqa: E402
 from model_export.importing import PHOTOS  # noqa: E402
-from service.runtime.model_file import SEAL_KEY, check_model_bytes  # noqa: E402
-from service.runtime.options import IN_PROCESS  # noqa: E402
+from model_runtime.model_file import SEAL_KEY, check_model_bytes  # noqa: E402
+from model_runtime.options import IN_PROCESS  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 from tests.hf_checkpoints import (  # noqa: E402
     asking_to_run_its_code,

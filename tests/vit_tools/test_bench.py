@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
+from harness.servers import served
 from model_contract.preprocess import preprocess
-from service.runtime.session import ModelSession
+from model_runtime.session import ModelSession
 from tests.conftest import ROOT
 from tests.images import upload_variety
-from tests.service_support import served
 from vit_tools import bench
 from vit_tools.bench import Report, ceiling, load, lone_image, main, percentile, steady_rate
 

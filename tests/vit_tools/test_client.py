@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from harness.servers import free_port
 from tests.conftest import ROOT
-from tests.service_support import free_port
 
 
 def predict(*args: str) -> subprocess.CompletedProcess[str]:

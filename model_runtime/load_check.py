@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from model_contract.metadata import InvalidModelMetadata, ModelMetadata, last_line
-from service.runtime.model_file import ONNX_FORMAT_ONLY, UnsafeModelFile
-from service.runtime.options import CPU, RuntimeOptions
-from service.runtime.watchdog import InferenceOverran, watchdog
+from model_runtime.model_file import ONNX_FORMAT_ONLY, UnsafeModelFile
+from model_runtime.options import CPU, RuntimeOptions
+from model_runtime.watchdog import InferenceOverran, watchdog
 
 CHECK_BATCH_SIZES = (1, 2)
 """Batch sizes every output must answer with one row per image (a graph that fixes its batch

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from service.runtime import heap, platform
-from service.runtime.session import default_thread_count
+from model_runtime import heap, platform
+from model_runtime.session import default_thread_count
 
 MIB = 1024 * 1024
 
@@ -53,7 +53,7 @@ BATCH_WORK = """
 import logging, os, sys
 sys.platform = {platform!r}
 logging.basicConfig(format="%(name)s: %(message)s")
-from service.runtime.scheduling import favour_the_event_loop, run_as_batch_work
+from model_runtime.scheduling import favour_the_event_loop, run_as_batch_work
 favour_the_event_loop()
 before = os.nice(0)
 run_as_batch_work(5)
@@ -68,7 +68,7 @@ def batch_work(as_platform: str) -> tuple[int, list[str]]:
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
     )
-    lines = [line for line in done.stderr.splitlines() if "service.runtime" in line]
+    lines = [line for line in done.stderr.splitlines() if "model_runtime" in line]
     return int(done.stdout), lines
 
 

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from harness import attacks
+from model_contract.errors import TooExpensiveToDecode, TooManyPixels, UnsupportedImageFormat
 from model_contract.preprocess import PreprocessSpec, preprocess_upload
-from service.errors import TooExpensiveToDecode, TooManyPixels, UnsupportedImageFormat
-from service.runtime import platform
-from service.runtime.decode_workers import IDLE_BEFORE_TRIM_S, MAPPED_UPLOAD_BYTES, DecodeWorkers
-from tests import attacks
+from model_runtime import platform
+from model_runtime.decode_workers import IDLE_BEFORE_TRIM_S, MAPPED_UPLOAD_BYTES, DecodeWorkers
 from tests.images import asymmetric, encode, upload_variety
 
 SPEC = PreprocessSpec()

@@ -13,19 +13,19 @@ import onnxruntime as ort
 
 from model_contract.metadata import ModelMetadata
 from model_contract.ood import ood_scores
-from service.runtime.graph_check import check_graph
-from service.runtime.io_binding import BucketedIoBinding
-from service.runtime.load_check import LoadCheckFailed, check_in_a_process, time_bound
-from service.runtime.model_file import ONNX_FORMAT_ONLY, read_model_file
-from service.runtime.options import CPU, CUDA, TENSORRT, RuntimeOptions
-from service.runtime.platform import usable_cpu_count
-from service.runtime.providers import (
+from model_runtime.graph_check import check_graph
+from model_runtime.io_binding import BucketedIoBinding
+from model_runtime.load_check import LoadCheckFailed, check_in_a_process, time_bound
+from model_runtime.model_file import ONNX_FORMAT_ONLY, read_model_file
+from model_runtime.options import CPU, CUDA, TENSORRT, RuntimeOptions
+from model_runtime.platform import usable_cpu_count
+from model_runtime.providers import (
     NO_NVIDIA_DRIVER,
     ProviderPlan,
     nvidia_driver_present,
     plan_providers,
 )
-from service.runtime.watchdog import watchdog
+from model_runtime.watchdog import watchdog
 
 logger = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ import pytest
 
 from model_contract.preprocess import preprocess
 from model_export import shapes
-from service.runtime.io_binding import BucketedIoBinding, bucket_sizes
-from service.runtime.options import IN_PROCESS
-from service.runtime.session import ModelSession
+from model_runtime.io_binding import BucketedIoBinding, bucket_sizes
+from model_runtime.options import IN_PROCESS
+from model_runtime.session import ModelSession
 
 
 def test_buckets_are_powers_of_two_up_to_the_largest_batch() -> None:

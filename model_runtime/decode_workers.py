@@ -39,18 +39,17 @@ import numpy as np
 from PIL import Image
 
 from model_contract.decode import DecodedImage, decode
-from model_contract.errors import ImageError
-from model_contract.preprocess import PreprocessSpec, preprocess_upload, seen_box
-from service.errors import (
-    ERROR_TYPES,
-    ServiceError,
+from model_contract.errors import (
+    ImageError,
     TooExpensiveToDecode,
+    TooManyPixels,
     UndecodableImage,
-    from_image_error,
+    UnsupportedImageFormat,
 )
-from service.runtime.heap import give_back_free_memory, serve_from_heap
-from service.runtime.platform import enforces_memory_limits, missing_protection
-from service.runtime.scheduling import run_as_batch_work
+from model_contract.preprocess import PreprocessSpec, preprocess_upload, seen_box
+from model_runtime.heap import give_back_free_memory, serve_from_heap
+from model_runtime.platform import enforces_memory_limits, missing_protection
+from model_runtime.scheduling import run_as_batch_work
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +76,11 @@ load it keeps it, and after a burst of large photos the pod shrinks back within 
 # of that image's memory allowance, and of every later image's in that worker.
 Image.init()
 
-_ERRORS = {error.type: error for error in ERROR_TYPES}
+_ERRORS: dict[str, type[ImageError]] = {
+    error.__name__: error
+    for error in (UnsupportedImageFormat, UndecodableImage, TooManyPixels, TooExpensiveToDecode)
+}
+"""The image errors a worker's answer may name; anything else it met is `UndecodableImage`."""
 
 Replaced = Callable[[str], None]
 """Told why a worker was killed and replaced: "memory" or "time" (the image overran that
@@ -181,10 +184,8 @@ def _serve(
             if _caused_by_memory(error):
                 conn.send(("memory", str(error)))
                 return  # the parent replaces this worker: its heap may stay large
-            if isinstance(error, ImageError):
-                error = from_image_error(error)
-            kind = error.type if isinstance(error, ServiceError) else UndecodableImage.type
-            conn.send(("error", kind, getattr(error, "message", str(error))))
+            kind = type(error).__name__ if isinstance(error, ImageError) else ""
+            conn.send(("error", kind, str(error)))
             continue
         finally:
             data = b""  # the upload's memory goes before the next one arrives
@@ -540,7 +541,7 @@ class DecodeWorkers:
                 ),
             )
             return
-        outcome: Decoded | ServiceError
+        outcome: Decoded | ImageError
         if reply[0] == "ok":
             _, image_format, mode, rotated, upright_size, box, shape, picture_shape = reply
             outcome = Decoded(
@@ -566,7 +567,7 @@ class DecodeWorkers:
             TooExpensiveToDecode(f"decoding took longer than the limit of {self._timeout_s:g} s"),
         )
 
-    def _fail(self, job: _Job, why: str, error: ServiceError | None) -> None:
+    def _fail(self, job: _Job, why: str, error: ImageError | None) -> None:
         """Kill the job's worker now (its successor is forked off the event loop, a fork takes
         milliseconds) and settle the job with `error` unless its caller has gone."""
         worker = job.worker
@@ -637,7 +638,7 @@ class DecodeWorkers:
             self._idle.append(worker)
 
 
-def _settle(answer: asyncio.Future[Decoded], outcome: Decoded | ServiceError) -> None:
+def _settle(answer: asyncio.Future[Decoded], outcome: Decoded | ImageError) -> None:
     if answer.done():  # its caller has gone
         return
     if isinstance(outcome, Decoded):

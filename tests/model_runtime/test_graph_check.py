@@ -12,15 +12,16 @@ import numpy as np
 import pytest
 from onnx import TensorProto
 
+from harness.servers import free_port
 from model_contract.metadata import InvalidModelMetadata
 from model_contract.preprocess import PreprocessSpec, preprocess
-from service.runtime.graph_check import ModelMismatch, inspect_model
-from service.runtime.options import IN_PROCESS
-from service.runtime.session import ModelSession, softmax
+from model_runtime.graph_check import ModelMismatch, inspect_model
+from model_runtime.options import IN_PROCESS
+from model_runtime.session import ModelSession, softmax
 from tests.conftest import ROOT
 from tests.images import asymmetric, encode
 from tests.onnx_models import classifier, expected_logits, metadata_for
-from tests.service_support import cpu_settings, free_port, ready_client
+from tests.service_support import cpu_settings, ready_client
 
 LABELS = ["red", "green", "blue"]
 

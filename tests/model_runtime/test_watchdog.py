@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.runtime.watchdog import InferenceOverran, watchdog
+from model_runtime.watchdog import InferenceOverran, watchdog
 from tests.hostile_models import SIZE, endless_loop
 from tests.onnx_models import classifier
 

@@ -11,8 +11,8 @@ import onnxruntime as ort
 
 from model_contract.metadata import InvalidModelMetadata, ModelMetadata
 from model_contract.ood import GRAPH_SCORES, SCORE_OUTPUT
-from service.runtime.model_file import ONNX_FORMAT_ONLY, read_model_file
-from service.runtime.options import CPU, RuntimeOptions
+from model_runtime.model_file import ONNX_FORMAT_ONLY, read_model_file
+from model_runtime.options import CPU, RuntimeOptions
 
 FLOAT_TYPES = ("tensor(float)", "tensor(float16)")
 

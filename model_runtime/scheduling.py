@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from service.runtime.platform import missing_protection
+from model_runtime.platform import missing_protection
 
 logger = logging.getLogger(__name__)
 

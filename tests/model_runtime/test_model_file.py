@@ -13,15 +13,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from model_export.sealing import write_metadata
-from service.runtime.model_file import (
+from model_runtime.model_file import (
     SEAL_KEY,
     UnsafeModelFile,
     check_model_bytes,
     content_digest,
     read_model_file,
 )
-from service.runtime.options import IN_PROCESS
-from service.runtime.session import ModelSession
+from model_runtime.options import IN_PROCESS
+from model_runtime.session import ModelSession
 from tests.hostile_models import COLOURS, SIZE, epcontext, external_data
 from tests.onnx_models import classifier, metadata_for
 

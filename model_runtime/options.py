@@ -21,7 +21,7 @@ nothing measurable next to a call that long."""
 
 class RuntimeOptions(BaseModel):
     """The session's options; each GPU-side one falls back cleanly, and says so, where it
-    cannot apply (service/runtime/providers.py)."""
+    cannot apply (model_runtime/providers.py)."""
 
     model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.runtime.options import CPU, CUDA, TENSORRT, RuntimeOptions
+from model_runtime.options import CPU, CUDA, TENSORRT, RuntimeOptions
 
 ProviderEntry = tuple[str, dict[str, str]]
 CUDA_GRAPH_NEEDS_CUDA = "cuda_graph needs the CUDA provider in use: off"

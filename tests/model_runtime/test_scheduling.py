@@ -6,11 +6,11 @@ import json
 import subprocess
 import sys
 
-from service.runtime.scheduling import GIL_SWITCH_INTERVAL_S
+from model_runtime.scheduling import GIL_SWITCH_INTERVAL_S
 
 PROBE = """
 import gc, json, sys, weakref
-from service.runtime.scheduling import favour_the_event_loop
+from model_runtime.scheduling import favour_the_event_loop
 
 class Node:
     pass

@@ -8,17 +8,18 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.runtime import options as options_module
-from service.runtime.options import CPU, CUDA, IN_PROCESS, TENSORRT, RuntimeOptions
-from service.runtime.providers import (
+from harness.servers import served
+from model_runtime import options as options_module
+from model_runtime.options import CPU, CUDA, IN_PROCESS, TENSORRT, RuntimeOptions
+from model_runtime.providers import (
     NO_NVIDIA_DRIVER,
     ProviderPlan,
     nvidia_driver_present,
     plan_providers,
 )
-from service.runtime.session import ModelSession, default_thread_count
+from model_runtime.session import ModelSession, default_thread_count
 from tests.conftest import ROOT
-from tests.service_support import cpu_settings, ready_client, served
+from tests.service_support import cpu_settings, ready_client
 
 ALL = {TENSORRT, CUDA, CPU}
 

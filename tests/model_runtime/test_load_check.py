@@ -10,9 +10,9 @@ import numpy as np
 import onnx
 import pytest
 
-from service.runtime.load_check import LoadCheckFailed, check_in_a_process, time_bound
-from service.runtime.options import IN_PROCESS, RuntimeOptions
-from service.runtime.session import ModelSession, OutputRowsMismatch
+from model_runtime.load_check import LoadCheckFailed, check_in_a_process, time_bound
+from model_runtime.options import IN_PROCESS, RuntimeOptions
+from model_runtime.session import ModelSession, OutputRowsMismatch
 from tests.hostile_models import (
     COLOURS,
     SIZE,

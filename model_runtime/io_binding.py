@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from service.runtime.watchdog import watchdog
+from model_runtime.watchdog import watchdog
 
 
 def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
