@@ -12,6 +12,9 @@ import pytest
 
 from tests.conftest import ROOT
 
+PRODUCT = ("model_contract", "model_runtime", "model_export", "vit_tools", "service")
+"""The packages users install; everything else is there to test or measure them."""
+
 ALLOWED: dict[str, set[str]] = {
     "model_contract": set(),
     "model_runtime": {"model_contract"},
@@ -38,28 +41,12 @@ ALLOWED: dict[str, set[str]] = {
     },
     "service.app": {"model_contract", "model_runtime", "service"},
     "service.cli": {"model_contract", "model_runtime", "service"},
-    "harness": {"model_contract", "model_runtime", "model_export", "vit_tools", "service"},
-    "benchmarks": {
-        "model_contract",
-        "model_runtime",
-        "model_export",
-        "vit_tools",
-        "service",
-        "harness",
-    },
+    "harness": set(PRODUCT),
+    "benchmarks": {*PRODUCT, "harness"},
 }
 """Each layer and the layers it may import, by dotted prefix; a layer always imports itself."""
 
-OURS = (
-    "model_contract",
-    "model_runtime",
-    "model_export",
-    "vit_tools",
-    "service",
-    "harness",
-    "benchmarks",
-    "tests",
-)
+OURS = (*PRODUCT, "harness", "benchmarks", "tests")
 """Every package of the repository; the tests, last, may import any of the others."""
 
 
