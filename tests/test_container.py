@@ -221,6 +221,35 @@ def test_image_flavours_differ_only_in_the_onnxruntime_package() -> None:
     assert not any("torch" in r or "onnx>" in r for r in gpu + cpu)
 
 
+def build_context_admits(path: str) -> bool:
+    """Whether `.dockerignore` (which excludes everything, then re-admits paths) lets `path` in."""
+    admitted = False
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        keep = line.startswith("!")
+        pattern = line.removeprefix("!").rstrip("/")
+        if pattern == "*" or path == pattern or path.startswith(pattern + "/"):
+            admitted = keep
+    return admitted
+
+
+def test_the_build_context_holds_everything_the_dockerfile_copies_and_installs() -> None:
+    copied = [
+        source
+        for line in (ROOT / "Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ") and "--from=" not in line
+        for source in line.split()[1:-1]
+    ]
+    refused = [source for source in copied if not build_context_admits(source.rstrip("/"))]
+    assert not refused, f".dockerignore keeps these out of the image's build context: {refused}"
+    include = re.search(r"include = \[(.*?)\]", (ROOT / "pyproject.toml").read_text())
+    assert include
+    packages = [name.strip('" *') for name in include.group(1).split(",")]
+    assert [p for p in packages if f"{p}/" not in copied] == []
+
+
 def healthcheck_command() -> list[str]:
     """The Dockerfile's HEALTHCHECK CMD (exec form), with this interpreter for `python3`."""
     (line,) = [
