@@ -164,6 +164,15 @@ class ModelSession:
             *([OOD_SCORE] if self.metadata.ood else []),
         )
         """What `infer` answers with, by name."""
+        rows, columns = self.graph.attention_grid or (-1, -1)
+        shapes = {
+            PROBABILITIES: (-1, len(self.labels)),
+            ATTENTION_ROLLOUT: (-1, rows, columns),
+            OOD_SCORE: (-1,),
+        }
+        self.output_shapes = {name: shapes[name] for name in self.output_names}
+        """Each output's shape (float32, one row per image), -1 where the batch or the graph
+        leaves it open."""
         self._bound = (
             BucketedIoBinding(
                 self._session,

@@ -24,6 +24,7 @@ from service.http.middleware import RequestMetrics
 from service.http.responses import error_response, service_error_response
 from service.http.routers import inference_router
 from service.http.schemas import OipInferenceRequest
+from service.inference.data_plane import DataPlane
 from service.inference.registry import ModelRegistry
 from service.metrics import Metrics
 from service.settings import Settings
@@ -111,7 +112,11 @@ def _lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
         start = asyncio.create_task(registry.serve(prepared))
         start.add_done_callback(lambda task: _stop_if_warm_up_failed(app, task))
         try:
-            yield {"registry": registry, "settings": settings, "metrics": metrics}
+            yield {
+                "data_plane": DataPlane(registry, settings),
+                "settings": settings,
+                "metrics": metrics,
+            }
         finally:
             start.cancel()
             await registry.close()

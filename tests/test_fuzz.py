@@ -20,8 +20,10 @@ from PIL import Image
 
 from model_contract.errors import ImageError
 from model_contract.preprocess import PreprocessSpec, preprocess_upload
+from model_runtime.session import PROBABILITIES
 from service.errors import InvalidRequest
 from service.http import oip
+from service.inference.tensors import InputSpec, pixel_range
 
 settings.register_profile(
     "short", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -113,18 +115,20 @@ def oip_requests(draw: st.DrawFn) -> tuple[bytes, str | None]:
     return header + binary, length
 
 
+FUZZ_SPEC = InputSpec(
+    pixels_name="pixel_values",
+    image_shape=(3, 2, 2),
+    value_range=pixel_range((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    max_batch=4,
+    outputs=(PROBABILITIES,),
+)
+
+
 @given(st.one_of(oip_requests(), st.tuples(st.binary(max_size=256), st.none())))
 def test_oip_parsing_stays_in_the_closed_error_set(case: tuple[bytes, str | None]) -> None:
     body, header_length = case
     try:
-        request = oip.parse_request(
-            body,
-            header_length,
-            pixels_name="pixel_values",
-            input_shape=(3, 2, 2),
-            value_range=oip.pixel_range((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-            max_batch=4,
-        )
+        request = oip.parse_request(body, header_length, FUZZ_SPEC)
     except InvalidRequest:
         return
     if request.pixels is not None:

@@ -9,33 +9,26 @@ is admitted to that pipeline, and stays with it even if a new version takes over
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Sequence
 
-from pydantic import SecretStr
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ServiceError, Unauthorized
+from service.errors import ServiceError
 from service.http.responses import service_error_response
-from service.inference.registry import ModelRegistry
+from service.inference.data_plane import DataPlane
 from service.metrics import Metrics
-from service.settings import Settings
 
-TICKET = "ticket"
-"""Where an admitted request finds its ticket in its state."""
-PIPELINE = "pipeline"
-"""Where an admitted request finds the pipeline (model version) it was admitted to."""
+ADMITTED = "admitted"
+"""Where an admitted request finds what it was admitted to (service/inference/data_plane.py)."""
 
 
-def bearer_token_matches(scope: Scope, token: SecretStr) -> bool:
-    """Whether the request's `Authorization: Bearer ...` is `token` (constant-time compare)."""
+def authorization(scope: Scope) -> str | None:
+    """The request's `Authorization` header, if it has one."""
     for key, value in scope.get("headers", ()):
         if key == b"authorization":
-            scheme, _, given = value.decode("latin-1").partition(" ")
-            expected = token.get_secret_value().encode()
-            return scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), expected)
-    return False
+            return str(value.decode("latin-1"))
+    return None
 
 
 class Admission:
@@ -57,21 +50,17 @@ class Admission:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = scope.get("state", {})
-        registry = state.get("registry")
+        data_plane = state.get("data_plane")
         matched = self._inference_route(scope) if scope["type"] == "http" else None
-        if matched is None or not isinstance(registry, ModelRegistry):
+        if matched is None or not isinstance(data_plane, DataPlane):
             await self.app(scope, receive, send)
             return
         route, child = matched
         params = child.get("path_params", {})
         try:
-            settings: Settings = state["settings"]
-            if settings.api_token is not None and not bearer_token_matches(
-                scope, settings.api_token
-            ):
-                raise Unauthorized("this server requires Authorization: Bearer <VIT_API_TOKEN>")
-            pipeline = registry.get(params.get("name"), params.get("version"))
-            ticket = pipeline.admit()
+            admitted = data_plane.admit(
+                params.get("name"), params.get("version"), authorization(scope)
+            )
         except ServiceError as refusal:
             scope["route"] = route  # so the request metrics name the route refused
             metrics = state.get("metrics")
@@ -80,8 +69,8 @@ class Admission:
             )
             await response(scope, receive, send)
             return
-        state[TICKET] = ticket  # this request's copy of the state
-        state[PIPELINE] = pipeline
+        state[ADMITTED] = admitted  # this request's copy of the state
+        ticket = admitted.ticket
 
         async def send_releasing(message: Message) -> None:
             if message["type"] == "http.response.start":

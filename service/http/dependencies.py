@@ -6,51 +6,35 @@ three thread hops per request cost more than the lookups they wrap (profiled und
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
-from service.errors import Forbidden, InvalidRequest, Unauthorized
-from service.http.admission import bearer_token_matches
-from service.inference.budget import Ticket
+from service.errors import InvalidRequest
+from service.inference.data_plane import Admitted, DataPlane
 from service.inference.pipeline import Pipeline
-from service.inference.registry import ModelRegistry
 from service.settings import Settings
 
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 
 
-async def get_registry(request: Request) -> ModelRegistry:
-    registry: ModelRegistry = request.state.registry
-    return registry
+async def get_data_plane(request: Request) -> DataPlane:
+    data_plane: DataPlane = request.state.data_plane
+    return data_plane
 
 
-async def require_admin(request: Request) -> None:
-    """The repository API changes what the server runs: a bearer token, or nothing at all."""
-    settings: Settings = request.state.settings
-    if settings.admin_token is None:
-        raise Forbidden(
-            "the repository API is off: set VIT_ADMIN_TOKEN to enable it, then send "
-            "Authorization: Bearer <token>"
-        )
-    if not bearer_token_matches(request.scope, settings.admin_token):
-        raise Unauthorized("the repository API requires Authorization: Bearer <VIT_ADMIN_TOKEN>")
-
-
-def request_deadline(settings: Settings, timeout_ms: str | None) -> float:
-    """The monotonic time by which the request must have left the queue."""
-    limit = settings.request_timeout_ms
-    if timeout_ms is not None:
-        try:
-            asked = float(timeout_ms)
-        except ValueError:
-            asked = float("nan")
-        if not asked > 0:
-            raise InvalidRequest(f"{TIMEOUT_HEADER} must be a positive number of milliseconds")
-        limit = min(limit, asked)
-    return time.monotonic() + limit / 1000
+def timeout_seconds(timeout_ms: str | None) -> float | None:
+    """The X-Request-Timeout-Ms header in seconds (None without one); 400 unless positive."""
+    if timeout_ms is None:
+        return None
+    try:
+        asked = float(timeout_ms)
+    except ValueError:
+        asked = float("nan")
+    if not asked > 0:
+        raise InvalidRequest(f"{TIMEOUT_HEADER} must be a positive number of milliseconds")
+    return asked / 1000
 
 
 @dataclass(frozen=True)
@@ -58,11 +42,18 @@ class Inference:
     """What an inference route needs, resolved by one dependency: FastAPI spends ~40 us of the
     event loop per dependency per request, and the inference routes are the hot ones."""
 
-    pipeline: Pipeline
-    settings: Settings
+    data_plane: DataPlane
+    admitted: Admitted
+    """The model version admission let the request in to, and what it holds of its budget."""
     deadline: float
-    ticket: Ticket
-    """What the request holds of the replica's budget (set by admission control)."""
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return self.admitted.pipeline
+
+    @property
+    def settings(self) -> Settings:
+        return self.data_plane.settings
 
 
 async def inference(
@@ -72,15 +63,11 @@ async def inference(
         Header(alias=TIMEOUT_HEADER, description="Lower this request's deadline (milliseconds)."),
     ] = None,
 ) -> Inference:
-    settings: Settings = request.state.settings
+    data_plane: DataPlane = request.state.data_plane
     return Inference(
-        request.state.pipeline,
-        settings,
-        request_deadline(settings, timeout_ms),
-        request.state.ticket,
+        data_plane, request.state.admitted, data_plane.deadline(timeout_seconds(timeout_ms))
     )
 
 
-RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
-AdminDep = Annotated[None, Depends(require_admin)]
+DataPlaneDep = Annotated[DataPlane, Depends(get_data_plane)]
 InferenceDep = Annotated[Inference, Depends(inference)]

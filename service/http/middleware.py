@@ -7,8 +7,8 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.http.admission import PIPELINE
-from service.inference.pipeline import Pipeline
+from service.http.admission import ADMITTED
+from service.inference.data_plane import Admitted
 from service.metrics import Metrics
 
 UNMATCHED_ROUTE = "unmatched"
@@ -45,8 +45,8 @@ def route_label(scope: Scope) -> str:
 def model_label(scope: Scope) -> str:
     """The model a request was admitted to (service/http/admission.py), or "": the names come
     from the repository, never from the client."""
-    pipeline = scope.get("state", {}).get(PIPELINE)
-    return pipeline.session.metadata.name if isinstance(pipeline, Pipeline) else ""
+    admitted = scope.get("state", {}).get(ADMITTED)
+    return admitted.pipeline.session.metadata.name if isinstance(admitted, Admitted) else ""
 
 
 class RequestMetrics:

@@ -18,7 +18,7 @@ from model_runtime.decode_workers import PICTURE_SIDE
 from model_runtime.session import ATTENTION_ROLLOUT, PROBABILITIES
 from service.errors import InvalidRequest, NoAttention, NotAcceptable, ServiceError
 from service.http.body import FILE_FIELD, OCTET_STREAM, unless_disconnected, uploaded_images
-from service.http.dependencies import Inference, InferenceDep, RegistryDep
+from service.http.dependencies import DataPlaneDep, Inference, InferenceDep
 from service.http.negotiation import preferred
 from service.http.overlay import overlay_png
 from service.http.responses import classify_response, error_responses
@@ -198,29 +198,23 @@ async def _answers(
 ) -> tuple[list[Answer | ServiceError], list[str | None]]:
     """The uploads' outcomes, one per file; a single file's error is the request's. With
     `pictures` (a PNG answer) only one file is taken, refused before any is decoded."""
-    pipeline, settings = inference.pipeline, inference.settings
+    settings, admitted = inference.settings, inference.admitted
     if top_k is not None and top_k < 1:
         raise InvalidRequest(f"top_k must be at least 1, got {top_k}")
-    with pipeline.metrics.stage_seconds.labels("read_body").time():
+    with admitted.stage("read_body"):
         images = await uploaded_images(
             request,
             limit=settings.max_body_bytes,
             timeout=settings.body_timeout_s,
             max_files=settings.max_images_per_request,
-            ticket=inference.ticket,
+            ticket=admitted.ticket,
         )
     if pictures and len(images) != 1:
         raise InvalidRequest(f"a PNG answer shows one image; this request has {len(images)}")
-    inference.ticket.hold_images(len(images))
-    work = pipeline.classify_each(
-        [image.data for image in images], inference.deadline, pictures=pictures
+    work = inference.data_plane.classify_uploads(
+        admitted, [image.data for image in images], inference.deadline, pictures=pictures
     )
     outcomes = await unless_disconnected(request, work)
-    failed = [outcome for outcome in outcomes if isinstance(outcome, ServiceError)]
-    if len(outcomes) == 1 and failed:
-        raise failed[0]  # one file: its error is the request's, with its status
-    for error in failed:
-        pipeline.metrics.rejections.labels(error.type).inc()
     return outcomes, [image.name for image in images]
 
 
@@ -288,8 +282,8 @@ def model_list(pipelines: Iterable[Pipeline]) -> Response:
 
 
 @router.get("/models", response_model=ModelList, summary="The models served and how they run")
-async def models(registry: RegistryDep) -> Response:
-    return model_list(registry.pipelines())
+async def models(data_plane: DataPlaneDep) -> Response:
+    return model_list(data_plane.registry.pipelines())
 
 
 @router.get(
@@ -298,6 +292,7 @@ async def models(registry: RegistryDep) -> Response:
     responses=error_responses(404),
     summary="The versions of one model served",
 )
-async def model(name: str, registry: RegistryDep) -> Response:
-    registry.get(name)  # 404 unless served
-    return model_list(p for p in registry.pipelines() if p.session.metadata.name == name)
+async def model(name: str, data_plane: DataPlaneDep) -> Response:
+    data_plane.model(name)  # 404 unless served
+    pipelines = data_plane.registry.pipelines()
+    return model_list(p for p in pipelines if p.session.metadata.name == name)

@@ -9,16 +9,11 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from model_runtime.session import (
-    ATTENTION_ROLLOUT,
-    OOD_SCORE,
-    PROBABILITIES,
-    ModelSession,
-    Outputs,
-)
+from model_runtime.session import Outputs
 from service.http import oip
+from service.http.admission import authorization
 from service.http.body import read_body, unless_disconnected
-from service.http.dependencies import AdminDep, Inference, InferenceDep, RegistryDep
+from service.http.dependencies import DataPlaneDep, Inference, InferenceDep
 from service.http.responses import error_responses
 from service.http.routers import inference_router
 from service.http.schemas import (
@@ -31,7 +26,7 @@ from service.http.schemas import (
     OipTensorMetadata,
     RepositoryModel,
 )
-from service.inference.pipeline import Pipeline
+from service.inference.data_plane import DataPlane
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 repository_router = APIRouter(prefix="/v2/repository", tags=["model repository"])
@@ -71,52 +66,32 @@ async def live() -> OipLive:
 
 @router.get("/health/ready", response_model=OipReady, responses={503: {"model": OipReady}})
 @router.head("/health/ready", include_in_schema=False)
-async def ready(registry: RegistryDep) -> Response:
+async def ready(data_plane: DataPlaneDep) -> Response:
     """Ready when every model version served is ready."""
-    return JSONResponse({"ready": registry.ready}, status_code=200 if registry.ready else 503)
+    ready = data_plane.ready
+    return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
 
-def _model_metadata(registry: RegistryDep, name: str, version: str | None) -> OipModelMetadata:
-    pipeline = registry.get(name, version)
-    session, metadata = pipeline.session, pipeline.session.metadata
-    shapes = _output_shapes(session)
+def _model_metadata(data_plane: DataPlane, name: str, version: str | None) -> OipModelMetadata:
+    signature = data_plane.signature(name, version)
     return OipModelMetadata(
-        name=metadata.name,
-        versions=[
-            p.session.metadata.version
-            for p in registry.pipelines()
-            if p.session.metadata.name == metadata.name
-        ]
-        if version is None
-        else [metadata.version],
-        platform="onnxruntime_onnx",
+        name=signature.name,
+        versions=signature.versions,
+        platform=signature.platform,
         inputs=[
-            OipTensorMetadata(
-                name=session.input_name, datatype=oip.FP32, shape=[-1, *pipeline.input_shape(1)[1:]]
-            ),
-            OipTensorMetadata(name=oip.IMAGE_INPUT, datatype=oip.BYTES, shape=[-1]),
+            OipTensorMetadata(name=t.name, datatype=t.datatype, shape=list(t.shape))
+            for t in signature.inputs
         ],
         outputs=[
-            OipTensorMetadata(name=name, datatype=oip.FP32, shape=shapes[name])
-            for name in session.output_names
+            OipTensorMetadata(name=t.name, datatype=t.datatype, shape=list(t.shape))
+            for t in signature.outputs
         ],
     )
 
 
-def _output_shapes(session: ModelSession) -> dict[str, list[int]]:
-    """The shape infer answers each output with (FP32, one row per image), -1 where the batch
-    or the graph leaves it open."""
-    rows, columns = session.graph.attention_grid or (-1, -1)
-    return {
-        PROBABILITIES: [-1, len(session.labels)],
-        ATTENTION_ROLLOUT: [-1, rows, columns],
-        OOD_SCORE: [-1],
-    }
-
-
 @router.get("/models/{name}", response_model=OipModelMetadata, responses=error_responses(404))
-async def model_metadata(name: str, registry: RegistryDep) -> OipModelMetadata:
-    return _model_metadata(registry, name, None)
+async def model_metadata(name: str, data_plane: DataPlaneDep) -> OipModelMetadata:
+    return _model_metadata(data_plane, name, None)
 
 
 @router.get(
@@ -125,9 +100,9 @@ async def model_metadata(name: str, registry: RegistryDep) -> OipModelMetadata:
     responses=error_responses(404),
 )
 async def model_version_metadata(
-    name: str, version: str, registry: RegistryDep
+    name: str, version: str, data_plane: DataPlaneDep
 ) -> OipModelMetadata:
-    return _model_metadata(registry, name, version)
+    return _model_metadata(data_plane, name, version)
 
 
 @router.get(
@@ -140,11 +115,9 @@ async def model_version_metadata(
     response_model=OipModelReady,
     responses={**error_responses(404), 503: {"model": OipModelReady}},
 )
-async def model_ready(name: str, registry: RegistryDep, version: str | None = None) -> Response:
-    model = registry.get(name, version)
-    return JSONResponse(
-        {"name": name, "ready": model.ready}, status_code=200 if model.ready else 503
-    )
+async def model_ready(name: str, data_plane: DataPlaneDep, version: str | None = None) -> Response:
+    ready = data_plane.model_ready(name, version)
+    return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
 
 
 _INFER_DOC = {
@@ -158,32 +131,20 @@ _INFER_DOC = {
 }
 
 
-async def _infer(request: Request, pipeline: Pipeline, inference: Inference) -> Response:
-    settings = inference.settings
-    with pipeline.metrics.stage_seconds.labels("read_body").time():
+async def _infer(request: Request, inference: Inference) -> Response:
+    settings, admitted = inference.settings, inference.admitted
+    with admitted.stage("read_body"):
         body = await read_body(
-            request, settings.max_body_bytes, settings.body_timeout_s, inference.ticket
+            request, settings.max_body_bytes, settings.body_timeout_s, admitted.ticket
         )
-    inference.ticket.hold_bytes(JSON_PARSE_EXPANSION * _json_bytes(body, request))
-    spec = pipeline.spec
+    admitted.ticket.hold_bytes(JSON_PARSE_EXPANSION * _json_bytes(body, request))
+    pipeline = admitted.pipeline
     parse = functools.partial(
-        oip.parse_request,
-        body,
-        request.headers.get(oip.HEADER_LENGTH),
-        pixels_name=pipeline.session.input_name,
-        input_shape=pipeline.input_shape(1)[1:],
-        value_range=oip.pixel_range(spec.mean, spec.std, spec.rescale_factor),
-        max_batch=settings.max_images_per_request,
-        outputs=pipeline.session.output_names,
+        oip.parse_request, body, request.headers.get(oip.HEADER_LENGTH), pipeline.input_spec
     )
     # Parsing is per-element Python work: a large body would hold the event loop for seconds.
     parsed = parse() if len(body) < PARSE_ON_LOOP_BYTES else await asyncio.to_thread(parse)
-    if parsed.pixels is not None:
-        inference.ticket.hold_images(len(parsed.pixels))
-        work = pipeline.infer(parsed.pixels, inference.deadline)
-    else:
-        inference.ticket.hold_images(len(parsed.images or []))
-        work = pipeline.classify(parsed.images or [], inference.deadline)
+    work = inference.data_plane.infer(admitted, parsed, inference.deadline)
     outputs: Outputs = await unless_disconnected(request, work)
     metadata = pipeline.session.metadata
     encoded = oip.encode_response(
@@ -203,7 +164,7 @@ _INFER: dict[str, Any] = {
 @inference_router.post("/v2/models/{name}/infer", **_INFER)
 async def infer(name: str, request: Request, inference: InferenceDep) -> Response:
     """The model's latest version (admission resolved it from the path)."""
-    return await _infer(request, inference.pipeline, inference)
+    return await _infer(request, inference)
 
 
 @inference_router.post("/v2/models/{name}/versions/{version}/infer", **_INFER)
@@ -213,7 +174,7 @@ async def infer_version(
     request: Request,
     inference: InferenceDep,
 ) -> Response:
-    return await _infer(request, inference.pipeline, inference)
+    return await _infer(request, inference)
 
 
 @repository_router.post(
@@ -222,7 +183,7 @@ async def infer_version(
     responses=error_responses(401, 403),
     summary="Every model version the repository holds and its state",
 )
-async def repository_index(_: AdminDep, registry: RegistryDep) -> list[RepositoryModel]:
+async def repository_index(request: Request, data_plane: DataPlaneDep) -> list[RepositoryModel]:
     return [
         RepositoryModel(
             name=entry.name,
@@ -231,7 +192,7 @@ async def repository_index(_: AdminDep, registry: RegistryDep) -> list[Repositor
             reason=entry.reason,
             memory_bytes=entry.memory_bytes,
         )
-        for entry in await registry.index()
+        for entry in await data_plane.index(authorization(request.scope))
     ]
 
 
@@ -240,8 +201,8 @@ async def repository_index(_: AdminDep, registry: RegistryDep) -> list[Repositor
     responses=error_responses(400, 401, 403, 404),
     summary="Load a model, or reload it from the repository as it is now",
 )
-async def load_model(name: str, _: AdminDep, registry: RegistryDep) -> JSONResponse:
-    await registry.load(name)
+async def load_model(name: str, request: Request, data_plane: DataPlaneDep) -> JSONResponse:
+    await data_plane.load(name, authorization(request.scope))
     return JSONResponse({})
 
 
@@ -250,6 +211,6 @@ async def load_model(name: str, _: AdminDep, registry: RegistryDep) -> JSONRespo
     responses=error_responses(401, 403, 404),
     summary="Stop serving a model once the requests it has taken are answered",
 )
-async def unload_model(name: str, _: AdminDep, registry: RegistryDep) -> JSONResponse:
-    await registry.unload(name)
+async def unload_model(name: str, request: Request, data_plane: DataPlaneDep) -> JSONResponse:
+    await data_plane.unload(name, authorization(request.scope))
     return JSONResponse({})

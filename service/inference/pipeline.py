@@ -33,6 +33,7 @@ from service.errors import (
 )
 from service.inference.batcher import Batcher
 from service.inference.budget import Budget, Ticket
+from service.inference.tensors import InputSpec, pixel_range
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -83,7 +84,15 @@ class Pipeline:
         self.metrics = model_metrics = metrics.for_model(
             session.metadata.name, session.metadata.version
         )
-        self.spec = session.metadata.preprocessing
+        self.spec = spec = session.metadata.preprocessing
+        self.input_spec = InputSpec(
+            pixels_name=session.input_name,
+            image_shape=(3, spec.input_size, spec.input_size),
+            value_range=pixel_range(spec.mean, spec.std, spec.rescale_factor),
+            max_batch=settings.max_images_per_request,
+            outputs=session.output_names,
+        )
+        """What an infer request may send this version, and which outputs it may ask for."""
         self._warmed_up = False
         self.warm_up_error: str | None = None
         self.self_test = SelfTestStatus("pending", "runs after the warm-up")

@@ -231,7 +231,7 @@ def test_a_client_that_never_reads_its_answer_holds_no_place_once_it_starts(
     does) must not keep the request's places from others."""
     with ready_client(cpu_settings(served_model)) as client:
         assert client.portal is not None
-        budget = client.app_state["registry"].get().budget
+        budget = client.app_state["data_plane"].registry.get().budget
         answer_started = threading.Event()
 
         async def never_read() -> tuple[int, int]:

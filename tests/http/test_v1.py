@@ -332,7 +332,7 @@ def test_a_version_that_cannot_be_described_is_left_out_and_logged_once(
     with ready_client(cpu_settings(repo)) as client:
         (other,) = [
             p
-            for p in client.app_state["registry"].pipelines()
+            for p in client.app_state["data_plane"].registry.pipelines()
             if p.session.metadata.name == "other"
         ]
         # Metadata that load now refuses, set past validation: the listing's last line of

@@ -1,0 +1,190 @@
+"""The one data plane every protocol front calls: HTTP's /v1 and /v2 routes and the gRPC
+service alike.
+
+A front parses its own encoding, makes one call here and shapes the answer. What the call does
+is the same whichever front made it: the token check, the model's lookup, admission against
+the replica's budget, the deadline, decoding and batching, and the metrics of each stage. So
+a refusal, a number or a counted rejection never depends on the protocol that carried it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from pydantic import SecretStr
+
+from model_runtime.session import Outputs
+from service.errors import Forbidden, InvalidRequest, ServiceError, Unauthorized
+from service.inference.budget import Ticket
+from service.inference.pipeline import Answer, Pipeline
+from service.inference.registry import IndexEntry, ModelRegistry
+from service.inference.tensors import BYTES, FP32, IMAGE_INPUT, InferRequest
+from service.settings import Settings
+
+
+def bearer_matches(authorization: str | None, token: SecretStr) -> bool:
+    """Whether an `Authorization` value is `Bearer <token>` (constant-time compare)."""
+    if authorization is None:
+        return False
+    scheme, _, given = authorization.partition(" ")
+    expected = token.get_secret_value().encode()
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), expected)
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A request let in: the model version it stays with (even if a new one takes over
+    meanwhile) and what it holds of that version's budget until `ticket.release()`."""
+
+    pipeline: Pipeline
+    ticket: Ticket
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time one stage of the request (reading its body, say) in the model's metrics."""
+        with self.pipeline.metrics.stage_seconds.labels(name).time():
+            yield
+
+
+@dataclass(frozen=True)
+class TensorSignature:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    """-1 where the batch or the graph leaves a dimension open."""
+
+
+@dataclass(frozen=True)
+class ModelSignature:
+    """What OIP's model metadata says of a model: its versions, inputs and outputs."""
+
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorSignature]
+    outputs: list[TensorSignature]
+
+
+PLATFORM = "onnxruntime_onnx"
+
+
+class DataPlane:
+    """Lookup, admission, deadlines, inference and the repository, for every front."""
+
+    def __init__(self, registry: ModelRegistry, settings: Settings) -> None:
+        self.registry = registry
+        self.settings = settings
+
+    @property
+    def ready(self) -> bool:
+        return self.registry.ready
+
+    def model(self, name: str | None, version: str | None = None) -> Pipeline:
+        """The version serving `name` (the default model for None or ""), or 404/503."""
+        return self.registry.get(name or None, version or None)
+
+    def model_ready(self, name: str, version: str | None = None) -> bool:
+        return self.model(name, version).ready
+
+    def admit(self, name: str | None, version: str | None, authorization: str | None) -> Admitted:
+        """Let an inference request in, before its body is read or parsed: 401 without the
+        inference token where one is set, 404 for no such model, 503 not ready or overloaded.
+        Under overload most requests end here, so it costs a lookup and a few reads."""
+        token = self.settings.api_token
+        if token is not None and not bearer_matches(authorization, token):
+            raise Unauthorized("this server requires Authorization: Bearer <VIT_API_TOKEN>")
+        pipeline = self.model(name, version)
+        return Admitted(pipeline, pipeline.admit())
+
+    def deadline(self, seconds: float | None = None) -> float:
+        """The monotonic time by which a request must have left the queue: the server's
+        VIT_REQUEST_TIMEOUT_MS, or what the client allows if that is sooner."""
+        limit = self.settings.request_timeout_ms / 1000
+        if seconds is not None:
+            if not seconds > 0:
+                raise InvalidRequest("a request's timeout must be a positive time")
+            limit = min(limit, seconds)
+        return time.monotonic() + limit
+
+    async def classify_uploads(
+        self, admitted: Admitted, images: list[bytes], deadline: float, *, pictures: bool
+    ) -> list[Answer | ServiceError]:
+        """One outcome per uploaded file (its outputs, or the error its file alone caused,
+        counted); a single file's error is the request's. `pictures`: keep each upright
+        image too, for an overlay."""
+        admitted.ticket.hold_images(len(images))
+        pipeline = admitted.pipeline
+        outcomes = await pipeline.classify_each(images, deadline, pictures=pictures)
+        failed = [outcome for outcome in outcomes if isinstance(outcome, ServiceError)]
+        if len(outcomes) == 1 and failed:
+            raise failed[0]  # one file: its error is the request's, with its status
+        for error in failed:
+            pipeline.metrics.rejections.labels(error.type).inc()
+        return outcomes
+
+    async def infer(self, admitted: Admitted, request: InferRequest, deadline: float) -> Outputs:
+        """The outputs for an OIP infer request: its pixels batched as they are, or its image
+        files decoded first; any file that fails fails the request."""
+        pipeline, ticket = admitted.pipeline, admitted.ticket
+        if request.pixels is not None:
+            ticket.hold_images(len(request.pixels))
+            return await pipeline.infer(request.pixels, deadline)
+        ticket.hold_images(len(request.images or []))
+        return await pipeline.classify(request.images or [], deadline)
+
+    def signature(self, name: str, version: str | None = None) -> ModelSignature:
+        """OIP model metadata: all versions served (or the one asked for), the pixel input
+        and the image-file input, and every output with its shape."""
+        pipeline = self.model(name, version)
+        session, metadata = pipeline.session, pipeline.session.metadata
+        versions = (
+            [metadata.version]
+            if version
+            else [
+                p.session.metadata.version
+                for p in self.registry.pipelines()
+                if p.session.metadata.name == metadata.name
+            ]
+        )
+        spec = pipeline.input_spec
+        return ModelSignature(
+            name=metadata.name,
+            versions=versions,
+            platform=PLATFORM,
+            inputs=[
+                TensorSignature(spec.pixels_name, FP32, (-1, *spec.image_shape)),
+                TensorSignature(IMAGE_INPUT, BYTES, (-1,)),
+            ],
+            outputs=[
+                TensorSignature(name, FP32, shape) for name, shape in session.output_shapes.items()
+            ],
+        )
+
+    def require_admin(self, authorization: str | None) -> None:
+        """The repository API changes what the server runs: the admin token, or nothing."""
+        token = self.settings.admin_token
+        if token is None:
+            raise Forbidden(
+                "the repository API is off: set VIT_ADMIN_TOKEN to enable it, then send "
+                "Authorization: Bearer <token>"
+            )
+        if not bearer_matches(authorization, token):
+            raise Unauthorized(
+                "the repository API requires Authorization: Bearer <VIT_ADMIN_TOKEN>"
+            )
+
+    async def index(self, authorization: str | None) -> list[IndexEntry]:
+        self.require_admin(authorization)
+        return await self.registry.index()
+
+    async def load(self, name: str, authorization: str | None) -> None:
+        self.require_admin(authorization)
+        await self.registry.load(name)
+
+    async def unload(self, name: str, authorization: str | None) -> None:
+        self.require_admin(authorization)
+        await self.registry.unload(name)
