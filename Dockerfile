@@ -39,6 +39,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     VIT_MODEL=/app/models/shapes-vit.onnx \
     VIT_HOST=0.0.0.0 \
     VIT_PORT=8000 \
+    VIT_GRPC_PORT=8001 \
     MALLOC_ARENA_MAX=2 \
     MALLOC_MMAP_THRESHOLD_=4194304 \
     MALLOC_TRIM_THRESHOLD_=33554432
@@ -49,7 +50,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 # "Memory budget").
 # A numeric non-root user: Kubernetes' runAsNonRoot can verify it without /etc/passwd.
 USER 10001:10001
-EXPOSE 8000
+EXPOSE 8000 8001
 # Ready, not just alive: healthy only once the model is loaded and warmed up. No curl needed.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/v2/health/ready' % os.environ.get('VIT_PORT', '8000'), timeout=2)"]

@@ -75,11 +75,19 @@ def random_vit_ti_224(path: Path) -> Path:
 
 
 def start(
-    command: list[str], env: dict[str, str], url: str, ready_path: str = "/docs"
+    command: list[str],
+    env: dict[str, str],
+    url: str,
+    ready_path: str = "/docs",
+    cwd: Path = ROOT,
 ) -> subprocess.Popen[bytes]:
+    """Start a server and wait until it answers (and, for vit-serve, until it is ready). Each
+    vit-serve gets a gRPC port of its own unless `env` names one: servers run side by side."""
+    if "service.cli" in command:
+        env = {"VIT_GRPC_PORT": str(free_port()), **env}
     process = subprocess.Popen(
         command,
-        cwd=ROOT,
+        cwd=cwd,
         env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

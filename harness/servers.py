@@ -27,6 +27,8 @@ class Server:
 
     url: str
     process: subprocess.Popen[bytes]
+    grpc_target: str
+    """host:port of its gRPC service."""
     log: Path
 
     def output(self) -> str:
@@ -38,6 +40,7 @@ def served(model: Path, cwd: Path, timeout: float = 60.0, **settings: str) -> It
     """`vit-serve` on 127.0.0.1 until it is ready (VIT_* `settings` in its environment); stopped
     afterwards. Its log goes to a file: a pipe nobody reads would block a chatty server."""
     port = free_port()
+    settings.setdefault("grpc_port", str(free_port()))
     command = [sys.executable, "-m", "service.cli", "--model", str(model), "--port", str(port)]
     env = {
         "VIT_PROVIDERS": '["CPUExecutionProvider"]',
@@ -46,7 +49,12 @@ def served(model: Path, cwd: Path, timeout: float = 60.0, **settings: str) -> It
     }
     with tempfile.NamedTemporaryFile(prefix="vit-serve-", suffix=".log", delete=False) as log:
         process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    server = Server(url=f"http://127.0.0.1:{port}", process=process, log=Path(log.name))
+    server = Server(
+        url=f"http://127.0.0.1:{port}",
+        process=process,
+        log=Path(log.name),
+        grpc_target=f"127.0.0.1:{settings['grpc_port']}",
+    )
     try:
         deadline = time.monotonic() + timeout
         while True:

@@ -26,7 +26,7 @@ up after 3 s."""
 HEALTH_PROBE = """
 import json, select, sys, time, urllib.request
 seconds, failures = [], 0
-while not select.select([sys.stdin], [], [], 0.05)[0]:
+while not seconds or not select.select([sys.stdin], [], [], 0.05)[0]:
     started = time.perf_counter()
     try:
         with urllib.request.urlopen(sys.argv[1] + "/v2/health/live", timeout=5) as answer:
@@ -34,11 +34,14 @@ while not select.select([sys.stdin], [], [], 0.05)[0]:
     except OSError:
         failures += 1
     seconds.append(time.perf_counter() - started)
+    if len(seconds) == 1:
+        print("probing", flush=True)
 print(json.dumps({"seconds": seconds, "failures": failures}))
 """
 """Health is probed from a process of its own, like a kubelet: the attack's 40 client threads
 hold this process's interpreter lock, and a probe thread beside them would time the wait for
-that lock, not the server."""
+that lock, not the server. The watch starts once the probe has had its first answer, so an
+attack over before the probe's interpreter would have started is watched all the same."""
 
 
 def resident_bytes(pid: int) -> int:
@@ -78,6 +81,8 @@ class Watch:
             stdout=subprocess.PIPE,
             text=True,
         )
+        assert self._probe.stdout is not None
+        assert self._probe.stdout.readline().strip() == "probing"
         self._threads = [
             threading.Thread(target=self._memory),
             threading.Thread(target=self._ordinary),
@@ -93,7 +98,7 @@ class Watch:
         self._stop.set()
         for thread in self._threads:
             thread.join()
-        probed = json.loads(self._probe.communicate("stop", timeout=30)[0])
+        probed = json.loads(self._probe.communicate("stop", timeout=30)[0].strip())
         self.health_seconds, self.health_failures = probed["seconds"], probed["failures"]
 
     def _memory(self) -> None:

@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from service.errors import InvalidRequest, ServiceError
+from service.grpc.server import GrpcFront
 from service.http import v1, v2, web
 from service.http.admission import Admission
 from service.http.malformed_requests import RequestFraming
@@ -109,16 +110,18 @@ def _lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
         registry = ModelRegistry(settings, metrics)
         app.state.registry = registry  # for the server's SIGTERM handler (service/cli.py)
         prepared = await registry.open()  # a file that cannot load fails startup here
+        data_plane = DataPlane(registry, settings)
         start = asyncio.create_task(registry.serve(prepared))
         start.add_done_callback(lambda task: _stop_if_warm_up_failed(app, task))
+        grpc = None
         try:
-            yield {
-                "data_plane": DataPlane(registry, settings),
-                "settings": settings,
-                "metrics": metrics,
-            }
+            if settings.grpc_port:
+                grpc = await GrpcFront.start(data_plane, metrics, settings, app.version)
+            yield {"data_plane": data_plane, "settings": settings, "metrics": metrics}
         finally:
             start.cancel()
+            if grpc is not None:
+                await grpc.stop(settings.graceful_shutdown_s)
             await registry.close()
 
     return lifespan

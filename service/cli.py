@@ -99,7 +99,7 @@ def refuse_if_taken(host: str, port: int) -> None:
         sys.exit(f"vit-serve: cannot listen on {host}:{port}: {error.strerror}")
 
 
-FLAGS = ("model", "host", "port")
+FLAGS = ("model", "host", "port", "grpc_port")
 """The settings `vit-serve` also takes as flags: the ones a person starting it by hand changes."""
 
 HELP_WIDTH = 79
@@ -173,13 +173,15 @@ def flag_help(flag: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="vit-serve",
-        description="Serve a self-describing ONNX ViT over HTTP. Every setting is an environment\n"
-        "variable (listed below); --model, --host and --port take precedence over theirs.",
+        description="Serve a self-describing ONNX ViT over HTTP and gRPC. Every setting is an\n"
+        "environment variable (listed below); --model, --host, --port and --grpc-port take\n"
+        "precedence over theirs.",
         epilog=settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     for flag in FLAGS:
-        parser.add_argument(f"--{flag}", help=flag_help(flag))  # `Settings` validates it
+        # `Settings` validates it
+        parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, help=flag_help(flag))
     parser.add_argument(
         "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
     )
@@ -199,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
         except InvalidModelMetadata as error:
             sys.exit(f"vit-serve: cannot serve {settings.model}: {error}")
     refuse_if_taken(settings.host, settings.port)
+    if settings.grpc_port:
+        refuse_if_taken(settings.host, settings.grpc_port)
     app = create_app(settings)
     config = uvicorn.Config(
         OneLineStartupFailure(app),

@@ -1,4 +1,5 @@
-"""The closed set of errors clients see, each with its HTTP status and machine-readable type."""
+"""The closed set of errors clients see, each with its HTTP status, its gRPC status and a
+machine-readable type: the one table every front maps errors by."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ class ServiceError(Exception):
     """Base of every error the service reports to clients; the table below is the only mapping."""
 
     status_code: int = 500
+    grpc_code: str = "INTERNAL"
+    """The gRPC status (a `grpc.StatusCode` member's name) the gRPC front answers with."""
     type: str = "internal_error"
 
     def __init__(self, message: str) -> None:
@@ -17,101 +20,101 @@ class ServiceError(Exception):
 
 
 class EmptyBody(ServiceError):
-    status_code, type = 400, "empty_body"
+    status_code, grpc_code, type = 400, "INVALID_ARGUMENT", "empty_body"
 
 
 class InvalidRequest(ServiceError):
-    status_code, type = 400, "invalid_request"
+    status_code, grpc_code, type = 400, "INVALID_ARGUMENT", "invalid_request"
 
 
 class Unauthorized(ServiceError):
     """A bearer token is required and the request's is missing or wrong."""
 
-    status_code, type = 401, "unauthorized"
+    status_code, grpc_code, type = 401, "UNAUTHENTICATED", "unauthorized"
 
 
 class Forbidden(ServiceError):
     """The route is turned off in this server's configuration."""
 
-    status_code, type = 403, "forbidden"
+    status_code, grpc_code, type = 403, "PERMISSION_DENIED", "forbidden"
 
 
 class ModelLoadFailed(ServiceError):
     """A model version asked for could not be loaded (checks, warm-up or memory budget)."""
 
-    status_code, type = 400, "load_failed"
+    status_code, grpc_code, type = 400, "FAILED_PRECONDITION", "load_failed"
 
 
 class NoAttention(ServiceError):
     """Explain was asked of a model whose file carries no attention rollout."""
 
-    status_code, type = 400, "no_attention_output"
+    status_code, grpc_code, type = 400, "INVALID_ARGUMENT", "no_attention_output"
 
 
 class ModelNotFound(ServiceError):
-    status_code, type = 404, "model_not_found"
+    status_code, grpc_code, type = 404, "NOT_FOUND", "model_not_found"
 
 
 class NotAcceptable(ServiceError):
     """The request's `Accept` header takes none of the media types the route answers with."""
 
-    status_code, type = 406, "not_acceptable"
+    status_code, grpc_code, type = 406, "INVALID_ARGUMENT", "not_acceptable"
 
 
 class RequestTimeout(ServiceError):
-    status_code, type = 408, "request_timeout"
+    status_code, grpc_code, type = 408, "DEADLINE_EXCEEDED", "request_timeout"
 
 
 class ClientClosedRequest(ServiceError):
     """The client disconnected first; nobody reads this answer, but the metrics count it."""
 
-    status_code, type = 499, "client_closed_request"
+    status_code, grpc_code, type = 499, "CANCELLED", "client_closed_request"
 
 
 class PayloadTooLarge(ServiceError):
-    status_code, type = 413, "payload_too_large"
+    status_code, grpc_code, type = 413, "RESOURCE_EXHAUSTED", "payload_too_large"
 
 
 class TooManyImages(ServiceError):
     """More files in one request than VIT_MAX_IMAGES_PER_REQUEST allows."""
 
-    status_code, type = 413, "too_many_images"
+    status_code, grpc_code, type = 413, "RESOURCE_EXHAUSTED", "too_many_images"
 
 
 class UnsupportedMediaType(ServiceError):
-    status_code, type = 415, "unsupported_media_type"
+    status_code, grpc_code, type = 415, "INVALID_ARGUMENT", "unsupported_media_type"
 
 
 class UnsupportedImageFormat(ServiceError):
-    status_code, type = 415, "unsupported_image_format"
+    status_code, grpc_code, type = 415, "INVALID_ARGUMENT", "unsupported_image_format"
 
 
 class UndecodableImage(ServiceError):
-    status_code, type = 422, "undecodable_image"
+    status_code, grpc_code, type = 422, "INVALID_ARGUMENT", "undecodable_image"
 
 
 class TooManyPixels(ServiceError):
-    status_code, type = 422, "too_many_pixels"
+    status_code, grpc_code, type = 422, "INVALID_ARGUMENT", "too_many_pixels"
 
 
 class TooExpensiveToDecode(ServiceError):
     """The image overran its decoder's memory or time limit (a bomb, or just too big)."""
 
-    status_code, type = 422, "too_expensive_to_decode"
+    status_code, grpc_code, type = 422, "INVALID_ARGUMENT", "too_expensive_to_decode"
 
 
 class InferenceFailed(ServiceError):
-    status_code, type = 500, "inference_failed"
+    status_code, grpc_code, type = 500, "INTERNAL", "inference_failed"
 
 
 class NotReady(ServiceError):
-    status_code, type = 503, "not_ready"
+    status_code, grpc_code, type = 503, "UNAVAILABLE", "not_ready"
 
 
 class Overloaded(ServiceError):
     """The queue is full; `retry_after` says when the work already accepted should be done."""
 
-    status_code, type = 503, "overloaded"
+    status_code, grpc_code, type = 503, "UNAVAILABLE", "overloaded"
 
     def __init__(self, message: str, *, retry_after: int) -> None:
         super().__init__(message)
@@ -119,7 +122,7 @@ class Overloaded(ServiceError):
 
 
 class DeadlineExceeded(ServiceError):
-    status_code, type = 504, "deadline_exceeded"
+    status_code, grpc_code, type = 504, "DEADLINE_EXCEEDED", "deadline_exceeded"
 
 
 ERROR_TYPES: tuple[type[ServiceError], ...] = (

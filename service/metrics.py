@@ -47,6 +47,7 @@ PROBABILITY_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999
 
 MODEL = ["model", "version"]
 HTTP = ["method", "route", "code"]
+GRPC = ["method", "code"]
 """The labels of an HTTP request: its method, the template of the route that took it (never the
 raw path) and the status code of the answer."""
 
@@ -81,6 +82,17 @@ class Metrics:
         )
         self.in_flight = Gauge(
             "vit_requests_in_flight", "Requests being answered right now.", registry=r
+        )
+        self.grpc_requests = Counter(
+            "vit_grpc_requests", "gRPC calls by method and status code.", GRPC, registry=r
+        )
+        self.grpc_request_seconds = Histogram(
+            "vit_grpc_request_duration_seconds",
+            "Total time to answer a gRPC call, by method, status code and the model that "
+            'served it ("" where none did).',
+            [*GRPC, "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.rejections = Counter(
             "vit_rejections", "Requests refused, by error type.", ["reason"], registry=r

@@ -64,6 +64,14 @@ class Settings(BaseSettings, RuntimeOptions):
     port: int = Field(8000, ge=1, le=65535)
     """TCP port uvicorn listens on."""
 
+    grpc_port: int = Field(8001, ge=0, le=65535)
+    """TCP port of the Open Inference Protocol over gRPC, on the same host as HTTP (0: off)."""
+
+    grpc_max_concurrent_rpcs: int = Field(64, ge=1)
+    """gRPC calls served at once; more are refused with RESOURCE_EXHAUSTED. With
+    VIT_MAX_BODY_BYTES it bounds the memory gRPC messages can hold (a message is received
+    whole before it is parsed): this many times the largest message."""
+
     inference_nice: int = Field(5, ge=0, le=19)
     """Niceness added to the inference threads (Linux): the event loop and the decoders run
     first. The threads also run as batch work that never preempts a running thread

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Servers the tests start listen for gRPC only where a test asks for a port: the default 8001
+# may be taken, and several servers run side by side.
+os.environ.setdefault("VIT_GRPC_PORT", "0")
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "shapes-vit.onnx"

@@ -17,6 +17,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from model_export import shapes
+from service.settings import Settings
 from tests.conftest import ROOT
 from tests.service_support import cpu_settings, ready_client
 
@@ -101,12 +102,14 @@ def test_deployment_probes_ports_and_drain(path: str, app_routes: set[str]) -> N
     pod = deployment["spec"]["template"]["spec"]
     main = container(deployment)
     port_names = {p["name"]: p["containerPort"] for p in main["ports"]}
-    assert port_names == {"http": 8000}
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+    assert port_names == {"http": 8000, "grpc": Settings.model_fields["grpc_port"].default}
+    for probe in ("startupProbe", "livenessProbe"):
         assert main[probe]["httpGet"]["path"] in app_routes, probe
         assert main[probe]["httpGet"]["port"] == "http", probe
     assert main["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
-    assert main["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert main["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    # Readiness asks gRPC's health service, which takes a port number, not a name.
+    assert main["readinessProbe"]["grpc"]["port"] == port_names["grpc"]
     # The drain fits: preStop delay + the server's own drain bound < the grace period.
     pre_stop = main["lifecycle"]["preStop"]["sleep"]["seconds"]
     drain = int(env(main)["VIT_GRACEFUL_SHUTDOWN_S"])
@@ -134,7 +137,8 @@ def test_service_monitor_and_autoscaler_point_at_the_deployment(
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     service = resource("Service", "service.yaml")
     assert service["spec"]["selector"].items() <= pod_labels.items()
-    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http", "grpc"]
+    assert service["spec"]["ports"][1]["appProtocol"] == "kubernetes.io/h2c"
 
     monitor = resource("PodMonitor", "podmonitor.yaml")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"

@@ -16,6 +16,7 @@ import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -90,6 +91,11 @@ def summarise(
     )
 
 
+Headers = tuple[tuple[str, str], ...]
+Body = tuple[bytes, str] | tuple[bytes, str, Headers]
+"""A request body, its content type and any other headers it needs."""
+
+
 class Connection:
     """One keep-alive HTTP/1.1 connection posting raw image bodies."""
 
@@ -98,12 +104,13 @@ class Connection:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def post(self, body: bytes, content_type: str) -> int:
+    async def post(self, body: bytes, content_type: str, headers: Headers = ()) -> int:
         if self.writer is None or self.reader is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
         head = (
             f"POST {self.path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: {content_type}"
-            f"\r\nContent-Length: {len(body)}\r\n\r\n"
+            f"\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
         ).encode()
         self.writer.write(head + body)
         await self.writer.drain()
@@ -136,7 +143,7 @@ def _content_type(path: Path) -> str:
 
 async def load(
     url: str,
-    images: list[tuple[bytes, str]],
+    images: Sequence[Body],
     *,
     concurrency: int,
     count: int,
@@ -166,10 +173,10 @@ async def load(
         return sent - 1
 
     async def one(connection: Connection, index: int) -> None:
-        body, content_type = images[index % len(images)]
+        body, content_type, *headers = images[index % len(images)]
         begun = time.perf_counter()
         try:
-            status = await connection.post(body, content_type)
+            status = await connection.post(body, content_type, *headers)
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             await connection.close()
             status = 599
