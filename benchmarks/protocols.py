@@ -1,15 +1,15 @@
 """HTTP raw uploads, HTTP OIP with binary tensor data, and OIP over gRPC, in one run, beside the
 same HTTP routes served by an earlier commit.
 
-    python -m benchmarks.protocols --baseline <commit>     # about 6 minutes on 2 cores
+    python -m benchmarks.protocols --baseline <commit>     # about 9 minutes on 2 cores
 
 One server of this tree (HTTP and gRPC) and one of `--baseline` (checked out in a temporary
 worktree, HTTP only) run side by side; each round measures every variant in turn at 16 clients
 and at 1 client with the same 640x480 JPEGs, the load generator in this process on the same
-cores. Every client is as light as Python allows: raw keep-alive HTTP/1.1 sockets
-(vit_tools/bench.py) and, for gRPC, pre-serialized messages on one grpc.aio channel. The result
-is the median of the rounds, and of the rounds' ratios, since this machine's speed drifts by
-more than some of the gaps measured. Writes docs/protocols.json.
+cores, every other round in the reverse order. Every client is as light as Python allows: raw
+keep-alive HTTP/1.1 sockets (vit_tools/bench.py) and, for gRPC, pre-serialized messages on one
+grpc.aio channel. The result is the median of the rounds, and of the rounds' ratios, since this
+machine's speed drifts by more than some of the gaps measured. Writes docs/protocols.json.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument(
         "--baseline", required=True, help="the commit whose HTTP figures to compare"
     )
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
     images = photos(SIZES["640x480"])
@@ -185,9 +185,11 @@ def main() -> None:
                 "gRPC": {"grpc": f"127.0.0.1:{grpc_port}", "messages": messages},
             }
             rounds = []
-            for _ in range(args.rounds):
+            for number in range(args.rounds):
                 result = {}
-                for name, variant in variants.items():
+                # Every other round in the reverse order: the machine's speed drifts within one.
+                order = list(variants.items())
+                for name, variant in order if number % 2 == 0 else reversed(order):
                     at_16, at_1 = (
                         measure(variant, 16, args.seconds),
                         measure(variant, 1, args.seconds),

@@ -17,7 +17,7 @@ import onnx
 import torch
 from torch import nn
 
-from model_contract.metadata import InvalidModelMetadata, ModelMetadata
+from model_contract.metadata import InvalidModelMetadata, ModelMetadata, OodCalibration
 from model_contract.preprocess import PreprocessSpec, preprocess, preprocess_upload
 from model_export import shapes
 from model_export.attention import vit_rollout
@@ -27,13 +27,12 @@ from model_export.importing import staged
 from model_export.ood_features import strip_ood_score
 from model_export.quantize import Int8Report, compare, quantize
 from model_export.rollout import ROLLOUT_OUTPUT, add_rollout_to_file, rollout_of, strip_rollout
-from model_export.sealing import read_checked, write_metadata
+from model_export.sealing import finish_model_file, read_checked, write_metadata
 from model_export.stamp import (
     SELF_TEST_IMAGES,
     calibrate_best,
     golden_png,
     probability_diff,
-    self_test,
     served_probabilities,
 )
 from model_export.vit import VisionTransformer, ViTConfig
@@ -272,24 +271,32 @@ def finish(
     """The out-of-distribution score (appended to the graph where it is computed there) and its
     calibration, and the self-test set, written into the checked file with `update`; `measured`
     is the file's largest probability difference from FP32."""
-    metadata = session.metadata
-    spec = metadata.preprocessing
+    spec = session.metadata.preprocessing
     count = calibration_count
-    proto = onnx.load(str(path))
-    ood = calibrate_best(
-        proto,
-        session,
-        fit_batches=held_out(spec, seed=CALIBRATION_SEED, count=count, first=count),
-        threshold_batches=(
-            batch for batch, _ in held_out(spec, seed=CALIBRATION_SEED, count=count)
-        ),
-        source=f"shapes seed {CALIBRATION_SEED}, images 0-{count - 1} (held out)",
-        fit_source=f"shapes seed {CALIBRATION_SEED}, images {count}-{2 * count - 1} (held out)",
-    )
-    onnx.save(proto, str(path))
+
+    def calibrate(proto: onnx.ModelProto, session: ModelSession) -> OodCalibration:
+        return calibrate_best(
+            proto,
+            session,
+            fit_batches=held_out(spec, seed=CALIBRATION_SEED, count=count, first=count),
+            threshold_batches=(
+                batch for batch, _ in held_out(spec, seed=CALIBRATION_SEED, count=count)
+            ),
+            source=f"shapes seed {CALIBRATION_SEED}, images 0-{count - 1} (held out)",
+            fit_source=f"shapes seed {CALIBRATION_SEED}, images {count}-{2 * count - 1} (held out)",
+        )
+
     images = golden_images(spec)
-    tested = self_test(session, images, measured=max(measured, golden_diff(model, session, images)))
-    write_metadata(path, metadata.model_copy(update={**update, "ood": ood, "self_test": tested}))
+    finish_model_file(
+        onnx.load_model_from_string(path.read_bytes()),
+        path,
+        session,
+        session.metadata.model_copy(update=update),
+        calibrate=calibrate,
+        golden=images,
+        measured=max(measured, golden_diff(model, session, images)),
+        producer="vit-export",
+    )
 
 
 def export_model(

@@ -6,6 +6,7 @@ onnxruntime on this project's preprocessing of the same image files, as the serv
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -53,14 +54,8 @@ from model_export.importing import (
     staged,
 )
 from model_export.quantize import Int8Report, check_on_images, quantize
-from model_export.sealing import write_metadata
-from model_export.stamp import (
-    SELF_TEST_IMAGES,
-    calibrate_on_files,
-    golden_png,
-    probability_diff,
-    self_test,
-)
+from model_export.sealing import finish_model_file, write_metadata
+from model_export.stamp import calibrate_on_folder, golden_files, probability_diff
 from model_runtime.options import IN_PROCESS
 from model_runtime.session import ATTENTION_ROLLOUT, ModelSession, softmax
 
@@ -374,17 +369,15 @@ def import_hf(
             measured += probability_diff(
                 served_logits(fp32, files, spec), served_logits(session, files, spec)
             )
-        ood = None
-        if calibration_images is not None:
-            proto = onnx.load(str(staged_path))
-            ood = calibrate_on_files(
-                proto, session, decodable_image_files(calibration_images), folder=calibration_images
-            )
-            onnx.save(proto, str(staged_path))
-        golden = [golden_png(p.read_bytes(), spec) for p in files[:SELF_TEST_IMAGES]]
-        stamped = metadata.model_copy(
-            update={"ood": ood, "self_test": self_test(session, golden, measured=measured)}
+        finish_model_file(
+            onnx.load_model_from_string(staged_path.read_bytes()),
+            staged_path,
+            session,
+            metadata,
+            calibrate=functools.partial(calibrate_on_folder, folder=calibration_images),
+            golden=golden_files(files, spec),
+            measured=measured,
+            producer="vit-import",
         )
-        write_metadata(staged_path, stamped, producer="vit-import")
         staged_path.replace(output)
     return result

@@ -5,6 +5,7 @@ its own. The file is untrusted input: it is checked on its bytes before anything
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tempfile
@@ -22,8 +23,6 @@ from model_contract.errors import ImageError
 from model_contract.metadata import (
     InvalidModelMetadata,
     ModelMetadata,
-    OodCalibration,
-    SelfTest,
     last_line,
     one_line,
 )
@@ -31,7 +30,6 @@ from model_contract.preprocess import PreprocessSpec, preprocess
 from model_export.hf_preprocessing import UnexpressibleProcessor, spec_from_processor
 from model_export.importing import (
     ImportRefused,
-    decodable_image_files,
     model_name,
     read_json,
     refuse_custom_code,
@@ -41,8 +39,8 @@ from model_export.importing import (
 )
 from model_export.ood_features import strip_ood_score
 from model_export.rollout import ROLLOUT_OUTPUT, NoAttention, add_rollout, strip_rollout
-from model_export.sealing import save_sealed
-from model_export.stamp import SELF_TEST_IMAGES, calibrate_on_files, golden_png, self_test
+from model_export.sealing import finish_model_file
+from model_export.stamp import calibrate_on_folder, golden_files
 from model_runtime.graph_check import check_output_width, inspect_model
 from model_runtime.load_check import LoadCheckFailed, check_in_a_process
 from model_runtime.model_file import UnsafeModelFile, check_model_bytes
@@ -427,14 +425,17 @@ def import_onnx(
             report = smoke(session, check_images, kind_given=output_kind is not None or bool(old))
         except InvalidModelMetadata as error:
             raise refusal_of(error, staged_path, source, output) from error
-        metadata = metadata.model_copy(
-            update={
-                "ood": ood_of(proto, session, calibration_images),
-                "self_test": golden(session, check_images),
-            }
-        )
         try:
-            save_sealed(proto, staged_path, metadata, producer="vit-import")
+            finish_model_file(
+                proto,
+                staged_path,
+                session,
+                metadata,
+                calibrate=functools.partial(calibrate_on_folder, folder=calibration_images),
+                golden=golden_files(check_images, metadata.preprocessing),
+                measured=0.0,  # no other framework to compare with: this file is the reference
+                producer="vit-import",
+            )
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
             # Its first line: the ones after it are what follows from the first.
             reason = str(error).strip().splitlines()[0]
@@ -488,22 +489,3 @@ def with_rollout(proto: onnx.ModelProto, metadata: ModelMetadata) -> ModelMetada
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, metadata.to_props())
     return metadata
-
-
-def golden(session: ModelSession, files: list[Path]) -> SelfTest:
-    """The self-test set, from the check images. With no other framework to compare with, the
-    tolerance is the floor: this file's own numbers are the reference."""
-    spec = session.metadata.preprocessing
-    return self_test(
-        session, [golden_png(p.read_bytes(), spec) for p in files[:SELF_TEST_IMAGES]], measured=0.0
-    )
-
-
-def ood_of(
-    proto: onnx.ModelProto, session: ModelSession, folder: Path | None
-) -> OodCalibration | None:
-    """The out-of-distribution score (appended to `proto` where it is computed in the graph)
-    calibrated on the images under `folder`; None without them."""
-    if folder is None:
-        return None
-    return calibrate_on_files(proto, session, decodable_image_files(folder), folder=folder)

@@ -3,13 +3,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
 
-from model_contract.metadata import ModelMetadata
+from model_contract.metadata import ModelMetadata, OodCalibration
+from model_export.stamp import self_test
 from model_runtime.model_file import SEAL_KEY, SEAL_PLACEHOLDER, check_model_bytes, seal
 from model_runtime.options import IN_PROCESS
+from model_runtime.session import ModelSession
+
+Calibrator = Callable[[onnx.ModelProto, ModelSession], OodCalibration | None]
+"""Appends an out-of-distribution score to the graph and calibrates it (None: no calibration)."""
 
 
 def read_checked(path: Path) -> onnx.ModelProto:
@@ -36,3 +42,25 @@ def save_sealed(
     proto.producer_name = producer
     onnx.checker.check_model(proto, full_check=True)
     path.write_bytes(seal(proto.SerializeToString()))
+
+
+def finish_model_file(
+    proto: onnx.ModelProto,
+    path: Path,
+    session: ModelSession,
+    metadata: ModelMetadata,
+    *,
+    calibrate: Calibrator,
+    golden: list[bytes],
+    measured: float,
+    producer: str,
+) -> None:
+    """The steps that end every tool writing a model file (vit-export and both importers), in
+    one place: the out-of-distribution score appended to `proto` and calibrated, the self-test
+    of the `golden` images (PNGs at the input size) with the tolerance that `measured`, the
+    file's largest probability difference from its reference, allows; then the file saved,
+    checked and sealed. `session` is the checked file's, before the score was appended."""
+    ood = calibrate(proto, session)
+    tested = self_test(session, golden, measured=measured)
+    finished = metadata.model_copy(update={"ood": ood, "self_test": tested})
+    save_sealed(proto, path, finished, producer=producer)

@@ -21,6 +21,7 @@ from model_contract.preprocess import (
     preprocess,
     preprocess_upload,
 )
+from model_export.importing import decodable_image_files
 from model_export.ood_features import (
     NoHead,
     add_ood_score,
@@ -171,6 +172,20 @@ def golden_png(data: bytes, spec: PreprocessSpec) -> bytes:
     buffer = io.BytesIO()
     crop_and_resize(decoded.image, spec).save(buffer, "PNG", optimize=True)
     return buffer.getvalue()
+
+
+def golden_files(files: list[Path], spec: PreprocessSpec) -> list[bytes]:
+    """The self-test images an importer takes from the user's check images: the first few."""
+    return [golden_png(path.read_bytes(), spec) for path in files[:SELF_TEST_IMAGES]]
+
+
+def calibrate_on_folder(
+    proto: onnx.ModelProto, session: ModelSession, folder: Path | None
+) -> OodCalibration | None:
+    """`calibrate_on_files` on the images under `folder`; None without one."""
+    if folder is None:
+        return None
+    return calibrate_on_files(proto, session, decodable_image_files(folder), folder=folder)
 
 
 def served_probabilities(session: ModelSession, images: list[bytes]) -> np.ndarray:
