@@ -170,3 +170,9 @@ class Settings(BaseSettings, RuntimeOptions):
     """Log a line per request. Off by default: /metrics already counts and times every request
     by route and status, and at ~500 requests/s the log lines cost about a tenth of the event
     loop's time (profiled at twice capacity on 2 cores). Turn on to debug a client."""
+
+    @property
+    def runtime(self) -> RuntimeOptions:
+        """Only how a model runs, which is what sessions are given: the server's tokens and
+        addresses stay here."""
+        return RuntimeOptions(**{name: getattr(self, name) for name in RuntimeOptions.model_fields})

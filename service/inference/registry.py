@@ -513,7 +513,7 @@ class ModelRegistry:
         """A loaded, checked session for one version, named as the repository names it."""
         settings = self.settings
         session = await asyncio.to_thread(
-            ModelSession, path, settings, max_memory_bytes=max_memory_bytes
+            ModelSession, path, settings.runtime, max_memory_bytes=max_memory_bytes
         )
         stated = session.metadata
         if not settings.model.is_dir():

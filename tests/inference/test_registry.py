@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+import service.inference.registry as registry_module
 from model_contract.metadata import SelfTest
+from model_runtime.options import RuntimeOptions
+from model_runtime.session import ModelSession
 from service.app import create_app
 from service.errors import ModelLoadFailed
 from service.inference.repository import VersionPolicy, scan
@@ -471,3 +474,22 @@ def test_the_default_route_never_switches_to_another_model(tmp_path: Path) -> No
         gone = classify(client, "/v1/classify")
         assert gone.status_code == 404, gone.text  # not shapes' labels for colours' clients
         assert "no model 'colours' is served (serving: shapes)" in gone.json()["error"]
+
+
+def test_sessions_are_given_how_a_model_runs_and_not_the_servers_tokens(
+    served_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    given: list[object] = []
+    real = ModelSession
+
+    def recording(path: Path, options: object, **kwargs: Any) -> Any:
+        given.append(options)
+        return real(path, options, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(registry_module, "ModelSession", recording)
+    settings = cpu_settings(served_model, admin_token="admin-secret", api_token="api-secret")
+    with ready_client(settings):
+        pass
+    assert given and all(type(options) is RuntimeOptions for options in given)
+    assert all("secret" not in repr(options) for options in given)
+    assert given[0] == settings.runtime and settings.runtime.providers == settings.providers
