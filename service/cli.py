@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model_contract.metadata import InvalidModelMetadata
 from model_runtime.graph_check import inspect_model
+from model_runtime.heap import map_large_allocations
 from model_runtime.options import RuntimeOptions
 from model_runtime.scheduling import favour_the_event_loop
 from service.app import create_app
@@ -98,6 +99,10 @@ def refuse_if_taken(host: str, port: int) -> None:
     except OSError as error:
         sys.exit(f"vit-serve: cannot listen on {host}:{port}: {error.strerror}")
 
+
+LARGE_ALLOCATION_BYTES = 1024 * 1024
+"""Buffers this large (request bodies, gRPC messages, batches) are mapped and unmapped on their
+own, so what a burst of them took goes back to the system when it ends."""
 
 FLAGS = ("model", "host", "port", "grpc_port")
 """The settings `vit-serve` also takes as flags: the ones a person starting it by hand changes."""
@@ -219,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     server = DrainingServer(config, app)
     favour_the_event_loop()
+    map_large_allocations(LARGE_ALLOCATION_BYTES)
     server.run()
     if server.warm_up_failed or not server.started:
         sys.exit(1)

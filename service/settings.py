@@ -67,10 +67,16 @@ class Settings(BaseSettings, RuntimeOptions):
     grpc_port: int = Field(8001, ge=0, le=65535)
     """TCP port of the Open Inference Protocol over gRPC, on the same host as HTTP (0: off)."""
 
-    grpc_max_concurrent_rpcs: int = Field(64, ge=1)
-    """gRPC calls served at once; more are refused with RESOURCE_EXHAUSTED. With
-    VIT_MAX_BODY_BYTES it bounds the memory gRPC messages can hold (a message is received
-    whole before it is parsed): this many times the largest message."""
+    grpc_max_message_bytes: int = Field(4 * 1024 * 1024, ge=1)
+    """Largest gRPC request message accepted (gRPC's own default, 4 MiB); larger ones are
+    refused with RESOURCE_EXHAUSTED before they are held. gRPC receives a message whole before
+    it is parsed, so this and VIT_GRPC_MAX_INFER_CALLS bound what messages can hold."""
+
+    grpc_max_infer_calls: int = Field(16, ge=1)
+    """ModelInfer calls over gRPC at once, from their start until answered (their messages
+    being received included); more are refused with UNAVAILABLE and a retry-after. Health and
+    metadata calls are never counted. The default keeps what messages can hold, 16 x
+    VIT_GRPC_MAX_MESSAGE_BYTES, within VIT_MAX_BODY_BYTES_IN_FLIGHT as HTTP's bodies are."""
 
     inference_nice: int = Field(5, ge=0, le=19)
     """Niceness added to the inference threads (Linux): the event loop and the decoders run

@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.errors import (
     DeadlineExceeded,
@@ -37,7 +37,8 @@ SERVICE = "inference.GRPCInferenceService"
 """The service's full name on the wire, as KServe's and Triton's clients call it."""
 SERVER_NAME = "vit-inference"
 HEALTH_POLL_S = 0.5
-"""How often the health service looks at readiness (a SIGTERM turns it NOT_SERVING within this)."""
+"""How often a health Watch looks at readiness (a Check reads it as it is)."""
+CANCELLATION_ARRIVES_S = 0.05
 PARSE_ON_LOOP_BYTES = 64 * 1024
 """Messages smaller than this are parsed on the event loop; larger ones in a thread (typed
 FP32 contents are per-element work)."""
@@ -84,6 +85,15 @@ def authorization(context: grpc.aio.ServicerContext) -> str | None:
     return None
 
 
+MAX_DETAILS = 2000
+"""Characters of an error's message sent as the status details: messages quote what the client
+sent (a model's name, a shape), and gRPC fails a call whose headers exceed 8-16 KB."""
+
+
+def bounded(message: str) -> str:
+    return message if len(message) <= MAX_DETAILS else message[: MAX_DETAILS - 3] + "..."
+
+
 def trailers(error: ServiceError) -> tuple[tuple[str, str], ...]:
     """When to retry an overloaded server: seconds as HTTP's Retry-After, and milliseconds as
     gRPC's own pushback, which clients with a retry policy wait for."""
@@ -103,6 +113,8 @@ class InferenceService:
         self.metrics = metrics
         self.settings = settings
         self.version = version
+        self.infer_calls = 0
+        """ModelInfer calls from their start (before their message is read) until answered."""
 
     async def server_live(self, _: pb.ServerLiveRequest, *__: Any) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -147,6 +159,17 @@ class InferenceService:
         """Served as a client-streaming method (the same on the wire as a unary call) so that
         reading the message has a bound: a stream that stalls is answered DEADLINE_EXCEEDED
         after VIT_BODY_TIMEOUT_S instead of holding its place."""
+        limit = self.settings.grpc_max_infer_calls
+        if self.infer_calls >= limit:
+            # Before the message is read: gRPC holds no more of it than its flow-control window.
+            raise Overloaded(f"{limit} inference calls are in flight", retry_after=1)
+        self.infer_calls += 1
+        try:
+            return await self._infer(context, call)
+        finally:
+            self.infer_calls -= 1
+
+    async def _infer(self, context: grpc.aio.ServicerContext, call: Call) -> pb.ModelInferResponse:
         try:
             async with asyncio.timeout(self.settings.body_timeout_s):
                 request = await context.read()
@@ -154,12 +177,20 @@ class InferenceService:
             raise RequestTimeout(
                 f"the request message did not arrive within {self.settings.body_timeout_s} s"
             ) from None
+        data_plane = self.data_plane
+        given = authorization(context)
+        data_plane.authorize(given)  # before anything of the message is looked at
         if request is grpc.aio.EOF:
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExceeded("the call's deadline passed before its request message")
+            # A call the client cancelled reads as ended until its cancellation reaches this
+            # task, moments later: then it is counted as cancelled, not as a malformed call.
+            await asyncio.sleep(CANCELLATION_ARRIVES_S)
             raise InvalidRequest("the call ended before its request message")
         request = well_formed(request)
-        data_plane = self.data_plane
         admitted = data_plane.admit(
-            request.model_name or None, request.model_version or None, authorization(context)
+            _named(request.model_name), request.model_version or None, given
         )
         try:
             call.model = admitted.pipeline.session.metadata.name
@@ -204,6 +235,7 @@ class InferenceService:
     async def repository_model_load(
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext, _: Call
     ) -> pb.RepositoryModelLoadResponse:
+        self.data_plane.require_admin(authorization(context))
         _no_parameters(request.parameters)
         await self.data_plane.load(_named(request.model_name), authorization(context))
         return pb.RepositoryModelLoadResponse()
@@ -211,6 +243,7 @@ class InferenceService:
     async def repository_model_unload(
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext, _: Call
     ) -> pb.RepositoryModelUnloadResponse:
+        self.data_plane.require_admin(authorization(context))
         _no_parameters(request.parameters)
         await self.data_plane.unload(_named(request.model_name), authorization(context))
         return pb.RepositoryModelUnloadResponse()
@@ -276,7 +309,9 @@ class InferenceService:
             except ServiceError as error:
                 code = error.grpc_code
                 metrics.rejections.labels(error.type).inc()
-                await context.abort(getattr(grpc.StatusCode, code), error.message, trailers(error))
+                await context.abort(
+                    getattr(grpc.StatusCode, code), bounded(error.message), trailers(error)
+                )
             except asyncio.CancelledError:
                 code = "CANCELLED"
                 raise
@@ -318,12 +353,9 @@ def _no_parameters(parameters: Any) -> None:
 class GrpcFront:
     """The gRPC server and its health service, started and stopped with the app."""
 
-    def __init__(
-        self, server: grpc.aio.Server, health_service: ReadinessHealth, watch: asyncio.Task[None]
-    ) -> None:
+    def __init__(self, server: grpc.aio.Server, health_service: ReadinessHealth) -> None:
         self._server = server
         self._health = health_service
-        self._watch = watch
 
     @classmethod
     async def start(
@@ -331,10 +363,9 @@ class GrpcFront:
     ) -> GrpcFront:
         server = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", settings.max_body_bytes),
+                ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
                 ("grpc.so_reuseport", 0),  # a second server on the port fails, as HTTP's does
             ],
-            maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
         )
         server.add_generic_rpc_handlers(
             (InferenceService(data_plane, metrics, settings, version).handler(),)
@@ -348,51 +379,57 @@ class GrpcFront:
             raise RuntimeError(f"cannot listen for gRPC on {address}: {error}") from None
         await server.start()
         logger.info("gRPC (Open Inference Protocol) on %s", address)
-        watch = asyncio.create_task(_follow_readiness(data_plane, health_service), name="health")
-        return cls(server, health_service, watch)
+        return cls(server, health_service)
 
     async def stop(self, grace_s: float) -> None:
-        """Refuse new calls and let those in flight finish for at most `grace_s`."""
-        self._watch.cancel()
-        await self._health.enter_graceful_shutdown()
+        """Refuse new calls and let those in flight finish for at most `grace_s`; health
+        says NOT_SERVING, and its Watch streams end (a probe's stream holds up no drain)."""
+        self._health.stopping = True
         await self._server.stop(grace_s)
 
 
-class ReadinessHealth(health.aio.HealthServicer):  # type: ignore[misc]
-    """grpc.health.v1 whose Check reads readiness as it is at the call (a probe right after
-    the models become ready sees SERVING); Watch streams the changes `_follow_readiness` sets."""
+class ReadinessHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
+    """grpc.health.v1 for the server ("") and the inference service: SERVING exactly while
+    the data plane is ready, as it is at each Check; Watch streams each change."""
 
     def __init__(self, data_plane: DataPlane) -> None:
-        super().__init__()
         self._data_plane = data_plane
-        self._stopping = False
+        self.stopping = False
+
+    def status(self, service: str) -> int | None:
+        """The service's status now; None for a service this server does not serve."""
+        if service not in ("", SERVICE):
+            return None
+        serving = self._data_plane.ready and not self.stopping
+        return int(
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
 
     async def Check(  # noqa: N802 (the RPC's name)
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> health_pb2.HealthCheckResponse:
-        if request.service not in ("", SERVICE):
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no service {request.service!r}")
-        ready = self._data_plane.ready and not self._stopping
-        return health_pb2.HealthCheckResponse(
-            status=health_pb2.HealthCheckResponse.SERVING
-            if ready
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        status = self.status(request.service)
+        if status is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, bounded(f"no service {request.service!r}")
+            )
+        return health_pb2.HealthCheckResponse(status=status)
 
-    async def enter_graceful_shutdown(self) -> None:
-        self._stopping = True
-        await super().enter_graceful_shutdown()
-
-
-async def _follow_readiness(data_plane: DataPlane, health_service: ReadinessHealth) -> None:
-    """The health service says SERVING (the server's and the inference service's) exactly
-    while the data plane is ready."""
-    serving, not_serving = (
-        health_pb2.HealthCheckResponse.SERVING,
-        health_pb2.HealthCheckResponse.NOT_SERVING,
-    )
-    while True:
-        status = serving if data_plane.ready else not_serving
-        for service in ("", SERVICE):
-            await health_service.set(service, status)
-        await asyncio.sleep(HEALTH_POLL_S)
+    async def Watch(  # noqa: N802 (the RPC's name)
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        """The status now and at each change (SERVICE_UNKNOWN for a service not served),
+        looked at every HEALTH_POLL_S; the stream ends once the server stops."""
+        last = None
+        while True:
+            status = self.status(request.service)
+            if status is None:
+                status = int(health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+            if status != last:
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+                last = status
+            if self.stopping:
+                return
+            await asyncio.sleep(HEALTH_POLL_S)

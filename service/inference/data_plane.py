@@ -94,11 +94,15 @@ class DataPlane:
         """Let an inference request in, before its body is read or parsed: 401 without the
         inference token where one is set, 404 for no such model, 503 not ready or overloaded.
         Under overload most requests end here, so it costs a lookup and a few reads."""
+        self.authorize(authorization)
+        pipeline = self.model(name, version)
+        return Admitted(pipeline, pipeline.admit())
+
+    def authorize(self, authorization: str | None) -> None:
+        """401 unless the inference token, where one is set, is the request's."""
         token = self.settings.api_token
         if token is not None and not bearer_matches(authorization, token):
             raise Unauthorized("this server requires Authorization: Bearer <VIT_API_TOKEN>")
-        pipeline = self.model(name, version)
-        return Admitted(pipeline, pipeline.admit())
 
     def deadline(self, seconds: float | None = None) -> float:
         """The monotonic time by which a request must have left the queue: the server's

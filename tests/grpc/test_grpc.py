@@ -42,7 +42,9 @@ EXACT = 1e-6
 
 @pytest.fixture(scope="module")
 def server(served_model: Path) -> Iterator[Server]:
-    with served(served_model, ROOT, max_body_bytes="2000000", body_timeout_s="2") as running:
+    with served(
+        served_model, ROOT, grpc_max_message_bytes="2000000", body_timeout_s="2"
+    ) as running:
         yield running
 
 
@@ -486,3 +488,101 @@ def test_the_readmes_grpc_example_prints_the_probabilities(
         "probabilities"
     )
     np.testing.assert_allclose(printed, expected.ravel(), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def limited(served_model: Path) -> Iterator[Server]:
+    with served(
+        served_model, ROOT, grpc_max_infer_calls="2", body_timeout_s="4", graceful_shutdown_s="10"
+    ) as running:
+        yield running
+
+
+def stalled_calls(channel: grpc.Channel, count: int) -> list[grpc.Future]:
+    def never() -> Iterator[bytes]:
+        time.sleep(60)
+        yield b""
+
+    return [channel.stream_unary(INFER).future(never(), timeout=30) for _ in range(count)]
+
+
+def test_health_is_never_refused_for_the_inference_calls_in_flight(limited: Server) -> None:
+    """Calls that stall and Watch streams that never end take no place a probe needs; the
+    inference call over VIT_GRPC_MAX_INFER_CALLS is refused before its message is read, with
+    when to retry, and counted."""
+    with grpc.insecure_channel(limited.grpc_target) as channel:
+        stalled = stalled_calls(channel, 2)
+        health = health_pb2_grpc.HealthStub(channel)
+        watches = [health.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(8)]
+        assert all(next(w).status == health_pb2.HealthCheckResponse.SERVING for w in watches)
+        time.sleep(0.3)  # the stalled calls have started
+        check = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert check.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as raised:
+            channel.unary_unary(INFER)(grpc_request(1), timeout=10)
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert dict(raised.value.trailing_metadata() or ())["retry-after"] == "1"
+        for call in stalled:
+            assert call.exception(timeout=20).code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        answer = pb.ModelInferResponse.FromString(
+            channel.unary_unary(INFER)(grpc_request(1), timeout=30)
+        )
+        assert len(answer.raw_output_contents) == 1
+        for watch in watches:
+            watch.cancel()
+    with urllib.request.urlopen(f"{limited.url}/metrics", timeout=10) as metrics:
+        text = metrics.read().decode()
+    assert re.search(
+        r'vit_grpc_requests_total\{code="UNAVAILABLE",method="ModelInfer"\} [1-9]', text
+    )
+
+
+def grpc_request(count: int, name: str = "shapes-vit") -> bytes:
+    request = pb.ModelInferRequest(model_name=name)
+    request.inputs.add(
+        name="image", datatype="BYTES", shape=[count]
+    ).contents.bytes_contents.extend(photos(count))
+    return request.SerializeToString()
+
+
+def test_a_cancelled_call_is_not_counted_as_the_clients_mistake(limited: Server) -> None:
+    def before() -> str:
+        with urllib.request.urlopen(f"{limited.url}/metrics", timeout=10) as metrics:
+            found = re.search(
+                r'vit_rejections_total\{reason="invalid_request"\} (\S+)', metrics.read().decode()
+            )
+        return found.group(1) if found else "0"
+
+    counted = before()
+    with grpc.insecure_channel(limited.grpc_target) as channel:
+        (call,) = stalled_calls(channel, 1)
+        time.sleep(0.3)
+        call.cancel()
+    time.sleep(0.5)
+    assert before() == counted
+
+
+def test_long_names_are_quoted_short_and_a_call_must_name_its_model(
+    client: triton.InferenceServerClient, server: Server
+) -> None:
+    error = refused(client.is_model_ready, "n" * 20_000)
+    assert status_of(error) == "NOT_FOUND" and len(error.message()) < 2100
+    error = raw_call(server, grpc_request(1, name=""))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "name the model" in (
+        error.details() or ""
+    )
+
+
+def test_an_open_watch_holds_up_no_drain(served_model: Path) -> None:
+    with served(served_model, ROOT, graceful_shutdown_s="15") as running:
+        with grpc.insecure_channel(running.grpc_target) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(), timeout=60
+            )
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            started = time.monotonic()
+            running.process.send_signal(signal.SIGTERM)
+            statuses = [answer.status for answer in watch]
+            assert statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert running.process.wait(timeout=30) in (0, -signal.SIGTERM)
+            assert time.monotonic() - started < 8
