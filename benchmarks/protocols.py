@@ -29,10 +29,10 @@ from typing import Any
 
 import grpc
 
-from benchmarks.run import DOCS, ROOT, SIZES, photos, resident_mb, start
+from benchmarks.run import DOCS, ROOT, SIZES, closed_loop, photos, resident_mb, start
 from harness.servers import free_port
 from service.grpc import oip_pb2 as pb
-from vit_tools.bench import Body, Report, load, summarise
+from vit_tools.bench import Body, Report, summarise
 
 MODEL = "shapes-vit"
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -103,21 +103,7 @@ def measure(variant: dict[str, Any], concurrency: int, seconds: float) -> Report
     if "grpc" in variant:
         asyncio.run(grpc_load(variant["grpc"], variant["messages"], concurrency, 1.0))
         return asyncio.run(grpc_load(variant["grpc"], variant["messages"], concurrency, seconds))
-    url, bodies, route = variant["url"], variant["bodies"], variant["route"]
-    for duration in (1.0, seconds):
-        report = asyncio.run(
-            load(
-                url,
-                bodies,
-                concurrency=concurrency,
-                count=0,
-                duration=duration,
-                rate=None,
-                progress=False,
-                route=route,
-            )
-        )
-    return report
+    return closed_loop(variant["url"], variant["bodies"], concurrency, seconds, variant["route"])
 
 
 def worktree(commit: str, folder: Path) -> Path:

@@ -22,13 +22,14 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from harness.servers import free_port
 from model_export import shapes
-from vit_tools.bench import Report, ceiling, load, lone_image
+from vit_tools.bench import Body, Report, ceiling, load, lone_image
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -126,25 +127,34 @@ def sweep(
     seconds: float,
     route: str = "/v1/classify",
 ) -> list[Report]:
-    bodies = [(data, "image/jpeg") for data in images]
+    bodies: list[Body] = [(data, "image/jpeg") for data in images]
     reports = []
     for concurrency in concurrencies:
-        for duration in (1.0, seconds):  # the first warms the connections and the server
-            report = asyncio.run(
-                load(
-                    url,
-                    bodies,
-                    concurrency=concurrency,
-                    count=0,
-                    duration=duration,
-                    rate=None,
-                    progress=False,
-                    route=route,
-                )
-            )
+        report = closed_loop(url, bodies, concurrency, seconds, route)
         print("   ", report.line(), flush=True)
         reports.append(report)
     return reports
+
+
+def closed_loop(
+    url: str, bodies: Sequence[Body], concurrency: int, seconds: float, route: str
+) -> Report:
+    """`concurrency` clients for `seconds`, after a second that warms the connections and the
+    server."""
+    for duration in (1.0, seconds):
+        report = asyncio.run(
+            load(
+                url,
+                bodies,
+                concurrency=concurrency,
+                count=0,
+                duration=duration,
+                rate=None,
+                progress=False,
+                route=route,
+            )
+        )
+    return report
 
 
 def best_ceiling(model: Path, images: list[bytes], count: int = CEILING_IMAGES) -> Report:
