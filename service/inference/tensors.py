@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from model_runtime.session import PROBABILITIES
-from service.errors import EmptyBody, InvalidRequest
+from service.errors import EmptyBody, InvalidRequest, TooManyImages
 
 FP32 = "FP32"
 BYTES = "BYTES"
@@ -78,10 +78,15 @@ def check_input_count(count: int, spec: InputSpec) -> None:
 
 
 def check_batch(shape: list[int], spec: InputSpec) -> int:
-    """The batch size the shape names, 400 outside 1..max_batch (before any data is read)."""
+    """The batch size the shape names (before any data is read): 400 under 1, 413 over
+    VIT_MAX_IMAGES_PER_REQUEST, as for files uploaded to /v1."""
     batch = shape[0] if shape else 0
-    if not 1 <= batch <= spec.max_batch:
+    if batch < 1:
         raise InvalidRequest(f"batch size must be 1..{spec.max_batch}, got shape {shape}")
+    if batch > spec.max_batch:
+        raise TooManyImages(
+            f"{batch} images in one request; VIT_MAX_IMAGES_PER_REQUEST allows {spec.max_batch}"
+        )
     return batch
 
 

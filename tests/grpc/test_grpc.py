@@ -327,6 +327,15 @@ def test_a_stream_that_stalls_is_given_up_and_others_are_answered(
         assert time.monotonic() - started < 15
 
 
+def test_more_images_than_a_request_may_hold_are_resource_exhausted(
+    client: triton.InferenceServerClient, reference: ModelSession
+) -> None:
+    error = refused(client.infer, reference.metadata.name, [image_input([b"x"] * 65)])
+    assert (
+        status_of(error) == "RESOURCE_EXHAUSTED" and "VIT_MAX_IMAGES_PER_REQUEST" in error.message()
+    )
+
+
 def test_the_client_deadline_bounds_the_request(
     client: triton.InferenceServerClient, reference: ModelSession
 ) -> None:

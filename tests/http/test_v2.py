@@ -240,7 +240,7 @@ def test_protocol_errors(client: TestClient, reference: ModelSession) -> None:
                     {"name": "image", "shape": [9], "datatype": "BYTES", "data": ["AA=="] * 9}
                 ]
             },
-            400,
+            413,  # more than VIT_MAX_IMAGES_PER_REQUEST, as for /v1's files
         ),
         (
             {
