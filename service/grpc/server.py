@@ -39,6 +39,7 @@ SERVER_NAME = "vit-inference"
 HEALTH_POLL_S = 0.5
 """How often a health Watch looks at readiness (a Check reads it as it is)."""
 CANCELLATION_ARRIVES_S = 0.05
+"""How long a call whose message never came waits to learn whether its client cancelled it."""
 PARSE_ON_LOOP_BYTES = 64 * 1024
 """Messages smaller than this are parsed on the event loop; larger ones in a thread (typed
 FP32 contents are per-element work)."""
