@@ -144,14 +144,8 @@ class InferenceService:
             name=signature.name,
             versions=signature.versions,
             platform=signature.platform,
-            inputs=[
-                TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape)
-                for t in signature.inputs
-            ],
-            outputs=[
-                TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape)
-                for t in signature.outputs
-            ],
+            inputs=[TensorMetadata(**t.as_dict()) for t in signature.inputs],
+            outputs=[TensorMetadata(**t.as_dict()) for t in signature.outputs],
         )
 
     async def model_infer(

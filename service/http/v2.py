@@ -78,14 +78,8 @@ def _model_metadata(data_plane: DataPlane, name: str, version: str | None) -> Oi
         name=signature.name,
         versions=signature.versions,
         platform=signature.platform,
-        inputs=[
-            OipTensorMetadata(name=t.name, datatype=t.datatype, shape=list(t.shape))
-            for t in signature.inputs
-        ],
-        outputs=[
-            OipTensorMetadata(name=t.name, datatype=t.datatype, shape=list(t.shape))
-            for t in signature.outputs
-        ],
+        inputs=[OipTensorMetadata(**t.as_dict()) for t in signature.inputs],
+        outputs=[OipTensorMetadata(**t.as_dict()) for t in signature.outputs],
     )
 
 

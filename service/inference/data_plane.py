@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import SecretStr
 
@@ -56,6 +57,10 @@ class TensorSignature:
     datatype: str
     shape: tuple[int, ...]
     """-1 where the batch or the graph leaves a dimension open."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as OIP's tensor metadata names them, in HTTP's JSON and gRPC's protobuf."""
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
 
 
 @dataclass(frozen=True)
