@@ -72,6 +72,10 @@ class Settings(BaseSettings, RuntimeOptions):
     refused with RESOURCE_EXHAUSTED before they are held. gRPC receives a message whole before
     it is parsed, so this and VIT_GRPC_MAX_INFER_CALLS bound what messages can hold."""
 
+    grpc_max_streams_per_connection: int = Field(100, ge=1)
+    """Calls one gRPC connection may have open at once (HTTP/2 streams, health Watch streams
+    included); a client over it waits for one to end."""
+
     grpc_max_infer_calls: int = Field(16, ge=1)
     """ModelInfer calls over gRPC at once, from their start until answered (their messages
     being received included); more are refused with UNAVAILABLE and a retry-after. Health and

@@ -360,6 +360,7 @@ class GrpcFront:
             options=[
                 ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
                 ("grpc.so_reuseport", 0),  # a second server on the port fails, as HTTP's does
+                ("grpc.max_concurrent_streams", settings.grpc_max_streams_per_connection),
             ],
         )
         server.add_generic_rpc_handlers(

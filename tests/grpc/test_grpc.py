@@ -502,7 +502,12 @@ def test_the_readmes_grpc_example_prints_the_probabilities(
 @pytest.fixture(scope="module")
 def limited(served_model: Path) -> Iterator[Server]:
     with served(
-        served_model, ROOT, grpc_max_infer_calls="2", body_timeout_s="4", graceful_shutdown_s="10"
+        served_model,
+        ROOT,
+        grpc_max_infer_calls="2",
+        grpc_max_streams_per_connection="16",
+        body_timeout_s="4",
+        graceful_shutdown_s="10",
     ) as running:
         yield running
 
@@ -595,3 +600,25 @@ def test_an_open_watch_holds_up_no_drain(served_model: Path) -> None:
             assert statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
             assert running.process.wait(timeout=30) in (0, -signal.SIGTERM)
             assert time.monotonic() - started < 8
+
+
+def test_one_connection_holds_at_most_its_streams(limited: Server) -> None:
+    """A client that opens Watch streams without end gets no more than
+    VIT_GRPC_MAX_STREAMS_PER_CONNECTION of them; other connections are answered."""
+    request = health_pb2.HealthCheckRequest()
+    with grpc.insecure_channel(limited.grpc_target) as greedy:
+        health = health_pb2_grpc.HealthStub(greedy)
+        watches = [health.Watch(request, timeout=30) for _ in range(16)]
+        assert all(next(w).status == health_pb2.HealthCheckResponse.SERVING for w in watches)
+        waiting = health.Check.future(request, timeout=30)
+        with pytest.raises(grpc.FutureTimeoutError):
+            waiting.result(timeout=1.5)
+        # A connection of its own: channels to one target otherwise share one.
+        own = [("grpc.use_local_subchannel_pool", 1)]
+        with grpc.insecure_channel(limited.grpc_target, options=own) as other:
+            answer = health_pb2_grpc.HealthStub(other).Check(request, timeout=5)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        watches[0].cancel()
+        assert waiting.result(timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        for watch in watches[1:]:
+            watch.cancel()
