@@ -23,7 +23,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from model_runtime import decode_workers, platform
+from model_runtime import platform
+from model_runtime.decoding import pool as decoding_pool
 from tests.conftest import ROOT
 from tests.service_support import cpu_settings, ready_client
 
@@ -252,7 +253,7 @@ def test_the_service_serves_without_linuxs_mechanisms(
     for name in ("memfd_create", "eventfd", "sched_getaffinity"):
         monkeypatch.delattr(os, name, raising=False)
     monkeypatch.setattr(platform, "STATM", Path("/nonexistent/statm"))
-    monkeypatch.setattr(decode_workers, "enforces_memory_limits", lambda: False)
+    monkeypatch.setattr(decoding_pool, "enforces_memory_limits", lambda: False)
     monkeypatch.setattr(platform, "_said", set())
     caplog.set_level(logging.WARNING, logger=platform.__name__)
     answer = classify(served_model)

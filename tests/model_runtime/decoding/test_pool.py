@@ -19,7 +19,9 @@ from harness import attacks
 from model_contract.errors import TooExpensiveToDecode, TooManyPixels, UnsupportedImageFormat
 from model_contract.preprocess import PreprocessSpec, preprocess_upload
 from model_runtime import platform
-from model_runtime.decode_workers import IDLE_BEFORE_TRIM_S, MAPPED_UPLOAD_BYTES, DecodeWorkers
+from model_runtime.decoding.pool import DecodeWorkers
+from model_runtime.decoding.shared_file import MAPPED_UPLOAD_BYTES
+from model_runtime.decoding.worker import IDLE_BEFORE_TRIM_S
 from tests.images import asymmetric, encode, upload_variety
 
 SPEC = PreprocessSpec()
