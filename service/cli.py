@@ -114,10 +114,8 @@ def settings_help() -> str:
     """Every setting: the variable that sets it, its default and its docstring's first sentence,
     read from `Settings` so the help says what the code does (a secret's default is never
     shown)."""
-    runtime = set(RuntimeOptions.model_fields)
-    fields = Settings.model_fields.items()
-    service = [(name, field) for name, field in fields if name not in runtime]
-    engine = [(name, field) for name, field in fields if name in runtime]
+    service = [(name, field) for name, field in Settings.model_fields.items() if name != "runtime"]
+    engine = list(RuntimeOptions.model_fields.items())
     return "\n".join(
         [
             "settings (environment variables; service/settings.py says more):",

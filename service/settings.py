@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -11,12 +11,38 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from model_contract.decode import DEFAULT_MAX_PIXELS
 from model_runtime.options import RuntimeOptions
 
+ENV_PREFIX = "VIT_"
 
-class Settings(BaseSettings, RuntimeOptions):
-    """Service configuration; `VIT_MODEL=...` sets `model`, and so on. The runtime options
-    (providers, threads, batch size, IO binding, ...) are RuntimeOptions', read the same way."""
 
-    model_config = SettingsConfigDict(env_prefix="VIT_", frozen=True, use_attribute_docstrings=True)
+class _RuntimeFromEnvironment(BaseSettings, RuntimeOptions):
+    """The runtime options as `VIT_*` variables name them (`VIT_MAX_BATCH_SIZE`, ...): only to
+    read them; what `Settings` holds is a plain `RuntimeOptions`."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True)
+
+
+class Settings(BaseSettings):
+    """Service configuration; `VIT_MODEL=...` sets `model`, and so on. How a model runs
+    (providers, threads, batch size, IO binding, ...) is `runtime`, read from variables named
+    the same way (`VIT_MAX_BATCH_SIZE`) and given to sessions whole, with none of the server's
+    tokens or addresses."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, frozen=True, use_attribute_docstrings=True
+    )
+
+    runtime: RuntimeOptions = Field(default_factory=RuntimeOptions)
+    """How a model runs: model_runtime/options.py."""
+
+    def __init__(self, **given: Any) -> None:
+        """`runtime` read from the `VIT_*` variables, under any options passed by their own
+        names (`Settings(max_batch_size=8)`, as the variables name them) or whole (`runtime=`)."""
+        named = {key: given.pop(key) for key in list(given) if key in RuntimeOptions.model_fields}
+        whole = given.pop("runtime", None)
+        if isinstance(whole, RuntimeOptions):
+            whole = whole.model_dump(exclude_unset=True)
+        read = _RuntimeFromEnvironment(**{**(whole or {}), **named})
+        super().__init__(runtime=RuntimeOptions(**read.model_dump()), **given)
 
     model: Path = Path("models/shapes-vit.onnx")
     """The self-describing ONNX file (from vit-export or vit-import) or model repository to
@@ -180,9 +206,3 @@ class Settings(BaseSettings, RuntimeOptions):
     """Log a line per request. Off by default: /metrics already counts and times every request
     by route and status, and at ~500 requests/s the log lines cost about a tenth of the event
     loop's time (profiled at twice capacity on 2 cores). Turn on to debug a client."""
-
-    @property
-    def runtime(self) -> RuntimeOptions:
-        """Only how a model runs, which is what sessions are given: the server's tokens and
-        addresses stay here."""
-        return RuntimeOptions(**{name: getattr(self, name) for name in RuntimeOptions.model_fields})

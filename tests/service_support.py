@@ -16,7 +16,7 @@ from service.settings import Settings
 
 
 def cpu_settings(model: Path, **overrides: object) -> Settings:
-    return Settings(model=model, providers=(CPU,), **overrides)  # type: ignore[arg-type]
+    return Settings(model=model, providers=(CPU,), **overrides)
 
 
 def wait_ready(client: TestClient, timeout: float = 30.0) -> None:

@@ -111,7 +111,7 @@ class Pipeline:
         )
         self.batcher = Batcher(
             session.infer,
-            max_batch_size=settings.max_batch_size,
+            max_batch_size=settings.runtime.max_batch_size,
             max_delay=settings.max_batch_delay_ms / 1000,
             max_queue=settings.max_queue,
             metrics=model_metrics,

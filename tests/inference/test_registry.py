@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 import service.inference.registry as registry_module
 from model_contract.metadata import SelfTest
-from model_runtime.options import RuntimeOptions
+from model_runtime.options import CPU, RuntimeOptions
 from model_runtime.session import ModelSession
 from service.app import create_app
 from service.errors import ModelLoadFailed
@@ -492,4 +492,4 @@ def test_sessions_are_given_how_a_model_runs_and_not_the_servers_tokens(
         pass
     assert given and all(type(options) is RuntimeOptions for options in given)
     assert all("secret" not in repr(options) for options in given)
-    assert given[0] == settings.runtime and settings.runtime.providers == settings.providers
+    assert given[0] == settings.runtime and settings.runtime.providers == (CPU,)
