@@ -27,6 +27,7 @@ from service.http.routers import inference_router
 from service.http.schemas import OipInferenceRequest
 from service.inference.data_plane import DataPlane
 from service.inference.registry import ModelRegistry
+from service.inference.repository import Repository
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -105,13 +106,14 @@ def _lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         # Models load and warm up while the server already answers liveness; readiness waits
-        # for them (service/inference/registry.py).
+        # for them (service/inference/repository.py).
         metrics = Metrics()
         registry = ModelRegistry(settings, metrics)
         app.state.registry = registry  # for the server's SIGTERM handler (service/cli.py)
-        prepared = await registry.open()  # a file that cannot load fails startup here
-        data_plane = DataPlane(registry, settings)
-        start = asyncio.create_task(registry.serve(prepared))
+        repository = Repository(settings, registry, metrics)
+        prepared = await repository.open()  # a file that cannot load fails startup here
+        data_plane = DataPlane(registry, repository, settings)
+        start = asyncio.create_task(repository.serve(prepared))
         start.add_done_callback(lambda task: _stop_if_warm_up_failed(app, task))
         grpc = None
         try:
@@ -122,7 +124,7 @@ def _lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
             start.cancel()
             if grpc is not None:
                 await grpc.stop(settings.graceful_shutdown_s)
-            await registry.close()
+            await repository.close()
 
     return lifespan
 

@@ -1,1 +1,2 @@
-"""Inference: the model registry and repository, one model version's pipeline, batching."""
+"""The data plane every front calls, and below it: the registry of served models, the
+repository's control, loading versions, one version's pipeline, batching."""

@@ -22,7 +22,9 @@ from model_runtime.session import Outputs
 from service.errors import Forbidden, InvalidRequest, ServiceError, Unauthorized
 from service.inference.budget import Ticket
 from service.inference.pipeline import Answer, Pipeline
-from service.inference.registry import IndexEntry, ModelRegistry
+from service.inference.registry import ModelRegistry
+from service.inference.repository import Repository
+from service.inference.served_model import IndexEntry
 from service.inference.tensors import BYTES, FP32, IMAGE_INPUT, InferRequest
 from service.settings import Settings
 
@@ -80,8 +82,9 @@ PLATFORM = "onnxruntime_onnx"
 class DataPlane:
     """Lookup, admission, deadlines, inference and the repository, for every front."""
 
-    def __init__(self, registry: ModelRegistry, settings: Settings) -> None:
+    def __init__(self, registry: ModelRegistry, repository: Repository, settings: Settings) -> None:
         self.registry = registry
+        self.repository = repository
         self.settings = settings
 
     @property
@@ -188,12 +191,12 @@ class DataPlane:
 
     async def index(self, authorization: str | None) -> list[IndexEntry]:
         self.require_admin(authorization)
-        return await self.registry.index()
+        return await self.repository.index()
 
     async def load(self, name: str, authorization: str | None) -> None:
         self.require_admin(authorization)
-        await self.registry.load(name)
+        await self.repository.load(name)
 
     async def unload(self, name: str, authorization: str | None) -> None:
         self.require_admin(authorization)
-        await self.registry.unload(name)
+        await self.repository.unload(name)

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-import service.inference.registry as registry_module
+import service.inference.version_loading as loading_module
 from model_contract.metadata import SelfTest
 from model_runtime.options import CPU, RuntimeOptions
 from model_runtime.session import ModelSession
 from service.app import create_app
 from service.errors import ModelLoadFailed
-from service.inference.repository import VersionPolicy, scan
+from service.inference.repository_layout import scan
+from service.inference.version_policy import VersionPolicy
 from tests.conftest import DEFAULT_MODEL
 from tests.onnx_models import classifier, metadata_for
 from tests.repositories import COLOURS, PHOTO, TOKEN, add_version, colours_probabilities
@@ -442,7 +443,7 @@ def test_the_folder_naming_a_model_is_said_once_at_info(
     repo: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The layout naming the model is the design, not a fault: no warning for it."""
-    caplog.set_level("INFO", logger="service.inference.registry")
+    caplog.set_level("INFO", logger="service.inference.version_loading")
     with ready_client(cpu_settings(repo)):
         pass
     said = [r for r in caplog.records if "the repository's colours version 2 wins" in r.message]
@@ -486,7 +487,7 @@ def test_sessions_are_given_how_a_model_runs_and_not_the_servers_tokens(
         given.append(options)
         return real(path, options, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(registry_module, "ModelSession", recording)
+    monkeypatch.setattr(loading_module, "ModelSession", recording)
     settings = cpu_settings(served_model, admin_token="admin-secret", api_token="api-secret")
     with ready_client(settings):
         pass

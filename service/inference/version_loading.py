@@ -1,0 +1,198 @@
+"""Loading one version of a model into service, and taking one out.
+
+A version takes traffic only once it has loaded, passed the load-time checks and warmed up; the
+swap is one dictionary assignment on the event loop, so every request is admitted to either the
+old pipeline or the new, never to none. The old one finishes everything admitted to it, then
+closes and gives its memory back. A version that fails to load leaves the one serving in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from model_runtime.platform import resident_bytes
+from model_runtime.session import ModelSession
+from service.errors import ModelLoadFailed
+from service.inference.memory_budget import MemoryBudget
+from service.inference.pipeline import Pipeline, SelfTestFailed, WarmUpOverran
+from service.inference.registry import ModelRegistry
+from service.inference.repository_layout import VersionFile
+from service.inference.retirement import Retirement
+from service.inference.served_model import NEW_FILE_FAILED, IndexEntry, ServedModel
+from service.metrics import Metrics
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+MEMORY_ESTIMATE_FACTOR = 3
+"""A version's resident memory before it is measured: this many times its file's size."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A version whose session is loaded and checked, not yet warmed up."""
+
+    model: ServedModel
+    version: int
+    file: VersionFile
+    session: ModelSession
+    resident_before: int
+    """The process's resident memory before the session loaded (to measure what it took)."""
+
+
+class VersionLoader:
+    """Loads, swaps in and retires versions within the memory budget."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, registry: ModelRegistry) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.registry = registry
+        self.budget = MemoryBudget(settings.models_memory_bytes)
+        self.retirement = Retirement(settings.request_timeout_ms / 1000, registry.labels_in_use)
+
+    async def prepare(self, model: ServedModel, version: int, file: VersionFile) -> Prepared:
+        """The version's session, loaded and checked (not warmed up, not serving)."""
+        before = resident_bytes()
+        room = self.budget.room((model.name, version), self._held_besides(model, version))
+        session = await self._session(model.name, version, file.path, room)
+        return Prepared(model, version, file, session, before)
+
+    async def load(
+        self,
+        model: ServedModel,
+        version: int,
+        file: VersionFile,
+        *,
+        strict: bool,
+        prepared: Prepared | None = None,
+    ) -> None:
+        """Load `file` as `version` and swap it in; a failure is recorded (and raised when
+        `strict`), and whatever served the version before serves on."""
+        name, key = model.name, (model.name, version)
+        previous = model.entries.get(version)
+        model.entries[version] = IndexEntry(name, version, "LOADING")
+        started = time.monotonic()
+        try:
+            estimate = MEMORY_ESTIMATE_FACTOR * file.size
+            held = self._held_besides(model, version)
+            self.budget.check(
+                key, held, estimate, f"~{estimate >> 20} MB estimated for this version"
+            )
+            self.budget.reserve(key, estimate)
+            if prepared is not None:
+                before, session = prepared.resident_before, prepared.session
+            else:
+                before = resident_bytes()
+                room = self.budget.room(key, held)
+                session = await self._session(name, version, file.path, room)
+            self.budget.reserve(key, max(estimate, session.load_check.peak_bytes))
+            pipeline = Pipeline(session, self.settings, self.metrics)
+            try:
+                await pipeline.start()
+            except WarmUpOverran:
+                # Its inference may never return: closing waits for it, so never here.
+                self.retirement.retire(pipeline)
+                raise
+            except SelfTestFailed as failed:
+                if not strict:
+                    await self.retirement.close(pipeline)
+                    raise
+                # At start there is nothing else to serve: the version stays, unready, and
+                # says why (readiness, the index, the log and the metric).
+                model.serving[version] = pipeline
+                pipeline.publish_metrics()
+                model.entries[version] = IndexEntry(name, version, "UNAVAILABLE", str(failed))
+                logger.error("model %s version %d is not ready: %s", name, version, failed)
+                return
+            except BaseException:
+                await self.retirement.close(pipeline)
+                raise
+            measured = max(resident_bytes() - before, file.size)
+            try:
+                what = f"{measured >> 20} MB measured after warm-up"
+                self.budget.check(key, self._held_besides(model, version), measured, what)
+            except ModelLoadFailed:
+                await self.retirement.close(pipeline)
+                raise
+        except Exception as error:
+            self.failed(model, version, error, previous)
+            model.unloadable[version] = file
+            if strict:
+                raise
+            return
+        finally:
+            self.budget.release(key)
+        model.unloadable.pop(version, None)
+        old = model.serving.get(version)
+        model.serving[version] = pipeline  # the swap: new requests go to the new one
+        model.awaited = False
+        pipeline.publish_metrics()
+        model.files[version] = file
+        model.entries[version] = IndexEntry(name, version, "READY", memory_bytes=measured)
+        pipeline.metrics.memory_bytes.set(measured)
+        logger.info(
+            "model %s version %d serving (%.1f s, %d MB)",
+            name,
+            version,
+            time.monotonic() - started,
+            measured >> 20,
+        )
+        if old is not None:
+            self.retirement.retire(old)
+
+    def retire(self, model: ServedModel, version: int) -> None:
+        """Stop serving `version`: new requests no longer reach it, those admitted finish."""
+        pipeline = model.serving.pop(version)
+        model.files.pop(version, None)
+        model.entries.pop(version, None)
+        logger.info("model %s version %d unloaded", model.name, version)
+        self.retirement.retire(pipeline)
+
+    def failed(
+        self,
+        model: ServedModel,
+        version: int,
+        error: Exception,
+        previous: IndexEntry | None = None,
+    ) -> None:
+        """Record a load that failed; a version already serving keeps serving."""
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        logger.error("model %s version %d did not load: %s", model.name, version, reason)
+        self.metrics.model_load_failures.labels(model.name).inc()
+        entry = IndexEntry(model.name, version, "UNAVAILABLE", reason)
+        if version in model.serving and previous is not None:
+            reason = f"{NEW_FILE_FAILED}{reason}"
+            entry = IndexEntry(model.name, version, "READY", reason, previous.memory_bytes)
+        model.entries[version] = entry
+
+    def _held_besides(self, model: ServedModel, version: int) -> int:
+        """What the versions serving hold, less the one `version` of `model` would replace."""
+        replaced = model.entries.get(version)
+        return self.registry.memory_bytes() - (replaced.memory_bytes if replaced else 0)
+
+    async def _session(
+        self, name: str, version: int, path: Path, max_memory_bytes: int | None
+    ) -> ModelSession:
+        """A loaded, checked session for one version, named as the repository names it."""
+        settings = self.settings
+        session = await asyncio.to_thread(
+            ModelSession, path, settings.runtime, max_memory_bytes=max_memory_bytes
+        )
+        stated = session.metadata
+        if not settings.model.is_dir():
+            return session
+        if (stated.name, stated.version) != (name, str(version)):
+            logger.info(  # as designed: the folders name a repository's models
+                "%s: the metadata says %s version %s; the repository's %s version %d wins",
+                path,
+                stated.name,
+                stated.version,
+                name,
+                version,
+            )
+        session.metadata = stated.model_copy(update={"name": name, "version": str(version)})
+        return session
