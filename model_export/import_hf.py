@@ -28,6 +28,7 @@ from torch import nn
 from torch.jit._trace import TracerWarning
 
 from model_contract.metadata import ModelMetadata, last_line
+from model_contract.outputs import ATTENTION_ROLLOUT
 from model_contract.preprocess import preprocess
 from model_export.attention import hf_rollout
 from model_export.checkpoint import sha256_of
@@ -57,7 +58,7 @@ from model_export.quantize import Int8Report, check_on_images, quantize
 from model_export.sealing import finish_model_file, write_metadata
 from model_export.stamp import calibrate_on_folder, golden_files, probability_diff
 from model_runtime.options import IN_PROCESS
-from model_runtime.session import ATTENTION_ROLLOUT, ModelSession, softmax
+from model_runtime.session import ModelSession, softmax
 
 logger = logging.getLogger(__name__)
 

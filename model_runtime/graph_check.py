@@ -22,6 +22,47 @@ class ModelMismatch(InvalidModelMetadata):
 
 
 @dataclass(frozen=True)
+class Declared:
+    """One input or output as the graph declares it (onnxruntime's `NodeArg`, as plain data)."""
+
+    name: str
+    type: str
+    shape: tuple[int | str | None, ...]
+    """Each dimension: its size, its symbol, or None where the graph says nothing."""
+
+
+@dataclass(frozen=True)
+class GraphDeclarations:
+    """The graph's inputs and outputs, as a session of it declares them."""
+
+    inputs: tuple[Declared, ...]
+    outputs: tuple[Declared, ...]
+
+    @classmethod
+    def of(cls, session: ort.InferenceSession) -> GraphDeclarations:
+        def declared(args: list[ort.NodeArg]) -> tuple[Declared, ...]:
+            return tuple(Declared(a.name, a.type, tuple(a.shape)) for a in args)
+
+        return cls(declared(session.get_inputs()), declared(session.get_outputs()))
+
+    def as_json(self) -> dict[str, list[list[object]]]:
+        return {
+            kind: [[d.name, d.type, list(d.shape)] for d in getattr(self, kind)]
+            for kind in ("inputs", "outputs")
+        }
+
+    @classmethod
+    def from_json(cls, value: dict[str, list[list[object]]]) -> GraphDeclarations:
+        def declared(entries: list[list[object]]) -> tuple[Declared, ...]:
+            return tuple(
+                Declared(str(name), str(kind), tuple(shape))  # type: ignore[arg-type]
+                for name, kind, shape in entries
+            )
+
+        return cls(declared(value["inputs"]), declared(value["outputs"]))
+
+
+@dataclass(frozen=True)
 class GraphContract:
     """The one input and the one output the service uses, as the graph declares them."""
 
@@ -42,16 +83,14 @@ class GraphContract:
     computes it (the `mahalanobis` score)."""
 
 
-def _dims(shape: list[int | str | None]) -> str:
+def _dims(shape: list[int | str | None] | tuple[int | str | None, ...]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
-def check_graph(
-    session: ort.InferenceSession, metadata: ModelMetadata, path: Path
-) -> GraphContract:
+def check_graph(declared: GraphDeclarations, metadata: ModelMetadata, path: Path) -> GraphContract:
     """The graph's input and output, or ModelMismatch naming what disagrees and the fix."""
     restamp = f"vit-import onnx {path} -o {path}"
-    inputs = session.get_inputs()
+    inputs = declared.inputs
     if len(inputs) != 1:
         names = ", ".join(i.name for i in inputs)
         raise ModelMismatch(
@@ -83,8 +122,8 @@ def check_graph(
     batch = shape[0]
     fixed_batch_size = batch if isinstance(batch, int) and batch > 0 else None
 
-    outputs = {o.name: o for o in session.get_outputs()}
-    output_name = metadata.output_name or session.get_outputs()[0].name
+    outputs = {o.name: o for o in declared.outputs}
+    output_name = metadata.output_name or declared.outputs[0].name
     if output_name not in outputs:
         raise ModelMismatch(
             f"the metadata names the output {output_name!r}, the graph has "
@@ -116,9 +155,7 @@ def check_graph(
     )
 
 
-def _ood_output(
-    outputs: dict[str, ort.NodeArg], metadata: ModelMetadata, restamp: str
-) -> str | None:
+def _ood_output(outputs: dict[str, Declared], metadata: ModelMetadata, restamp: str) -> str | None:
     """The score output a `mahalanobis` calibration reads, checked: one float per image."""
     if metadata.ood is None or metadata.ood.score not in GRAPH_SCORES:
         return None
@@ -137,7 +174,7 @@ def _ood_output(
 
 
 def _attention_grid(
-    outputs: dict[str, ort.NodeArg], metadata: ModelMetadata, restamp: str
+    outputs: dict[str, Declared], metadata: ModelMetadata, restamp: str
 ) -> tuple[int, int] | None:
     """The rollout output the metadata names, checked: one float grid per image."""
     name = metadata.attention_output
@@ -203,4 +240,4 @@ def inspect_model(path: Path) -> tuple[ModelMetadata, GraphContract]:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error)
         raise InvalidModelMetadata(f"not an ONNX model onnxruntime can load: {reason}") from error
     metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
-    return metadata, check_graph(session, metadata, path)
+    return metadata, check_graph(GraphDeclarations.of(session), metadata, path)

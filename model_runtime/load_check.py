@@ -5,8 +5,9 @@ stopped.
 
 The process gets the file's bytes on stdin (never a path, which could change in between),
 builds a CPU session as the service does and runs a batch of one and of two zeros through
-every output, then reports each output's shape per batch, its peak memory and its time as one
-JSON line on stdout.
+every output, then reports the graph's declared inputs and outputs, its metadata, each output's
+shape per batch, its peak memory and its time as one JSON line on stdout. What it reports is
+what the server plans its own sessions from, so it builds each of them once.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from model_contract.metadata import InvalidModelMetadata, ModelMetadata, last_line
+from model_runtime.graph_check import GraphDeclarations
 from model_runtime.model_file import ONNX_FORMAT_ONLY, UnsafeModelFile
 from model_runtime.options import CPU, RuntimeOptions
 from model_runtime.watchdog import InferenceOverran, watchdog
@@ -41,6 +43,10 @@ class LoadCheckFailed(UnsafeModelFile):
 class LoadCheck:
     """What the model's first session and inferences showed, in a process of their own."""
 
+    declared: GraphDeclarations
+    """The graph's inputs and outputs."""
+    metadata_props: dict[str, str]
+    """The file's metadata, as string pairs."""
     output_shapes: dict[int, dict[str, tuple[int, ...]]]
     """batch size -> output name -> shape; empty where the input could not be fed zeros."""
     peak_bytes: int
@@ -95,6 +101,8 @@ def check_in_a_process(data: bytes, options: RuntimeOptions) -> LoadCheck:
             )
         raise LoadCheckFailed(f"the model's first session or inferences failed: {report['error']}")
     return LoadCheck(
+        declared=GraphDeclarations.from_json(report["declared"]),
+        metadata_props={str(k): str(v) for k, v in report["metadata"].items()},
         output_shapes={
             int(size): {name: tuple(shape) for name, shape in shapes.items()}
             for size, shapes in report["output_shapes"].items()
@@ -177,8 +185,9 @@ def _run_check(data: bytes) -> dict[str, Any]:
         # what no check has run.
         return {"error": f"not an ONNX model onnxruntime can load: {last_line(error)}"}
     shapes: dict[str, dict[str, list[int]]] = {}
+    props = session.get_modelmeta().custom_metadata_map
     try:
-        fed = _input_shape(session, session.get_modelmeta().custom_metadata_map)
+        fed = _input_shape(session, props)
     except _Unfeedable as error:
         return {"error": str(error)}
     names = [output.name for output in session.get_outputs()]
@@ -193,6 +202,8 @@ def _run_check(data: bytes) -> dict[str, Any]:
             name: list(np.shape(value)) for name, value in zip(names, values, strict=True)
         }
     return {
+        "declared": GraphDeclarations.of(session).as_json(),
+        "metadata": props,
         "output_shapes": shapes,
         "peak_bytes": max(0, _memory_bytes("VmHWM") - baseline),
         "seconds": time.monotonic() - started,

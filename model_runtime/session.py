@@ -13,10 +13,11 @@ import onnxruntime as ort
 
 from model_contract.metadata import ModelMetadata
 from model_contract.ood import ood_scores
+from model_contract.outputs import ATTENTION_ROLLOUT, OOD_SCORE, PROBABILITIES, served_outputs
 from model_runtime.graph_check import check_graph
 from model_runtime.io_binding import BucketedIoBinding
 from model_runtime.load_check import LoadCheckFailed, check_in_a_process, time_bound
-from model_runtime.model_file import ONNX_FORMAT_ONLY, read_model_file
+from model_runtime.model_file import read_model_file
 from model_runtime.options import CPU, CUDA, TENSORRT, RuntimeOptions
 from model_runtime.platform import usable_cpu_count
 from model_runtime.providers import (
@@ -25,19 +26,16 @@ from model_runtime.providers import (
     nvidia_driver_present,
     plan_providers,
 )
+from model_runtime.session_plan import ModelFacts, SessionPlan, plan_sessions
 from model_runtime.watchdog import watchdog
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_OPTIONS = RuntimeOptions()
 
-PROBABILITIES = "probabilities"
-ATTENTION_ROLLOUT = "attention_rollout"
-OOD_SCORE = "ood_score"
 Outputs = dict[str, np.ndarray]
-"""A batch's outputs by name, each with one row per image: `PROBABILITIES` always,
-`ATTENTION_ROLLOUT` where the model carries one, `OOD_SCORE` where it is calibrated. A new
-output is a new key, not a new path."""
+"""A batch's outputs by name, each with one row per image: those `served_outputs` lists
+(model_contract/outputs.py)."""
 
 
 def per_image(outputs: Outputs) -> list[Outputs]:
@@ -106,73 +104,49 @@ class ModelSession:
             )
         self.check_seconds = time_bound(options, len(model_bytes))
         """How long a load-time inference of this model may take."""
-        session_options = ort.SessionOptions()
-        session_options.add_session_config_entry(*ONNX_FORMAT_ONLY)
-        session_options.intra_op_num_threads = options.intra_op_threads or default_thread_count()
-        session_options.inter_op_num_threads = options.inter_op_threads
-        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session_options.enable_cpu_mem_arena = options.cpu_arena_for(len(model_bytes))
-        if not options.intra_op_spinning:
-            session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        plan = plan_providers(
-            options, set(ort.get_available_providers()), gpu_present=nvidia_driver_present()
-        )
-        if CUDA in plan.names:
-            load_pip_cuda_libraries()
-        self._session, plan = _create_session(model_bytes, session_options, plan)
-        self.metadata = ModelMetadata.from_props(self._session.get_modelmeta().custom_metadata_map)
-        self.graph = check_graph(self._session, self.metadata, path)
+        self.metadata = ModelMetadata.from_props(self.load_check.metadata_props)
+        self.graph = check_graph(self.load_check.declared, self.metadata, path)
         self.fixed_batch_size = self.graph.fixed_batch_size
         self.images_per_call = self.metadata.images_per_call
+        self.load_check.check_rows(self._graph_outputs)
+        providers = plan_providers(
+            options, set(ort.get_available_providers()), gpu_present=nvidia_driver_present()
+        )
+        if CUDA in providers.names:
+            load_pip_cuda_libraries()
+        facts = ModelFacts(len(model_bytes), self.graph, self.metadata)
+        plan = plan_sessions(options, providers, facts)
+        self._session, plan = _create_session(model_bytes, plan, options, facts)
         self.providers: tuple[str, ...] = tuple(self._session.get_providers())
         self.provider = self.providers[0]
+        if self.provider != plan.provider:
+            # onnxruntime gave up a provider while building the session: what follows from
+            # the one it runs on (threads, calls at once) is planned again, for it alone.
+            in_use = ProviderPlan(
+                tuple(e for e in providers.entries if e[0] in self.providers), providers.notes
+            )
+            replanned = plan_sessions(options, in_use, facts, provider=self.provider)
+            if replanned.threads_per_call != plan.threads_per_call:
+                self._session = ort.InferenceSession(
+                    model_bytes, replanned.session_options(), providers=list(in_use.entries)
+                )
+            plan = replanned
         if options.require_cuda and self.provider not in (CUDA, TENSORRT):
             raise CudaUnavailable(f"CUDA was required but the session runs on {self.provider}")
-        cuda_graph = plan.cuda_graph and self.provider == CUDA
-        self.fallbacks = plan.fallbacks(self.providers)
+        self.plan = plan
+        """What the sessions were built from."""
+        self.fallbacks = (*providers.fallbacks(self.providers), *plan.fallbacks)
         for fallback in self.fallbacks:
             # A CPU-only machine serving from the CPU is expected, not a warning.
             level = logging.INFO if fallback.endswith(NO_NVIDIA_DRIVER) else logging.WARNING
             logger.log(level, "serving on %s: %s", self.provider, fallback)
-        unbindable = self._unbindable()
-        if unbindable and (options.io_binding or cuda_graph):
-            fallback = f"io_binding and cuda_graph: off ({unbindable})"
-            self.fallbacks = (*self.fallbacks, fallback)
-            logger.warning("fallback: %s", fallback)
-            options = options.model_copy(update={"io_binding": False})
-            cuda_graph = False
-        one_call_at_a_time = options.io_binding or cuda_graph
-        self.inference_workers = self._workers(options.inference_workers, one_call_at_a_time)
-        cores = options.intra_op_threads or default_thread_count()
-        if self.provider == CPU and not options.intra_op_threads and self.inference_workers > 1:
-            # Calls at once share the cores: one call's threads each. With every call owning
-            # all the cores, under load onnxruntime's threads crowded out the event loop and
-            # refusals took 3x longer (503 p99 ~350-440 against ~110 ms at twice capacity).
-            session_options.intra_op_num_threads = max(1, cores // self.inference_workers)
-            self._session = ort.InferenceSession(model_bytes, session_options, providers=[CPU])
+        self.inference_workers = plan.inference_workers
         self.input_name = self.graph.input_name
         self.output_name = self.graph.output_name
         self.attention_output = self.graph.attention_output
-        self._graph_outputs = (
-            self.output_name,
-            *filter(None, [self.attention_output, self.graph.ood_output]),
-        )
-        self.load_check.check_rows(self._graph_outputs)
-        self.output_names = (
-            PROBABILITIES,
-            *([ATTENTION_ROLLOUT] if self.attention_output else []),
-            *([OOD_SCORE] if self.metadata.ood else []),
-        )
-        """What `infer` answers with, by name."""
-        rows, columns = self.graph.attention_grid or (-1, -1)
-        shapes = {
-            PROBABILITIES: (-1, len(self.labels)),
-            ATTENTION_ROLLOUT: (-1, rows, columns),
-            OOD_SCORE: (-1,),
-        }
-        self.output_shapes = {name: shapes[name] for name in self.output_names}
-        """Each output's shape (float32, one row per image), -1 where the batch or the graph
-        leaves it open."""
+        self.outputs = served_outputs(self.metadata, self.graph.attention_grid)
+        """What `infer` answers with: each output's name and shape."""
+        self.output_names = tuple(output.name for output in self.outputs)
         self._bound = (
             BucketedIoBinding(
                 self._session,
@@ -185,30 +159,47 @@ class ModelSession:
                 ),
                 max_batch_size=options.max_batch_size,
                 device="cpu" if self.provider == CPU else "cuda",
-                cuda_graph=cuda_graph,
+                cuda_graph=plan.cuda_graph,
             )
-            if one_call_at_a_time
+            if plan.io_binding
             else None
         )
         self._lone_session = (
-            _lone_call_session(model_bytes, session_options, threads=cores)
-            if options.lone_call_spinning and self.provider == CPU and self._bound is None
+            ort.InferenceSession(model_bytes, plan.lone_call_options(), providers=[CPU])
+            if plan.lone_call
             else None
         )
-        self.runtime = {
-            "provider": self.provider,
-            "inference_workers": str(self.inference_workers),
-            "intra_op_threads": str(session_options.intra_op_num_threads),
-            "lone_call_spinning": "on" if self._lone_session else "off",
-            "cpu_memory_arena": "on" if session_options.enable_cpu_mem_arena else "off",
-            "precision": self.metadata.precision,
-            "batch": self._batching(),
-            "io_binding": "on" if self._bound else "off",
-            "cuda_graph": "on" if cuda_graph else "off",
-            "tensorrt": "on" if TENSORRT in self.providers else "off",
-        }
         logger.info(  # by file: a repository names the model by its folders, not its metadata
             "%s: %s", self.path, ", ".join(f"{key} {value}" for key, value in self.runtime.items())
+        )
+
+    @property
+    def runtime(self) -> dict[str, str]:
+        """How the model runs, as `model_info` shows it."""
+
+        def on(flag: bool) -> str:
+            return "on" if flag else "off"
+
+        plan = self.plan
+        return {
+            "provider": self.provider,
+            "inference_workers": str(plan.inference_workers),
+            "intra_op_threads": str(plan.threads_per_call),
+            "lone_call_spinning": on(plan.lone_call),
+            "cpu_memory_arena": on(plan.cpu_memory_arena),
+            "precision": self.metadata.precision,
+            "batch": self._batching(),
+            "io_binding": on(plan.io_binding),
+            "cuda_graph": on(plan.cuda_graph),
+            "tensorrt": on(TENSORRT in self.providers),
+        }
+
+    @property
+    def _graph_outputs(self) -> tuple[str, ...]:
+        """The graph's outputs the service reads, by the graph's names."""
+        return (
+            self.graph.output_name,
+            *filter(None, [self.graph.attention_output, self.graph.ood_output]),
         )
 
     def _batching(self) -> str:
@@ -216,18 +207,6 @@ class ModelSession:
         if self.images_per_call is not None:
             return f"{fixed}, {self.images_per_call} image per call ({self.metadata.precision})"
         return fixed
-
-    def _unbindable(self) -> str | None:
-        """Why the bound buffers (float32, one per batch-size bucket) cannot serve this graph."""
-        if self.fixed_batch_size is not None:
-            return f"the graph fixes the batch at {self.fixed_batch_size}"
-        if self.images_per_call is not None:
-            return f"{self.metadata.precision} runs {self.images_per_call} image per call"
-        if self.graph.output_type != "tensor(float)":
-            return f"the graph's output is {self.graph.output_type}"
-        if self.graph.attention_output is not None and self.graph.attention_grid is None:
-            return "the graph does not fix its attention grid's shape"
-        return None
 
     def _bound_shapes(self) -> dict[str, tuple[int, ...]]:
         """Each output's shape per image, for the bound buffers."""
@@ -237,18 +216,6 @@ class ModelSession:
         if self.graph.ood_output is not None:
             shapes[self.graph.ood_output] = ()
         return shapes
-
-    def _workers(self, requested: int, one_call_at_a_time: bool) -> int:
-        """Calls that may run at once: `requested`, or for 0 two on the CPU provider and one
-        elsewhere; always one with IO binding, whose buffers serve one call at a time."""
-        if not one_call_at_a_time:
-            return requested or (2 if self.provider == CPU else 1)
-        if requested > 1:
-            why = "IO binding runs one call at a time"
-            fallback = f"inference_workers {requested}: 1 ({why})"
-            self.fallbacks = (*self.fallbacks, fallback)
-            logger.warning("fallback: %s", fallback)
-        return 1
 
     def call_seconds(self, images: int) -> float:
         """How long one onnxruntime call of `images` may run before it is stopped: the load-time
@@ -263,7 +230,7 @@ class ModelSession:
         if self._bound is None:
             # A lone image goes through the lone-call session, two through the main one.
             return (1, 2) if self._lone_session is not None else (1,)
-        runs = CUDA_GRAPH_WARM_UP_RUNS if self.runtime["cuda_graph"] == "on" else 1
+        runs = CUDA_GRAPH_WARM_UP_RUNS if self.plan.cuda_graph else 1
         return tuple(b.batch_size for b in self._bound.buckets for _ in range(runs))
 
     @property
@@ -352,33 +319,23 @@ class ModelSession:
         return named
 
 
-def _lone_call_session(
-    model_bytes: bytes, options: ort.SessionOptions, *, threads: int
-) -> ort.InferenceSession:
-    """The CPU session for lone calls, on all `threads`: they busy-wait between operators
-    instead of sleeping (a lone image's call ~1 ms faster on 2 cores), and stop the moment the
-    call returns, so they never take cycles from work that arrives afterwards."""
-    lone = ort.SessionOptions()
-    lone.add_session_config_entry(*ONNX_FORMAT_ONLY)
-    lone.intra_op_num_threads = threads
-    lone.inter_op_num_threads = options.inter_op_num_threads
-    lone.graph_optimization_level = options.graph_optimization_level
-    lone.enable_cpu_mem_arena = options.enable_cpu_mem_arena
-    lone.add_session_config_entry("session.intra_op.allow_spinning", "1")
-    lone.add_session_config_entry("session.force_spinning_stop", "1")
-    return ort.InferenceSession(model_bytes, lone, providers=[CPU])
-
-
 def _create_session(
-    model_bytes: bytes, options: ort.SessionOptions, plan: ProviderPlan
-) -> tuple[ort.InferenceSession, ProviderPlan]:
-    """The session for `plan`; without CUDA graph capture if the model cannot be captured."""
+    model_bytes: bytes, plan: SessionPlan, options: RuntimeOptions, facts: ModelFacts
+) -> tuple[ort.InferenceSession, SessionPlan]:
+    """The session for `plan`; planned again without CUDA graph capture, and built for that,
+    if the model cannot be captured."""
     try:
-        return ort.InferenceSession(model_bytes, options, providers=list(plan.entries)), plan
+        session = ort.InferenceSession(
+            model_bytes, plan.session_options(), providers=list(plan.providers.entries)
+        )
+        return session, plan
     except Exception as error:  # onnxruntime raises its own untyped errors here
-        if not plan.cuda_graph:
+        if not plan.providers.cuda_graph:
             raise
-        fallback = plan.without_cuda_graph(f"cuda_graph could not be used ({error}): off")
-        return ort.InferenceSession(
-            model_bytes, options, providers=list(fallback.entries)
-        ), fallback
+        note = f"cuda_graph could not be used ({error}): off"
+        providers = plan.providers.without_cuda_graph(note)
+        fallback = plan_sessions(options, providers, facts)
+        session = ort.InferenceSession(
+            model_bytes, fallback.session_options(), providers=list(providers.entries)
+        )
+        return session, fallback

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from model_contract.errors import ImageError
+from model_contract.outputs import PROBABILITIES
 from model_contract.preprocess import PreprocessSpec, preprocess_upload
-from model_runtime.session import PROBABILITIES
 from service.errors import InvalidRequest, TooManyImages
 from service.http import oip
 from service.inference.tensors import InputSpec, pixel_range

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 
 from model_contract.metadata import ModelMetadata
 from model_contract.ood import in_distribution
-from model_runtime.session import ATTENTION_ROLLOUT, OOD_SCORE, PROBABILITIES
+from model_contract.outputs import ATTENTION_ROLLOUT, OOD_SCORE, PROBABILITIES
 from service.errors import ERROR_TYPES, Overloaded, ServiceError, Unauthorized
 from service.http.schemas import (
     Attention,

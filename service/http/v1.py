@@ -13,9 +13,9 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request, Response
 
+from model_contract.outputs import ATTENTION_ROLLOUT, PROBABILITIES
 from model_contract.vit_cost import cost_of
 from model_runtime.decoding.shared_file import PICTURE_SIDE
-from model_runtime.session import ATTENTION_ROLLOUT, PROBABILITIES
 from service.errors import InvalidRequest, NoAttention, NotAcceptable, ServiceError
 from service.http.body import FILE_FIELD, OCTET_STREAM, unless_disconnected, uploaded_images
 from service.http.dependencies import DataPlaneDep, Inference, InferenceDep

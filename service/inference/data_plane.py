@@ -172,7 +172,7 @@ class DataPlane:
                 TensorSignature(IMAGE_INPUT, BYTES, (-1,)),
             ],
             outputs=[
-                TensorSignature(name, FP32, shape) for name, shape in session.output_shapes.items()
+                TensorSignature(output.name, FP32, output.shape) for output in session.outputs
             ],
         )
 

@@ -17,9 +17,10 @@ import numpy as np
 
 from model_contract.errors import ImageError
 from model_contract.ood import in_distribution
+from model_contract.outputs import OOD_SCORE, PROBABILITIES
 from model_runtime.decoding.pool import Decoded, DecodeWorkers
 from model_runtime.graph_check import check_output_kind, check_output_width
-from model_runtime.session import OOD_SCORE, PROBABILITIES, ModelSession, Outputs, per_image
+from model_runtime.session import ModelSession, Outputs, per_image
 from service.errors import (
     DeadlineExceeded,
     ModelLoadFailed,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model_runtime.session import PROBABILITIES
+from model_contract.outputs import PROBABILITIES
 from service.errors import EmptyBody, InvalidRequest, TooManyImages
 
 FP32 = "FP32"

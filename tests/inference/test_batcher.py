@@ -11,7 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from model_runtime.session import PROBABILITIES, Outputs
+from model_contract.outputs import PROBABILITIES
+from model_runtime.session import Outputs
 from service.errors import DeadlineExceeded, InferenceFailed, Overloaded
 from service.inference.batcher import Batcher
 from service.metrics import Metrics

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from model_contract.outputs import PROBABILITIES
 from model_export import shapes
-from model_runtime.session import PROBABILITIES, ModelSession, Outputs
+from model_runtime.session import ModelSession, Outputs
 from tests.service_support import cpu_settings, ready_client, rejections
 
 FAILURES_UNTIL_UNREADY = 3
