@@ -10,7 +10,6 @@ from typing import Any
 import onnxruntime as ort
 import pytest
 
-from model_runtime import session as session_module
 from model_runtime.graph_check import GraphContract
 from model_runtime.options import CPU, CUDA, IN_PROCESS, RuntimeOptions
 from model_runtime.providers import ProviderPlan
@@ -88,7 +87,7 @@ def test_each_session_is_built_once(
         made.append(args[1])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(session_module.ort, "InferenceSession", counting)
+    monkeypatch.setattr(ort, "InferenceSession", counting)
     session = ModelSession(served_model, options)
     assert len(made) == built
     assert made[0].intra_op_num_threads == session.plan.threads_per_call
