@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from tritonclient.grpc import service_pb2 as pb  # the messages as tritonclient sends them
 
 from benchmarks.run import DOCS, ROOT, SIZES, closed_loop, photos, resident_mb, start
 from harness.servers import free_port
-from service.grpc import oip_pb2 as pb
 from vit_tools.bench import Body, Report, summarise
 
 MODEL = "shapes-vit"
