@@ -36,9 +36,16 @@ class Server:
 
 
 @contextmanager
-def served(model: Path, cwd: Path, timeout: float = 60.0, **settings: str) -> Iterator[Server]:
-    """`vit-serve` on 127.0.0.1 until it is ready (VIT_* `settings` in its environment); stopped
-    afterwards. Its log goes to a file: a pipe nobody reads would block a chatty server."""
+def served(
+    model: Path,
+    cwd: Path,
+    timeout: float = 60.0,
+    environment: dict[str, str] | None = None,
+    **settings: str,
+) -> Iterator[Server]:
+    """`vit-serve` on 127.0.0.1 until it is ready (VIT_* `settings` and any other `environment`
+    variables, OTEL_* say, in its environment); stopped afterwards. Its log goes to a file: a
+    pipe nobody reads would block a chatty server."""
     port = free_port()
     settings.setdefault("grpc_port", str(free_port()))
     command = [sys.executable, "-m", "service.cli", "--model", str(model), "--port", str(port)]
@@ -46,6 +53,7 @@ def served(model: Path, cwd: Path, timeout: float = 60.0, **settings: str) -> It
         "VIT_PROVIDERS": '["CPUExecutionProvider"]',
         "PATH": "/usr/bin:/bin",
         **{f"VIT_{key.upper()}": value for key, value in settings.items()},
+        **(environment or {}),
     }
     with tempfile.NamedTemporaryFile(prefix="vit-serve-", suffix=".log", delete=False) as log:
         process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -14,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics
 from starlette.exceptions import HTTPException
 
 from service.errors import InvalidRequest, ServiceError
@@ -25,15 +27,19 @@ from service.http.middleware import RequestMetrics
 from service.http.responses import error_response, service_error_response
 from service.http.routers import inference_router
 from service.http.schemas import OipInferenceRequest
+from service.http.tracing import RequestTracing
 from service.inference.data_plane import DataPlane
 from service.inference.registry import ModelRegistry
 from service.inference.repository import Repository
 from service.metrics import Metrics
+from service.observability.tracing import Tracing
+from service.observability.tracing import wanted as tracing_wanted
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 _HTTP_ERROR_TYPES = {404: "not_found", 405: "method_not_allowed"}
+OPENMETRICS = "application/openmetrics-text"
 
 
 def package_version() -> str:
@@ -108,9 +114,13 @@ def _lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
         # Models load and warm up while the server already answers liveness; readiness waits
         # for them (service/inference/repository.py).
         metrics = Metrics()
+        tracing = Tracing.from_environment()
+        if tracing is not None:
+            metrics.traced = True
+            metrics.registry.register(tracing)
         registry = ModelRegistry(settings, metrics)
         app.state.registry = registry  # for the server's SIGTERM handler (service/cli.py)
-        repository = Repository(settings, registry, metrics)
+        repository = Repository(settings, registry, metrics, tracing)
         prepared = await repository.open()  # a file that cannot load fails startup here
         data_plane = DataPlane(registry, repository, settings)
         start = asyncio.create_task(repository.serve(prepared))
@@ -118,13 +128,20 @@ def _lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
         grpc = None
         try:
             if settings.grpc_port:
-                grpc = await GrpcFront.start(data_plane, metrics, settings, app.version)
-            yield {"data_plane": data_plane, "settings": settings, "metrics": metrics}
+                grpc = await GrpcFront.start(data_plane, metrics, settings, app.version, tracing)
+            yield {
+                "data_plane": data_plane,
+                "settings": settings,
+                "metrics": metrics,
+                "tracing": tracing,
+            }
         finally:
             start.cancel()
             if grpc is not None:
                 await grpc.stop(settings.graceful_shutdown_s)
             await repository.close()
+            if tracing is not None:
+                await asyncio.to_thread(tracing.shutdown)  # what is queued, within its bound
 
     return lifespan
 
@@ -150,8 +167,13 @@ def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
 
 
 async def metrics_endpoint(request: Request) -> Response:
-    """Prometheus text exposition of the app's own registry."""
+    """The app's own registry in Prometheus' text format, or in OpenMetrics' where the scraper
+    asks for it (Prometheus does with exemplar storage on): only OpenMetrics carries the
+    exemplars that link a latency to its trace."""
     metrics: Metrics = request.state.metrics
+    if OPENMETRICS in request.headers.get("accept", ""):
+        exposition = openmetrics.generate_latest(metrics.registry)
+        return Response(exposition, media_type=openmetrics.CONTENT_TYPE_LATEST)
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -183,7 +205,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(v2.repository_router)
     app.add_middleware(Admission, inference_routes=inference_router.routes)
     app.add_middleware(RequestFraming)
-    app.add_middleware(RequestMetrics)  # added last, so outermost: it sees refusals too
+    app.add_middleware(RequestMetrics)  # outermost but for tracing: it sees refusals too
+    if tracing_wanted(os.environ):
+        app.add_middleware(RequestTracing)  # added last, so outermost of all
     app.add_api_route("/metrics", metrics_endpoint, include_in_schema=False)
     app.openapi = _openapi(app)  # type: ignore[method-assign]
     return app

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import re
 import socket
 import sys
@@ -26,6 +25,7 @@ from model_runtime.options import RuntimeOptions
 from model_runtime.scheduling import favour_the_event_loop
 from service.app import create_app
 from service.http.malformed_requests import served_protocol
+from service.observability.logs import configure_logging
 from service.settings import Settings
 
 
@@ -193,9 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         key: value for key in FLAGS if (value := getattr(args, key)) is not None
     }
     settings = settings_from(overrides)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_format, args.log_level)
     if not settings.model.exists():
         sys.exit(f"vit-serve: {settings.model}: no such file or directory")
     if settings.model.is_file():  # a repository's versions are checked as they load
@@ -213,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         port=settings.port,
         workers=1,
         log_level=args.log_level,
+        log_config=None,  # configured above, for uvicorn's loggers too
         access_log=settings.access_log,
         timeout_graceful_shutdown=settings.graceful_shutdown_s,
         http=served_protocol(settings),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from opentelemetry import trace
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -45,6 +46,21 @@ BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128)
 PROBABILITY_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
 
 
+Exemplar = dict[str, str] | None
+"""A trace an observation links to, in the OpenMetrics exposition (None: none)."""
+
+
+def exemplar_of(context: trace.SpanContext) -> Exemplar:
+    """A span's ids as an exemplar, where the span is sampled (an unsampled one is in no
+    backend to jump to)."""
+    if not context.is_valid or not context.trace_flags.sampled:
+        return None
+    return {
+        "trace_id": trace.format_trace_id(context.trace_id),
+        "span_id": trace.format_span_id(context.span_id),
+    }
+
+
 MODEL = ["model", "version"]
 HTTP = ["method", "route", "code"]
 GRPC = ["method", "code"]
@@ -61,6 +77,8 @@ class Metrics:
         # as a gauge that nothing queries. The switch is prometheus_client's, for the whole
         # process, which exports no registry but this one.
         disable_created_metrics()
+        self.traced = False
+        """Whether requests are traced: then latencies carry their trace as an exemplar."""
         self.registry = CollectorRegistry()
         r = self.registry
         ProcessCollector(registry=r)
@@ -234,6 +252,10 @@ class Metrics:
             self.mode_converted,
         ]
 
+    def exemplar(self) -> Exemplar:
+        """The current request's trace, for an observation it makes, while tracing is on."""
+        return exemplar_of(trace.get_current_span().get_span_context()) if self.traced else None
+
     def for_model(self, name: str, version: str) -> ModelMetrics:
         return ModelMetrics(self, name, version)
 
@@ -273,6 +295,9 @@ class ModelMetrics:
         self._rotated = metrics.exif_rotated.labels(name, version)
         self._out_of_distribution = metrics.out_of_distribution.labels(name, version)
         self._converted = _Labelled(metrics.mode_converted, name, version)
+
+    def exemplar(self) -> Exemplar:
+        return self._metrics.exemplar()
 
     def observe_decoded(self, image_format: str, original_mode: str, exif_rotated: bool) -> None:
         self._format.labels(image_format).inc()

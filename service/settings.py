@@ -202,6 +202,10 @@ class Settings(BaseSettings):
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     """The event loop: uvloop (libuv) or the standard library's asyncio."""
 
+    log_format: Literal["text", "json"] = "text"
+    """How log lines are written: text, or json (one object a line: time, level, logger,
+    message, and the trace and span of the request a line belongs to when traces are on)."""
+
     access_log: bool = False
     """Log a line per request. Off by default: /metrics already counts and times every request
     by route and status, and at ~500 requests/s the log lines cost about a tenth of the event

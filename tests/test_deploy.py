@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,12 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from opentelemetry.trace import SpanContext, TraceFlags
 from prometheus_client.parser import text_string_to_metric_families
 
 from model_export import shapes
+from service.metrics import exemplar_of
+from service.observability.tracing import wanted
 from service.settings import Settings
 from tests.conftest import ROOT
 from tests.service_support import cpu_settings, ready_client
@@ -230,3 +234,31 @@ def test_the_dashboards_route_filter_matches_the_inference_routes(app_routes: se
 
     assert matched == {route.path for route in inference_router.routes}  # type: ignore[attr-defined]
     assert "/v1/models/{name}/versions/{version}/classify" in matched
+
+
+def test_compose_sends_traces_to_jaeger_and_grafana_links_exemplars_to_them() -> None:
+    """The service's OTEL_* variables turn tracing on and point at the tracing backend's OTLP
+    port; Prometheus keeps exemplars; Grafana's Prometheus datasource opens an exemplar's
+    trace_id (the label the service writes) in the tracing datasource; the latency panels show
+    exemplars."""
+    services = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]
+    environment = services["vit"]["environment"]
+    assert wanted(environment)
+    endpoint = urllib.parse.urlsplit(environment["OTEL_EXPORTER_OTLP_ENDPOINT"])
+    assert (endpoint.hostname, endpoint.port) == ("jaeger", 4318)  # Jaeger's OTLP/HTTP port
+    assert "jaeger" in services and "jaeger" in services["grafana"]["depends_on"]
+    assert "--enable-feature=exemplar-storage" in services["prometheus"]["command"]
+    provisioned = DOCKER / "grafana/provisioning/datasources"
+    sources = [
+        source
+        for path in sorted(provisioned.glob("*.yaml"))
+        for source in yaml.safe_load(path.read_text())["datasources"]
+    ]
+    by_uid = {source["uid"]: source for source in sources}
+    (link,) = by_uid["prometheus"]["jsonData"]["exemplarTraceIdDestinations"]
+    exemplar = exemplar_of(SpanContext(1, 2, False, TraceFlags(TraceFlags.SAMPLED)))
+    assert exemplar is not None and link["name"] in exemplar and link["name"] == "trace_id"
+    assert by_uid[link["datasourceUid"]]["url"] == "http://jaeger:16686"
+    dashboard = json.loads(DASHBOARD.read_text())
+    latency = [p for p in dashboard["panels"] if "latency" in p["title"].lower()]
+    assert latency and all(t.get("exemplar") for p in latency for t in p["targets"])

@@ -18,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from harness.otlp_receiver import otlp_receiver
 from harness.servers import served
 from model_export import shapes
 from service.app import create_app
@@ -83,7 +84,16 @@ class Exposition:
 @pytest.fixture(scope="module")
 def exposition(served_model: Path) -> Iterator[Exposition]:
     # TensorRT asked for on a CPU machine falls back: the info metric must not carry the reason.
-    with served(served_model, ROOT, tensorrt="true") as server:
+    # Traces on, to a receiver: the export's own families are exported and checked too.
+    with (
+        otlp_receiver() as (endpoint, _),
+        served(
+            served_model,
+            ROOT,
+            environment={"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint},
+            tensorrt="true",
+        ) as server,
+    ):
         for method, path, body, content_type, status in TRAFFIC:
             headers = {"Content-Type": content_type} if content_type else {}
             request = urllib.request.Request(

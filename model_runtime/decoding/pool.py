@@ -51,6 +51,8 @@ class Decoded:
     """The original's size, upright."""
     box: tuple[float, float, float, float]
     """The box of the upright original that became the model's input (model_contract)."""
+    decoded_ns: tuple[int, int] = (0, 0)
+    """When its worker began and finished it, in nanoseconds since the epoch."""
     picture: np.ndarray | None = None
     """The upright image, at most PICTURE_SIDE on its longest side, as (H, W, 3) uint8: only
     when asked for."""
@@ -208,14 +210,15 @@ class DecodeWorkers:
             return
         outcome: Decoded | ImageError
         if reply[0] == "ok":
-            _, image_format, mode, rotated, upright_size, box, shape, picture_shape = reply
+            _, image_format, mode, rotated, upright, box, shape, picture_shape, began, ended = reply
             outcome = Decoded(
                 worker.shared.take_tensor(tuple(shape)),
                 image_format,
                 mode,
                 rotated,
-                (upright_size[0], upright_size[1]),
+                (upright[0], upright[1]),
                 (box[0], box[1], box[2], box[3]),
+                (int(began), int(ended)),
                 None if picture_shape is None else worker.shared.take_picture(tuple(picture_shape)),
             )
         else:

@@ -8,6 +8,7 @@ import os
 import resource
 import select
 import socket
+import time
 
 import numpy as np
 from PIL import Image
@@ -96,6 +97,7 @@ def serve(
             return
         kept_before, kept_memory = kept_memory, True
         request = shared.heard() - 1
+        began = time.time_ns()
         size, wants_picture = request >> 1, bool(request & 1)
         try:
             data = shared.take_upload(size)
@@ -127,7 +129,7 @@ def serve(
             shared.put_picture(picture)
         found = [decoded.format, decoded.original_mode, decoded.exif_rotated, decoded.upright_size]
         shape = None if picture is None else picture.shape
-        messages.send(conn, ["ok", *found, box, tensor.shape, shape])
+        messages.send(conn, ["ok", *found, box, tensor.shape, shape, began, time.time_ns()])
         del tensor, decoded, picture  # the decoded image is not kept alive while the worker waits
 
 

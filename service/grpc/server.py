@@ -17,6 +17,9 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Status, StatusCode
 
 from service.errors import (
     DeadlineExceeded,
@@ -29,6 +32,7 @@ from service.grpc import oip_pb2 as pb
 from service.grpc.tensors import encode_response, parse_request
 from service.inference.data_plane import DataPlane
 from service.metrics import Metrics
+from service.observability.tracing import Tracing
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -40,6 +44,18 @@ HEALTH_POLL_S = 0.5
 """How often a health Watch looks at readiness (a Check reads it as it is)."""
 CANCELLATION_ARRIVES_S = 0.05
 """How long a call whose message never came waits to learn whether its client cancelled it."""
+PROPAGATED = ("traceparent", "tracestate", "baggage")
+"""The metadata a client's trace continues from (W3C trace context, as HTTP's headers)."""
+SERVER_FAULTS = {
+    "UNKNOWN",
+    "DEADLINE_EXCEEDED",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+}
+"""Status codes that are the server's failure, not the client's (OpenTelemetry's RPC
+conventions): only these mark a server span as an error."""
 PARSE_ON_LOOP_BYTES = 64 * 1024
 """Messages smaller than this are parsed on the event loop; larger ones in a thread (typed
 FP32 contents are per-element work)."""
@@ -108,10 +124,16 @@ class InferenceService:
     """The RPCs, each a thin shell around one data-plane call."""
 
     def __init__(
-        self, data_plane: DataPlane, metrics: Metrics, settings: Settings, version: str
+        self,
+        data_plane: DataPlane,
+        metrics: Metrics,
+        settings: Settings,
+        version: str,
+        tracing: Tracing | None = None,
     ) -> None:
         self.data_plane = data_plane
         self.metrics = metrics
+        self.tracing = tracing
         self.settings = settings
         self.version = version
         self.infer_calls = 0
@@ -294,11 +316,14 @@ class InferenceService:
     ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
         """`behaviour` answering errors with their gRPC status, timed and counted by method
         and status code (and refusals by their type, as HTTP counts them)."""
-        metrics = self.metrics
+        metrics, tracing = self.metrics, self.tracing
 
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
             call, code = Call(), "OK"
+            span = token = None
+            if tracing is not None:
+                span, token = _server_span(tracing, method, context)
             try:
                 return await behaviour(well_formed(request), context, call)
             except ServiceError as error:
@@ -317,10 +342,44 @@ class InferenceService:
             finally:
                 metrics.grpc_requests.labels(method, code).inc()
                 metrics.grpc_request_seconds.labels(method, code, call.model).observe(
-                    time.perf_counter() - started
+                    time.perf_counter() - started, metrics.exemplar()
                 )
+                if span is not None and token is not None:
+                    _end_span(span, token, code, call.model)
 
         return observed
+
+
+def _server_span(
+    tracing: Tracing, method: str, context: grpc.aio.ServicerContext
+) -> tuple[trace.Span, object]:
+    """The call's server span, continuing the client's trace from its metadata, made current."""
+    carrier = {
+        key: value
+        for key, value in (context.invocation_metadata() or ())
+        if key in PROPAGATED and isinstance(value, str)
+    }
+    parent = propagate.extract(carrier)
+    attributes = {
+        "rpc.system": "grpc",
+        "rpc.service": SERVICE,
+        "rpc.method": method,
+        "network.peer.address": context.peer(),
+    }
+    span = tracing.server_span(f"{SERVICE}/{method}", parent, attributes)
+    return span, otel_context.attach(trace.set_span_in_context(span, parent))
+
+
+def _end_span(span: trace.Span, token: object, code: str, model: str) -> None:
+    span.set_attribute("rpc.grpc.status_code", getattr(grpc.StatusCode, code).value[0])
+    if model:
+        span.set_attribute("vit.model.name", model)
+    if code != "OK":
+        span.set_attribute("error.type", code)
+        if code in SERVER_FAULTS:
+            span.set_status(Status(StatusCode.ERROR))
+    span.end()
+    otel_context.detach(token)  # type: ignore[arg-type]
 
 
 def _named(name: str) -> str:
@@ -354,7 +413,12 @@ class GrpcFront:
 
     @classmethod
     async def start(
-        cls, data_plane: DataPlane, metrics: Metrics, settings: Settings, version: str
+        cls,
+        data_plane: DataPlane,
+        metrics: Metrics,
+        settings: Settings,
+        version: str,
+        tracing: Tracing | None = None,
     ) -> GrpcFront:
         server = grpc.aio.server(
             options=[
@@ -364,7 +428,7 @@ class GrpcFront:
             ],
         )
         server.add_generic_rpc_handlers(
-            (InferenceService(data_plane, metrics, settings, version).handler(),)
+            (InferenceService(data_plane, metrics, settings, version, tracing).handler(),)
         )
         health_service = ReadinessHealth(data_plane)
         health_pb2_grpc.add_HealthServicer_to_server(health_service, server)

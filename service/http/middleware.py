@@ -79,5 +79,5 @@ class RequestMetrics:
             labels = (method_label(scope), route_label(scope), str(status))
             metrics.requests.labels(*labels).inc()
             metrics.request_seconds.labels(*labels, model_label(scope)).observe(
-                time.perf_counter() - started
+                time.perf_counter() - started, metrics.exemplar()
             )

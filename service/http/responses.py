@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 from fastapi.responses import JSONResponse
+from opentelemetry import trace
 
 from model_contract.metadata import ModelMetadata
 from model_contract.ood import in_distribution
@@ -87,9 +88,12 @@ def error_response(
     error_type: str,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    """The one error body; every error is also counted as a rejection by its type."""
+    """The one error body; every error is also counted as a rejection by its type, and while
+    tracing is on, recorded on the request's span."""
     if metrics is not None:
         metrics.rejections.labels(error_type).inc()
+        if metrics.traced:
+            trace.get_current_span().set_attribute("error.type", error_type)
     return JSONResponse(
         {"error": message, "type": error_type}, status_code=status_code, headers=headers
     )

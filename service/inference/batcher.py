@@ -22,11 +22,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Link
 
 from model_runtime.scheduling import run_as_batch_work
 from model_runtime.session import Outputs
 from service.errors import DeadlineExceeded, InferenceFailed, Overloaded
-from service.metrics import ModelMetrics
+from service.metrics import Exemplar, ModelMetrics, exemplar_of
+from service.observability.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +48,25 @@ class _Job:
     recovery probes) are not traffic."""
     started: bool = False
     """Taken by the batching thread: its answer will come, whatever its deadline says."""
+    trace: otel_context.Context | None = None
+    """The request's trace context, while tracing is on and the job is a traced request's."""
+    enqueued_ns: int = 0
+    """When it was queued, in nanoseconds since the epoch (for its span), while traced."""
+
+    def exemplar(self) -> Exemplar:
+        if self.trace is None:
+            return None
+        return exemplar_of(trace.get_current_span(self.trace).get_span_context())
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One onnxruntime call: which images of the batch it ran, and when (ns since the epoch)."""
+
+    first: int
+    images: int
+    started_ns: int
+    ended_ns: int
 
 
 @dataclass
@@ -82,8 +105,12 @@ class Batcher:
         predict_alone: Predict | None = None,
         busy_elsewhere: Callable[[], bool] = lambda: False,
         nice: int = 0,
+        tracing: Tracing | None = None,
+        model: tuple[str, str] = ("", ""),
     ) -> None:
         self._predict = predict
+        self._tracing = tracing
+        self._model_attributes = {"vit.model.name": model[0], "vit.model.version": model[1]}
         self._predict_alone = predict_alone or predict
         self._busy_elsewhere = busy_elsewhere
         """Whether work outside the batcher (uploads being decoded) needs the cores too."""
@@ -143,6 +170,10 @@ class Batcher:
         now = time.monotonic()
         future = asyncio.get_running_loop().create_future()
         job = _Job(inputs, deadline, now, future, counted=counted)
+        if self._tracing is not None and counted:
+            current = otel_context.get_current()
+            if trace.get_current_span(current).get_span_context().is_valid:
+                job.trace, job.enqueued_ns = current, time.time_ns()
         with self._changed:
             if self._held + count > self._max_queue:
                 raise Overloaded("the inference queue is full", retry_after=self.retry_after())
@@ -263,21 +294,30 @@ class Batcher:
         counted = any(job.counted for job in batch)
         for job in batch:
             if job.counted:
-                self._metrics.stage_seconds.labels("queue_wait").observe(started - job.enqueued)
+                self._metrics.stage_seconds.labels("queue_wait").observe(
+                    started - job.enqueued, job.exemplar()
+                )
+        traced = self._tracing is not None and any(job.trace is not None for job in batch)
+        calls: list[_Call] | None = [] if traced else None
         try:
-            outputs = self._calls(predict, inputs, counted=counted)
+            outputs = self._calls(predict, inputs, counted=counted, calls=calls)
         except Exception as error:
             logger.exception("inference failed on a batch of %d images", len(inputs))
+            if calls is not None:
+                self._trace(batch, calls, failed=type(error).__name__)
             self._isolate(batch, predict, error)
             return
         finally:
             self._release(len(inputs))
+        if calls is not None:
+            self._trace(batch, calls)
         elapsed = time.monotonic() - started
         with self._changed:
             self.consecutive_failures = 0
             self._throughput.observe(len(inputs), elapsed)
         if counted:
-            self._metrics.stage_seconds.labels("inference").observe(elapsed)
+            exemplar = next((e for job in batch if (e := job.exemplar()) is not None), None)
+            self._metrics.stage_seconds.labels("inference").observe(elapsed, exemplar)
         ends = np.cumsum([len(job.inputs) for job in batch])
         starts = ends - [len(job.inputs) for job in batch]
         rows = [{k: v[a:b] for k, v in outputs.items()} for a, b in zip(starts, ends, strict=True)]
@@ -307,19 +347,87 @@ class Batcher:
             self.consecutive_failures = 0 if known_good_works else self.consecutive_failures + 1
         self._answer(outcomes)
 
-    def _calls(self, predict: Predict, inputs: np.ndarray, *, counted: bool) -> Outputs:
+    def _calls(
+        self,
+        predict: Predict,
+        inputs: np.ndarray,
+        *,
+        counted: bool,
+        calls: list[_Call] | None = None,
+    ) -> Outputs:
         """`inputs` through onnxruntime in calls of at most max_batch_size images: a request
-        larger than that is split, never run as one larger call."""
+        larger than that is split, never run as one larger call. Each call is appended to
+        `calls` where given (for its spans); a failed one too, with the time it failed."""
         step = self._max_batch_size
         chunks = []
         for start in range(0, len(inputs), step):
             chunk = inputs[start : start + step]
-            chunks.append(_checked(predict, chunk))
+            began = time.time_ns() if calls is not None else 0
+            try:
+                chunks.append(_checked(predict, chunk))
+            finally:
+                if calls is not None:
+                    calls.append(_Call(start, len(chunk), began, time.time_ns()))
             if counted:
                 self._metrics.batch_size.observe(len(chunk))
         if len(chunks) == 1:
             return chunks[0]
         return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
+
+    def _trace(self, batch: list[_Job], calls: list[_Call], *, failed: str | None = None) -> None:
+        """The batch's spans, after the fact: each onnxruntime call as a span of its own trace,
+        linked to every traced request it served, and in each such request's trace its wait in
+        the queue and a child for each call it rode in, linked back to the call. `failed`: the
+        last call raised this (its requests are then tried one by one, untraced)."""
+        assert self._tracing is not None
+        tracing, attributes = self._tracing, self._model_attributes
+        ends = np.cumsum([len(job.inputs) for job in batch])
+        spans = [
+            (job, int(end) - len(job.inputs), int(end))
+            for job, end in zip(batch, ends, strict=True)
+        ]
+        for job, _, _ in spans:
+            if job.trace is not None:
+                tracing.record(
+                    "queue_wait", job.trace, job.enqueued_ns, calls[0].started_ns, attributes
+                )
+        for index, call in enumerate(calls):
+            error = failed if index == len(calls) - 1 else None
+            riders = [
+                job
+                for job, first, end in spans
+                if first < call.first + call.images and end > call.first
+            ]
+            traced = [job.trace for job in riders if job.trace is not None]
+            batch_attributes = {
+                **attributes,
+                "vit.batch.size": call.images,
+                "vit.batch.requests": len(riders),
+            }
+            run = tracing.record(
+                "onnxruntime.run",
+                None,
+                call.started_ns,
+                call.ended_ns,
+                batch_attributes,
+                links=[Link(trace.get_current_span(ctx).get_span_context()) for ctx in traced],
+                error=error,
+            )
+            ran = run.get_span_context()
+            for context in traced:
+                tracing.record(
+                    "inference",
+                    context,
+                    call.started_ns,
+                    call.ended_ns,
+                    {
+                        **batch_attributes,
+                        "vit.inference.trace_id": trace.format_trace_id(ran.trace_id),
+                        "vit.inference.span_id": trace.format_span_id(ran.span_id),
+                    },
+                    links=[Link(ran)],
+                    error=error,
+                )
 
 
 def _checked(predict: Predict, inputs: np.ndarray) -> Outputs:

@@ -48,9 +48,22 @@ class Admitted:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Time one stage of the request (reading its body, say) in the model's metrics."""
-        with self.pipeline.metrics.stage_seconds.labels(name).time():
+        """Time one stage of the request (reading its body, say) in the model's metrics, and
+        while tracing is on, as a span of the request."""
+        pipeline = self.pipeline
+        span = None
+        if pipeline.tracing is not None:
+            span = pipeline.tracing.tracer.start_span(name, attributes=pipeline.span_attributes)
+        started = time.perf_counter()
+        try:
             yield
+        finally:
+            seconds = time.perf_counter() - started
+            pipeline.metrics.stage_seconds.labels(name).observe(
+                seconds, pipeline.metrics.exemplar()
+            )
+            if span is not None:
+                span.end()
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from dataclasses import astuple, dataclass
 from typing import Literal, NoReturn, TypeVar
 
 import numpy as np
+from opentelemetry import context as otel_context
 
 from model_contract.errors import ImageError
 from model_contract.ood import in_distribution
@@ -36,6 +37,7 @@ from service.inference.batcher import Batcher
 from service.inference.budget import Budget, Ticket
 from service.inference.tensors import InputSpec, pixel_range
 from service.metrics import Metrics
+from service.observability.tracing import Tracing
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -80,8 +82,18 @@ class Answer:
 class Pipeline:
     """The model behind the routes: never blocks the event loop, ready only after a warm-up."""
 
-    def __init__(self, session: ModelSession, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        session: ModelSession,
+        settings: Settings,
+        metrics: Metrics,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.session = session
+        self.tracing = tracing
+        name, version = session.metadata.name, session.metadata.version
+        self.span_attributes = {"vit.model.name": name, "vit.model.version": version}
+        """What every span of this version's work says of it."""
         self.metrics = model_metrics = metrics.for_model(
             session.metadata.name, session.metadata.version
         )
@@ -120,6 +132,8 @@ class Pipeline:
             predict_alone=session.infer_alone,
             busy_elsewhere=lambda: self._preparing > 0,
             nice=settings.inference_nice,
+            tracing=tracing,
+            model=(name, version),
         )
         self.budget = Budget(
             max_images=settings.max_queue,
@@ -166,18 +180,43 @@ class Pipeline:
         `request` take their turns at the workers with other requests' images. `counted`: a
         client's upload, measured in the metrics (the self-test's golden images are not)."""
         started = time.perf_counter()
+        traced = self.tracing is not None and counted
+        waited_ns = time.time_ns() if traced else 0
         try:
             decoded = await self.decoders.decode(data, picture=picture, request=request)
         except ImageError as error:
-            raise from_image_error(error) from error
+            refused = from_image_error(error)
+            if traced:
+                self._trace_decode(data, None, waited_ns, refused.type)
+            raise refused from error
+        if traced:
+            self._trace_decode(data, decoded, waited_ns)
         if counted:
             self.metrics.stage_seconds.labels("decode_preprocess").observe(
-                time.perf_counter() - started
+                time.perf_counter() - started, self.metrics.exemplar()
             )
             self.metrics.observe_decoded(
                 decoded.format, decoded.original_mode, decoded.exif_rotated
             )
         return decoded
+
+    def _trace_decode(
+        self, data: bytes, decoded: Decoded | None, waited_ns: int, error: str | None = None
+    ) -> None:
+        """An image's decode as a span of the current request: timed by its worker, from its
+        first byte read to its tensor written (without the wait for a worker); a refused image
+        from when it was handed over to when the refusal came back."""
+        assert self.tracing is not None
+        attributes: dict[str, str | int] = {**self.span_attributes, "vit.image.bytes": len(data)}
+        if decoded is None:
+            started_ns, ended_ns = waited_ns, time.time_ns()
+        else:
+            started_ns, ended_ns = decoded.decoded_ns
+            width, height = decoded.upright_size
+            attributes["vit.image.pixels"] = width * height
+            attributes["vit.image.format"] = decoded.format
+        parent = otel_context.get_current()
+        self.tracing.record("decode", parent, started_ns, ended_ns, attributes, error=error)
 
     async def infer(self, batch: np.ndarray, deadline: float) -> Outputs:
         """The outputs (one row per image) for a preprocessed batch, batched with other

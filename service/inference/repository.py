@@ -18,6 +18,7 @@ from service.inference.served_model import NEW_FILE_FAILED, IndexEntry, ServedMo
 from service.inference.version_loading import Prepared, VersionLoader
 from service.inference.version_policy import VersionPolicy
 from service.metrics import Metrics
+from service.observability.tracing import Tracing
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -29,11 +30,17 @@ SAYS_WHAT_FAILED = (ServiceError, InvalidModelMetadata, CudaUnavailable)
 class Repository:
     """Scan, start, poll, load, unload and sync the models of `settings.model`."""
 
-    def __init__(self, settings: Settings, registry: ModelRegistry, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ModelRegistry,
+        metrics: Metrics,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.settings = settings
         self.registry = registry
         self.policy = VersionPolicy.parse(settings.version_policy)
-        self.loader = VersionLoader(settings, metrics, registry)
+        self.loader = VersionLoader(settings, metrics, registry, tracing)
         self._unreadable: Unreadable = {}
         self._last_scan: Scan = {}
         self._poller: asyncio.Task[None] | None = None

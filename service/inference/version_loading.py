@@ -24,6 +24,7 @@ from service.inference.repository_layout import VersionFile
 from service.inference.retirement import Retirement
 from service.inference.served_model import NEW_FILE_FAILED, IndexEntry, ServedModel
 from service.metrics import Metrics
+from service.observability.tracing import Tracing
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -47,9 +48,16 @@ class Prepared:
 class VersionLoader:
     """Loads, swaps in and retires versions within the memory budget."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, registry: ModelRegistry) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        registry: ModelRegistry,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.tracing = tracing
         self.registry = registry
         self.budget = MemoryBudget(settings.models_memory_bytes)
         self.retirement = Retirement(settings.request_timeout_ms / 1000, registry.labels_in_use)
@@ -90,7 +98,7 @@ class VersionLoader:
                 room = self.budget.room(key, held)
                 session = await self._session(name, version, file.path, room)
             self.budget.reserve(key, max(estimate, session.load_check.peak_bytes))
-            pipeline = Pipeline(session, self.settings, self.metrics)
+            pipeline = Pipeline(session, self.settings, self.metrics, self.tracing)
             try:
                 await pipeline.start()
             except WarmUpOverran:

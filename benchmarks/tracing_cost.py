@@ -1,0 +1,140 @@
+"""What tracing costs: the server with tracing off, beside a build from before tracing existed,
+and with tracing on at 100% and at 10% sampling, exporting to a collector on loopback.
+
+    python -m benchmarks.tracing_cost --baseline <commit>     # about 6 minutes on 2 cores
+
+Four servers run side by side, each measured in turn in every round (every other round in the
+reverse order) at 16 clients and at 1 client with raw 640x480 JPEG uploads; the clients send no
+trace context, so the sampler decides at the root. The collector is an OTLP/HTTP receiver in a
+process of its own (harness/otlp_receiver.py) that decodes every export. The result is the
+median of the rounds, and of the rounds' ratios. Writes docs/tracing_cost.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.protocols import worktree
+from benchmarks.run import DOCS, ROOT, SIZES, closed_loop, photos, resident_mb, start
+from harness.servers import free_port
+from vit_tools.bench import Body, Report
+
+
+def serve(cwd: Path, environment: dict[str, str]) -> tuple[str, subprocess.Popen[bytes]]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "service.cli", "--model", "models/shapes-vit.onnx"]
+    env = {
+        "VIT_PROVIDERS": '["CPUExecutionProvider"]',
+        "VIT_GRPC_PORT": "0",
+        "PYTHONPATH": str(cwd),
+        **environment,
+    }
+    return url, start([*command, "--port", str(port)], env, url, cwd=cwd)
+
+
+def measure(url: str, bodies: list[Body], concurrency: int, seconds: float) -> Report:
+    closed_loop(url, bodies, concurrency, 1.0, "/v1/classify")  # warm-up
+    return closed_loop(url, bodies, concurrency, seconds, "/v1/classify")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--baseline", required=True, help="a commit from before tracing")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    bodies: list[Body] = [(data, "image/jpeg") for data in photos(SIZES["640x480"])]
+    collector = subprocess.Popen(
+        [sys.executable, "-m", "harness.otlp_receiver"], stdout=subprocess.PIPE, cwd=ROOT
+    )
+    assert collector.stdout is not None
+    endpoint = collector.stdout.readline().decode().strip()
+    traced = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}
+    sampled_10 = {**traced, "OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
+    with tempfile.TemporaryDirectory() as scratch:
+        old = worktree(args.baseline, Path(scratch) / "baseline")
+        servers: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}
+        try:
+            servers["off"] = serve(ROOT, {})
+            servers["off, baseline"] = serve(old, {})
+            servers["on, 100%"] = serve(ROOT, traced)
+            servers["on, 10%"] = serve(ROOT, sampled_10)
+            rounds = []
+            for number in range(args.rounds):
+                result: dict[str, dict[str, float]] = {}
+                order = list(servers.items())
+                for name, (url, _) in order if number % 2 == 0 else reversed(order):
+                    at_16 = measure(url, bodies, 16, args.seconds)
+                    at_1 = measure(url, bodies, 1, args.seconds)
+                    assert set(at_16.statuses) == {"200"} and set(at_1.statuses) == {"200"}, name
+                    result[name] = {
+                        "images_per_second_16": at_16.images_per_second,
+                        "p50_ms_1": at_1.p50_ms,
+                        "p99_ms_16": at_16.p99_ms,
+                    }
+                    print(f"{name:>14}: {at_16.line()}  |  {at_1.line()}", flush=True)
+                rounds.append(result)
+            memory = {name: resident_mb(process.pid) for name, (_, process) in servers.items()}
+        finally:
+            for _, process in servers.values():
+                process.terminate()
+                process.wait(timeout=30)
+            collector.terminate()
+            collector.wait(timeout=30)
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False
+            )
+
+    def ratio(judged: str, baseline: str, key: str = "images_per_second_16") -> float:
+        return statistics.median(r[judged][key] / r[baseline][key] for r in rounds)
+
+    def spread(judged: str, baseline: str) -> list[float]:
+        ratios = [
+            r[judged]["images_per_second_16"] / r[baseline]["images_per_second_16"] for r in rounds
+        ]
+        return [round(min(ratios), 3), round(max(ratios), 3)]
+
+    summary: dict[str, Any] = {
+        "baseline": args.baseline,
+        "this_tree": subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
+        "medians": {
+            name: {
+                key: round(statistics.median(r[name][key] for r in rounds), 2)
+                for key in ("images_per_second_16", "p50_ms_1", "p99_ms_16")
+            }
+            for name in servers
+        },
+        "ratios_16": {
+            "off over baseline": [
+                round(ratio("off", "off, baseline"), 3),
+                spread("off", "off, baseline"),
+            ],
+            "on 100% over off": [round(ratio("on, 100%", "off"), 3), spread("on, 100%", "off")],
+            "on 10% over off": [round(ratio("on, 10%", "off"), 3), spread("on, 10%", "off")],
+        },
+        "p50_ms_1_over_off": {
+            name: round(ratio(name, "off", "p50_ms_1"), 3) for name in ("on, 100%", "on, 10%")
+        },
+        "resident_mb": memory,
+    }
+    DOCS.mkdir(exist_ok=True)
+    (DOCS / "tracing_cost.json").write_text(
+        json.dumps({"rounds": rounds, "summary": summary}, indent=2) + "\n"
+    )
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
