@@ -1,9 +1,10 @@
-"""What tracing costs: the server with tracing off, beside a build from before tracing existed,
-and with tracing on at 100% and at 10% sampling, exporting to a collector on loopback.
+"""What tracing costs: the server with tracing off, beside a build from before tracing existed;
+with tracing on at 100% and at 10% sampling, exporting to a collector on loopback; and at 100%
+with its collector down (nothing listens on the endpoint).
 
-    python -m benchmarks.tracing_cost --baseline <commit>     # about 6 minutes on 2 cores
+    python -m benchmarks.tracing_cost --baseline <commit>     # about 8 minutes on 2 cores
 
-Four servers run side by side, each measured in turn in every round (every other round in the
+Five servers run side by side, each measured in turn in every round (every other round in the
 reverse order) at 16 clients and at 1 client with raw 640x480 JPEG uploads; the clients send no
 trace context, so the sampler decides at the root. The collector is an OTLP/HTTP receiver in a
 process of its own (harness/otlp_receiver.py) that decodes every export. The result is the
@@ -61,6 +62,7 @@ def main() -> None:
     endpoint = collector.stdout.readline().decode().strip()
     traced = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}
     sampled_10 = {**traced, "OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
+    dead = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
     with tempfile.TemporaryDirectory() as scratch:
         old = worktree(args.baseline, Path(scratch) / "baseline")
         servers: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}
@@ -69,6 +71,7 @@ def main() -> None:
             servers["off, baseline"] = serve(old, {})
             servers["on, 100%"] = serve(ROOT, traced)
             servers["on, 10%"] = serve(ROOT, sampled_10)
+            servers["on, collector down"] = serve(ROOT, dead)
             rounds = []
             for number in range(args.rounds):
                 result: dict[str, dict[str, float]] = {}
@@ -82,7 +85,7 @@ def main() -> None:
                         "p50_ms_1": at_1.p50_ms,
                         "p99_ms_16": at_16.p99_ms,
                     }
-                    print(f"{name:>14}: {at_16.line()}  |  {at_1.line()}", flush=True)
+                    print(f"{name:>18}: {at_16.line()}  |  {at_1.line()}", flush=True)
                 rounds.append(result)
             memory = {name: resident_mb(process.pid) for name, (_, process) in servers.items()}
         finally:
@@ -125,7 +128,8 @@ def main() -> None:
             "on 10% over off": [round(ratio("on, 10%", "off"), 3), spread("on, 10%", "off")],
         },
         "p50_ms_1_over_off": {
-            name: round(ratio(name, "off", "p50_ms_1"), 3) for name in ("on, 100%", "on, 10%")
+            name: round(ratio(name, "off", "p50_ms_1"), 3)
+            for name in ("on, 100%", "on, 10%", "on, collector down")
         },
         "resident_mb": memory,
     }
