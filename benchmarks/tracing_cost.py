@@ -120,12 +120,16 @@ def main() -> None:
             for name in servers
         },
         "ratios_16": {
-            "off over baseline": [
-                round(ratio("off", "off, baseline"), 3),
-                spread("off", "off, baseline"),
-            ],
-            "on 100% over off": [round(ratio("on, 100%", "off"), 3), spread("on, 100%", "off")],
-            "on 10% over off": [round(ratio("on, 10%", "off"), 3), spread("on, 10%", "off")],
+            f"{judged} over {baseline}": [
+                round(ratio(judged, baseline), 3),
+                spread(judged, baseline),
+            ]
+            for judged, baseline in (
+                ("off", "off, baseline"),
+                ("on, 100%", "off"),
+                ("on, 10%", "off"),
+                ("on, collector down", "on, 100%"),
+            )
         },
         "p50_ms_1_over_off": {
             name: round(ratio(name, "off", "p50_ms_1"), 3)

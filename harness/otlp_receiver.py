@@ -1,5 +1,6 @@
-"""An OTLP/HTTP trace receiver on loopback, as a collector is: it decodes each export with the
-protocol's own protobuf messages (`opentelemetry-proto`) and keeps the spans."""
+"""OTLP trace receivers on loopback, over HTTP and over gRPC, as a collector is: each decodes
+every export with the protocol's own protobuf messages (`opentelemetry-proto`) and keeps the
+spans."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -50,7 +54,9 @@ class Receiver:
         self._lock = threading.Lock()
 
     def take(self, body: bytes) -> None:
-        request = ExportTraceServiceRequest.FromString(body)
+        self.take_request(ExportTraceServiceRequest.FromString(body))
+
+    def take_request(self, request: ExportTraceServiceRequest) -> None:
         received = []
         for resource_spans in request.resource_spans:
             resource = _attributes(resource_spans.resource.attributes)
@@ -122,6 +128,31 @@ def otlp_receiver(port: int = 0) -> Iterator[tuple[str, Receiver]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self, receiver: Receiver) -> None:
+        self.receiver = receiver
+
+    def Export(  # noqa: N802 (the RPC's name)
+        self, request: ExportTraceServiceRequest, context: grpc.ServicerContext
+    ) -> ExportTraceServiceResponse:
+        self.receiver.take_request(request)
+        return ExportTraceServiceResponse()
+
+
+@contextmanager
+def otlp_grpc_receiver() -> Iterator[tuple[str, Receiver]]:
+    """A receiver of OTLP over gRPC and its endpoint, until the block ends."""
+    receiver = Receiver()
+    server = grpc.server(ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(receiver), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}", receiver
+    finally:
+        server.stop(None)
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 
-from harness.otlp_receiver import ReceivedSpan, Receiver, otlp_receiver
+from harness.otlp_receiver import ReceivedSpan, Receiver, otlp_grpc_receiver, otlp_receiver
 from harness.servers import Server, free_port, served
 from service.app import create_app
 from service.observability.tracing import (
@@ -275,3 +275,18 @@ def test_the_sampler_and_the_resource_come_from_the_standard_variables(
     requests = [s for s in spans if s.kind == SERVER_KIND]
     assert {s.trace_id for s in requests} == {trace_id}
     assert all(s.resource["service.name"] == "vit-for-cameras" for s in spans)
+
+
+def test_traces_go_over_otlp_grpc_when_the_protocol_says_so(served_model: Path) -> None:
+    with otlp_grpc_receiver() as (endpoint, receiver):
+        environment = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc",
+            **EXPORT_SOON,
+        }
+        with served(served_model, ROOT, environment=environment) as server:
+            header, trace_id, client_span = traceparent()
+            classify(server, header)
+            spans = receiver.wait_for(complete(trace_id, "POST /v1/classify"))
+    (request,) = in_trace(spans, trace_id)["POST /v1/classify"]
+    assert request.parent_span_id == client_span
