@@ -303,14 +303,12 @@ class Batcher:
             outputs = self._calls(predict, inputs, counted=counted, calls=calls)
         except Exception as error:
             logger.exception("inference failed on a batch of %d images", len(inputs))
+            self._isolate(batch, predict, error)
             if calls is not None:
                 self._trace(batch, calls, failed=type(error).__name__)
-            self._isolate(batch, predict, error)
             return
         finally:
             self._release(len(inputs))
-        if calls is not None:
-            self._trace(batch, calls)
         elapsed = time.monotonic() - started
         with self._changed:
             self.consecutive_failures = 0
@@ -322,6 +320,8 @@ class Batcher:
         starts = ends - [len(job.inputs) for job in batch]
         rows = [{k: v[a:b] for k, v in outputs.items()} for a, b in zip(starts, ends, strict=True)]
         self._answer(list(zip(batch, rows, strict=True)))
+        if calls is not None:  # after the answers: the spans hold up no request
+            self._trace(batch, calls)
 
     def _isolate(self, batch: list[_Job], predict: Predict, error: Exception) -> None:
         """After a failed call: each request of a batch of several alone, so that only those
