@@ -13,6 +13,7 @@ what the server plans its own sessions from, so it builds each of them once.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from model_contract.metadata import InvalidModelMetadata, ModelMetadata, last_li
 from model_runtime.graph_check import GraphDeclarations
 from model_runtime.model_file import ONNX_FORMAT_ONLY, UnsafeModelFile
 from model_runtime.options import CPU, RuntimeOptions
+from model_runtime.platform import child_environment
 from model_runtime.watchdog import InferenceOverran, watchdog
 
 CHECK_BATCH_SIZES = (1, 2)
@@ -78,7 +80,14 @@ def check_in_a_process(data: bytes, options: RuntimeOptions) -> LoadCheck:
     bound = time_bound(options, len(data))
     command = [sys.executable, "-m", __name__]
     try:
-        done = subprocess.run(command, input=data, capture_output=True, timeout=bound, check=False)
+        done = subprocess.run(
+            command,
+            input=data,
+            capture_output=True,
+            timeout=bound,
+            check=False,
+            env=child_environment({"PYTHONPATH": os.pathsep.join(sys.path)}),
+        )
     except subprocess.TimeoutExpired:
         raise LoadCheckFailed(
             f"the model's first session and inferences did not finish within {bound:.0f} s "

@@ -48,3 +48,26 @@ def resident_bytes() -> int:
     ps = ["ps", "-o", "rss=", "-p", str(os.getpid())]
     done = subprocess.run(ps, capture_output=True, text=True, check=True, timeout=10)
     return int(done.stdout) * 1024  # ps counts KiB
+
+
+CHILD_VARIABLES = frozenset(
+    {"PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "TMP", "TEMP", "SYSTEMROOT"}
+    | {"PYTHONPATH", "PYTHONHOME", "PYTHONDONTWRITEBYTECODE", "PYTHONSAFEPATH", "VIRTUAL_ENV"}
+    | {"LD_LIBRARY_PATH", "DYLD_LIBRARY_PATH"}
+)
+CHILD_PREFIXES = ("MALLOC_", "OMP_", "OPENBLAS_", "MKL_", "ORT_")
+"""What a process of ours that handles untrusted input (a decoding worker, a model file's load
+check) inherits of the server's environment: how to find Python and its libraries, the locale,
+the allocator's and the math libraries' tuning. Never the rest: the server's tokens
+(VIT_API_TOKEN, VIT_ADMIN_TOKEN), a collector's headers (OTEL_EXPORTER_OTLP_HEADERS) or
+anything else a compromised decoder could read from its own environment."""
+
+
+def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a process that handles untrusted input, plus `extra`."""
+    kept = {
+        name: value
+        for name, value in os.environ.items()
+        if name in CHILD_VARIABLES or name.startswith(CHILD_PREFIXES)
+    }
+    return {**kept, **(extra or {})}

@@ -14,7 +14,7 @@ import onnxruntime as ort
 from model_contract.metadata import ModelMetadata
 from model_contract.ood import ood_scores
 from model_contract.outputs import ATTENTION_ROLLOUT, OOD_SCORE, PROBABILITIES, served_outputs
-from model_runtime.graph_check import check_graph
+from model_runtime.graph_check import GraphDeclarations, check_graph
 from model_runtime.io_binding import BucketedIoBinding
 from model_runtime.load_check import LoadCheckFailed, check_in_a_process, time_bound
 from model_runtime.model_file import read_model_file
@@ -117,6 +117,14 @@ class ModelSession:
         facts = ModelFacts(len(model_bytes), self.graph, self.metadata)
         plan = plan_sessions(options, providers, facts)
         self._session, plan = _create_session(model_bytes, plan, options, facts)
+        providers = plan.providers  # less CUDA graphs, with the reason, where they failed
+        if GraphDeclarations.of(self._session) != self.load_check.declared or (
+            self._session.get_modelmeta().custom_metadata_map != self.load_check.metadata_props
+        ):
+            raise LoadCheckFailed(
+                "the file's graph or metadata differ from what its checks in a process of "
+                "their own reported: refused"
+            )
         self.providers: tuple[str, ...] = tuple(self._session.get_providers())
         self.provider = self.providers[0]
         if self.provider != plan.provider:

@@ -4,6 +4,8 @@ in a callback, overruns killed and replaced."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import mmap
 import socket
 import sys
@@ -27,6 +29,8 @@ from model_runtime.decoding.launcher import WorkerLimits, WorkerProcess, launche
 from model_runtime.decoding.shared_file import SharedFile
 from model_runtime.decoding.turns import TakenInTurns
 from model_runtime.platform import enforces_memory_limits, missing_protection
+
+logger = logging.getLogger(__name__)
 
 _ERRORS: dict[str, type[ImageError]] = {
     error.__name__: error
@@ -160,14 +164,16 @@ class DecodeWorkers:
 
     def close(self) -> None:
         """Stop the idle workers, and the others as they finish; images still waiting are
-        cancelled."""
+        cancelled. Blocking (each worker is reaped): call it off the event loop."""
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
             waiting = self._waiting.drain()
-        self._replacing.shutdown(wait=False, cancel_futures=True)
+        # Replacements already asked for still run: each reaps the worker it replaces.
+        self._replacing.shutdown(wait=False)
         for job in waiting:
-            job.answer.cancel()
+            with contextlib.suppress(RuntimeError):  # its event loop has closed
+                job.answer.get_loop().call_soon_threadsafe(job.answer.cancel)
         for worker in idle:
             self._stop(worker)
 
@@ -263,8 +269,8 @@ class DecodeWorkers:
             closed = self._closed
             if not closed:
                 self._idle.append(worker)
-        if closed:
-            self._stop(worker)
+        if closed:  # reaped off the event loop
+            threading.Thread(target=self._stop, args=(worker,), daemon=True).start()
         else:
             self._dispatch()
 
@@ -290,17 +296,28 @@ class DecodeWorkers:
         """On a thread: reap the killed worker, fork its successor, hand it to the event loop
         (or make it idle, if that loop has closed)."""
         self._stop(worker)
-        fresh = self._spawn()
+        with self._lock:
+            if self._closed:
+                return
+        try:
+            fresh = self._spawn()
+        except Exception:
+            logger.exception("a decoding worker could not be replaced: one fewer serves")
+            return
         worker.process, worker.conn, worker.shared = fresh.process, fresh.conn, fresh.shared
         loop = self._loop
         try:
             if loop is not None:
                 loop.call_soon_threadsafe(self._free, worker)
                 return
-        except RuntimeError:  # closed
+        except RuntimeError:  # its event loop has closed
             pass
         with self._lock:
-            self._idle.append(worker)
+            closed = self._closed
+            if not closed:
+                self._idle.append(worker)
+        if closed:
+            self._stop(worker)
 
 
 def _settle(answer: asyncio.Future[Decoded], outcome: Decoded | ImageError) -> None:

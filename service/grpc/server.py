@@ -44,7 +44,7 @@ HEALTH_POLL_S = 0.5
 """How often a health Watch looks at readiness (a Check reads it as it is)."""
 CANCELLATION_ARRIVES_S = 0.05
 """How long a call whose message never came waits to learn whether its client cancelled it."""
-PROPAGATED = ("traceparent", "tracestate", "baggage")
+PROPAGATED = ("traceparent", "tracestate")
 """The metadata a client's trace continues from (W3C trace context, as HTTP's headers)."""
 SERVER_FAULTS = {
     "UNKNOWN",

@@ -5,6 +5,8 @@ they make no trace."""
 
 from __future__ import annotations
 
+import asyncio
+
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Status, StatusCode
@@ -13,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.http.middleware import UNMATCHED_ROUTE, method_label, model_label, route_label
 from service.observability.tracing import Tracing
 
-PROPAGATED = (b"traceparent", b"tracestate", b"baggage")
+PROPAGATED = (b"traceparent", b"tracestate")
 NOT_TRACED = frozenset({"/v2/health/live", "/v2/health/ready", "/metrics"})
 
 
@@ -59,6 +61,9 @@ class RequestTracing:
 
         try:
             await self.app(scope, receive, send_with_status)
+        except asyncio.CancelledError:  # the client went away: not the server's fault
+            span.set_attribute("error.type", "cancelled")
+            raise
         except BaseException as error:
             span.record_exception(error)
             span.set_attribute("error.type", type(error).__qualname__)

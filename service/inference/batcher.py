@@ -172,7 +172,7 @@ class Batcher:
         job = _Job(inputs, deadline, now, future, counted=counted)
         if self._tracing is not None and counted:
             current = otel_context.get_current()
-            if trace.get_current_span(current).get_span_context().is_valid:
+            if trace.get_current_span(current).is_recording():  # a sampled request's
                 job.trace, job.enqueued_ns = current, time.time_ns()
         with self._changed:
             if self._held + count > self._max_queue:
@@ -375,6 +375,15 @@ class Batcher:
         return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
 
     def _trace(self, batch: list[_Job], calls: list[_Call], *, failed: str | None = None) -> None:
+        """`_record_spans`, whose failure is logged, never the batching thread's end."""
+        try:
+            self._record_spans(batch, calls, failed=failed)
+        except Exception:
+            logger.exception("the spans of a batch could not be recorded")
+
+    def _record_spans(
+        self, batch: list[_Job], calls: list[_Call], *, failed: str | None = None
+    ) -> None:
         """The batch's spans, after the fact: each onnxruntime call as a span of its own trace,
         linked to every traced request it served, and in each such request's trace its wait in
         the queue and a child for each call it rode in, linked back to the call. `failed`: the

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry import trace
 from pydantic import SecretStr
 
 from model_runtime.session import Outputs
@@ -52,7 +53,7 @@ class Admitted:
         while tracing is on, as a span of the request."""
         pipeline = self.pipeline
         span = None
-        if pipeline.tracing is not None:
+        if pipeline.tracing is not None and trace.get_current_span().is_recording():
             span = pipeline.tracing.tracer.start_span(name, attributes=pipeline.span_attributes)
         started = time.perf_counter()
         try:

@@ -15,6 +15,7 @@ from typing import Literal, NoReturn, TypeVar
 
 import numpy as np
 from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from model_contract.errors import ImageError
 from model_contract.ood import in_distribution
@@ -180,7 +181,7 @@ class Pipeline:
         `request` take their turns at the workers with other requests' images. `counted`: a
         client's upload, measured in the metrics (the self-test's golden images are not)."""
         started = time.perf_counter()
-        traced = self.tracing is not None and counted
+        traced = self.tracing is not None and counted and trace.get_current_span().is_recording()
         waited_ns = time.time_ns() if traced else 0
         try:
             decoded = await self.decoders.decode(data, picture=picture, request=request)
@@ -453,6 +454,6 @@ class Pipeline:
         if self._recovery is not None:
             self._recovery.cancel()
         await self.batcher.stop()
-        self.decoders.close()
+        await asyncio.to_thread(self.decoders.close)
         if not keep_metrics:
             self.metrics.remove()

@@ -41,6 +41,8 @@ TRACER_NAME = "vit_inference"
 OTLP_PROTOCOLS = ("http/protobuf", "grpc")
 DEFAULT_QUEUE_SPANS = 2048
 """OTEL_BSP_MAX_QUEUE_SIZE's default, as the specification gives it."""
+FLUSH_AT_EXIT_S = 5.0
+"""The longest a stopping server waits for its last spans to leave."""
 DEFAULT_BATCH = 512
 """OTEL_BSP_MAX_EXPORT_BATCH_SIZE's default (never more than the queue holds)."""
 ERROR_TYPE = "error.type"
@@ -186,16 +188,19 @@ class Tracing:
     """The process's tracer, its export pipeline, and the spans that pipeline counted."""
 
     def __init__(self, environ: Mapping[str, str]) -> None:
-        self._counts = _Counts()
+        self._counts: list[_Counts] = []
+        """One per exporter, each with its own queue."""
         self._provider = TracerProvider(resource=_resource(environ))  # sampler: OTEL_TRACES_*
         capacity = int(environ.get("OTEL_BSP_MAX_QUEUE_SIZE") or DEFAULT_QUEUE_SPANS)
         batch = min(capacity, int(environ.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE") or DEFAULT_BATCH))
         for exporter in _exporters(environ):
-            counted = _CountedExporter(exporter, self._counts)
+            counts = _Counts()
+            self._counts.append(counts)
+            counted = _CountedExporter(exporter, counts)
             batches = BatchSpanProcessor(
                 counted, max_queue_size=capacity, max_export_batch_size=batch
             )
-            self._provider.add_span_processor(_BoundedQueue(batches, self._counts, capacity))
+            self._provider.add_span_processor(_BoundedQueue(batches, counts, capacity))
         self.tracer = self._provider.get_tracer(TRACER_NAME)
 
     @classmethod
@@ -205,8 +210,11 @@ class Tracing:
         return cls(environ) if wanted(environ) else None
 
     def shutdown(self) -> None:
-        """Export what is queued (bounded by OTEL_BSP_EXPORT_TIMEOUT) and stop."""
-        self._provider.shutdown()
+        """Export what is queued, for at most FLUSH_AT_EXIT_S (the SDK's own wait can reach 30 s
+        against a dead collector, more than a pod's grace period), and stop."""
+        stopping = threading.Thread(target=self._provider.shutdown, daemon=True)
+        stopping.start()
+        stopping.join(FLUSH_AT_EXIT_S)
 
     def record(
         self,
@@ -243,10 +251,13 @@ class Tracing:
 
     def collect(self) -> Iterator[Metric]:
         """The export pipeline's own counts, for /metrics (a prometheus_client collector)."""
-        counts = self._counts
-        with counts.lock:
-            dropped, failed = counts.dropped, counts.failed
-            exported, queued = counts.exported, counts.queued - counts.taken
+        dropped = failed = exported = queued = 0
+        for counts in self._counts:
+            with counts.lock:
+                dropped += counts.dropped
+                failed += counts.failed
+                exported += counts.exported
+                queued += counts.queued - counts.taken
         lost = CounterMetricFamily(
             "vit_trace_spans_dropped",
             "Spans lost before a collector took them, by why: queue_full (the export queue, "

@@ -290,3 +290,16 @@ def test_traces_go_over_otlp_grpc_when_the_protocol_says_so(served_model: Path) 
             spans = receiver.wait_for(complete(trace_id, "POST /v1/classify"))
     (request,) = in_trace(spans, trace_id)["POST /v1/classify"]
     assert request.parent_span_id == client_span
+
+
+def test_a_request_its_client_did_not_sample_makes_no_span(
+    traced: tuple[Server, Receiver],
+) -> None:
+    server, receiver = traced
+    unsampled_trace = secrets.token_hex(16)
+    classify(server, f"00-{unsampled_trace}-{secrets.token_hex(8)}-00")
+    header, trace_id, _ = traceparent()
+    classify(server, header)  # sampled, after: once it is in, the other would have been too
+    spans = receiver.wait_for(complete(trace_id, "POST /v1/classify"))
+    assert not [s for s in spans if s.trace_id == unsampled_trace]
+    assert not [s for s in spans if any(link[0] == unsampled_trace for link in s.links)]

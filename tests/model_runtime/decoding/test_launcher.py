@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -119,3 +120,41 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
         return "gone"
+
+
+def test_workers_get_none_of_the_servers_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decoder that a crafted image took over finds no token in its environment."""
+    monkeypatch.setenv("VIT_API_TOKEN", "api-secret-value")
+    monkeypatch.setenv("VIT_ADMIN_TOKEN", "admin-secret-value")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer collector-secret")
+    launcher_module.launcher().close()  # the next launcher starts with this environment
+    started = pool()
+    started.start()
+    try:
+        (pid,) = started.pids()
+        environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        names = {entry.split(b"=", 1)[0] for entry in environment if entry}
+        assert b"PATH" in names
+        assert not names & {b"VIT_API_TOKEN", b"VIT_ADMIN_TOKEN", b"OTEL_EXPORTER_OTLP_HEADERS"}
+        assert b"secret" not in b"\0".join(environment)
+    finally:
+        started.close()
+
+
+def test_a_pool_whose_launcher_died_still_closes_at_once() -> None:
+    """Its workers belong to a launcher that is gone: they are killed through their pidfds and
+    left to init, never waited for by the new launcher (which never forked them)."""
+    first = pool()
+    first.start()
+    pid = launcher_module.launcher().pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    second = pool()
+    second.start()  # a new launcher
+    try:
+        closing = threading.Thread(target=first.close, daemon=True)
+        closing.start()
+        closing.join(10)
+        assert not closing.is_alive(), "closing waited on a worker the new launcher never forked"
+    finally:
+        second.close()
