@@ -30,7 +30,8 @@ from typing import Any
 import grpc
 from tritonclient.grpc import service_pb2 as pb  # the messages as tritonclient sends them
 
-from benchmarks.run import DOCS, ROOT, SIZES, closed_loop, photos, resident_mb, start
+from benchmarks.run import ROOT, SIZES, closed_loop, photos, resident_mb, start
+from benchmarks.side_by_side import remove_worktree, this_commit, worktree, write_results
 from harness.servers import free_port
 from vit_tools.bench import Body, Report, summarise
 
@@ -104,19 +105,6 @@ def measure(variant: dict[str, Any], concurrency: int, seconds: float) -> Report
         asyncio.run(grpc_load(variant["grpc"], variant["messages"], concurrency, 1.0))
         return asyncio.run(grpc_load(variant["grpc"], variant["messages"], concurrency, seconds))
     return closed_loop(variant["url"], variant["bodies"], concurrency, seconds, variant["route"])
-
-
-def worktree(commit: str, folder: Path) -> Path:
-    subprocess.run(
-        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(folder), commit],
-        check=True,
-        capture_output=True,
-    )
-    (folder / "models").mkdir(exist_ok=True)
-    (folder / "models" / "shapes-vit.onnx").write_bytes(
-        (ROOT / "models" / "shapes-vit.onnx").read_bytes()
-    )
-    return folder
 
 
 def serve(cwd: Path, grpc_port: int) -> tuple[str, subprocess.Popen[bytes]]:
@@ -196,9 +184,7 @@ def main() -> None:
             for running in processes:
                 running.terminate()
                 running.wait(timeout=30)
-            subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False
-            )
+            remove_worktree(old)
 
     def median(name: str, key: str) -> float:
         return statistics.median(r[name][key] for r in rounds)
@@ -210,9 +196,7 @@ def main() -> None:
 
     summary = {
         "baseline": args.baseline,
-        "this_tree": subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        "this_tree": this_commit(),
         "medians": {
             name: {
                 key: round(median(name, key), 2)
@@ -227,11 +211,7 @@ def main() -> None:
         ),
         "resident_mb": memory,
     }
-    DOCS.mkdir(exist_ok=True)
-    (DOCS / "protocols.json").write_text(
-        json.dumps({"rounds": rounds, "summary": summary}, indent=2) + "\n"
-    )
-    print(json.dumps(summary, indent=2))
+    write_results("protocols", rounds, summary)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ median of the rounds, and of the rounds' ratios. Writes docs/tracing_cost.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -22,8 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.protocols import worktree
-from benchmarks.run import DOCS, ROOT, SIZES, closed_loop, photos, resident_mb, start
+from benchmarks.run import ROOT, SIZES, closed_loop, photos, resident_mb, start
+from benchmarks.side_by_side import remove_worktree, this_commit, worktree, write_results
 from harness.servers import free_port
 from vit_tools.bench import Body, Report
 
@@ -94,9 +93,7 @@ def main() -> None:
                 process.wait(timeout=30)
             collector.terminate()
             collector.wait(timeout=30)
-            subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False
-            )
+            remove_worktree(old)
 
     def ratio(judged: str, baseline: str, key: str = "images_per_second_16") -> float:
         return statistics.median(r[judged][key] / r[baseline][key] for r in rounds)
@@ -109,9 +106,7 @@ def main() -> None:
 
     summary: dict[str, Any] = {
         "baseline": args.baseline,
-        "this_tree": subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        "this_tree": this_commit(),
         "medians": {
             name: {
                 key: round(statistics.median(r[name][key] for r in rounds), 2)
@@ -137,11 +132,7 @@ def main() -> None:
         },
         "resident_mb": memory,
     }
-    DOCS.mkdir(exist_ok=True)
-    (DOCS / "tracing_cost.json").write_text(
-        json.dumps({"rounds": rounds, "summary": summary}, indent=2) + "\n"
-    )
-    print(json.dumps(summary, indent=2))
+    write_results("tracing_cost", rounds, summary)
 
 
 if __name__ == "__main__":
