@@ -125,10 +125,12 @@ class ModelMetadata(BaseModel):
     output_name: str | None = Field(
         None, description="The graph output to serve, where it has several; null: the first."
     )
-    precision: Literal["fp32", "fp16", "int8"] = Field(
+    precision: Literal["fp32", "fp16", "int8", "bf16"] = Field(
         "fp32",
         description="The weights' precision (int8: activations quantized per call, so each "
-        "image is run in a call of its own); input and output are float32 either way.",
+        "image is run in a call of its own; bf16: FP32 weights that passed the bf16 accuracy "
+        "gate, run in bf16 where the CPU computes it, at FP32 elsewhere); input and output are "
+        "float32 either way.",
     )
     dataset: dict[str, object] = Field(
         default_factory=dict, description="What the model was trained and evaluated on."

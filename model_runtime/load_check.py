@@ -25,6 +25,7 @@ from typing import Any
 from model_contract.metadata import InvalidModelMetadata, ModelMetadata, last_line
 from model_runtime.graph_check import GraphDeclarations
 from model_runtime.model_file import ONNX_FORMAT_ONLY, UnsafeModelFile
+from model_runtime.openvino_engine import ONNXRUNTIME, OpenVinoCalls, openvino_missing
 from model_runtime.options import CPU, RuntimeOptions
 from model_runtime.platform import child_environment
 from model_runtime.watchdog import InferenceOverran, watchdog
@@ -35,6 +36,12 @@ gets that size alone)."""
 MAX_CHECK_INPUT_SIZE = 4096
 """The largest input side a model may ask for: 18 times a ViT's usual 224, and 200 MB an image in
 float32."""
+
+
+WITH_OPENVINO = "--with-openvino"
+"""The child's flag to run the file on OpenVINO too."""
+UNBOUNDED_HERE = 24 * 3600.0
+"""A call's bound inside the child, which its parent kills at the checks' own bound."""
 
 
 class LoadCheckFailed(UnsafeModelFile):
@@ -54,6 +61,9 @@ class LoadCheck:
     peak_bytes: int
     """The most memory the session and its inferences held at once."""
     seconds: float
+    openvino_refused: str | None = None
+    """Why OpenVINO could not run the file as onnxruntime did (None: it could, or it was not
+    asked to)."""
 
     def check_rows(self, outputs: tuple[str, ...]) -> None:
         """LoadCheckFailed unless each of `outputs` gave one row per image in every batch."""
@@ -79,6 +89,8 @@ def check_in_a_process(data: bytes, options: RuntimeOptions) -> LoadCheck:
     `check_model_bytes`: the child gives onnxruntime exactly these bytes."""
     bound = time_bound(options, len(data))
     command = [sys.executable, "-m", __name__]
+    if options.engine != ONNXRUNTIME and openvino_missing() is None:
+        command.append(WITH_OPENVINO)
     try:
         done = subprocess.run(
             command,
@@ -118,6 +130,7 @@ def check_in_a_process(data: bytes, options: RuntimeOptions) -> LoadCheck:
         },
         peak_bytes=int(report["peak_bytes"]),
         seconds=float(report["seconds"]),
+        openvino_refused=report.get("openvino_refused"),
     )
 
 
@@ -176,8 +189,10 @@ def _input_shape(session: Any, props: dict[str, str]) -> tuple[list[int], int] |
     return sizes, side
 
 
-def _run_check(data: bytes) -> dict[str, Any]:
-    """The child's work: the session as the service builds it, then one call per batch size."""
+def _run_check(data: bytes, with_openvino: bool) -> dict[str, Any]:
+    """The child's work: the session as the service builds it, then one call per batch size;
+    with `with_openvino`, the same calls on OpenVINO too, where the file's precision lets it
+    serve there."""
     import numpy as np
     import onnxruntime as ort
 
@@ -210,18 +225,46 @@ def _run_check(data: bytes) -> dict[str, Any]:
         shapes[str(batch_size)] = {
             name: list(np.shape(value)) for name, value in zip(names, values, strict=True)
         }
+    refused = None
+    if with_openvino and props.get("precision", "fp32") in ("fp32", "bf16") and fed is not None:
+        refused = _openvino_refusal(data, session.get_inputs()[0].name, names, shapes, side)
     return {
         "declared": GraphDeclarations.of(session).as_json(),
         "metadata": props,
         "output_shapes": shapes,
         "peak_bytes": max(0, _memory_bytes("VmHWM") - baseline),
         "seconds": time.monotonic() - started,
+        "openvino_refused": refused,
     }
+
+
+def _openvino_refusal(
+    data: bytes,
+    input_name: str,
+    names: list[str],
+    shapes: dict[str, dict[str, list[int]]],
+    side: int,
+) -> str | None:
+    """Why OpenVINO cannot run the file as onnxruntime just did (every output, each batch
+    size, the same shapes), or None where it can."""
+    import numpy as np
+
+    try:
+        calls = OpenVinoCalls(data, precision="fp32", streams=1, threads=1)
+        for size, expected in shapes.items():
+            zeros = np.zeros((int(size), 3, side, side), np.float32)
+            values = calls.run(names, {input_name: zeros}, UNBOUNDED_HERE)
+            got = {name: list(np.shape(v)) for name, v in zip(names, values, strict=True)}
+            if got != expected:
+                return f"its outputs' shapes {got} differ from onnxruntime's {expected}"
+    except Exception as error:  # OpenVINO's own, untyped
+        return last_line(error)
+    return None
 
 
 def main() -> None:
     """The child: the bytes its parent read and checked (`check_model_bytes`) on stdin."""
-    print(json.dumps(_run_check(sys.stdin.buffer.read())))
+    print(json.dumps(_run_check(sys.stdin.buffer.read(), WITH_OPENVINO in sys.argv[1:])))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,14 @@ class RuntimeOptions(BaseModel):
             return model_bytes <= ARENA_MAX_MODEL_BYTES
         return self.cpu_memory_arena == "on"
 
+    engine: Literal["auto", "onnxruntime", "openvino"] = "auto"
+    """What runs the model. auto: where OpenVINO is installed and the model runs on the CPU,
+    the model's warm-up is timed on both onnxruntime and OpenVINO and the faster one whose
+    self-test passes serves it; both times are logged and `/v1/models` shows them. An FP32 file
+    runs at FP32 on either; a bf16 file (`vit-export --bf16`) runs at bf16 on OpenVINO where
+    the CPU computes bf16, at FP32 elsewhere. int8 and fp16 files run on onnxruntime, whose
+    operators they were checked with."""
+
     providers: tuple[str, ...] = (CUDA, CPU)
     """onnxruntime execution providers in order of preference; unavailable ones are skipped."""
 
@@ -126,6 +134,6 @@ class RuntimeOptions(BaseModel):
     and its golden images holds well under 1 MB."""
 
 
-IN_PROCESS = RuntimeOptions(providers=(CPU,), lone_call_spinning=False)
+IN_PROCESS = RuntimeOptions(engine="onnxruntime", providers=(CPU,), lone_call_spinning=False)
 """For tools that run a model once in-process (export checks, evaluation, tests of numbers):
-the CPU, whose numbers are the reference, and a single session."""
+onnxruntime on the CPU, whose numbers are the reference, and a single session."""

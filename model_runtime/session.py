@@ -3,10 +3,13 @@ probabilities, and the attention rollout where the model has one)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -14,10 +17,18 @@ import onnxruntime as ort
 from model_contract.metadata import ModelMetadata
 from model_contract.ood import ood_scores
 from model_contract.outputs import ATTENTION_ROLLOUT, OOD_SCORE, PROBABILITIES, served_outputs
+from model_runtime.engine_choice import (
+    TIMED_BATCH,
+    Candidate,
+    Timing,
+    engine_candidates,
+    time_candidate,
+)
 from model_runtime.graph_check import GraphDeclarations, check_graph
 from model_runtime.io_binding import BucketedIoBinding
 from model_runtime.load_check import LoadCheckFailed, check_in_a_process, time_bound
 from model_runtime.model_file import read_model_file
+from model_runtime.openvino_engine import ONNXRUNTIME, OpenVinoCalls, Precision
 from model_runtime.options import CPU, CUDA, TENSORRT, RuntimeOptions
 from model_runtime.platform import usable_cpu_count
 from model_runtime.providers import (
@@ -78,8 +89,40 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
+class Calls(Protocol):
+    """One engine's calls of a model: the outputs `names` for `feeds`, bounded in time
+    (InferenceOverran past `seconds`)."""
+
+    def run(
+        self, names: list[str], feeds: dict[str, np.ndarray], seconds: float
+    ) -> list[np.ndarray]: ...
+
+
+class OnnxruntimeCalls:
+    """An onnxruntime session's calls, each stopped by the watchdog past its bound."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+
+    def run(
+        self, names: list[str], feeds: dict[str, np.ndarray], seconds: float
+    ) -> list[np.ndarray]:
+        with watchdog().bounded(seconds) as options:
+            return list(self.session.run(names, feeds, options))
+
+
+@dataclass
+class _Engine:
+    """A candidate built and ready: its main calls, and its calls for a lone image."""
+
+    candidate: Candidate
+    calls: Calls
+    lone_calls: Calls | None = None
+    bound: BucketedIoBinding | None = None
+
+
 class ModelSession:
-    """A loaded self-describing model: its metadata, its providers, and inference."""
+    """A loaded self-describing model: its metadata, its engine and providers, and inference."""
 
     def __init__(
         self,
@@ -109,6 +152,49 @@ class ModelSession:
         self.fixed_batch_size = self.graph.fixed_batch_size
         self.images_per_call = self.metadata.images_per_call
         self.load_check.check_rows(self._graph_outputs)
+        self.max_batch_size = options.max_batch_size
+        session, plan, providers = self._onnxruntime_session(model_bytes, options)
+        self.plan = plan
+        """What the onnxruntime sessions were built from."""
+        self.inference_workers = plan.inference_workers
+        self.input_name = self.graph.input_name
+        self.output_name = self.graph.output_name
+        self.attention_output = self.graph.attention_output
+        self.outputs = served_outputs(self.metadata, self.graph.attention_grid)
+        """What `infer` answers with: each output's name and shape."""
+        self.output_names = tuple(output.name for output in self.outputs)
+        candidates = engine_candidates(
+            options, self.metadata.precision, self.provider, self.load_check.openvino_refused
+        )
+        self.fallbacks = (*providers.fallbacks(self.providers), *plan.fallbacks, *candidates.notes)
+        for fallback in self.fallbacks:
+            # A CPU-only machine serving from the CPU is expected, not a warning.
+            level = logging.INFO if fallback.endswith(NO_NVIDIA_DRIVER) else logging.WARNING
+            logger.log(level, "serving on %s: %s", self.provider, fallback)
+        self._trials = [
+            self._onnxruntime_engine(c, session, model_bytes)
+            if c.engine == ONNXRUNTIME
+            else self._openvino_engine(c, model_bytes)
+            for c in candidates.options
+        ]
+        self._serve(self._trials[0])
+        self.engine_choice = (
+            f"VIT_ENGINE={options.engine}"
+            if len(self._trials) == 1
+            else "auto: not measured yet (onnxruntime until then)"
+        )
+        """Why the engine in use serves: the setting, or the measurement that chose it."""
+        if len(self._trials) == 1:
+            self._trials = []
+        logger.info(  # by file: a repository names the model by its folders, not its metadata
+            "%s: %s", self.path, ", ".join(f"{key} {value}" for key, value in self.runtime.items())
+        )
+
+    def _onnxruntime_session(
+        self, model_bytes: bytes, options: RuntimeOptions
+    ) -> tuple[ort.InferenceSession, SessionPlan, ProviderPlan]:
+        """The main onnxruntime session as planned, checked against the load check's report;
+        the plan it was built from, made again where onnxruntime gave up a provider."""
         providers = plan_providers(
             options, set(ort.get_available_providers()), gpu_present=nvidia_driver_present()
         )
@@ -116,16 +202,16 @@ class ModelSession:
             load_pip_cuda_libraries()
         facts = ModelFacts(len(model_bytes), self.graph, self.metadata)
         plan = plan_sessions(options, providers, facts)
-        self._session, plan = _create_session(model_bytes, plan, options, facts)
+        session, plan = _create_session(model_bytes, plan, options, facts)
         providers = plan.providers  # less CUDA graphs, with the reason, where they failed
-        if GraphDeclarations.of(self._session) != self.load_check.declared or (
-            self._session.get_modelmeta().custom_metadata_map != self.load_check.metadata_props
+        if GraphDeclarations.of(session) != self.load_check.declared or (
+            session.get_modelmeta().custom_metadata_map != self.load_check.metadata_props
         ):
             raise LoadCheckFailed(
                 "the file's graph or metadata differ from what its checks in a process of "
                 "their own reported: refused"
             )
-        self.providers: tuple[str, ...] = tuple(self._session.get_providers())
+        self.providers: tuple[str, ...] = tuple(session.get_providers())
         self.provider = self.providers[0]
         if self.provider != plan.provider:
             # onnxruntime gave up a provider while building the session: what follows from
@@ -135,29 +221,21 @@ class ModelSession:
             )
             replanned = plan_sessions(options, in_use, facts, provider=self.provider)
             if replanned.threads_per_call != plan.threads_per_call:
-                self._session = ort.InferenceSession(
+                session = ort.InferenceSession(
                     model_bytes, replanned.session_options(), providers=list(in_use.entries)
                 )
             plan = replanned
         if options.require_cuda and self.provider not in (CUDA, TENSORRT):
             raise CudaUnavailable(f"CUDA was required but the session runs on {self.provider}")
-        self.plan = plan
-        """What the sessions were built from."""
-        self.fallbacks = (*providers.fallbacks(self.providers), *plan.fallbacks)
-        for fallback in self.fallbacks:
-            # A CPU-only machine serving from the CPU is expected, not a warning.
-            level = logging.INFO if fallback.endswith(NO_NVIDIA_DRIVER) else logging.WARNING
-            logger.log(level, "serving on %s: %s", self.provider, fallback)
-        self.inference_workers = plan.inference_workers
-        self.input_name = self.graph.input_name
-        self.output_name = self.graph.output_name
-        self.attention_output = self.graph.attention_output
-        self.outputs = served_outputs(self.metadata, self.graph.attention_grid)
-        """What `infer` answers with: each output's name and shape."""
-        self.output_names = tuple(output.name for output in self.outputs)
-        self._bound = (
+        return session, plan, providers
+
+    def _onnxruntime_engine(
+        self, candidate: Candidate, session: ort.InferenceSession, model_bytes: bytes
+    ) -> _Engine:
+        plan = self.plan
+        bound = (
             BucketedIoBinding(
-                self._session,
+                session,
                 input_name=self.input_name,
                 outputs=self._bound_shapes(),
                 image_shape=(
@@ -165,21 +243,102 @@ class ModelSession:
                     self.metadata.preprocessing.input_size,
                     self.metadata.preprocessing.input_size,
                 ),
-                max_batch_size=options.max_batch_size,
+                max_batch_size=self.max_batch_size,
                 device="cpu" if self.provider == CPU else "cuda",
                 cuda_graph=plan.cuda_graph,
             )
             if plan.io_binding
             else None
         )
-        self._lone_session = (
-            ort.InferenceSession(model_bytes, plan.lone_call_options(), providers=[CPU])
+        lone = (
+            OnnxruntimeCalls(
+                ort.InferenceSession(model_bytes, plan.lone_call_options(), providers=[CPU])
+            )
             if plan.lone_call
             else None
         )
-        logger.info(  # by file: a repository names the model by its folders, not its metadata
-            "%s: %s", self.path, ", ".join(f"{key} {value}" for key, value in self.runtime.items())
+        return _Engine(candidate, OnnxruntimeCalls(session), lone, bound)
+
+    def _openvino_engine(self, candidate: Candidate, model_bytes: bytes) -> _Engine:
+        """OpenVINO with as many calls at once as onnxruntime would run, sharing every core."""
+        precision: Precision = "bf16" if candidate.precision == "bf16" else "fp32"
+        calls = OpenVinoCalls(
+            model_bytes,
+            precision=precision,
+            streams=self.plan.inference_workers,
+            threads=self.plan.all_threads,
         )
+        return _Engine(candidate, calls)
+
+    def _serve(self, engine: _Engine) -> None:
+        self.engine = engine.candidate.engine
+        """onnxruntime or openvino: what runs the model's calls."""
+        self.precision = engine.candidate.precision
+        """The precision the model's calls compute in (a bf16 file runs at fp32 where the
+        engine or the CPU has no bf16)."""
+        self.precision_why = engine.candidate.why
+        self._serving = engine
+
+    @property
+    def choosing(self) -> bool:
+        """Whether `choose_engine` has more than one engine to measure."""
+        return len(self._trials) > 1
+
+    def choose_engine(self, golden: list[np.ndarray], expected: np.ndarray | None) -> None:
+        """Under VIT_ENGINE=auto: each engine's warm-up timed (every call at once on a batch,
+        then one image alone), its self-test run on the `golden` tensors against `expected`
+        (the file's probabilities, within its tolerance), and the faster that passes kept;
+        the other is dropped. Both times are logged, and shown in `runtime`."""
+        if not self.choosing:
+            return
+        image = golden[0] if golden else np.zeros(self._input_shape(1), np.float32)
+        batch = min(TIMED_BATCH, self.max_batch_size)
+        timings: list[Timing] = []
+        failed: list[str] = []
+        for trial in self._trials:
+            worst = self._golden_difference(trial, golden, expected)
+            test = self.metadata.self_test
+            if test is not None and worst is not None and worst > test.tolerance:
+                failed.append(
+                    f"{trial.candidate.engine} {trial.candidate.precision} failed the self-test "
+                    f"(a probability {worst:.1e} off, over {test.tolerance:.1e})"
+                )
+                continue
+            timings.append(
+                time_candidate(
+                    trial.candidate,
+                    functools.partial(self._raw, engine=trial),
+                    image,
+                    self.inference_workers,
+                    batch,
+                )
+            )
+        chosen = max(timings, key=lambda t: t.images_per_second) if timings else None
+        keep = next(
+            (t for t in self._trials if chosen is None or t.candidate == chosen.candidate),
+            self._trials[0],
+        )
+        self._serve(keep)
+        self._trials = []
+        measured = "; ".join([t.line() for t in timings] + failed)
+        self.engine_choice = f"auto: {self.engine} is the faster that passed ({measured})"
+        logger.info("%s: %s", self.path, self.engine_choice)
+
+    def _golden_difference(
+        self, engine: _Engine, golden: list[np.ndarray], expected: np.ndarray | None
+    ) -> float | None:
+        """The largest difference of `engine`'s probabilities for the golden tensors from
+        `expected`; None without both."""
+        if not golden or expected is None:
+            return None
+        probabilities = np.concatenate(
+            [self._named(self._raw(t, engine), len(t))[PROBABILITIES] for t in golden]
+        )
+        return float(np.abs(probabilities - expected).max())
+
+    def _input_shape(self, images: int) -> tuple[int, int, int, int]:
+        side = self.metadata.preprocessing.input_size
+        return (images, 3, side, side)
 
     @property
     def runtime(self) -> dict[str, str]:
@@ -188,18 +347,24 @@ class ModelSession:
         def on(flag: bool) -> str:
             return "on" if flag else "off"
 
-        plan = self.plan
+        plan, serving = self.plan, self._serving
+        if isinstance(serving.calls, OpenVinoCalls):
+            provider, threads = "OpenVINO CPU", f"{serving.calls.threads} shared"
+        else:
+            provider, threads = self.provider, str(plan.threads_per_call)
         return {
-            "provider": self.provider,
+            "engine": self.engine,
+            "provider": provider,
             "inference_workers": str(plan.inference_workers),
-            "intra_op_threads": str(plan.threads_per_call),
-            "lone_call_spinning": on(plan.lone_call),
-            "cpu_memory_arena": on(plan.cpu_memory_arena),
-            "precision": self.metadata.precision,
+            "intra_op_threads": threads,
+            "lone_call_spinning": on(serving.lone_calls is not None),
+            "cpu_memory_arena": on(plan.cpu_memory_arena and self.engine == ONNXRUNTIME),
+            "precision": self.precision,
+            "file_precision": self.metadata.precision,
             "batch": self._batching(),
-            "io_binding": on(plan.io_binding),
-            "cuda_graph": on(plan.cuda_graph),
-            "tensorrt": on(TENSORRT in self.providers),
+            "io_binding": on(serving.bound is not None),
+            "cuda_graph": on(serving.bound is not None and plan.cuda_graph),
+            "tensorrt": on(self.engine == ONNXRUNTIME and TENSORRT in self.providers),
         }
 
     @property
@@ -235,11 +400,12 @@ class ModelSession:
         """Every bound batch size (each has its buffers, and on CUDA its graph, to set up);
         with CUDA graphs each several times, since onnxruntime captures after a few runs;
         unbound, one call through each session."""
-        if self._bound is None:
+        bound = self._serving.bound
+        if bound is None:
             # A lone image goes through the lone-call session, two through the main one.
-            return (1, 2) if self._lone_session is not None else (1,)
+            return (1, 2) if self._serving.lone_calls is not None else (1,)
         runs = CUDA_GRAPH_WARM_UP_RUNS if self.plan.cuda_graph else 1
-        return tuple(b.batch_size for b in self._bound.buckets for _ in range(runs))
+        return tuple(b.batch_size for b in bound.buckets for _ in range(runs))
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -249,19 +415,22 @@ class ModelSession:
         """The model's raw classification output for a float32 (N, 3, S, S) batch."""
         return self._raw(batch)[self.output_name]
 
-    def _raw(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        if self._bound is not None:
+    def _raw(self, batch: np.ndarray, engine: _Engine | None = None) -> dict[str, np.ndarray]:
+        """The graph's outputs for `batch` from `engine` (the one serving when None)."""
+        engine = engine or self._serving
+        if engine.bound is not None:
             # Through the bound buckets only, in chunks if need be: with CUDA graphs on, a plain
             # run would replay (or capture over) graph 0 with the wrong buffers.
-            step = self._bound.max_batch_size
+            bound = engine.bound
+            step = bound.max_batch_size
             chunks = [
-                self._bound.run(batch[i : i + step], self.call_seconds(step))
+                bound.run(batch[i : i + step], self.call_seconds(step))
                 for i in range(0, len(batch), step)
             ]
             return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
-        return self._run(self._session, batch)
+        return self._run(engine.calls, batch)
 
-    def _run(self, session: ort.InferenceSession, batch: np.ndarray) -> dict[str, np.ndarray]:
+    def _run(self, calls: Calls, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Plain runs, float32: in calls of at most `images_per_call` images where that is
         bounded; a graph with a fixed batch gets exactly that many rows per call (padded with
         zeros, which are never returned)."""
@@ -270,8 +439,9 @@ class ModelSession:
         names = self._graph_outputs
 
         def plain(inputs: np.ndarray) -> dict[str, np.ndarray]:
-            with watchdog().bounded(self.call_seconds(len(inputs))) as options:
-                values = session.run(list(names), {self.input_name: inputs}, options)
+            values = calls.run(
+                list(names), {self.input_name: inputs}, self.call_seconds(len(inputs))
+            )
             return {
                 name: np.asarray(value, dtype=np.float32)
                 for name, value in zip(names, values, strict=True)
@@ -294,9 +464,10 @@ class ModelSession:
     def infer_alone(self, batch: np.ndarray) -> Outputs:
         """`infer` for a call with nothing else to do on the machine: through the session
         whose threads busy-wait between operators while it runs, when there is one."""
-        if self._lone_session is None:
+        lone = self._serving.lone_calls
+        if lone is None:
             return self.infer(batch)
-        return self._named(self._run(self._lone_session, batch), len(batch))
+        return self._named(self._run(lone, batch), len(batch))
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities (N, classes), float32, each row summing to 1."""

@@ -59,6 +59,8 @@ class Target:
     """Its wheel platforms (pip adds the older macOS releases itself)."""
     runtime: str
     """The onnxruntime distribution it must get."""
+    openvino: bool
+    """Whether it gets OpenVINO, the second CPU engine."""
 
 
 TARGETS = [
@@ -67,12 +69,14 @@ TARGETS = [
         {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64"},
         manylinux("x86_64"),
         "onnxruntime-gpu",
+        openvino=True,
     ),
     Target(
         "Linux aarch64",
         {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "aarch64"},
         manylinux("aarch64"),
         "onnxruntime",
+        openvino=False,
     ),
     # The oldest macOS releases current onnxruntime publishes for: 14 on Apple silicon, and 13
     # on Intel, whose last wheels are onnxruntime 1.23's.
@@ -81,12 +85,14 @@ TARGETS = [
         {"sys_platform": "darwin", "platform_system": "Darwin", "platform_machine": "arm64"},
         ["macosx_14_0_arm64"],
         "onnxruntime",
+        openvino=True,
     ),
     Target(
         "macOS x86_64",
         {"sys_platform": "darwin", "platform_system": "Darwin", "platform_machine": "x86_64"},
         ["macosx_13_0_x86_64"],
         "onnxruntime",
+        openvino=True,
     ),
 ]
 RUNTIMES = {"onnxruntime", "onnxruntime-gpu"}
@@ -210,6 +216,7 @@ def test_the_runtime_dependencies_resolve_to_the_platforms_onnxruntime(
     assert not resolution.error, f"{target.name}: {resolution.error}"
     installed = resolution.installed
     assert RUNTIMES & set(installed) == {target.runtime}
+    assert ("openvino" in installed) == target.openvino
     # Every runtime dependency has a wheel there; the CUDA libraries come only with the extra.
     wanted = {canonicalize_name(Requirement(line).name) for line in requirements(target)}
     assert wanted <= set(installed)

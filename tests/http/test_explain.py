@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from model_contract.metadata import ModelMetadata, OodCalibration, SelfTest
+from model_contract.metadata import OodCalibration, SelfTest
 from model_contract.ood import ood_scores
 from model_contract.preprocess import PreprocessSpec, preprocess
 from model_runtime.options import IN_PROCESS
@@ -338,9 +338,7 @@ def test_each_prediction_says_whether_the_image_is_like_the_training_images(
     before = flagged_count(client)
     files = [("file", ("bright.png", BRIGHT)), ("file", ("dark.png", DARK))]
     predictions = client.post("/v1/classify", files=files).json()["predictions"]
-    calibration = ModelMetadata.from_props(
-        ModelSession(model, IN_PROCESS)._session.get_modelmeta().custom_metadata_map
-    ).ood
+    calibration = ModelSession(model, IN_PROCESS).metadata.ood
     assert calibration is not None
     expected = scores(model, BRIGHT, DARK)
     assert [p["in_distribution"] for p in predictions] == [True, False]

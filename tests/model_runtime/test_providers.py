@@ -114,6 +114,8 @@ def test_every_gpu_option_falls_back_on_this_cpu_machine(served_model: Path) -> 
         )
     assert "cuda_graph" in reported
     assert session.runtime == {
+        "engine": "onnxruntime",
+        "file_precision": "fp32",
         "provider": CPU,
         "inference_workers": "1",
         "intra_op_threads": str(default_thread_count()),

@@ -1,0 +1,156 @@
+"""Which engine runs a model, and at which precision: the candidates that the settings, the file's
+precision and the machine allow, each with why; and, under `VIT_ENGINE=auto`, the measurement
+that picks the faster of two.
+
+onnxruntime is always a candidate, since it is what every file is checked with; OpenVINO is one
+on the CPU where it is installed, the load check ran the file on it, and the file's precision
+is FP32 or bf16 (int8 files use onnxruntime's dynamic quantization, fp16 files the GPU).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from model_runtime.openvino_engine import ONNXRUNTIME, OPENVINO, cpu_runs_bf16, openvino_missing
+from model_runtime.options import CPU, RuntimeOptions
+
+TIMED_ROUNDS = 3
+"""Rounds of every call at once that the measurement times, after one untimed round."""
+TIMED_BATCH = 8
+"""Images per timed call (or `max_batch_size`, if smaller): what a loaded server runs."""
+NO_BF16_CPU = "this CPU computes no bf16 (AVX512_BF16 or AMX): the bf16 file runs at fp32"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to run the model: an engine and the precision it computes in, with why."""
+
+    engine: str
+    precision: str
+    why: str
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The ways to run the model, in order of preference, and what was given up, with why."""
+
+    options: tuple[Candidate, ...]
+    notes: tuple[str, ...]
+
+
+def engine_candidates(
+    options: RuntimeOptions, file_precision: str, provider: str, openvino_refused: str | None
+) -> Candidates:
+    """The candidates for a file of `file_precision` whose onnxruntime session runs on
+    `provider`; `openvino_refused` says why the load check could not run the file on OpenVINO
+    (None: it could, or it was not asked to)."""
+    onnxruntime = Candidate(
+        ONNXRUNTIME,
+        "fp32" if file_precision == "bf16" else file_precision,
+        "onnxruntime computes a bf16 file at fp32"
+        if file_precision == "bf16"
+        else f"the file's precision, {file_precision}",
+    )
+    if options.engine == ONNXRUNTIME:
+        return Candidates((onnxruntime,), ())
+    unusable = _openvino_unusable(options, file_precision, provider, openvino_refused)
+    if unusable is not None:
+        return Candidates((onnxruntime,), (f"engine {options.engine}: {unusable}; onnxruntime",))
+    if file_precision == "bf16" and cpu_runs_bf16():
+        openvino = Candidate(OPENVINO, "bf16", "the file passed the bf16 gate; this CPU has bf16")
+    elif file_precision == "bf16":
+        openvino = Candidate(OPENVINO, "fp32", NO_BF16_CPU)
+    else:
+        why = "an fp32 file always runs at fp32 (OpenVINO's bf16 is turned off)"
+        openvino = Candidate(OPENVINO, "fp32", why)
+    if options.engine == OPENVINO:
+        return Candidates((openvino,), ())
+    return Candidates((onnxruntime, openvino), ())
+
+
+def _openvino_unusable(
+    options: RuntimeOptions, file_precision: str, provider: str, openvino_refused: str | None
+) -> str | None:
+    """Why OpenVINO cannot run this model here, or None."""
+    missing = openvino_missing()
+    if missing is not None:
+        return missing
+    if file_precision in ("int8", "fp16"):
+        return f"{file_precision} files run on onnxruntime, whose operators they were checked with"
+    if options.engine == "auto" and provider != CPU:
+        return f"the model runs on {provider}, and OpenVINO serves the CPU here"
+    if options.engine == "auto" and (options.io_binding or options.cuda_graph):
+        return "IO binding and CUDA graphs are onnxruntime's"
+    if openvino_refused is not None:
+        return f"OpenVINO could not run the file ({openvino_refused})"
+    return None
+
+
+@dataclass(frozen=True)
+class Timing:
+    """What one candidate did at load: images a second with every call at once, and one image
+    alone."""
+
+    candidate: Candidate
+    images_per_second: float
+    lone_ms: float
+    batch: int
+    calls: int
+
+    def line(self) -> str:
+        return (
+            f"{self.candidate.engine} {self.candidate.precision}: "
+            f"{self.images_per_second:.0f} images/s ({self.calls} calls of {self.batch} at once), "
+            f"{self.lone_ms:.1f} ms for one image alone"
+        )
+
+
+def time_candidate(
+    candidate: Candidate,
+    infer: Callable[[np.ndarray], object],
+    image: np.ndarray,
+    calls: int,
+    batch: int,
+) -> Timing:
+    """`infer` timed as a loaded server runs it: `calls` calls of `batch` copies of `image` at
+    once, TIMED_ROUNDS times after one untimed round; then one image alone, the faster of two."""
+    images = np.repeat(image, batch, axis=0)
+    errors: list[BaseException] = []
+
+    def rounds(count: int) -> None:
+        try:
+            for _ in range(count):
+                infer(images)
+        except BaseException as error:  # raised again in the measuring thread
+            errors.append(error)
+
+    def all_at_once(count: int) -> float:
+        threads = [threading.Thread(target=rounds, args=(count,)) for _ in range(calls)]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        return time.perf_counter() - started
+
+    all_at_once(1)
+    seconds = all_at_once(TIMED_ROUNDS)
+    lone = []
+    for _ in range(2):
+        started = time.perf_counter()
+        infer(image)
+        lone.append(time.perf_counter() - started)
+    return Timing(
+        candidate,
+        images_per_second=calls * batch * TIMED_ROUNDS / seconds,
+        lone_ms=min(lone) * 1000,
+        batch=batch,
+        calls=calls,
+    )
