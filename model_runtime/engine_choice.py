@@ -21,6 +21,8 @@ from model_runtime.options import CPU, RuntimeOptions
 
 TIMED_ROUNDS = 3
 """Rounds of every call at once that the measurement times, after one untimed round."""
+LONE_RUNS = 3
+"""Runs of one image alone; the fastest counts (the first after a batch can be slower)."""
 TIMED_BATCH = 8
 """Images per timed call (or `max_batch_size`, if smaller): what a loaded server runs."""
 NO_BF16_CPU = "this CPU computes no bf16 (AVX512_BF16 or AMX): the bf16 file runs at fp32"
@@ -113,12 +115,14 @@ class Timing:
 def time_candidate(
     candidate: Candidate,
     infer: Callable[[np.ndarray], object],
+    infer_alone: Callable[[np.ndarray], object],
     image: np.ndarray,
     calls: int,
     batch: int,
 ) -> Timing:
     """`infer` timed as a loaded server runs it: `calls` calls of `batch` copies of `image` at
-    once, TIMED_ROUNDS times after one untimed round; then one image alone, the faster of two."""
+    once, TIMED_ROUNDS times after one untimed round; then `infer_alone` on one image, the
+    fastest of LONE_RUNS."""
     images = np.repeat(image, batch, axis=0)
     errors: list[BaseException] = []
 
@@ -143,9 +147,9 @@ def time_candidate(
     all_at_once(1)
     seconds = all_at_once(TIMED_ROUNDS)
     lone = []
-    for _ in range(2):
+    for _ in range(LONE_RUNS):
         started = time.perf_counter()
-        infer(image)
+        infer_alone(image)
         lone.append(time.perf_counter() - started)
     return Timing(
         candidate,

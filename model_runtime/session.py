@@ -262,13 +262,20 @@ class ModelSession:
     def _openvino_engine(self, candidate: Candidate, model_bytes: bytes) -> _Engine:
         """OpenVINO with as many calls at once as onnxruntime would run, sharing every core."""
         precision: Precision = "bf16" if candidate.precision == "bf16" else "fp32"
+        plan = self.plan
         calls = OpenVinoCalls(
             model_bytes,
             precision=precision,
-            streams=self.plan.inference_workers,
-            threads=self.plan.all_threads,
+            streams=plan.inference_workers,
+            threads=plan.all_threads,
         )
-        return _Engine(candidate, calls)
+        # A lone image gets every core in one stream: the same kernels, the same numbers.
+        lone = (
+            OpenVinoCalls(model_bytes, precision=precision, streams=1, threads=plan.all_threads)
+            if plan.lone_call
+            else None
+        )
+        return _Engine(candidate, calls, lone)
 
     def _serve(self, engine: _Engine) -> None:
         self.engine = engine.candidate.engine
@@ -308,6 +315,7 @@ class ModelSession:
                 time_candidate(
                     trial.candidate,
                     functools.partial(self._raw, engine=trial),
+                    functools.partial(self._run, trial.lone_calls or trial.calls),
                     image,
                     self.inference_workers,
                     batch,
@@ -462,8 +470,8 @@ class ModelSession:
         return self._named(self._raw(batch), len(batch))
 
     def infer_alone(self, batch: np.ndarray) -> Outputs:
-        """`infer` for a call with nothing else to do on the machine: through the session
-        whose threads busy-wait between operators while it runs, when there is one."""
+        """`infer` for a call with nothing else to do on the machine: through the calls that
+        use every core at once (onnxruntime's busy-wait between operators), where there are."""
         lone = self._serving.lone_calls
         if lone is None:
             return self.infer(batch)

@@ -84,10 +84,21 @@ class ModelDescription(BaseModel):
     input_size: int
     preprocessing: PreprocessSpec
     output: Literal["logits", "probabilities"]
-    provider: str = Field(description="The onnxruntime execution provider really in use.")
-    providers: list[str]
+    provider: str = Field(
+        description="What runs the calls: the onnxruntime execution provider really in use, or "
+        "OpenVINO CPU."
+    )
+    providers: list[str] = Field(description="onnxruntime's providers for the model's session.")
     runtime: dict[str, str] = Field(
-        description="What is in effect: provider, precision, io_binding, cuda_graph, tensorrt."
+        description="What is in effect: engine, provider, precision (computed in) and "
+        "file_precision, io_binding, cuda_graph, tensorrt."
+    )
+    engine_choice: str = Field(
+        description="Why this engine serves: VIT_ENGINE, or under auto each engine's measured "
+        "images/s and lone-image time at load."
+    )
+    precision_choice: str = Field(
+        description="Why the calls compute in this precision (an fp32 file always in fp32)."
     )
     fallbacks: list[str] = Field(description="Options asked for but not in effect, and why.")
     sha256: str = Field(description="sha256 of the served .onnx file.")

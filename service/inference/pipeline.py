@@ -328,6 +328,8 @@ class Pipeline:
         # Bounded as the file's first inferences were: a graph slower than that here is refused.
         bound = self.session.check_seconds
         deadline = time.monotonic() + bound
+        if self.session.choosing:
+            await self._choose_engine(deadline + bound)
         try:
             for batch_size in self.session.warm_up_batch_sizes():
                 zeros = np.zeros(self.input_shape(batch_size), np.float32)
@@ -356,6 +358,24 @@ class Pipeline:
             metadata.version,
             *astuple(self.self_test),
         )
+
+    async def _choose_engine(self, deadline: float) -> None:
+        """Under VIT_ENGINE=auto, each engine timed and self-tested on the file's golden images
+        (decoded as uploads are), and the faster that passes kept (ModelSession.choose_engine);
+        given up at `deadline`, when the engine first built serves."""
+        test = self.session.metadata.self_test
+        golden = (
+            [(await self._golden(i, image)).tensor for i, image in enumerate(test.images)]
+            if test is not None
+            else []
+        )
+        expected = None if test is None else np.asarray(test.probabilities, dtype=np.float64)
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await asyncio.to_thread(self.session.choose_engine, golden, expected)
+        except TimeoutError:
+            self.warm_up_error = "timing the engines outlasted the load-time bound"
+            raise WarmUpOverran(self.warm_up_error) from None
 
     async def _load_time_inference(self, batch: np.ndarray, deadline: float) -> Outputs:
         """The outputs for a warm-up or self-test batch, given up at `deadline` even while its

@@ -120,7 +120,15 @@ def test_exif_rotated_photo_gets_the_upright_answer(client: TestClient) -> None:
 def test_models_describes_the_served_file(client: TestClient, served_model: Path) -> None:
     (model,) = client.get("/v1/models").json()["models"]
     assert model["sha256"] == hashlib.sha256(served_model.read_bytes()).hexdigest()
-    assert model["provider"] == CPU and model["providers"] == [CPU]
+    assert model["providers"] == [CPU]
+    engine = model["runtime"]["engine"]
+    assert model["provider"] == {"onnxruntime": CPU, "openvino": "OpenVINO CPU"}[engine]
+    # Both engines are measured at load under VIT_ENGINE=auto, and the choice says so.
+    assert model["engine_choice"].startswith(f"auto: {engine} is the faster that passed")
+    assert "onnxruntime fp32:" in model["engine_choice"]
+    assert "openvino fp32:" in model["engine_choice"]
+    assert model["runtime"]["precision"] == "fp32"
+    assert model["precision_choice"]
     assert model["input_size"] == model["preprocessing"]["input_size"]
     assert len(model["labels"]) == 8 and model["output"] == "logits"
 

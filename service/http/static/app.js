@@ -78,7 +78,10 @@ function renderCard(model) {
       setText(id, "not described by the model's metadata");
     }
   }
-  setText("card-precision", model.runtime.precision ?? "not reported");
+  setText(
+    "card-precision",
+    model.runtime.precision ? `${model.runtime.precision}: ${model.precision_choice}` : "not reported",
+  );
   setText(
     "card-accuracy",
     model.held_out_accuracy === null
@@ -97,7 +100,7 @@ function renderCard(model) {
       ? "no calibration: answers carry no in/out-of-distribution flag"
       : "calibrated: each answer says whether the photo looks like the training images",
   );
-  setText("card-provider", model.provider);
+  setText("card-provider", `${model.provider} (${model.engine_choice})`);
 }
 
 async function loadModels() {
