@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from model_contract.preprocess import preprocess
+from model_runtime.openvino_engine import ONNXRUNTIME
 from model_runtime.options import IN_PROCESS
 from model_runtime.session import ModelSession
 from vit_tools.client import image_files
@@ -246,17 +247,20 @@ def ceiling(
     count: int,
     spinning: bool = False,
     workers: int = 1,
+    engine: str = ONNXRUNTIME,
 ) -> list[Report]:
     """In-process: the same decode, preprocessing and session, decode overlapping inference.
 
     `spinning` is onnxruntime's busy-wait between operators (the service's
     VIT_INTRA_OP_SPINNING) and `workers` the calls running at once (VIT_INFERENCE_WORKERS),
-    each worker taking its share of `count`; the ceiling is the best of them.
+    each worker taking its share of `count`; the ceiling is the best of them. `engine` is
+    VIT_ENGINE's onnxruntime or openvino (which has no busy-wait).
     """
     session = ModelSession(
         model,
         IN_PROCESS.model_copy(
             update={
+                "engine": engine,
                 "intra_op_threads": threads,
                 "intra_op_spinning": spinning,
                 "inference_workers": workers,
@@ -265,6 +269,8 @@ def ceiling(
     )
     spec = session.metadata.preprocessing
     mode = f"ceiling w{workers}" + ("+spin" if spinning else "")
+    if engine != ONNXRUNTIME:
+        mode += f" {engine} {session.precision}"
     reports = []
     with ThreadPoolExecutor(decode_threads) as pool:
 
@@ -308,7 +314,9 @@ def ceiling(
     return reports
 
 
-def lone_image(model: Path, images: list[bytes], *, count: int, spinning: bool) -> Report:
+def lone_image(
+    model: Path, images: list[bytes], *, count: int, spinning: bool, engine: str = ONNXRUNTIME
+) -> Report:
     """In-process, one image at a time from bytes to probabilities: decoded and preprocessed,
     then run through one call on every core, the next image only after. What a client alone
     with the service waits for, less the HTTP and the hand-offs (the ceiling's overlap of
@@ -316,7 +324,12 @@ def lone_image(model: Path, images: list[bytes], *, count: int, spinning: bool) 
     session = ModelSession(
         model,
         IN_PROCESS.model_copy(
-            update={"intra_op_threads": 0, "intra_op_spinning": spinning, "inference_workers": 1}
+            update={
+                "engine": engine,
+                "intra_op_threads": 0,
+                "intra_op_spinning": spinning,
+                "inference_workers": 1,
+            }
         ),
     )
     spec = session.metadata.preprocessing
@@ -328,6 +341,8 @@ def lone_image(model: Path, images: list[bytes], *, count: int, spinning: bool) 
         latencies.append(time.perf_counter() - begun)
     seconds = time.perf_counter() - started
     mode = "lone" + ("+spin" if spinning else "")
+    if engine != ONNXRUNTIME:
+        mode += f" {engine} {session.precision}"
     return summarise(mode, 1, latencies, Counter({200: count}), seconds, count, batch_size=1)
 
 
