@@ -20,7 +20,15 @@ from model_runtime.openvino_engine import ONNXRUNTIME, OPENVINO, cpu_runs_bf16, 
 from model_runtime.options import CPU, RuntimeOptions
 
 TIMED_ROUNDS = 3
-"""Rounds of every call at once that the measurement times, after one untimed round."""
+"""Rounds of every call at once that the measurement times, after one untimed round; fewer
+where a round takes longer than TIMED_SECONDS / TIMED_ROUNDS."""
+TIMED_SECONDS = 1.5
+"""About how long the timed rounds of one engine take, at least one round."""
+ALONE_SERVES_FROM = 0.9
+"""Where one image at a time on every core does at least this share of the images/s of
+batches run side by side, batching gains too little for the wait it adds: one call at a time,
+of one image each, serves (a large model on a CPU, whose matrix products already fill the
+cores with one image)."""
 LONE_RUNS = 3
 """Runs of one image alone; the fastest counts (the first after a batch can be slower)."""
 TIMED_BATCH = 8
@@ -104,10 +112,20 @@ class Timing:
     batch: int
     calls: int
 
+    @property
+    def alone_images_per_second(self) -> float:
+        return 1000 / self.lone_ms
+
+    @property
+    def batching_gains(self) -> bool:
+        """Whether batches side by side beat one image at a time by enough to be worth their
+        wait (ALONE_SERVES_FROM)."""
+        return self.alone_images_per_second < ALONE_SERVES_FROM * self.images_per_second
+
     def line(self) -> str:
         return (
             f"{self.candidate.engine} {self.candidate.precision}: "
-            f"{self.images_per_second:.0f} images/s ({self.calls} calls of {self.batch} at once), "
+            f"{self.images_per_second:.3g} images/s ({self.calls} calls of {self.batch} at once), "
             f"{self.lone_ms:.1f} ms for one image alone"
         )
 
@@ -144,8 +162,10 @@ def time_candidate(
             raise errors[0]
         return time.perf_counter() - started
 
-    all_at_once(1)
-    seconds = all_at_once(TIMED_ROUNDS)
+    warm = all_at_once(1)
+    # A large model's round takes seconds: fewer of them, so a load is not held up for long.
+    rounds_timed = max(1, min(TIMED_ROUNDS, round(TIMED_SECONDS / warm)))
+    seconds = all_at_once(rounds_timed)
     lone = []
     for _ in range(LONE_RUNS):
         started = time.perf_counter()
@@ -153,7 +173,7 @@ def time_candidate(
         lone.append(time.perf_counter() - started)
     return Timing(
         candidate,
-        images_per_second=calls * batch * TIMED_ROUNDS / seconds,
+        images_per_second=calls * batch * rounds_timed / seconds,
         lone_ms=min(lone) * 1000,
         batch=batch,
         calls=calls,

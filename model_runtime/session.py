@@ -179,13 +179,16 @@ class ModelSession:
         ]
         self._serve(self._trials[0])
         self.engine_choice = (
-            f"VIT_ENGINE={options.engine}"
-            if len(self._trials) == 1
-            else "auto: not measured yet (onnxruntime until then)"
+            "auto: not measured yet (onnxruntime until then)"
+            if len(self._trials) > 1
+            else "; ".join(candidates.notes) or f"VIT_ENGINE={options.engine}"
         )
         """Why the engine in use serves: the setting, or the measurement that chose it."""
-        if len(self._trials) == 1:
-            self._trials = []
+        self.one_at_a_time = False
+        """Whether calls hold one image each, one call at a time on every core: where the
+        load-time measurement found that batching gains too little (ALONE_SERVES_FROM)."""
+        if self._trials[0].lone_calls is None and len(self._trials) == 1:
+            self._trials = []  # nothing to choose between: no measurement
         logger.info(  # by file: a repository names the model by its folders, not its metadata
             "%s: %s", self.path, ", ".join(f"{key} {value}" for key, value in self.runtime.items())
         )
@@ -288,14 +291,17 @@ class ModelSession:
 
     @property
     def choosing(self) -> bool:
-        """Whether `choose_engine` has more than one engine to measure."""
-        return len(self._trials) > 1
+        """Whether `choose_engine` has engines or schedules to measure: two engines under
+        VIT_ENGINE=auto, or batches against one image at a time on every core."""
+        return bool(self._trials)
 
     def choose_engine(self, golden: list[np.ndarray], expected: np.ndarray | None) -> None:
-        """Under VIT_ENGINE=auto: each engine's warm-up timed (every call at once on a batch,
-        then one image alone), its self-test run on the `golden` tensors against `expected`
-        (the file's probabilities, within its tolerance), and the faster that passes kept;
-        the other is dropped. Both times are logged, and shown in `runtime`."""
+        """At load: each engine's self-test run on the `golden` tensors against `expected`
+        (the file's probabilities, within its tolerance), then its warm-up timed (every call
+        at once on a batch, then one image alone); the faster that passes is kept and the
+        other dropped. Where one image at a time on every core does nearly as well as the
+        batches (`Timing.batching_gains`), it serves every call. Both times are logged, and
+        shown in `engine_choice`."""
         if not self.choosing:
             return
         image = golden[0] if golden else np.zeros(self._input_shape(1), np.float32)
@@ -327,9 +333,23 @@ class ModelSession:
             self._trials[0],
         )
         self._serve(keep)
-        self._trials = []
         measured = "; ".join([t.line() for t in timings] + failed)
-        self.engine_choice = f"auto: {self.engine} is the faster that passed ({measured})"
+        if len(self._trials) > 1:
+            self.engine_choice = f"auto: {self.engine} is the faster that passed ({measured})"
+        else:
+            self.engine_choice = f"{self.engine_choice} ({measured})"
+        self._trials = []
+        if chosen is not None and keep.lone_calls is not None and not chosen.batching_gains:
+            # Every call through the calls that give one image all the cores, one at a time:
+            # the same numbers as a lone image's, and no request waits behind a long batch.
+            self._serve(_Engine(keep.candidate, keep.lone_calls, keep.lone_calls))
+            self.one_at_a_time = True
+            self.inference_workers = 1
+            self.engine_choice += (
+                f"; one image per call, one call at a time: "
+                f"{chosen.alone_images_per_second:.3g} images/s alone against "
+                f"{chosen.images_per_second:.3g} batched"
+            )
         logger.info("%s: %s", self.path, self.engine_choice)
 
     def _golden_difference(
@@ -359,17 +379,18 @@ class ModelSession:
         if isinstance(serving.calls, OpenVinoCalls):
             provider, threads = "OpenVINO CPU", f"{serving.calls.threads} shared"
         else:
-            provider, threads = self.provider, str(plan.threads_per_call)
+            calls = plan.all_threads if self.one_at_a_time else plan.threads_per_call
+            provider, threads = self.provider, str(calls)
         return {
             "engine": self.engine,
             "provider": provider,
-            "inference_workers": str(plan.inference_workers),
+            "inference_workers": str(self.inference_workers),
             "intra_op_threads": threads,
             "lone_call_spinning": on(serving.lone_calls is not None),
             "cpu_memory_arena": on(plan.cpu_memory_arena and self.engine == ONNXRUNTIME),
             "precision": self.precision,
             "file_precision": self.metadata.precision,
-            "batch": self._batching(),
+            "batch": "one image per call" if self.one_at_a_time else self._batching(),
             "io_binding": on(serving.bound is not None),
             "cuda_graph": on(serving.bound is not None and plan.cuda_graph),
             "tensorrt": on(self.engine == ONNXRUNTIME and TENSORRT in self.providers),

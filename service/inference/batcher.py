@@ -134,6 +134,13 @@ class Batcher:
         self.consecutive_failures = 0
         """onnxruntime calls that raised or returned non-finite numbers since the last good one."""
 
+    def schedule(self, *, workers: int, max_batch_size: int) -> None:
+        """Calls at once and images per call, as the model's load-time measurement chose;
+        before `start`."""
+        if self._threads:
+            raise RuntimeError("the batcher is scheduled before it starts")
+        self._workers, self._max_batch_size = workers, max_batch_size
+
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._threads = [

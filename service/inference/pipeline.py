@@ -323,13 +323,15 @@ class Pipeline:
         """Start batching, then real inferences (one per bound batch size) so no client pays
         for onnxruntime's setup; their output must have one column per label. A failure is
         kept (readiness reports it) and raised: the server stops rather than stay unready."""
-        self.batcher.start()
         await asyncio.to_thread(self.decoders.start)
         # Bounded as the file's first inferences were: a graph slower than that here is refused.
         bound = self.session.check_seconds
-        deadline = time.monotonic() + bound
         if self.session.choosing:
-            await self._choose_engine(deadline + bound)
+            await self._choose_engine(time.monotonic() + 2 * bound)
+            if self.session.one_at_a_time:
+                self.batcher.schedule(workers=1, max_batch_size=1)
+        self.batcher.start()
+        deadline = time.monotonic() + bound
         try:
             for batch_size in self.session.warm_up_batch_sizes():
                 zeros = np.zeros(self.input_shape(batch_size), np.float32)
@@ -361,8 +363,9 @@ class Pipeline:
 
     async def _choose_engine(self, deadline: float) -> None:
         """Under VIT_ENGINE=auto, each engine timed and self-tested on the file's golden images
-        (decoded as uploads are), and the faster that passes kept (ModelSession.choose_engine);
-        given up at `deadline`, when the engine first built serves."""
+        (decoded as uploads are), the faster that passes kept, and one image per call where
+        batching gains too little (ModelSession.choose_engine). Twice the load-time bound: each
+        engine runs its warm-up; past it the model is refused (WarmUpOverran)."""
         test = self.session.metadata.self_test
         golden = (
             [(await self._golden(i, image)).tensor for i, image in enumerate(test.images)]

@@ -70,6 +70,34 @@ def test_auto_serves_whichever_measured_faster(
     assert "300 images/s" in session.engine_choice and "100 images/s" in session.engine_choice
 
 
+@pytest.mark.parametrize("alone_share", [0.95, 0.5])
+def test_one_image_at_a_time_serves_where_batching_gains_too_little(
+    served_model: Path, alone_share: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large model on a CPU: one image alone on every core does nearly what two batches side
+    by side do, so every call holds one image and runs alone; where batches do far better,
+    they serve."""
+    batched = 100.0
+
+    def timed(candidate: Candidate, *args: object) -> Timing:
+        lone_ms = 1000 / (alone_share * batched)
+        return Timing(candidate, images_per_second=batched, lone_ms=lone_ms, batch=8, calls=2)
+
+    monkeypatch.setattr("model_runtime.session.time_candidate", timed)
+    session = ModelSession(served_model, AUTO)
+    session.choose_engine(*golden(session))
+    alone = alone_share >= engine_choice.ALONE_SERVES_FROM
+    assert session.one_at_a_time == alone
+    assert (session.inference_workers == 1) == alone
+    assert (session.runtime["batch"] == "one image per call") == alone
+    assert ("one image per call, one call at a time" in session.engine_choice) == alone
+    images = np.random.default_rng(2).random((3, *image_shape(session)), np.float32)
+    reference = ModelSession(
+        served_model, IN_PROCESS.model_copy(update={"engine": session.engine})
+    ).predict(images)
+    np.testing.assert_array_equal(session.predict(images), reference)
+
+
 def test_without_openvino_auto_is_onnxruntime_and_says_why(
     served_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -77,9 +105,13 @@ def test_without_openvino_auto_is_onnxruntime_and_says_why(
         monkeypatch.setattr(module, "openvino_missing", lambda: NOT_INSTALLED)
     for wanted in ("auto", "openvino"):
         session = ModelSession(served_model, AUTO.model_copy(update={"engine": wanted}))
-        assert not session.choosing and session.engine == "onnxruntime"
+        assert session.engine == "onnxruntime"
         assert f"engine {wanted}: {NOT_INSTALLED}; onnxruntime" in session.fallbacks
+        session.choose_engine(*golden(session))
         assert session.runtime["engine"] == "onnxruntime"
+        why = f"engine {wanted}: {NOT_INSTALLED}; onnxruntime (onnxruntime fp32: "
+        assert session.engine_choice.startswith(why)
+        assert "openvino fp32" not in session.engine_choice
 
 
 def test_an_engine_that_fails_the_self_test_is_not_served(
