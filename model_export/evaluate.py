@@ -1,5 +1,6 @@
-"""`vit-eval`: held-out accuracy of an ONNX model, with onnxruntime and the shared preprocessing,
-on the `shapes` dataset or on the user's own images (a folder per label).
+"""`vit-eval`: held-out accuracy of an ONNX model, with the shared preprocessing and onnxruntime
+(or OpenVINO, where a bf16 file runs in bf16), on the `shapes` dataset or on the user's own images
+(a folder per label).
 
 No torch here: this is exactly the path the service takes from upload bytes to probabilities.
 """
@@ -20,10 +21,17 @@ from model_contract.preprocess import PreprocessSpec, preprocess
 from model_export import shapes
 from model_export.importing import ImportRefused, image_files
 from model_runtime.graph_check import inspect_model
-from model_runtime.options import IN_PROCESS
+from model_runtime.openvino_engine import ONNXRUNTIME, OPENVINO
+from model_runtime.options import IN_PROCESS, RuntimeOptions
 from model_runtime.session import ModelSession
 
 DATASETS = {"shapes": shapes}
+ENGINES: dict[str, RuntimeOptions] = {
+    ONNXRUNTIME: IN_PROCESS,
+    OPENVINO: IN_PROCESS.model_copy(update={"engine": OPENVINO}),
+}
+"""A model run once in process by each engine: onnxruntime, the reference (a bf16 file at FP32),
+or OpenVINO (a bf16 file in bf16 where the CPU computes it)."""
 
 
 class UnlabelledImages(ValueError):
@@ -154,6 +162,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, help="the dataset's seed (never a training seed)")
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument(
+        "--engine",
+        choices=sorted(ENGINES),
+        default=ONNXRUNTIME,
+        help="what runs the model: onnxruntime, the reference, or openvino, which runs a bf16 "
+        "file in bf16 where the CPU computes it (the first line says what ran)",
+    )
+    parser.add_argument(
         "--jpeg-draft",
         choices=("on", "off"),
         help="override the model's JPEG decoding, to see whether reduced decoding keeps accuracy",
@@ -167,9 +182,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"vit-eval: {args.images}: no such folder (images as DIR/<label>/*)")
     try:
         inspect_model(args.model)  # a file that is not a servable model, in one line
-        session = ModelSession(args.model, IN_PROCESS)
+        session = ModelSession(args.model, ENGINES[args.engine])
     except InvalidModelMetadata as error:
         sys.exit(f"vit-eval: cannot evaluate {args.model}: {error}")
+    print(f"{session.engine} {session.precision}: {session.precision_why}")
     if args.images is None:
         print(evaluate(session, seed=args.seed, count=args.count).report())
         return

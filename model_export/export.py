@@ -21,9 +21,19 @@ from model_contract.metadata import InvalidModelMetadata, ModelMetadata, OodCali
 from model_contract.preprocess import PreprocessSpec, preprocess, preprocess_upload
 from model_export import shapes
 from model_export.attention import vit_rollout
+from model_export.bf16 import (
+    BF16_MAX_PROBABILITY_DIFF,
+    BF16_MIN_TOP1_AGREEMENT,
+    Bf16Report,
+    Bf16Unmeasurable,
+    bf16_drift,
+    bf16_gate,
+    bf16_session,
+    refuse_unmeasurable_bf16,
+)
 from model_export.checkpoint import Checkpoint, NotACheckpoint, sha256_of, state_dict_from_onnx
 from model_export.evaluate import evaluate
-from model_export.importing import staged
+from model_export.importing import probability_diff, staged
 from model_export.ood_features import strip_ood_score
 from model_export.quantize import Int8Report, compare, quantize
 from model_export.rollout import ROLLOUT_OUTPUT, add_rollout_to_file, rollout_of, strip_rollout
@@ -32,7 +42,6 @@ from model_export.stamp import (
     SELF_TEST_IMAGES,
     calibrate_best,
     golden_png,
-    probability_diff,
     served_probabilities,
 )
 from model_export.vit import VisionTransformer, ViTConfig
@@ -113,6 +122,10 @@ class PrecisionReport:
             f"{self.top1_agreement:.2%} (>= {FP16_MIN_TOP1_AGREEMENT:.1%}), max |dprobability| "
             f"{self.max_probability_diff:.2e} (<= {FP16_PROBABILITY_TOLERANCE:g})  {verdict}"
         )
+
+
+Report = PrecisionReport | Int8Report | Bf16Report
+"""What an FP16, int8 or bf16 file was checked with, in place of the FP32 parity cases."""
 
 
 class Float16Inside(nn.Module):
@@ -204,6 +217,11 @@ def compare_precision(
     return PrecisionReport(count=count, top1_agreement=agree / count, max_probability_diff=largest)
 
 
+def logits_of(session: ModelSession, batches: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """The file's classification output for held-out batches (images, class indices)."""
+    return np.concatenate([session.logits(batch) for batch, _ in batches])
+
+
 def with_rollout(
     path: Path, metadata: ModelMetadata, *, producer: str = "vit-export"
 ) -> ModelMetadata:
@@ -232,7 +250,7 @@ def rebuild(path: Path) -> tuple[VisionTransformer, ModelMetadata, onnx.ModelPro
         raise NotACheckpoint(refusal) from error
     if proto.producer_name != "vit-export":
         raise NotACheckpoint(refusal)
-    if metadata.precision != "fp32":
+    if metadata.precision not in ("fp32", "bf16"):  # a bf16 file holds FP32 weights
         raise NotACheckpoint(
             f"{path} holds {metadata.precision} weights, which cannot be exported again "
             "exactly: export from the FP32 file or the checkpoint it came from"
@@ -310,16 +328,21 @@ def export_model(
     calibration_count: int = CALIBRATION_COUNT,
     fp16: bool = False,
     int8: bool = False,
-) -> tuple[list[ParityCase] | PrecisionReport | Int8Report, float | None]:
+    bf16: bool = False,
+) -> tuple[list[ParityCase] | Report, float | None]:
     """Write `model` (or `graph`, the ONNX graph it was traced to before) with its rollout,
     metadata, out-of-distribution calibration and self-test set, once checked.
 
     FP32 files must match PyTorch to LOGIT_TOLERANCE and ROLLOUT_TOLERANCE; FP16 files are
     compared with the FP32 model on the held-out images instead (`PrecisionReport`); int8 files
-    with the checked FP32 file (`Int8Report`), and nothing is written unless that passes.
+    with the checked FP32 file (`Int8Report`), and bf16 files with the same file run in bf16
+    (`Bf16Report`); nothing is written unless that passes.
     """
-    if fp16 and int8:
-        raise ValueError("a file is fp16 or int8, not both")
+    if fp16 + int8 + bf16 > 1:
+        raise ValueError("a file is fp16, int8 or bf16, not two of them")
+    if bf16:
+        refuse_unmeasurable_bf16()  # before the minutes of export, not after them
+        metadata = metadata.model_copy(update={"precision": "bf16"})
     with staged(output) as plain, staged(output) as path:
         if graph is not None:
             onnx.save(graph, str(plain))
@@ -330,7 +353,7 @@ def export_model(
         shutil.copyfile(plain, path)
         metadata = with_rollout(path, metadata)
         session = ModelSession(path, IN_PROCESS)
-        report: list[ParityCase] | PrecisionReport | Int8Report
+        report: list[ParityCase] | Report
         if fp16:
             count = max(eval_count, PRECISION_MIN_IMAGES)
             report = compare_precision(model, session, seed=eval_seed, count=count)
@@ -340,22 +363,31 @@ def export_model(
             report, measured = parity, max(case.max_probability_diff for case in parity)
         held: dict[str, object] = {"held_out_seed": eval_seed, "held_out_count": eval_count}
         accuracy = None
+        gated = int8 or bf16
+        if gated and not all(case.passed for case in parity):
+            return report, None
+        count = max(eval_count, PRECISION_MIN_IMAGES)
+        spec = metadata.preprocessing
+        batches = list(held_out(spec, seed=eval_seed, count=count)) if gated else []
         if int8:
-            if not all(case.passed for case in parity):
-                return report, None
-            fp32, count = session, max(eval_count, PRECISION_MIN_IMAGES)
+            fp32 = session
             quantize(plain, path)
             metadata = with_rollout(path, metadata.model_copy(update={"precision": "int8"}))
             session = ModelSession(path, IN_PROCESS)
-            batches = list(held_out(metadata.preprocessing, seed=eval_seed, count=count))
-            fp32_logits = np.concatenate([fp32.logits(batch) for batch, _ in batches])
-            int8_logits = np.concatenate([session.logits(batch) for batch, _ in batches])
+            fp32_logits, int8_logits = logits_of(fp32, batches), logits_of(session, batches)
             report = compare(fp32_logits, int8_logits, np.concatenate([t for _, t in batches]))
             if not report.passed:
                 return report, None
             measured += probability_diff(fp32_logits, int8_logits)
             accuracy, held["held_out_count"] = report.int8_accuracy, count
-        elif eval_count:
+        elif bf16:
+            # The self-test expects the FP32 probabilities, within what bf16 moves them: the
+            # file passes it at FP32 on any CPU and in bf16 where the CPU computes it.
+            report = bf16_gate(logits_of(session, batches), logits_of(bf16_session(path), batches))
+            if not report.passed:
+                return report, None
+            measured += report.max_probability_diff
+        if not int8 and eval_count:
             accuracy = evaluate(session, seed=eval_seed, count=eval_count).accuracy
         update: dict[str, object] = {}
         if accuracy is not None:
@@ -368,6 +400,11 @@ def export_model(
             calibration_count=calibration_count,
             update=update,
         )
+        if bf16:
+            # The rollout and the out-of-distribution calibration are the FP32 file's: say how
+            # far bf16 moves them on the same images, now that the file carries both.
+            in_bf16, images = bf16_session(path), [batch for batch, _ in batches]
+            logger.info("%s", bf16_drift(ModelSession(path, IN_PROCESS), in_bf16, images).line())
         path.replace(output)
     return report, accuracy
 
@@ -382,7 +419,8 @@ def export(
     calibration_count: int = CALIBRATION_COUNT,
     fp16: bool = False,
     int8: bool = False,
-) -> tuple[list[ParityCase] | PrecisionReport | Int8Report, float | None]:
+    bf16: bool = False,
+) -> tuple[list[ParityCase] | Report, float | None]:
     """Write the ONNX file of a vit-train checkpoint, or bring a file vit-export wrote before up
     to the current format: its classification graph kept node for node (the same numbers), the
     PyTorch model for the checks rebuilt from its weights."""
@@ -421,6 +459,7 @@ def export(
         calibration_count=calibration_count,
         fp16=fp16,
         int8=int8,
+        bf16=bf16,
     )
 
 
@@ -465,6 +504,14 @@ def main(argv: list[str] | None = None) -> None:
         help="int8 weights, activations quantized per call; written only if it agrees with the "
         "FP32 model on >= 99%% of the held-out images and loses <= 0.5 points of accuracy.",
     )
+    precision.add_argument(
+        "--bf16",
+        action="store_true",
+        help="FP32 weights the service runs in bf16 where the CPU computes it (OpenVINO, "
+        f"docs/BF16.md); written only if, run so here, it agrees with FP32 on >= "
+        f"{BF16_MIN_TOP1_AGREEMENT * 100:.0f}%% of the held-out images and moves no probability by "
+        f"more than {BF16_MAX_PROBABILITY_DIFF:g}.",
+    )
     args = parser.parse_args(argv)
     try:
         parity, accuracy = export(
@@ -476,10 +523,13 @@ def main(argv: list[str] | None = None) -> None:
             calibration_count=args.calibration_count,
             fp16=args.fp16,
             int8=args.int8,
+            bf16=args.bf16,
         )
     except NotACheckpoint as error:
         sys.exit(f"vit-export: {error}")
-    if isinstance(parity, PrecisionReport | Int8Report):
+    except Bf16Unmeasurable as error:
+        sys.exit(f"vit-export: {error}; {args.output} not written")
+    if not isinstance(parity, list):
         print(parity.line())
         passed = parity.passed
     else:
@@ -490,8 +540,11 @@ def main(argv: list[str] | None = None) -> None:
         for case in parity:
             print("  " + case.line())
         passed = all(case.passed for case in parity)
-    if args.int8 and not passed:
-        sys.exit(f"vit-export: the FP32 parity or the int8 check failed; {args.output} not written")
+    if isinstance(parity, Bf16Report) and not passed:
+        sys.exit(f"vit-export: {parity.refusal()}; {args.output} not written")
+    if (args.int8 or args.bf16) and not passed:
+        failed = "the FP32 parity or the int8 check" if args.int8 else "the FP32 parity check"
+        sys.exit(f"vit-export: {failed} failed; {args.output} not written")
     if accuracy is not None:
         count = max(args.eval_count, PRECISION_MIN_IMAGES) if args.int8 else args.eval_count
         print(f"held-out accuracy {accuracy:.2%} on {count} images (seed {args.eval_seed})")

@@ -31,6 +31,7 @@ from model_contract.metadata import ModelMetadata, last_line
 from model_contract.outputs import ATTENTION_ROLLOUT
 from model_contract.preprocess import preprocess
 from model_export.attention import hf_rollout
+from model_export.bf16 import Bf16Report, bf16_gate_on_files, bf16_session, refuse_unmeasurable_bf16
 from model_export.checkpoint import sha256_of
 from model_export.export import (
     FP16_MIN_TOP1_AGREEMENT,
@@ -48,6 +49,7 @@ from model_export.importing import (
     chunks,
     decodable_image_files,
     model_name,
+    probability_diff,
     read_json,
     refuse_custom_code,
     served_logits,
@@ -56,9 +58,9 @@ from model_export.importing import (
 )
 from model_export.quantize import Int8Report, check_on_images, quantize
 from model_export.sealing import finish_model_file, write_metadata
-from model_export.stamp import calibrate_on_folder, golden_files, probability_diff
+from model_export.stamp import calibrate_on_folder, golden_files
 from model_runtime.options import IN_PROCESS
-from model_runtime.session import ModelSession, softmax
+from model_runtime.session import ModelSession
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +239,7 @@ def check_parity(
     return ParityReport(
         images=len(files),
         max_logit_diff=float(np.abs(expected - actual).max()),
-        max_probability_diff=float(np.abs(softmax(expected) - softmax(actual)).max()),
+        max_probability_diff=probability_diff(expected, actual),
         top1_agree=int((expected.argmax(1) == actual.argmax(1)).sum()),
         fp16=fp16,
         max_rollout_diff=None
@@ -314,14 +316,20 @@ def import_hf(
     check_images: Path | None = None,
     fp16: bool = False,
     int8: bool = False,
+    bf16: bool = False,
     jpeg_draft: bool = False,
     calibration_images: Path | None = None,
     rollout: bool = True,
-) -> ParityReport | Int8Report:
+) -> ParityReport | Int8Report | Bf16Report:
     """Write the ONNX file with its metadata and attention rollout, then check it against
     transformers; with `int8`, quantize the FP32 file once it passes and check the int8 file
-    against it instead. The self-test set is cut from the check images; the out-of-distribution
-    threshold is calibrated on `calibration_images` where given (otherwise the file has none)."""
+    against it instead; with `bf16`, check the FP32 file run in bf16 against its FP32 run. The
+    self-test set is cut from the check images; the out-of-distribution threshold is calibrated
+    on `calibration_images` where given (otherwise the file has none)."""
+    if fp16 + int8 + bf16 > 1:
+        raise ValueError("a file is fp16, int8 or bf16, not two of them")
+    if bf16:
+        refuse_unmeasurable_bf16()  # before the checkpoint is read and exported
     model, processor = load(source)
     files = decodable_image_files(check_images)
     try:
@@ -335,7 +343,7 @@ def import_hf(
         labels=labels_of(config),
         preprocessing=spec,
         output="logits",
-        precision="fp16" if fp16 else "fp32",
+        precision="fp16" if fp16 else "bf16" if bf16 else "fp32",
         checkpoint_sha256=weights_sha256(source),
         dataset={"config": architecture(config)} if architecture(config) else {},
         source={
@@ -356,7 +364,14 @@ def import_hf(
         if not report.passed:
             return report
         measured = report.max_probability_diff
-        result: ParityReport | Int8Report = report
+        result: ParityReport | Int8Report | Bf16Report = report
+        if bf16:
+            # FP32 weights, run at FP32 by `session`: its self-test expects the FP32
+            # probabilities, within what bf16 moves them.
+            result = bf16_gate_on_files(session, bf16_session(staged_path), files)
+            if not result.passed:
+                return result
+            measured += result.max_probability_diff
         if int8:
             fp32 = session
             quantize(plain, staged_path)

@@ -27,6 +27,7 @@ from model_contract.metadata import (
     one_line,
 )
 from model_contract.preprocess import PreprocessSpec, preprocess
+from model_export.bf16 import Bf16Report, bf16_gate_on_files, bf16_session, refuse_unmeasurable_bf16
 from model_export.hf_preprocessing import UnexpressibleProcessor, spec_from_processor
 from model_export.importing import (
     ImportRefused,
@@ -60,11 +61,15 @@ class SmokeReport:
     top: tuple[str, ...]
     row_sums: tuple[float, ...]
     warning: str | None
+    bf16: Bf16Report | None = None
+    """The bf16 gate, passed, where the file is stamped bf16."""
 
     def line(self) -> str:
         answers = ", ".join(self.top)
-        return f"smoke inference on {self.images} images: top-1 {answers}" + (
-            f"\nwarning: {self.warning}" if self.warning else ""
+        return (
+            f"smoke inference on {self.images} images: top-1 {answers}"
+            + (f"\n{self.bf16.line()}" if self.bf16 else "")
+            + (f"\nwarning: {self.warning}" if self.warning else "")
         )
 
 
@@ -326,6 +331,7 @@ def import_onnx(
     check_images: list[Path],
     calibration_images: Path | None = None,
     rollout: bool = True,
+    bf16: bool = False,
 ) -> SmokeReport:
     """Stamp `source` (a file, or an optimum-style directory) and write it to `output`.
 
@@ -334,7 +340,8 @@ def import_onnx(
     of them gives is the output file's (`model_name`). The attention rollout is appended
     (refused where the graph has no attention softmax, unless `rollout` is off), the self-test
     set cut from the check images, and the out-of-distribution threshold calibrated on
-    `calibration_images` where given (otherwise the file has none).
+    `calibration_images` where given (otherwise the file has none). A file stamped bf16 (`bf16`,
+    or a file stamped so before) is written only once the bf16 gate passes on the check images.
     """
     folder = source if source.is_dir() else None
     model_file = source / ONNX_FILE if folder else source
@@ -343,6 +350,16 @@ def import_onnx(
     proto = read_model(model_file)
     graph_size = graph_input_size(proto)
     old = existing_metadata(proto)
+    precision = old.get("precision") or precision_of(proto)
+    if bf16 or precision == "bf16":
+        if precision not in ("fp32", "bf16"):
+            raise ImportRefused(
+                f"{model_file} holds {precision} weights: bf16 is a way to run FP32 weights"
+            )
+        # Before anything else is run: a file stamped bf16 before is measured again, since its
+        # self-test tolerance follows from what the gate measures.
+        refuse_unmeasurable_bf16()
+        precision = "bf16"
     strip_rollout(proto)  # a file stamped before: its rollout and score are made again below
     strip_ood_score(proto)
     config_file = folder / HF_CONFIG if folder and (folder / HF_CONFIG).is_file() else None
@@ -384,7 +401,7 @@ def import_onnx(
                 "labels": label_names,
                 "preprocessing": merged_spec,
                 "output": output_kind or old.get("output") or "logits",
-                "precision": old.get("precision") or precision_of(proto),
+                "precision": precision,
                 "output_name": choose_output(proto, output_name or old.get("output_name")),
                 "source": old.get("source")
                 or {
@@ -425,6 +442,14 @@ def import_onnx(
             report = smoke(session, check_images, kind_given=output_kind is not None or bool(old))
         except InvalidModelMetadata as error:
             raise refusal_of(error, staged_path, source, output) from error
+        # No other framework to compare with: the file at FP32 is the reference, and bf16's
+        # difference from it is what its self-test tolerates beyond.
+        measured = 0.0
+        if precision == "bf16":
+            gate = bf16_gate_on_files(session, bf16_session(staged_path), check_images)
+            if not gate.passed:
+                raise ImportRefused(gate.refusal())
+            report, measured = replace(report, bf16=gate), gate.max_probability_diff
         try:
             finish_model_file(
                 proto,
@@ -433,7 +458,7 @@ def import_onnx(
                 metadata,
                 calibrate=functools.partial(calibrate_on_folder, folder=calibration_images),
                 golden=golden_files(check_images, metadata.preprocessing),
-                measured=0.0,  # no other framework to compare with: this file is the reference
+                measured=measured,
                 producer="vit-import",
             )
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:

@@ -16,6 +16,12 @@ from typing import Any
 import onnxruntime as ort
 
 from model_contract.metadata import InvalidModelMetadata, ModelMetadata
+from model_export.bf16 import (
+    BF16_MAX_PROBABILITY_DIFF,
+    BF16_MIN_TOP1_AGREEMENT,
+    Bf16Report,
+    Bf16Unmeasurable,
+)
 from model_export.importing import ImportRefused, decodable_image_files
 from model_export.launch import needs_extra
 
@@ -74,6 +80,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="int8 weights, written only if it agrees with the FP32 model on >= 99%% of the "
         "check images (and loses <= 0.5 points of accuracy where they are in label folders)",
     )
+    for group in (precision, onnx):
+        group.add_argument(
+            "--bf16",
+            action="store_true",
+            help="FP32 weights the service runs in bf16 where the CPU computes it "
+            "(docs/BF16.md); written only if, run so here, it agrees with FP32 on >= "
+            f"{BF16_MIN_TOP1_AGREEMENT * 100:.0f}%% of the check images and moves no "
+            f"probability by more than {BF16_MAX_PROBABILITY_DIFF:g}",
+        )
     onnx.add_argument("--labels", type=Path, help="text (one per line), JSON list or config.json")
     onnx.add_argument("--preprocessor-config", type=Path, help="a preprocessor_config.json")
     onnx.add_argument("--input-size", type=int, help="side of the square input, in pixels")
@@ -115,7 +130,8 @@ def background(text: str) -> tuple[int, int, int] | None:
     return red, green, blue
 
 
-def run_hf(args: argparse.Namespace) -> bool:
+def run_hf(args: argparse.Namespace) -> str | None:
+    """Why the file was not written, where its check failed; None where it was written."""
     from model_export.import_hf import import_hf
 
     report = import_hf(
@@ -126,15 +142,18 @@ def run_hf(args: argparse.Namespace) -> bool:
         check_images=args.check_images,
         fp16=args.fp16,
         int8=args.int8,
+        bf16=args.bf16,
         jpeg_draft=bool(args.jpeg_draft),
         calibration_images=args.calibration_images,
         rollout=not args.no_rollout,
     )
     print(report.line())
-    return report.passed
+    if report.passed:
+        return None
+    return report.refusal() if isinstance(report, Bf16Report) else "the check failed"
 
 
-def run_onnx(args: argparse.Namespace) -> bool:
+def run_onnx(args: argparse.Namespace) -> str | None:
     from model_export.import_onnx import import_onnx
 
     preprocessing: dict[str, Any] = {
@@ -157,9 +176,10 @@ def run_onnx(args: argparse.Namespace) -> bool:
         check_images=decodable_image_files(args.check_images),
         calibration_images=args.calibration_images,
         rollout=not args.no_rollout,
+        bf16=args.bf16,
     )
     print(report.line())
-    return True
+    return None  # every failed check is a refusal, raised
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -172,16 +192,18 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(ModelMetadata.model_json_schema(), indent=2))
         return
     try:
-        passed = run_hf(args) if args.kind == "hf" else run_onnx(args)
+        refusal = run_hf(args) if args.kind == "hf" else run_onnx(args)
     except (ImportRefused, InvalidModelMetadata) as error:
         sys.exit(f"vit-import: {error}")
+    except Bf16Unmeasurable as error:
+        sys.exit(f"vit-import: {error}; {args.output} not written")
     except ModuleNotFoundError as error:
         line = needs_extra(error, "vit-import", "import")
         if line is None:
             raise
         sys.exit(line)
-    if not passed:
-        sys.exit(f"vit-import: the check failed; {args.output} not written")
+    if refusal is not None:
+        sys.exit(f"vit-import: {refusal}; {args.output} not written")
     print(f"wrote {args.output} ({args.output.stat().st_size / 1e6:.1f} MB)")
 
 

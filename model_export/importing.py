@@ -16,7 +16,7 @@ import numpy as np
 from model_contract.decode import decode
 from model_contract.errors import ImageError
 from model_contract.preprocess import PreprocessSpec, preprocess
-from model_runtime.session import ModelSession
+from model_runtime.session import ModelSession, softmax
 
 PHOTOS = Path(__file__).resolve().parent / "photos"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -117,6 +117,12 @@ def chunks(files: list[Path]) -> Iterator[list[Path]]:
     """The files CHECK_BATCH_SIZE at a time."""
     for start in range(0, len(files), CHECK_BATCH_SIZE):
         yield files[start : start + CHECK_BATCH_SIZE]
+
+
+def probability_diff(reference_logits: np.ndarray, logits: np.ndarray) -> float:
+    """The largest difference of any probability between two models' logits for the same
+    images."""
+    return float(np.abs(softmax(reference_logits) - softmax(logits)).max())
 
 
 def served_logits(session: ModelSession, files: list[Path], spec: PreprocessSpec) -> np.ndarray:

@@ -31,7 +31,7 @@ from model_export.ood_features import (
     ood_scores_of,
     strip_ood_score,
 )
-from model_runtime.session import ModelSession, softmax
+from model_runtime.session import ModelSession
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +208,3 @@ def self_test(session: ModelSession, images: list[bytes], *, measured: float) ->
         probabilities=tuple(tuple(float(p) for p in row) for row in expected),
         tolerance=tolerance_for(measured),
     )
-
-
-def probability_diff(reference_logits: np.ndarray, logits: np.ndarray) -> float:
-    return float(np.abs(softmax(reference_logits) - softmax(logits)).max())

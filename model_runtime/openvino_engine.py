@@ -18,7 +18,10 @@ ONNXRUNTIME = "onnxruntime"
 
 Precision = Literal["fp32", "bf16"]
 _HINTS: dict[Precision, str] = {"fp32": "f32", "bf16": "bf16"}
-_NAMES: dict[Precision, tuple[str, ...]] = {"fp32": ("f32", "float32"), "bf16": ("bf16",)}
+_NAMES: dict[Precision, tuple[str, ...]] = {
+    "fp32": ("f32", "float32"),
+    "bf16": ("bf16", "bfloat16"),
+}
 """How OpenVINO names each precision when it reports what it compiled for."""
 
 

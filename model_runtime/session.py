@@ -377,7 +377,7 @@ class ModelSession:
 
         plan, serving = self.plan, self._serving
         if isinstance(serving.calls, OpenVinoCalls):
-            provider, threads = "OpenVINO CPU", f"{serving.calls.threads} shared"
+            provider, threads = "OpenVINO-CPU", str(serving.calls.threads)
         else:
             calls = plan.all_threads if self.one_at_a_time else plan.threads_per_call
             provider, threads = self.provider, str(calls)

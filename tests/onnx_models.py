@@ -119,6 +119,35 @@ def classifier(
     return path
 
 
+def ranked_by_weights(path: Path, weights: list[float], *, size: int = 32) -> Path:
+    """Logits = (1 + mean squared pixel) * `weights`: a feature of the image, always positive,
+    times one weight per class, so the weights alone rank the classes, and how far apart they
+    are decides each probability. Weights that bf16 rounds to one value tie in bf16."""
+    nodes = [
+        helper.make_node("Mul", ["pixels", "pixels"], ["squares"]),
+        helper.make_node("ReduceMean", ["squares", "all_axes"], ["mean"], keepdims=1),
+        helper.make_node("Flatten", ["mean"], ["flat"], axis=1),
+        helper.make_node("Add", ["flat", "one"], ["feature"]),
+        helper.make_node("MatMul", ["feature", "weights"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "ranked_by_weights",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", len(weights)])],
+        initializer=[
+            numpy_helper.from_array(np.array([1, 2, 3], dtype=np.int64), "all_axes"),
+            numpy_helper.from_array(np.ones((1, 1), dtype=np.float32), "one"),
+            numpy_helper.from_array(np.array([weights], dtype=np.float32), "weights"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
 def expected_attention(batch: np.ndarray) -> np.ndarray:
     """What `classifier(attention=True)` gives as its map, in numpy."""
     count, _, size, _ = batch.shape

@@ -86,7 +86,7 @@ class ModelDescription(BaseModel):
     output: Literal["logits", "probabilities"]
     provider: str = Field(
         description="What runs the calls: the onnxruntime execution provider really in use, or "
-        "OpenVINO CPU."
+        "OpenVINO-CPU."
     )
     providers: list[str] = Field(description="onnxruntime's providers for the model's session.")
     runtime: dict[str, str] = Field(

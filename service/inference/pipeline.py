@@ -159,7 +159,9 @@ class Pipeline:
                 "sha256": session.sha256,
                 **session.runtime,
                 "batch": str(session.fixed_batch_size or "dynamic"),
-                "images_per_call": str(session.images_per_call or "batch"),
+                "images_per_call": (
+                    "1" if session.one_at_a_time else str(session.images_per_call or "batch")
+                ),
             }
         )
         metrics.fallbacks.set(len(session.fallbacks))

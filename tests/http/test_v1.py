@@ -122,7 +122,7 @@ def test_models_describes_the_served_file(client: TestClient, served_model: Path
     assert model["sha256"] == hashlib.sha256(served_model.read_bytes()).hexdigest()
     assert model["providers"] == [CPU]
     engine = model["runtime"]["engine"]
-    assert model["provider"] == {"onnxruntime": CPU, "openvino": "OpenVINO CPU"}[engine]
+    assert model["provider"] == {"onnxruntime": CPU, "openvino": "OpenVINO-CPU"}[engine]
     # Both engines are measured at load under VIT_ENGINE=auto, and the choice says so.
     assert model["engine_choice"].startswith(f"auto: {engine} is the faster that passed")
     assert "onnxruntime fp32:" in model["engine_choice"]

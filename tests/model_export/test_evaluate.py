@@ -11,6 +11,7 @@ import pytest
 
 from model_export import shapes
 from model_export.evaluate import Evaluation, evaluate, evaluate_folder, labelled_images, main
+from model_runtime.openvino_engine import openvino_missing
 from model_runtime.options import IN_PROCESS
 from model_runtime.session import ModelSession
 
@@ -74,6 +75,20 @@ def test_the_command_reports_accuracy_recall_and_skips_broken_files(
     out = capsys.readouterr().out
     assert f"skipped {broken}" in out
     assert "accuracy" in out and "recall per class" in out and "confusion" in out
+
+
+def test_the_first_line_says_which_engine_ran_and_at_which_precision(
+    served_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for engine, says in [
+        ("onnxruntime", "onnxruntime fp32: the file's precision, fp32"),
+        ("openvino", "openvino fp32: an fp32 file always runs at fp32"),
+    ]:
+        if engine == "openvino" and openvino_missing() is not None:
+            says = "onnxruntime fp32:"  # asked for, not installed: the reference runs instead
+        main([str(served_model), "--seed", str(SEED), "--count", "8", "--engine", engine])
+        first, *rest = capsys.readouterr().out.splitlines()
+        assert first.startswith(says) and rest[0].startswith("accuracy"), first
 
 
 def test_folders_that_are_not_labels_are_refused(served_model: Path, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from model_contract.preprocess import preprocess
 from model_export import quantize, shapes
-from model_export.importing import PHOTOS, image_files
+from model_export.importing import PHOTOS, image_files, probability_diff
 from model_export.quantize import Int8Report, compare
 from model_runtime.options import IN_PROCESS
 from model_runtime.session import ModelSession
@@ -23,7 +23,7 @@ pytest.importorskip("torch")
 
 from model_export.export import held_out, main  # noqa: E402
 from model_export.sealing import write_metadata  # noqa: E402
-from model_export.stamp import probability_diff, self_test  # noqa: E402
+from model_export.stamp import self_test  # noqa: E402
 
 
 @pytest.fixture(scope="module")
