@@ -116,18 +116,18 @@ class Timing:
     def alone_images_per_second(self) -> float:
         return 1000 / self.lone_ms
 
-    @property
-    def batching_gains(self) -> bool:
-        """Whether batches side by side beat one image at a time by enough to be worth their
-        wait (ALONE_SERVES_FROM)."""
-        return self.alone_images_per_second < ALONE_SERVES_FROM * self.images_per_second
-
     def line(self) -> str:
         return (
             f"{self.candidate.engine} {self.candidate.precision}: "
             f"{self.images_per_second:.3g} images/s ({self.calls} calls of {self.batch} at once), "
             f"{self.lone_ms:.1f} ms for one image alone"
         )
+
+
+def batching_gains(batched: Timing, alone: Timing) -> bool:
+    """Whether `batched`'s batches side by side beat `alone`'s one image at a time on every core
+    by enough to be worth their wait (ALONE_SERVES_FROM)."""
+    return alone.alone_images_per_second < ALONE_SERVES_FROM * batched.images_per_second
 
 
 def time_candidate(

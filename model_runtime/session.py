@@ -21,6 +21,7 @@ from model_runtime.engine_choice import (
     TIMED_BATCH,
     Candidate,
     Timing,
+    batching_gains,
     engine_candidates,
     time_candidate,
 )
@@ -287,6 +288,8 @@ class ModelSession:
         """The precision the model's calls compute in (a bf16 file runs at fp32 where the
         engine or the CPU has no bf16)."""
         self.precision_why = engine.candidate.why
+        self.lone_engine = engine.candidate.engine
+        """The engine a lone image runs on (where measured, the quicker alone)."""
         self._serving = engine
 
     @property
@@ -328,29 +331,44 @@ class ModelSession:
                 )
             )
         chosen = max(timings, key=lambda t: t.images_per_second) if timings else None
-        keep = next(
-            (t for t in self._trials if chosen is None or t.candidate == chosen.candidate),
-            self._trials[0],
+        # A lone image goes to whichever engine is quicker alone, among those computing in the
+        # same precision (float32 rounding apart, the same numbers): busy-waiting onnxruntime
+        # for a small model, OpenVINO for a large one, whichever serves the batches.
+        alone = min(
+            (t for t in timings if chosen and t.candidate.precision == chosen.candidate.precision),
+            key=lambda t: t.lone_ms,
+            default=chosen,
         )
-        self._serve(keep)
+        keep = self._trial(chosen) or self._trials[0]
+        lone = self._trial(alone) or keep
+        lone_calls = lone.lone_calls or keep.lone_calls
+        self._serve(_Engine(keep.candidate, keep.calls, lone_calls, keep.bound))
+        self.lone_engine = (lone if lone.lone_calls else keep).candidate.engine
         measured = "; ".join([t.line() for t in timings] + failed)
         if len(self._trials) > 1:
             self.engine_choice = f"auto: {self.engine} is the faster that passed ({measured})"
         else:
             self.engine_choice = f"{self.engine_choice} ({measured})"
+        if self.lone_engine != self.engine:
+            self.engine_choice += f"; a lone image on {self.lone_engine}, quicker alone"
         self._trials = []
-        if chosen is not None and keep.lone_calls is not None and not chosen.batching_gains:
-            # Every call through the calls that give one image all the cores, one at a time:
-            # the same numbers as a lone image's, and no request waits behind a long batch.
-            self._serve(_Engine(keep.candidate, keep.lone_calls, keep.lone_calls))
-            self.one_at_a_time = True
-            self.inference_workers = 1
-            self.engine_choice += (
-                f"; one image per call, one call at a time: "
-                f"{chosen.alone_images_per_second:.3g} images/s alone against "
-                f"{chosen.images_per_second:.3g} batched"
-            )
+        if chosen is not None and alone is not None and lone_calls is not None:
+            if not batching_gains(chosen, alone):
+                # Every call through the calls that give one image all the cores, one at a
+                # time: a lone image's numbers, and no request waits behind a long batch.
+                self._serve(_Engine(lone.candidate, lone_calls, lone_calls))
+                self.one_at_a_time = True
+                self.inference_workers = 1
+                self.engine_choice += (
+                    f"; one image per call, one call at a time: "
+                    f"{alone.alone_images_per_second:.3g} images/s alone against "
+                    f"{chosen.images_per_second:.3g} batched"
+                )
         logger.info("%s: %s", self.path, self.engine_choice)
+
+    def _trial(self, timing: Timing | None) -> _Engine | None:
+        """The engine `timing` measured."""
+        return next((t for t in self._trials if timing and t.candidate == timing.candidate), None)
 
     def _golden_difference(
         self, engine: _Engine, golden: list[np.ndarray], expected: np.ndarray | None
@@ -383,6 +401,7 @@ class ModelSession:
             provider, threads = self.provider, str(calls)
         return {
             "engine": self.engine,
+            "lone_engine": self.lone_engine,
             "provider": provider,
             "inference_workers": str(self.inference_workers),
             "intra_op_threads": threads,

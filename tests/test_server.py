@@ -45,11 +45,16 @@ def server(served_model: Path) -> Iterator[str]:
         yield url
 
 
+SAME_NUMBERS = 1e-6
+"""The largest probability difference between the engines' float32 roundings (1.2e-7 on the
+bundled model) with a margin; a swapped or mixed-up answer differs by far more."""
+
+
 @pytest.fixture(scope="module")
 def reference(served_model: Path, server: str) -> ModelSession:
-    """The model in-process on the engine the server chose at load (VIT_ENGINE=auto): each
-    engine gives every image the same numbers whatever its batch, so the answers must be
-    exactly these."""
+    """The model in-process on the engine the server chose at load for its batches
+    (VIT_ENGINE=auto); a lone image may run on the other, quicker alone, within float32
+    rounding (SAME_NUMBERS)."""
     with urllib.request.urlopen(f"{server}/v1/models", timeout=10) as response:
         (model,) = json.load(response)["models"]
     engine = model["runtime"]["engine"]
@@ -119,7 +124,9 @@ def test_tritonclient_with_default_settings(server: str, reference: ModelSession
     pixels = httpclient.InferInput(reference.input_name, list(batch.shape), "FP32")
     pixels.set_data_from_numpy(batch)
     result = client.infer(name, [pixels])
-    assert np.array_equal(result.as_numpy("probabilities"), reference.predict(batch))
+    np.testing.assert_allclose(
+        result.as_numpy("probabilities"), reference.predict(batch), atol=SAME_NUMBERS
+    )
 
     files = np.array([UPLOADS["jpeg"][0], UPLOADS["png-rgba"][0]], dtype=np.object_)
     images = httpclient.InferInput("image", [2], "BYTES")
@@ -196,8 +203,10 @@ def test_concurrent_requests_each_get_exactly_their_own_result(
     before = batch_histogram(server)
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(post, images))
-    for answer, own in zip(answers, expected, strict=True):
-        assert np.array_equal(np.array(answer, dtype=np.float32), own)
+    for index, answer in enumerate(answers):
+        # Its own numbers, and nearer them than any other image's: no answer was swapped.
+        distances = [np.abs(np.array(answer) - other).max() for other in expected]
+        assert min(distances) == distances[index] <= SAME_NUMBERS
     after = batch_histogram(server)
     batches = after["count"] - before["count"]
     single = after["le=1.0"] - before["le=1.0"]
