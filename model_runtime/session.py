@@ -302,9 +302,9 @@ class ModelSession:
         """At load: each engine's self-test run on the `golden` tensors against `expected`
         (the file's probabilities, within its tolerance), then its warm-up timed (every call
         at once on a batch, then one image alone); the faster that passes is kept and the
-        other dropped. Where one image at a time on every core does nearly as well as the
-        batches (`Timing.batching_gains`), it serves every call. Both times are logged, and
-        shown in `engine_choice`."""
+        other dropped; a lone image runs on the engine quicker alone. Where one image at a time
+        on every core does nearly as well as the batches (`batching_gains`), it serves every
+        call. Every time is logged, and shown in `engine_choice`."""
         if not self.choosing:
             return
         image = golden[0] if golden else np.zeros(self._input_shape(1), np.float32)
