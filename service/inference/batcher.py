@@ -84,6 +84,15 @@ class _Throughput:
             self.images_per_second += self.smoothing * (rate - self.images_per_second)
 
 
+def call_share(queued: int, running: int, workers: int, max_batch_size: int) -> int:
+    """Images the next call may hold: an even share, among the calls that may run at once, of
+    the images queued and those in calls running, within `max_batch_size`. A call that took
+    everything queued while another ran a few images would keep its requests waiting the
+    whole long call, while the other's clients came round again and again: p99 several times
+    p50 at 16 clients."""
+    return max(1, min(max_batch_size, math.ceil((queued + running) / workers)))
+
+
 class Batcher:
     """Forms batches of up to `max_batch_size` images, waiting at most `max_delay` for more,
     and runs them on `workers` threads at once. A lone image, with no other call running,
@@ -120,6 +129,8 @@ class Batcher:
         and the decoders run first and onnxruntime takes what is left; the threads are batch
         work too (`run_as_batch_work`)."""
         self._running = 0
+        self._running_images = 0
+        """Images in the calls running now."""
         self._max_batch_size = max_batch_size
         self._max_delay = max_delay
         self._max_queue = max_queue
@@ -232,6 +243,7 @@ class Batcher:
             finally:
                 with self._changed:
                     self._running -= 1
+                    self._running_images -= sum(len(job.inputs) for job in batch)
 
     def _collect(self) -> tuple[list[_Job], bool] | None:
         """Jobs for one call (whole requests, at most max_batch_size images unless one is
@@ -254,11 +266,15 @@ class Batcher:
                 return batch, False
             alone = len(batch) == 1 and len(batch[0].inputs) == 1 and self._running == 0
             self._running += 1
+            self._running_images += sum(len(job.inputs) for job in batch)
             return batch, alone and not self._queue
 
     def _take(self) -> list[_Job]:
         batch: list[_Job] = []
         images = 0
+        limit = call_share(
+            self._queued_images(), self._running_images, self._workers, self._max_batch_size
+        )
         now = time.monotonic()
         while self._queue:
             job = self._queue[0]
@@ -268,7 +284,7 @@ class Batcher:
                 expired = DeadlineExceeded("the request's deadline passed while it was queued")
                 self._answer([(job, expired)])
                 continue
-            if batch and images + len(job.inputs) > self._max_batch_size:
+            if batch and images + len(job.inputs) > limit:
                 break
             self._queue.popleft()
             job.started = True

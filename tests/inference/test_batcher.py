@@ -14,7 +14,7 @@ import pytest
 from model_contract.outputs import PROBABILITIES
 from model_runtime.session import Outputs
 from service.errors import DeadlineExceeded, InferenceFailed, Overloaded
-from service.inference.batcher import Batcher
+from service.inference.batcher import Batcher, call_share
 from service.metrics import Metrics
 
 
@@ -435,3 +435,20 @@ def test_failures_count_towards_readiness_only_when_known_good_input_fails_too()
         await batcher.stop()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("queued", "running", "workers", "share"),
+    [
+        (14, 2, 2, 8),  # the other call runs 2: this one takes 8 of 14, not all of them
+        (6, 8, 2, 7),  # and when that returns, the next takes an even share too
+        (64, 0, 2, 16),  # a deep queue fills calls to the limit
+        (1, 0, 2, 1),  # a lone image
+        (9, 0, 1, 9),  # one call at a time takes all it may
+        (40, 0, 1, 16),
+    ],
+)
+def test_calls_at_once_take_even_shares_of_the_images_in_flight(
+    queued: int, running: int, workers: int, share: int
+) -> None:
+    assert call_share(queued, running, workers, max_batch_size=16) == share

@@ -61,7 +61,7 @@ def test_auto_serves_whichever_measured_faster(
 ) -> None:
     def timed(candidate: Candidate, *args: object) -> Timing:
         rate = 300.0 if candidate.engine == faster else 100.0
-        return Timing(candidate, images_per_second=rate, lone_ms=4.0, batch=8, calls=2)
+        return Timing(candidate, images_per_second=rate, lone_ms=50.0, batch=8, calls=2)
 
     monkeypatch.setattr("model_runtime.session.time_candidate", timed)
     session = ModelSession(served_model, AUTO)
