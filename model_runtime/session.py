@@ -187,7 +187,9 @@ class ModelSession:
         """Why the engine in use serves: the setting, or the measurement that chose it."""
         self.one_at_a_time = False
         """Whether calls hold one image each, one call at a time on every core: where the
-        load-time measurement found that batching gains too little (ALONE_SERVES_FROM)."""
+        load-time measurement found that batching gains too little (ALONE_SERVES_FROM), and
+        VIT_INFERENCE_WORKERS leaves the calls at once to the service."""
+        self._schedules = options.inference_workers == 0
         if self._trials[0].lone_calls is None and len(self._trials) == 1:
             self._trials = []  # nothing to choose between: no measurement
         logger.info(  # by file: a repository names the model by its folders, not its metadata
@@ -361,7 +363,7 @@ class ModelSession:
             self.engine_choice += f"; a lone image on {self.lone_engine}, busy-waiting"
         self._trials = []
         if chosen is not None and alone is not None and lone_calls is not None:
-            if not batching_gains(chosen, alone):
+            if self._schedules and not batching_gains(chosen, alone):
                 # Every call through the calls that give one image all the cores, one at a
                 # time: a lone image's numbers, and no request waits behind a long batch.
                 self._serve(_Engine(lone.candidate, lone_calls, lone_calls))

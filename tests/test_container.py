@@ -194,7 +194,7 @@ def build_and_run_with(engine: str) -> BuiltImage:
 def readme_cpu_image_mb() -> tuple[float, float]:
     """The README's CPU image size and the size of the base it was measured on, in MB."""
     readme = (ROOT / "README.md").read_text()
-    total = re.search(r"CPU image: plain onnxruntime, (\d+) MB", readme)
+    total = re.search(r"# CPU image: [^\n]*?, (\d+) MB", readme)
     base = re.search(r"as the base \((\d+) MB", readme)
     assert total is not None and base is not None, "the README's Deploy section gives both sizes"
     return float(total.group(1)), float(base.group(1))

@@ -74,5 +74,7 @@ def test_vit_eval_prints_accuracy_and_confusion(served_model: Path) -> None:
         cwd=ROOT,
         check=True,
     ).stdout
-    assert output.startswith("accuracy ") and "(rows: true, columns: predicted)" in output
+    engine, accuracy, *_ = output.splitlines()
+    assert engine == "onnxruntime fp32: the file's precision, fp32"
+    assert accuracy.startswith("accuracy ") and "(rows: true, columns: predicted)" in output
     assert all(label in output for label in shapes.LABELS)

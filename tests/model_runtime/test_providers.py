@@ -115,6 +115,7 @@ def test_every_gpu_option_falls_back_on_this_cpu_machine(served_model: Path) -> 
     assert "cuda_graph" in reported
     assert session.runtime == {
         "engine": "onnxruntime",
+        "lone_engine": "onnxruntime",
         "file_precision": "fp32",
         "provider": CPU,
         "inference_workers": "1",
