@@ -342,7 +342,8 @@ def test_each_prediction_says_whether_the_image_is_like_the_training_images(
     assert calibration is not None
     expected = scores(model, BRIGHT, DARK)
     assert [p["in_distribution"] for p in predictions] == [True, False]
-    np.testing.assert_allclose([p["ood_score"] for p in predictions], expected, rtol=1e-12)
+    # To float32 rounding: under VIT_ENGINE=auto either engine may have served the call.
+    np.testing.assert_allclose([p["ood_score"] for p in predictions], expected, rtol=1e-6)
     assert flagged_count(client) == before + 1
     listed = client.get("/v1/models").json()["models"][0]
     assert listed["ood"]["threshold"] == calibration.threshold
