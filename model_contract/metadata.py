@@ -18,7 +18,7 @@ from pydantic import (
 
 from model_contract.preprocess import PreprocessSpec
 
-_JSON_FIELDS = ("labels", "preprocessing", "dataset", "source", "ood", "self_test")
+_JSON_FIELDS = ("labels", "preprocessing", "dataset", "source", "ood", "self_test", "embedding")
 REQUIRED_KEYS = ("name", "version", "labels", "preprocessing", "output")
 # What vit-export wrote before the spec said how JPEGs are decoded: those files were always
 # served with draft decoding, and keep it.
@@ -49,6 +49,8 @@ MAX_DATASET_DEPTH = 8
 """Levels of nesting in `dataset`: the dataset object itself is the first."""
 MAX_DATASET_CHARS = 100_000
 """`dataset` as JSON."""
+MAX_EMBEDDING_SIZE = 65_536
+"""Floats in one image's embedding: ViT-g's is 1,536 wide."""
 
 
 class InvalidModelMetadata(ValueError):
@@ -80,8 +82,9 @@ class OodCalibration(BaseModel):
 
 
 class SelfTest(BaseModel):
-    """Golden images and the probabilities the written model gives them, for a check at startup
-    through the whole serving path."""
+    """Golden images and what the written model answers for them, for a check at startup
+    through the whole serving path: their probabilities, or for a model without classes, their
+    embeddings."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -89,21 +92,51 @@ class SelfTest(BaseModel):
         min_length=1, description="Small images (base64 PNG) at the model's input size."
     )
     probabilities: tuple[tuple[float, ...], ...] = Field(
+        (),
         description="Expected probabilities, one row per image, one column per label: "
-        "model_contract.preprocess.preprocess_upload, then the model as written."
+        "model_contract.preprocess.preprocess_upload, then the model as written. Empty for a "
+        "model without classes.",
+    )
+    embeddings: tuple[tuple[float, ...], ...] = Field(
+        (),
+        description="Expected embeddings, one row per image, for a model without classes "
+        "(output `embedding`); empty otherwise.",
     )
     tolerance: float = Field(
         gt=0,
         allow_inf_nan=False,  # an infinite tolerance would pass any numbers
-        description="The largest |difference| of any probability that still passes: the "
+        description="The largest |difference| of any expected value that still passes: the "
         "measured difference of the written file from the FP32 reference, with a margin.",
     )
 
     @model_validator(mode="after")
     def _one_row_per_image(self) -> SelfTest:
-        if len(self.probabilities) != len(self.images):
-            raise ValueError("probabilities must have one row per image")
+        if bool(self.probabilities) == bool(self.embeddings):
+            raise ValueError("a self-test expects either probabilities or embeddings")
+        if len(self.expected) != len(self.images):
+            raise ValueError("the expected values must have one row per image")
         return self
+
+    @property
+    def expected(self) -> tuple[tuple[float, ...], ...]:
+        """The expected rows, whichever output they are of."""
+        return self.probabilities or self.embeddings
+
+
+class Embedding(BaseModel):
+    """The vector the classification head reads (for a ViT, the class token after the final
+    normalisation), served as the output `embedding` for search, deduplication and few-shot
+    classifiers."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    output: str = Field(min_length=1, description="The graph output holding it, float32 [N, size].")
+    size: int = Field(gt=0, le=MAX_EMBEDDING_SIZE, description="Floats per image.")
+    source: str = Field(
+        max_length=MAX_LABEL_CHARS,
+        description="What it is, in words: which tensor of the graph, and for a model with two "
+        "heads, which head's and why.",
+    )
 
 
 class ModelMetadata(BaseModel):
@@ -116,11 +149,13 @@ class ModelMetadata(BaseModel):
     name: str = Field(min_length=1, description="The model's name in URLs and answers.")
     version: str = Field(min_length=1, description="The model's version, a string.")
     labels: tuple[str, ...] = Field(
-        min_length=2, description="Class names, in the order of the output's columns."
+        description="Class names, in the order of the output's columns: at least two; none "
+        "for a model without classes (output `embedding`)."
     )
     preprocessing: PreprocessSpec = Field(description="How an upload becomes the model's input.")
-    output: Literal["logits", "probabilities"] = Field(
-        description="What the output holds: softmax is applied to logits, never twice."
+    output: Literal["logits", "probabilities", "embedding"] = Field(
+        description="What the output holds: softmax is applied to logits, never twice; "
+        "embedding: the model has no classes and serves its embedding only."
     )
     output_name: str | None = Field(
         None, description="The graph output to serve, where it has several; null: the first."
@@ -156,6 +191,9 @@ class ModelMetadata(BaseModel):
     self_test: SelfTest | None = Field(
         None, description="Golden images and expected probabilities for a startup check."
     )
+    embedding: Embedding | None = Field(
+        None, description="The embedding the model serves beside its classes; null: none."
+    )
 
     @field_validator("name", "version")
     @classmethod
@@ -186,14 +224,38 @@ class ModelMetadata(BaseModel):
         return dataset
 
     @model_validator(mode="after")
-    def _energy_needs_logits(self) -> ModelMetadata:
+    def _consistent(self) -> ModelMetadata:
+        if self.output == "embedding":
+            self._check_embedding_only()
+        elif len(self.labels) < 2:
+            raise ValueError("labels: a classifier needs at least 2 labels")
         if self.ood is not None and self.ood.score == "energy" and self.output != "logits":
             raise ValueError("the energy score needs logits; probabilities use max_softmax")
-        if self.self_test is not None and any(
-            len(row) != len(self.labels) for row in self.self_test.probabilities
-        ):
+        test = self.self_test
+        if test is not None and test.embeddings and self.output != "embedding":
+            raise ValueError("self_test.embeddings is for a model without classes")
+        if test is not None and any(len(row) != len(self.labels) for row in test.probabilities):
             raise ValueError("self_test.probabilities must have one column per label")
         return self
+
+    def _check_embedding_only(self) -> None:
+        """A model without classes: its one output is the embedding, and nothing reads classes."""
+        if self.labels:
+            raise ValueError("a model whose output is its embedding has no labels")
+        if self.embedding is None:
+            raise ValueError("output embedding needs the embedding's description")
+        if self.ood is not None or self.attention_output is not None:
+            raise ValueError("a model without classes has no OOD score or attention rollout")
+        test = self.self_test
+        if test is not None and (
+            test.probabilities or any(len(row) != self.embedding.size for row in test.embeddings)
+        ):
+            raise ValueError("self_test.embeddings must have one column per embedding float")
+
+    @property
+    def has_classes(self) -> bool:
+        """Whether the model classifies (otherwise it serves embeddings only)."""
+        return self.output != "embedding"
 
     @property
     def images_per_call(self) -> int | None:

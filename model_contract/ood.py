@@ -17,7 +17,7 @@ GRAPH_SCORES: frozenset[Score] = frozenset({"mahalanobis"})
 
 
 def ood_scores(
-    outputs: np.ndarray, output_kind: Literal["logits", "probabilities"], score: Score
+    outputs: np.ndarray, output_kind: Literal["logits", "probabilities", "embedding"], score: Score
 ) -> np.ndarray:
     """One float64 score per row of `outputs` (N, classes); higher means more like the training
     images. max_softmax: the top probability (Hendrycks & Gimpel, 2017). energy: logsumexp of
@@ -28,6 +28,8 @@ def ood_scores(
             f"the {score} score is computed in the graph: read its output {SCORE_OUTPUT!r}, "
             "not the classification output"
         )
+    if output_kind == "embedding":
+        raise ValueError("a model without classes has no out-of-distribution score")
     values = outputs.astype(np.float64)
     if score == "energy":
         if output_kind != "logits":

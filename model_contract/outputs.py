@@ -18,6 +18,9 @@ ATTENTION_ROLLOUT = "attention_rollout"
 """The attention rollout over the patch grid, where the model carries one."""
 OOD_SCORE = "ood_score"
 """The out-of-distribution score, where the model is calibrated for one."""
+EMBEDDING = "embedding"
+"""The vector the classification head reads, where the model carries it (model_contract.metadata.
+Embedding); a model without classes serves it alone."""
 
 
 @dataclass(frozen=True)
@@ -37,12 +40,18 @@ class OutputSpec:
 def served_outputs(
     metadata: ModelMetadata, attention_grid: tuple[int, int] | None
 ) -> tuple[OutputSpec, ...]:
-    """The outputs a model with `metadata` serves, in order: the probabilities always, the
-    rollout where it carries one (its grid where the graph fixes it), the OOD score where it
-    is calibrated."""
+    """The outputs a model with `metadata` serves, in order: the probabilities of a classifier,
+    the rollout where it carries one (its grid where the graph fixes it), the OOD score where it
+    is calibrated, the embedding where it carries one (a model without classes serves it
+    alone)."""
+    embedding = metadata.embedding
+    if not metadata.has_classes and embedding is not None:
+        return (OutputSpec(EMBEDDING, (embedding.size,)),)
     outputs = [OutputSpec(PROBABILITIES, (len(metadata.labels),))]
     if metadata.attention_output is not None:
         outputs.append(OutputSpec(ATTENTION_ROLLOUT, attention_grid or (-1, -1)))
     if metadata.ood is not None:
         outputs.append(OutputSpec(OOD_SCORE, ()))
+    if embedding is not None:
+        outputs.append(OutputSpec(EMBEDDING, (embedding.size,)))
     return tuple(outputs)

@@ -81,6 +81,9 @@ class GraphContract:
     ood_output: str | None = None
     """The output holding each image's out-of-distribution score [N], where the graph
     computes it (the `mahalanobis` score)."""
+    embedding_output: str | None = None
+    """The output holding each image's embedding [N, size] beside the classes, where the model
+    carries one (a model without classes serves it as `output_name`)."""
 
 
 def _dims(shape: list[int | str | None] | tuple[int | str | None, ...]) -> str:
@@ -123,7 +126,9 @@ def check_graph(declared: GraphDeclarations, metadata: ModelMetadata, path: Path
     fixed_batch_size = batch if isinstance(batch, int) and batch > 0 else None
 
     outputs = {o.name: o for o in declared.outputs}
-    output_name = metadata.output_name or declared.outputs[0].name
+    embedding = metadata.embedding
+    only_embedding = embedding.output if embedding and not metadata.has_classes else None
+    output_name = metadata.output_name or only_embedding or declared.outputs[0].name
     if output_name not in outputs:
         raise ModelMismatch(
             f"the metadata names the output {output_name!r}, the graph has "
@@ -132,6 +137,20 @@ def check_graph(declared: GraphDeclarations, metadata: ModelMetadata, path: Path
     output = outputs[output_name]
     out_shape = list(output.shape)
     out_where = f"the graph's output {output_name} {_dims(out_shape)}"
+    if only_embedding is not None:
+        if output_name != only_embedding:
+            raise ModelMismatch(
+                f"the metadata serves the embedding {only_embedding!r} but names the output "
+                f"{output_name!r}; re-stamp it with `{restamp}`"
+            )
+        _check_embedding(outputs, metadata, restamp)
+        return GraphContract(
+            input_name=model_input.name,
+            output_name=output_name,
+            fixed_batch_size=fixed_batch_size,
+            output_width=out_shape[1] if isinstance(out_shape[1], int) else None,
+            output_type=output.type,
+        )
     if output.type not in FLOAT_TYPES:
         raise ModelMismatch(f"{out_where} is {output.type}, not float scores per class")
     if len(out_shape) != 2:
@@ -152,7 +171,37 @@ def check_graph(declared: GraphDeclarations, metadata: ModelMetadata, path: Path
         attention_output=metadata.attention_output,
         attention_grid=grid,
         ood_output=ood_output,
+        embedding_output=_check_embedding(outputs, metadata, restamp),
     )
+
+
+def _check_embedding(
+    outputs: dict[str, Declared], metadata: ModelMetadata, restamp: str
+) -> str | None:
+    """The embedding output the metadata names, checked: one float vector of its size per
+    image."""
+    embedding = metadata.embedding
+    if embedding is None:
+        return None
+    if embedding.output not in outputs:
+        raise ModelMismatch(
+            f"the metadata names the embedding output {embedding.output!r}, the graph has "
+            f"{', '.join(outputs)}; re-stamp it with `{restamp}`"
+        )
+    output = outputs[embedding.output]
+    shape = list(output.shape)
+    width = shape[1] if len(shape) == 2 else None
+    if (
+        output.type not in FLOAT_TYPES
+        or len(shape) != 2
+        or isinstance(width, int)
+        and width != embedding.size
+    ):
+        raise ModelMismatch(
+            f"the graph's embedding output {embedding.output} {_dims(shape)} is not one float "
+            f"vector of the metadata's size {embedding.size} per image [N, {embedding.size}]"
+        )
+    return embedding.output
 
 
 def _ood_output(outputs: dict[str, Declared], metadata: ModelMetadata, restamp: str) -> str | None:
@@ -197,6 +246,8 @@ def _attention_grid(
 
 def check_output_width(width: int | None, metadata: ModelMetadata, path: Path) -> None:
     """The class axis against the labels (at load where the graph fixes it, else at warm-up)."""
+    if not metadata.has_classes:
+        return
     labels = len(metadata.labels)
     if width is not None and width != labels:
         raise ModelMismatch(

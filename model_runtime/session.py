@@ -16,7 +16,13 @@ import onnxruntime as ort
 
 from model_contract.metadata import ModelMetadata
 from model_contract.ood import ood_scores
-from model_contract.outputs import ATTENTION_ROLLOUT, OOD_SCORE, PROBABILITIES, served_outputs
+from model_contract.outputs import (
+    ATTENTION_ROLLOUT,
+    EMBEDDING,
+    OOD_SCORE,
+    PROBABILITIES,
+    served_outputs,
+)
 from model_runtime.engine_choice import (
     TIMED_BATCH,
     Candidate,
@@ -52,7 +58,7 @@ Outputs = dict[str, np.ndarray]
 
 def per_image(outputs: Outputs) -> list[Outputs]:
     """A batch's outputs as one mapping per image, each output keeping its leading axis."""
-    count = len(outputs[PROBABILITIES])
+    count = len(next(iter(outputs.values())))
     return [{name: values[i : i + 1] for name, values in outputs.items()} for i in range(count)]
 
 
@@ -383,14 +389,15 @@ class ModelSession:
     def _golden_difference(
         self, engine: _Engine, golden: list[np.ndarray], expected: np.ndarray | None
     ) -> float | None:
-        """The largest difference of `engine`'s probabilities for the golden tensors from
-        `expected`; None without both."""
+        """The largest difference of `engine`'s answers (probabilities, or a model without
+        classes its embeddings) for the golden tensors from `expected`; None without both."""
         if not golden or expected is None:
             return None
-        probabilities = np.concatenate(
-            [self._named(self._raw(t, engine), len(t))[PROBABILITIES] for t in golden]
+        primary = self.primary_output
+        answers = np.concatenate(
+            [self._named(self._raw(t, engine), len(t))[primary] for t in golden]
         )
-        return float(np.abs(probabilities - expected).max())
+        return float(np.abs(answers - expected).max())
 
     def _input_shape(self, images: int) -> tuple[int, int, int, int]:
         side = self.metadata.preprocessing.input_size
@@ -428,9 +435,10 @@ class ModelSession:
     @property
     def _graph_outputs(self) -> tuple[str, ...]:
         """The graph's outputs the service reads, by the graph's names."""
+        graph = self.graph
         return (
-            self.graph.output_name,
-            *filter(None, [self.graph.attention_output, self.graph.ood_output]),
+            graph.output_name,
+            *filter(None, [graph.attention_output, graph.ood_output, graph.embedding_output]),
         )
 
     def _batching(self) -> str:
@@ -441,7 +449,10 @@ class ModelSession:
 
     def _bound_shapes(self) -> dict[str, tuple[int, ...]]:
         """Each output's shape per image, for the bound buffers."""
-        shapes: dict[str, tuple[int, ...]] = {self.output_name: (len(self.metadata.labels),)}
+        served = served_outputs(self.metadata, self.graph.attention_grid)
+        shapes: dict[str, tuple[int, ...]] = {self.graph.output_name: served[0].per_image}
+        if self.graph.embedding_output is not None:
+            shapes[self.graph.embedding_output] = served[-1].per_image
         if self.graph.attention_output is not None and self.graph.attention_grid is not None:
             shapes[self.graph.attention_output] = self.graph.attention_grid
         if self.graph.ood_output is not None:
@@ -527,9 +538,16 @@ class ModelSession:
             return self.infer(batch)
         return self._named(self._run(lone, batch), len(batch))
 
+    @property
+    def primary_output(self) -> str:
+        """What the model is for: its probabilities, or for a model without classes its
+        embedding; the output its self-test checks."""
+        return self.outputs[0].name
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Class probabilities (N, classes), float32, each row summing to 1."""
-        return self.infer(batch)[PROBABILITIES]
+        """Class probabilities (N, classes), float32, each row summing to 1; for a model
+        without classes, its embeddings (N, size)."""
+        return self.infer(batch)[self.primary_output]
 
     def _named(self, raw: dict[str, np.ndarray], images: int) -> Outputs:
         for name, values in raw.items():
@@ -539,6 +557,8 @@ class ModelSession:
                     "not one row per image"
                 )
         scores = raw[self.output_name]
+        if not self.metadata.has_classes:
+            return {EMBEDDING: scores.astype(np.float32)}
         named = {
             PROBABILITIES: (
                 scores.astype(np.float32)
@@ -553,6 +573,8 @@ class ModelSession:
         elif (ood := self.metadata.ood) is not None:
             # float64, as calibrated: a score on the threshold must fall on the same side.
             named[OOD_SCORE] = ood_scores(scores, self.metadata.output, ood.score)
+        if self.graph.embedding_output is not None:
+            named[EMBEDDING] = raw[self.graph.embedding_output]
         return named
 
 

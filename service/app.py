@@ -18,6 +18,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics
 from starlette.exceptions import HTTPException
 
+from model_runtime.decoding.pool import DecodeWorkers
+from model_runtime.openvino_engine import ONNXRUNTIME, load_openvino
 from service.errors import InvalidRequest, ServiceError
 from service.grpc.server import GrpcFront
 from service.http import v1, v2, web
@@ -120,8 +122,24 @@ def _lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
             metrics.registry.register(tracing)
         registry = ModelRegistry(settings, metrics)
         app.state.registry = registry  # for the server's SIGTERM handler (service/cli.py)
-        repository = Repository(settings, registry, metrics, tracing)
-        prepared = await repository.open()  # a file that cannot load fails startup here
+        # One pool of decoding workers for every model: a version loaded starts no process.
+        decoders = DecodeWorkers(
+            workers=settings.decode_workers,
+            max_pixels=settings.max_pixels,
+            memory_bytes=settings.decode_memory_bytes,
+            timeout_s=settings.decode_timeout_s,
+        )
+        repository = Repository(settings, registry, metrics, decoders, tracing)
+        # What the process takes once (the decoding workers' launcher, OpenVINO's libraries)
+        # is taken before the first model loads, so that each model's memory is its own.
+        await asyncio.to_thread(decoders.start)
+        try:
+            if settings.runtime.engine != ONNXRUNTIME:
+                await asyncio.to_thread(load_openvino)
+            prepared = await repository.open()  # a file that cannot load fails startup here
+        except BaseException:
+            await asyncio.to_thread(decoders.close)
+            raise
         data_plane = DataPlane(registry, repository, settings)
         start = asyncio.create_task(repository.serve(prepared))
         start.add_done_callback(lambda task: _stop_if_warm_up_failed(app, task))
@@ -140,6 +158,7 @@ def _lifespan(settings: Settings) -> Callable[[FastAPI], Any]:
             if grpc is not None:
                 await grpc.stop(settings.graceful_shutdown_s)
             await repository.close()
+            await asyncio.to_thread(decoders.close)  # once no version decodes any more
             if tracing is not None:
                 await asyncio.to_thread(tracing.shutdown)  # what is queued, within its bound
 

@@ -15,7 +15,7 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import SecretStr, ValidationError
 from pydantic.fields import FieldInfo
-from pydantic_settings import SettingsError
+from pydantic_settings import NoDecode, SettingsError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model_contract.metadata import InvalidModelMetadata
@@ -161,6 +161,8 @@ def _default(field: FieldInfo) -> str:
         return " (unset by default)"
     if isinstance(value, bool):
         return f"={str(value).lower()}"
+    if isinstance(value, tuple | list) and NoDecode in field.metadata:
+        return f"={','.join(value)}"  # read comma-separated
     if isinstance(value, tuple | list):
         return f"='{json.dumps(list(value))}'"  # lists are JSON
     if isinstance(value, float):

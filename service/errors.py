@@ -51,6 +51,18 @@ class NoAttention(ServiceError):
     status_code, grpc_code, type = 400, "INVALID_ARGUMENT", "no_attention_output"
 
 
+class NoEmbedding(ServiceError):
+    """Embeddings were asked of a model whose file carries none."""
+
+    status_code, grpc_code, type = 400, "INVALID_ARGUMENT", "no_embedding_output"
+
+
+class NoClasses(ServiceError):
+    """Classes (classify, explain) were asked of a model that serves embeddings only."""
+
+    status_code, grpc_code, type = 400, "INVALID_ARGUMENT", "no_classes"
+
+
 class ModelNotFound(ServiceError):
     status_code, grpc_code, type = 404, "NOT_FOUND", "model_not_found"
 
@@ -132,6 +144,8 @@ ERROR_TYPES: tuple[type[ServiceError], ...] = (
     Forbidden,
     ModelLoadFailed,
     NoAttention,
+    NoEmbedding,
+    NoClasses,
     ModelNotFound,
     NotAcceptable,
     RequestTimeout,

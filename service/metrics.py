@@ -43,6 +43,8 @@ LATENCY_BUCKETS = (
     10.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128)
+LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+"""Seconds of a model load: the bundled model loads in about a second, a ViT-B/16 in tens."""
 PROBABILITY_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
 
 
@@ -121,6 +123,38 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.model_loads = Counter(
+            "vit_model_loads",
+            "Model versions loaded into service (at start, on a scan, a load call or a first "
+            "request), by model.",
+            ["model"],
+            registry=r,
+        )
+        self.model_load_seconds = Histogram(
+            "vit_model_load_seconds",
+            "Time from a version's load starting to its serving: checks, engine choice, "
+            "warm-up and self-test.",
+            ["model"],
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
+        self.model_unloads = Counter(
+            "vit_model_unloads",
+            "Model versions taken out of service, by model and why: evicted (least recently "
+            "used, to make room under VIT_MODELS_MEMORY_BYTES), explicit (the unload call), "
+            "replaced (a new file of the same version), removed (gone from the repository or "
+            "the version policy).",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.load_waits = Histogram(
+            "vit_model_load_wait_seconds",
+            "Requests that waited for their model to load (VIT_MODEL_CONTROL=on_demand), and "
+            "how long, by model and outcome: loaded, failed or timed_out.",
+            ["model", "outcome"],
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
         self.models_memory_bytes = Gauge(
             "vit_models_memory_bytes",
             "Resident memory the served model versions took as they loaded, in all.",
@@ -168,6 +202,12 @@ class Metrics:
             "vit_model_ready", "1 while the model version is ready.", MODEL, registry=r
         )
         self.images = Counter("vit_images_processed", "Images classified.", MODEL, registry=r)
+        self.embeddings = Counter(
+            "vit_embeddings_served",
+            "Image embeddings answered (/v1/embed, or the OIP output `embedding` asked for).",
+            MODEL,
+            registry=r,
+        )
         self.decode_workers_replaced = Counter(
             "vit_decode_workers_replaced",
             "Decoding workers killed and replaced, by why: memory or time (the image overran "
@@ -240,6 +280,7 @@ class Metrics:
             self.memory_bytes,
             self.ready,
             self.images,
+            self.embeddings,
             self.decode_workers_replaced,
             self.model,
             self.fallbacks,
@@ -289,6 +330,7 @@ class ModelMetrics:
         self.model = metrics.model.labels(name, version)
         self.fallbacks = metrics.fallbacks.labels(name, version)
         self._images = metrics.images.labels(name, version)
+        self._embeddings = metrics.embeddings.labels(name, version)
         self._top1 = metrics.top1_probability.labels(name, version)
         self._predicted = _Labelled(metrics.predicted_class, name, version)
         self._format = _Labelled(metrics.input_format, name, version)
@@ -315,6 +357,9 @@ class ModelMetrics:
             self._predicted.labels(label).inc()
         if out_of_distribution:
             self._out_of_distribution.inc(out_of_distribution)
+
+    def observe_embeddings(self, count: int) -> None:
+        self._embeddings.inc(count)
 
     def publish_self_test(self, passed: bool | None) -> None:
         """1 or 0 once the self-test passed or failed; with None (the file has none), no

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model_contract.decode import DEFAULT_MAX_PIXELS
 from model_runtime.options import RuntimeOptions
@@ -49,11 +49,25 @@ class Settings(BaseSettings):
     serve. A repository is a directory laid out as `<name>/<version>/model.onnx`
     (docs/REPOSITORY.md)."""
 
-    model_control: Literal["none", "poll", "explicit"] = "none"
-    """What may change the models served after start: none, poll or explicit. none: load every
-    model at start, change nothing afterwards; poll: also load new and changed versions and
-    unload removed ones every repository_poll_s; explicit: change only on POST
-    /v2/repository/models/{name}/load or unload (every model is loaded at start)."""
+    model_control: Literal["none", "poll", "explicit", "on_demand"] = "none"
+    """What may change the models served after start: none, poll, explicit or on_demand. none:
+    load every model at start, change nothing afterwards; poll: also load new and changed
+    versions and unload removed ones every repository_poll_s; explicit: change only on POST
+    /v2/repository/models/{name}/load or unload (every model is loaded at start); on_demand:
+    load only pinned_models at start, any other model on its first request, unloading the
+    least recently used versions no request is using where models_memory_bytes would be
+    exceeded, and scan as poll does (docs/REPOSITORY.md)."""
+
+    pinned_models: Annotated[tuple[str, ...], NoDecode] = ()
+    """Models on_demand mode loads at start and never unloads to make room: names, separated
+    by commas."""
+
+    @field_validator("pinned_models", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(name.strip() for name in value.split(",") if name.strip())
+        return value
 
     repository_poll_s: float = Field(5.0, gt=0)
     """How often poll mode scans the repository."""
@@ -81,8 +95,9 @@ class Settings(BaseSettings):
 
     models_memory_bytes: int = Field(0, ge=0)
     """The most resident memory the loaded model versions may take together (0: no bound). A
-    load that would exceed it is refused with the reason. Each version's memory is measured as
-    it loads (and estimated at three times its file's size before)."""
+    load that would exceed it is refused with the reason (in on_demand mode, least recently used
+    versions are unloaded first). Each version's memory is measured as it loads (and estimated
+    at three times its file's size before)."""
 
     host: str = "127.0.0.1"
     """Interface uvicorn binds; 0.0.0.0 inside a container."""

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from model_contract.metadata import ModelMetadata
+from model_contract.metadata import Embedding, ModelMetadata
 from model_contract.preprocess import PreprocessSpec
 from model_runtime.model_file import SEAL_KEY
 
@@ -41,6 +41,9 @@ def classifier(
     scale: float = 1.0,
     attention: bool = False,
     ood_score: bool = False,
+    embedding: bool = False,
+    headless: bool = False,
+    padding_bytes: int = 0,
 ) -> Path:
     """Logits = mean colour per channel @ W: a real graph whose answer depends on the image.
     `classes` is the declared width (a name makes it symbolic); `weights_classes` the real one,
@@ -48,10 +51,15 @@ def classifier(
     the weights, so that versions of a model answer differently. With `attention`, a second
     output `attention_rollout` [N, 2, 2]: the mean brightness of each quarter of the image (a
     stand-in map whose every cell depends on where the image is bright). With `ood_score`, an
-    output `ood_score` [N]: the image's mean value (a stand-in score: brighter, higher)."""
+    output `ood_score` [N]: the image's mean value (a stand-in score: brighter, higher). With
+    `embedding`, an output `embedding` [N, 3]: the head's input, the mean colour per channel;
+    `headless` makes it the only output (a model without classes). `padding_bytes` adds a table
+    of that many bytes of zeros that every call reads a row of (so no optimizer drops it): a
+    model that holds memory, answering as without it."""
     weights = scale * (
         np.arange(3 * weights_classes, dtype=np.float32).reshape(3, weights_classes) - 2
     )
+    extra_initializers: list[onnx.TensorProto] = []
     nodes = [
         helper.make_node("Cast", ["pixels"], ["pixels32"], to=TensorProto.FLOAT),
         helper.make_node("ReduceMean", ["pixels32", "axes"], ["means"], keepdims=0),
@@ -62,13 +70,28 @@ def classifier(
             helper.make_node("Slice", ["weights", "zero", "shape", "one"], ["used_weights"]),
             helper.make_node("MatMul", ["means", "used_weights"], ["logits"]),
         ]
+    elif padding_bytes:
+        rows = max(1, padding_bytes // (4 * 3))
+        nodes += [
+            helper.make_node("MatMul", ["means", "weights"], ["scores"]),
+            helper.make_node("ArgMax", ["means"], ["row"], axis=1, keepdims=0),
+            helper.make_node("Gather", ["padding", "row"], ["zeros"], axis=0),
+            helper.make_node("MatMul", ["zeros", "weights"], ["nothing"]),
+            helper.make_node("Add", ["scores", "nothing"], ["logits"]),
+        ]
+        padding = np.zeros((rows, 3), np.float32)
+        extra_initializers = [numpy_helper.from_array(padding, "padding")]
     else:
         nodes.append(helper.make_node("MatMul", ["means", "weights"], ["logits"]))
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])]
+    if embedding or headless:
+        nodes.append(helper.make_node("Identity", ["means"], ["embedding"]))
+        vector = helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [batch, 3])
+        outputs = [vector] if headless else [*outputs, vector]
     if extra_output:
         nodes.append(helper.make_node("Identity", ["means"], ["features"]))
         outputs.insert(0, helper.make_tensor_value_info("features", TensorProto.FLOAT, [batch, 3]))
-    initializers = []
+    initializers = [*extra_initializers]
     if attention:
         assert isinstance(size, int) and isinstance(batch, str)
         half = size // 2
@@ -154,6 +177,25 @@ def expected_attention(batch: np.ndarray) -> np.ndarray:
     half = size // 2
     grey = batch.mean(axis=1).reshape(count, 2, half, 2, half)
     return np.asarray(grey.mean(axis=(2, 4)))
+
+
+def headless_metadata(size: int, **fields: object) -> ModelMetadata:
+    """The metadata of `classifier(headless=True)`: no classes, its embedding only."""
+    return ModelMetadata.model_validate(
+        {
+            "name": "encoder",
+            "version": "1",
+            "labels": [],
+            "preprocessing": PreprocessSpec(input_size=size),
+            "output": "embedding",
+            "embedding": EMBEDDING,
+            **fields,
+        }
+    )
+
+
+EMBEDDING = Embedding(output="embedding", size=3, source="the mean colour per channel")
+"""What `classifier(embedding=True)` carries."""
 
 
 def expected_logits(batch: np.ndarray, classes: int = 3, scale: float = 1.0) -> np.ndarray:

@@ -17,12 +17,20 @@ TOKEN = "s3cret-admin"
 PHOTO = encode(asymmetric((90, 60)), "PNG")
 
 
-def add_version(repo: Path, name: str, version: int, *, scale: float = 1.0) -> Path:
+def add_version(
+    repo: Path, name: str, version: int, *, scale: float = 1.0, padding_bytes: int = 0
+) -> Path:
     """A colours classifier as `<repo>/<name>/<version>/model.onnx`, written then renamed into
-    place as the docs ask (its metadata names another model and version: the layout wins)."""
+    place as the docs ask (its metadata names another model and version: the layout wins);
+    `padding_bytes` makes it hold that much more memory."""
     staging = repo / f".{name}-{version}"
     staging.mkdir(parents=True)
-    classifier(staging / "model.onnx", scale=scale, metadata=metadata_for(COLOURS, 32))
+    classifier(
+        staging / "model.onnx",
+        scale=scale,
+        metadata=metadata_for(COLOURS, 32),
+        padding_bytes=padding_bytes,
+    )
     target = repo / name / str(version)
     target.parent.mkdir(exist_ok=True)
     staging.rename(target)

@@ -52,7 +52,7 @@ def test_defaults_are_shown_as_the_variable_would_be_written(help_text: str) -> 
         """VIT_PROVIDERS='["CUDAExecutionProvider", "CPUExecutionProvider"]'"""
     )
     assert entry(help_text, "VIT_MODEL_CONTROL")[0] == (
-        "VIT_MODEL_CONTROL=none  (none | poll | explicit)"
+        "VIT_MODEL_CONTROL=none  (none | poll | explicit | on_demand)"
     )
     assert entry(help_text, "VIT_DEFAULT_MODEL")[0] == "VIT_DEFAULT_MODEL (unset by default)"
     assert "--port PORT" in help_text and "instead of VIT_PORT (default 8000)" in help_text

@@ -24,7 +24,6 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from model_contract.preprocess import PreprocessSpec
 from model_runtime.decoding import messages
 from model_runtime.decoding.shared_file import SharedFile
 from model_runtime.platform import child_environment
@@ -59,13 +58,12 @@ class WorkerProcess:
 
 @dataclass(frozen=True)
 class WorkerLimits:
-    """What a worker is started with."""
+    """What a worker is started with: the same for every image and every model (each image's
+    preprocessing comes with it)."""
 
-    spec: PreprocessSpec
     max_pixels: int
     memory_bytes: int | None
     """None: no memory limit (the kernel would not enforce it)."""
-    upload_at: int
 
 
 class Launcher:
@@ -92,13 +90,7 @@ class Launcher:
         self, conn: socket.socket, shared: SharedFile, limits: WorkerLimits
     ) -> WorkerProcess:
         """A new worker answering on `conn`, decoding through `shared`."""
-        order = [
-            "launch",
-            limits.spec.model_dump_json(),
-            limits.max_pixels,
-            limits.memory_bytes,
-            limits.upload_at,
-        ]
+        order = ["launch", limits.max_pixels, limits.memory_bytes]
         fds = [conn.fileno(), shared.fd, shared.bell]
         with self._lock:
             try:
@@ -174,8 +166,8 @@ atexit.register(_launcher.close)
 
 
 def launcher() -> Launcher:
-    """The launcher every pool of this process shares: the process count grows with the
-    workers, never with the models."""
+    """The launcher every pool of this process shares (a server has one pool, for every
+    model; tests start many)."""
     return _launcher
 
 
@@ -192,16 +184,15 @@ def serve_launches(fd: int) -> None:
         except messages.ChannelClosed:
             return
         if order[0] == "launch":
-            _, spec_json, max_pixels, memory_bytes, upload_at = order
+            _, max_pixels, memory_bytes = order
             pid = os.fork()
             if pid == 0:
                 code = 1
                 try:
                     sock.close()
                     conn = socket.socket(fileno=fds[0])
-                    shared = SharedFile(fds[1], fds[2], upload_at)
-                    spec = PreprocessSpec.model_validate_json(spec_json)
-                    worker.serve(conn, shared, spec, max_pixels, memory_bytes)
+                    shared = SharedFile(fds[1], fds[2])
+                    worker.serve(conn, shared, max_pixels, memory_bytes)
                     code = 0
                 finally:
                     os._exit(code)

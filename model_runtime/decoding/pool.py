@@ -1,12 +1,12 @@
-"""Decoding workers driven from the event loop: each upload to an idle worker, its answer read
-in a callback, overruns killed and replaced."""
+"""Decoding workers driven from the event loop, one pool for every model of a server: each
+upload to an idle worker with its model's preprocessing, its answer read in a callback, overruns
+killed and replaced."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import mmap
 import socket
 import sys
 import threading
@@ -39,8 +39,8 @@ _ERRORS: dict[str, type[ImageError]] = {
 """The image errors a worker's answer may name; anything else it met is `UndecodableImage`."""
 
 Replaced = Callable[[str], None]
-"""Told why a worker was killed and replaced: "memory" or "time" (the image overran that
-limit), "crash" (the decoder died) or "abandoned" (its request went away)."""
+"""Told why the worker of an image was killed and replaced: "memory" or "time" (the image
+overran that limit), "crash" (the decoder died) or "abandoned" (its request went away)."""
 
 
 @dataclass(frozen=True)
@@ -70,23 +70,29 @@ class _Worker:
     process: WorkerProcess
     conn: socket.socket
     shared: SharedFile
+    spec: PreprocessSpec | None = None
+    """The preprocessing it was last sent (None: none yet): sent again only for another."""
 
 
 @dataclass(eq=False)
 class _Job:
-    """One upload, its answer-to-be, the request it belongs to, and while it is being decoded,
-    its worker and deadline."""
+    """One upload, the preprocessing of its model, its answer-to-be, the request it belongs
+    to, who is told if its worker is replaced, and while it is being decoded, its worker and
+    deadline."""
 
     data: bytes
+    spec: PreprocessSpec
     answer: asyncio.Future[Decoded]
     request: object
+    on_replaced: Replaced
     picture: bool = False
     worker: _Worker | None = None
     deadline: asyncio.TimerHandle | None = None
 
 
 class DecodeWorkers:
-    """`workers` decoding processes, driven from the event loop.
+    """`workers` decoding processes, driven from the event loop: one pool per server, whatever
+    the number of models. Each image comes with its model's `PreprocessSpec`.
 
     Each image may use `memory_bytes` beyond what its worker holds at rest and `timeout_s`
     seconds; a worker that overruns either is killed and replaced, and the image is
@@ -98,14 +104,7 @@ class DecodeWorkers:
     """
 
     def __init__(
-        self,
-        spec: PreprocessSpec,
-        *,
-        workers: int,
-        max_pixels: int,
-        memory_bytes: int,
-        timeout_s: float,
-        on_replaced: Replaced,
+        self, *, workers: int, max_pixels: int, memory_bytes: int, timeout_s: float
     ) -> None:
         self._memory_bytes = memory_bytes
         memory_limit = memory_bytes if enforces_memory_limits() else None
@@ -116,12 +115,8 @@ class DecodeWorkers:
                 "VIT_DECODE_MEMORY_BYTES is stopped only by VIT_DECODE_TIMEOUT_S (VIT_MAX_PIXELS "
                 "still refuses the largest images before decoding)"
             )
-        tensor_bytes = 3 * spec.input_size * spec.input_size * np.dtype(np.float32).itemsize
-        pages = mmap.PAGESIZE
-        upload_at = (tensor_bytes + pages - 1) // pages * pages
-        self._limits = WorkerLimits(spec, max_pixels, memory_limit, upload_at)
+        self._limits = WorkerLimits(max_pixels, memory_limit)
         self._timeout_s = timeout_s
-        self._on_replaced = on_replaced
         self._count = workers
         # Idle workers and the images waiting for one. A replaced worker may come back from
         # a thread after its event loop has closed (tests run several loops): a lock.
@@ -143,13 +138,22 @@ class DecodeWorkers:
             return [w.process.pid for w in self._idle]
 
     async def decode(
-        self, data: bytes, *, picture: bool = False, request: object | None = None
+        self,
+        data: bytes,
+        spec: PreprocessSpec,
+        *,
+        on_replaced: Replaced,
+        picture: bool = False,
+        request: object | None = None,
     ) -> Decoded:
-        """One upload as a (1, 3, S, S) model input, and with `picture` the upright image
-        (bounded); cancelling the caller stops its decode. Images of one `request` wait
-        their turn with each other's (`TakenInTurns`); without one, an image is a request."""
+        """One upload as a (1, 3, S, S) input of the model `spec` preprocesses for, and with
+        `picture` the upright image (bounded); cancelling the caller stops its decode.
+        `on_replaced` is told if this image's worker is replaced (its model's metric). Images
+        of one `request` wait their turn with each other's (`TakenInTurns`), whatever their
+        models; without one, an image is a request."""
         self._loop = loop = asyncio.get_running_loop()
-        job = _Job(data, loop.create_future(), object() if request is None else request, picture)
+        request = object() if request is None else request
+        job = _Job(data, spec, loop.create_future(), request, on_replaced, picture)
         with self._lock:
             self._waiting.append(job)
         self._dispatch()
@@ -186,6 +190,9 @@ class DecodeWorkers:
                 worker, job = self._idle.pop(), self._waiting.popleft()
             job.worker = worker
             try:
+                if worker.spec is not job.spec:  # read by the worker before the bell
+                    messages.send(worker.conn, job.spec.model_dump(mode="json"))
+                    worker.spec = job.spec
                 worker.shared.put_upload(job.data)
                 worker.shared.ring((len(job.data) << 1 | job.picture) + 1)
             except OSError:
@@ -216,9 +223,10 @@ class DecodeWorkers:
             return
         outcome: Decoded | ImageError
         if reply[0] == "ok":
-            _, image_format, mode, rotated, upright, box, shape, picture_shape, began, ended = reply
+            _, image_format, mode, rotated, upright, box, picture_shape, began, ended = reply
+            side = job.spec.input_size  # not the worker's word: it sizes what is read back
             outcome = Decoded(
-                worker.shared.take_tensor(tuple(shape)),
+                worker.shared.take_tensor((1, 3, side, side)),
                 image_format,
                 mode,
                 rotated,
@@ -248,7 +256,7 @@ class DecodeWorkers:
         assert worker is not None
         self._unwatch(job)
         worker.process.kill()
-        self._on_replaced(why)
+        job.on_replaced(why)
         try:
             self._replacing.submit(self._respawn, worker)
         except RuntimeError:  # closed
@@ -276,7 +284,7 @@ class DecodeWorkers:
 
     def _spawn(self) -> _Worker:
         ours, theirs = socket.socketpair()
-        shared = SharedFile.created(self._limits.upload_at)
+        shared = SharedFile.created()
         try:
             process = launcher().launch(theirs, shared, self._limits)
         except BaseException:
@@ -305,6 +313,7 @@ class DecodeWorkers:
             logger.exception("a decoding worker could not be replaced: one fewer serves")
             return
         worker.process, worker.conn, worker.shared = fresh.process, fresh.conn, fresh.shared
+        worker.spec = None
         loop = self._loop
         try:
             if loop is not None:

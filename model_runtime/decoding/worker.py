@@ -1,5 +1,6 @@
-"""A decoding worker's life, in its own process: decode each image put in the shared file,
-write its tensor there and answer with what decoding found, or with its error."""
+"""A decoding worker's life, in its own process: decode each image put in the shared file with
+the preprocessing of the model it is for, write its tensor there and answer with what decoding
+found, or with its error."""
 
 from __future__ import annotations
 
@@ -65,13 +66,11 @@ def _keep_freed_memory_for_the_next_image() -> None:
 
 
 def serve(
-    conn: socket.socket,
-    shared: SharedFile,
-    spec: PreprocessSpec,
-    max_pixels: int,
-    memory_bytes: int | None,
+    conn: socket.socket, shared: SharedFile, max_pixels: int, memory_bytes: int | None
 ) -> None:
-    """Decode images until the server goes. `memory_bytes` None: no memory limit (the kernel
+    """Decode images until the server goes, each with the `PreprocessSpec` the server sent last
+    on `conn`: a worker decodes for every model, and the server sends a model's spec before an
+    image of it that follows another model's. `memory_bytes` None: no memory limit (the kernel
     would not enforce it). The answers name the image error (`model_contract.errors`) and
     carry its message; the server decides what each means to a client."""
     run_as_batch_work()
@@ -85,6 +84,7 @@ def serve(
         # What the worker has mapped now (interpreter, libraries) plus what one image may take.
         limit = mapped + memory_bytes
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    spec: PreprocessSpec | None = None
     kept_memory = False
     while True:
         waits = [shared.bell, conn.fileno()]
@@ -93,8 +93,13 @@ def serve(
             give_back_free_memory()
             kept_memory = False
             continue
-        if conn.fileno() in readable:  # the server has gone: it never writes here
-            return
+        if conn.fileno() in readable:  # sent before the bell rang: read first
+            try:
+                spec = PreprocessSpec.model_validate(messages.receive(conn))
+            except messages.ChannelClosed:  # the server has gone
+                return
+            continue
+        assert spec is not None, "the server sends a spec before the first image"
         kept_before, kept_memory = kept_memory, True
         request = shared.heard() - 1
         began = time.time_ns()
@@ -129,7 +134,7 @@ def serve(
             shared.put_picture(picture)
         found = [decoded.format, decoded.original_mode, decoded.exif_rotated, decoded.upright_size]
         shape = None if picture is None else picture.shape
-        messages.send(conn, ["ok", *found, box, tensor.shape, shape, began, time.time_ns()])
+        messages.send(conn, ["ok", *found, box, shape, began, time.time_ns()])
         del tensor, decoded, picture  # the decoded image is not kept alive while the worker waits
 
 

@@ -206,7 +206,7 @@ class InferenceService:
             await asyncio.sleep(CANCELLATION_ARRIVES_S)
             raise InvalidRequest("the call ended before its request message")
         request = well_formed(request)
-        admitted = data_plane.admit(
+        admitted = await data_plane.admit(
             _named(request.model_name), request.model_version or None, given
         )
         try:

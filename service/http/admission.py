@@ -58,7 +58,7 @@ class Admission:
         route, child = matched
         params = child.get("path_params", {})
         try:
-            admitted = data_plane.admit(
+            admitted = await data_plane.admit(
                 params.get("name"), params.get("version"), authorization(scope)
             )
         except ServiceError as refusal:

@@ -10,12 +10,15 @@ from opentelemetry import trace
 
 from model_contract.metadata import ModelMetadata
 from model_contract.ood import in_distribution
-from model_contract.outputs import ATTENTION_ROLLOUT, OOD_SCORE, PROBABILITIES
+from model_contract.outputs import ATTENTION_ROLLOUT, EMBEDDING, OOD_SCORE, PROBABILITIES
 from service.errors import ERROR_TYPES, Overloaded, ServiceError, Unauthorized
 from service.http.schemas import (
     Attention,
     ClassifyResponse,
+    EmbeddingInfo,
+    EmbedResponse,
     ErrorBody,
+    ImageEmbedding,
     ModelRef,
     Prediction,
     TopClass,
@@ -62,6 +65,43 @@ def classify_response(
     return ClassifyResponse(
         model=ModelRef(name=metadata.name, version=metadata.version), predictions=predictions
     )
+
+
+def embed_response(
+    outcomes: list[Answer | ServiceError],
+    names: list[str | None],
+    metadata: ModelMetadata,
+    *,
+    normalize: bool,
+) -> EmbedResponse:
+    """Per file, in request order: its embedding as float32 (unit length with `normalize`), or
+    the file's own error."""
+    assert metadata.embedding is not None  # the route refuses a model without one
+    items = []
+    for outcome, name in zip(outcomes, names, strict=True):
+        if isinstance(outcome, ServiceError):
+            error = ErrorBody(error=outcome.message, type=outcome.type)
+            items.append(ImageEmbedding(file=name, error=error))
+            continue
+        vector = outcome.outputs[EMBEDDING][0].astype(np.float32)
+        items.append(ImageEmbedding(file=name, embedding=as_floats(vector, normalize=normalize)))
+    return EmbedResponse(
+        model=ModelRef(name=metadata.name, version=metadata.version),
+        embedding=EmbeddingInfo(
+            size=metadata.embedding.size, source=metadata.embedding.source, normalized=normalize
+        ),
+        embeddings=items,
+    )
+
+
+def as_floats(vector: np.ndarray, *, normalize: bool) -> list[float]:
+    """A float32 vector as JSON numbers, scaled to unit length with `normalize` (a zero vector
+    stays zero: it has no direction)."""
+    if normalize:
+        norm = float(np.linalg.norm(vector.astype(np.float64)))
+        if norm > 0:
+            vector = (vector.astype(np.float64) / norm).astype(np.float32)
+    return [float(x) for x in vector]
 
 
 def attention_of(answer: Answer) -> Attention:

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from model_contract.metadata import OodCalibration
+from model_contract.metadata import Embedding, OodCalibration
 from model_contract.preprocess import PreprocessSpec
 
 
@@ -75,6 +75,33 @@ class ClassifyResponse(BaseModel):
     predictions: list[Prediction] = Field(description="One per image, in request order.")
 
 
+class EmbeddingInfo(BaseModel):
+    """What a model's embedding is."""
+
+    size: int = Field(description="Floats per image.")
+    source: str = Field(description="Which vector of the model it is.")
+    normalized: bool = Field(description="Whether each was scaled to unit length (normalize).")
+
+
+class ImageEmbedding(BaseModel):
+    """One uploaded file's outcome: its embedding, or (in a request of several files) the error
+    that this file alone caused."""
+
+    file: str | None = Field(None, description="The file's name, where the upload gave one.")
+    embedding: list[float] | None = Field(
+        None, description="The vector, float32 (absent on error)."
+    )
+    error: ErrorBody | None = Field(
+        None, description="Why this file has no embedding; the request's other files do."
+    )
+
+
+class EmbedResponse(BaseModel):
+    model: ModelRef
+    embedding: EmbeddingInfo
+    embeddings: list[ImageEmbedding] = Field(description="One per image, in request order.")
+
+
 class ModelDescription(BaseModel):
     """What a served version is, fixed once it serves (its file, session and metadata)."""
 
@@ -83,7 +110,13 @@ class ModelDescription(BaseModel):
     labels: list[str]
     input_size: int
     preprocessing: PreprocessSpec
-    output: Literal["logits", "probabilities"]
+    output: Literal["logits", "probabilities", "embedding"] = Field(
+        description="What the classification output holds; embedding: the model has no classes "
+        "and serves embeddings only."
+    )
+    embedding: Embedding | None = Field(
+        description="The embedding /v1/embed answers with; null: the model carries none."
+    )
     provider: str = Field(
         description="What runs the calls: the onnxruntime execution provider really in use, or "
         "OpenVINO-CPU."
@@ -136,8 +169,23 @@ class SelfTestInfo(BaseModel):
     detail: str
 
 
+class NotLoaded(BaseModel):
+    """A model of the repository with no version serving."""
+
+    name: str
+    state: str = Field(description="UNAVAILABLE, or LOADING while a version loads.")
+    reason: str = Field(
+        description="Why: not loaded yet (on_demand: loads on its first request), evicted, "
+        "unloaded, or what failed."
+    )
+
+
 class ModelList(BaseModel):
     models: list[ModelInfo]
+    not_loaded: list[NotLoaded] = Field(
+        default_factory=list,
+        description="The repository's models with no version serving, as its last scan saw them.",
+    )
 
 
 class OipTensorMetadata(BaseModel):

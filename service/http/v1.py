@@ -16,14 +16,21 @@ from fastapi import APIRouter, Query, Request, Response
 from model_contract.outputs import ATTENTION_ROLLOUT, PROBABILITIES
 from model_contract.vit_cost import cost_of
 from model_runtime.decoding.shared_file import PICTURE_SIDE
-from service.errors import InvalidRequest, NoAttention, NotAcceptable, ServiceError
+from service.errors import InvalidRequest, NoAttention, NoClasses, NotAcceptable, ServiceError
 from service.http.body import FILE_FIELD, OCTET_STREAM, unless_disconnected, uploaded_images
 from service.http.dependencies import DataPlaneDep, Inference, InferenceDep
 from service.http.negotiation import preferred
 from service.http.overlay import overlay_png
-from service.http.responses import classify_response, error_responses
+from service.http.responses import classify_response, embed_response, error_responses
 from service.http.routers import inference_router
-from service.http.schemas import ClassifyResponse, ModelDescription, ModelList, SelfTestInfo
+from service.http.schemas import (
+    ClassifyResponse,
+    EmbedResponse,
+    ModelDescription,
+    ModelList,
+    NotLoaded,
+    SelfTestInfo,
+)
 from service.inference.pipeline import Answer, Pipeline
 
 logger = logging.getLogger(__name__)
@@ -32,6 +39,7 @@ router = APIRouter(prefix="/v1", tags=["v1"])
 
 TopK = Annotated[int | None, Query(description="Classes in `top`; clamped to the labels.")]
 Full = Annotated[bool, Query(description="Also return the full distribution.")]
+Normalize = Annotated[bool, Query(description="Scale each embedding to unit length.")]
 
 _UPLOAD_BODY = {
     "requestBody": {
@@ -86,6 +94,7 @@ async def classify(
     top_k: TopK = None,
     probabilities: Full = False,
 ) -> ClassifyResponse:
+    require_classes(inference.pipeline)
     answers, names = await _answers(request, inference, top_k, pictures=False)
     return classify_response(
         answers,
@@ -94,6 +103,39 @@ async def classify(
         top_k=top_k or inference.settings.default_top_k,
         full=probabilities,
     )
+
+
+def require_classes(pipeline: Pipeline) -> None:
+    """400 before the body is read where the model serves embeddings only."""
+    metadata = pipeline.session.metadata
+    if not metadata.has_classes:
+        raise NoClasses(
+            f"model {metadata.name} version {metadata.version} has no classes: it serves "
+            f"embeddings only (POST /v1/models/{metadata.name}/embed)"
+        )
+
+
+_EMBED: dict[str, Any] = {**_CLASSIFY, "response_model": EmbedResponse}
+
+
+@inference_router.post(
+    "/v1/models/{name}/versions/{version}/embed",
+    summary="Embed uploads with one version of a model",
+    **_EMBED,
+)
+@inference_router.post(
+    "/v1/models/{name}/embed", summary="Embed uploads with a model's latest version", **_EMBED
+)
+@inference_router.post(
+    "/v1/embed", summary="Embed one or more uploaded images (the default model)", **_EMBED
+)
+async def embed(request: Request, inference: InferenceDep, normalize: Normalize = False) -> Any:
+    """Per file, the vector the model's classification head reads (`embedding.source` says
+    which), for search, deduplication and few-shot classifiers."""
+    images, names = await _uploads(request, inference, pictures=False)
+    work = inference.data_plane.embed_uploads(inference.admitted, images, inference.deadline)
+    outcomes = await unless_disconnected(request, work)
+    return embed_response(outcomes, names, inference.pipeline.session.metadata, normalize=normalize)
 
 
 JSON, PNG = "application/json", "image/png"
@@ -140,6 +182,7 @@ async def explain(
     """Each prediction with `attention`: the class token's attention rollout over the patch
     grid and the box of the upright original it covers, to lay the map over the photo."""
     session = inference.pipeline.session
+    require_classes(inference.pipeline)
     if session.attention_output is None:
         raise NoAttention(
             f"model {session.metadata.name} version {session.metadata.version} carries no "
@@ -198,9 +241,21 @@ async def _answers(
 ) -> tuple[list[Answer | ServiceError], list[str | None]]:
     """The uploads' outcomes, one per file; a single file's error is the request's. With
     `pictures` (a PNG answer) only one file is taken, refused before any is decoded."""
-    settings, admitted = inference.settings, inference.admitted
     if top_k is not None and top_k < 1:
         raise InvalidRequest(f"top_k must be at least 1, got {top_k}")
+    images, names = await _uploads(request, inference, pictures=pictures)
+    work = inference.data_plane.classify_uploads(
+        inference.admitted, images, inference.deadline, pictures=pictures
+    )
+    outcomes = await unless_disconnected(request, work)
+    return outcomes, names
+
+
+async def _uploads(
+    request: Request, inference: Inference, *, pictures: bool
+) -> tuple[list[bytes], list[str | None]]:
+    """The request's uploaded files and their names; with `pictures`, exactly one."""
+    settings, admitted = inference.settings, inference.admitted
     with admitted.stage("read_body"):
         images = await uploaded_images(
             request,
@@ -211,11 +266,7 @@ async def _answers(
         )
     if pictures and len(images) != 1:
         raise InvalidRequest(f"a PNG answer shows one image; this request has {len(images)}")
-    work = inference.data_plane.classify_uploads(
-        admitted, [image.data for image in images], inference.deadline, pictures=pictures
-    )
-    outcomes = await unless_disconnected(request, work)
-    return outcomes, [image.name for image in images]
+    return [image.data for image in images], [image.name for image in images]
 
 
 def describe(pipeline: Pipeline) -> ModelDescription:
@@ -228,6 +279,7 @@ def describe(pipeline: Pipeline) -> ModelDescription:
         input_size=metadata.preprocessing.input_size,
         preprocessing=metadata.preprocessing,
         output=metadata.output,
+        embedding=metadata.embedding,
         provider=session.runtime["provider"],
         providers=list(session.providers),
         runtime=session.runtime,
@@ -269,9 +321,10 @@ def description_json(pipeline: Pipeline) -> str | None:
     return _descriptions[pipeline]
 
 
-def model_list(pipelines: Iterable[Pipeline]) -> Response:
+def model_list(pipelines: Iterable[Pipeline], not_loaded: Iterable[NotLoaded] = ()) -> Response:
     """A ModelList: each version's description as built once, and its self-test as it
-    stands now (it passes or fails after the version is listed), spliced in as the last field."""
+    stands now (it passes or fails after the version is listed), spliced in as the last field;
+    then the models not loaded."""
     models = []
     for pipeline in pipelines:
         described = description_json(pipeline)
@@ -280,12 +333,14 @@ def model_list(pipelines: Iterable[Pipeline]) -> Response:
         test = pipeline.self_test
         self_test = SelfTestInfo(status=test.status, detail=test.detail).model_dump_json()
         models.append(f'{described[:-1]},"self_test":{self_test}}}')
-    return Response(f'{{"models":[{",".join(models)}]}}', media_type=JSON)
+    idle = ",".join(model.model_dump_json() for model in not_loaded)
+    return Response(f'{{"models":[{",".join(models)}],"not_loaded":[{idle}]}}', media_type=JSON)
 
 
 @router.get("/models", response_model=ModelList, summary="The models served and how they run")
 async def models(data_plane: DataPlaneDep) -> Response:
-    return model_list(data_plane.registry.pipelines())
+    idle = [NotLoaded(name=e.name, state=e.state, reason=e.reason) for e in data_plane.not_loaded()]
+    return model_list(data_plane.registry.pipelines(), idle)
 
 
 @router.get(

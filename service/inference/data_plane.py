@@ -19,9 +19,18 @@ from typing import Any
 from opentelemetry import trace
 from pydantic import SecretStr
 
+from model_contract.outputs import EMBEDDING
 from model_runtime.session import Outputs
-from service.errors import Forbidden, InvalidRequest, ServiceError, Unauthorized
+from service.errors import (
+    Forbidden,
+    InvalidRequest,
+    ModelNotFound,
+    NoEmbedding,
+    ServiceError,
+    Unauthorized,
+)
 from service.inference.budget import Ticket
+from service.inference.on_demand import OnDemandLoading
 from service.inference.pipeline import Answer, Pipeline
 from service.inference.registry import ModelRegistry
 from service.inference.repository import Repository
@@ -100,6 +109,11 @@ class DataPlane:
         self.registry = registry
         self.repository = repository
         self.settings = settings
+        self.on_demand = (
+            OnDemandLoading(repository, settings, repository.loader.metrics)
+            if settings.model_control == "on_demand"
+            else None
+        )
 
     @property
     def ready(self) -> bool:
@@ -112,13 +126,30 @@ class DataPlane:
     def model_ready(self, name: str, version: str | None = None) -> bool:
         return self.model(name, version).ready
 
-    def admit(self, name: str | None, version: str | None, authorization: str | None) -> Admitted:
+    async def admit(
+        self, name: str | None, version: str | None, authorization: str | None
+    ) -> Admitted:
         """Let an inference request in, before its body is read or parsed: 401 without the
         inference token where one is set, 404 for no such model, 503 not ready or overloaded.
-        Under overload most requests end here, so it costs a lookup and a few reads."""
+        Under overload most requests end here, so it costs a lookup and a few reads. In
+        on_demand mode a model not loaded is loaded first, within the request's deadline."""
         self.authorize(authorization)
-        pipeline = self.model(name, version)
+        if self.on_demand is None:
+            pipeline = self.model(name, version)
+        else:
+            await self.on_demand.ensure(self._named(name), self.deadline())
+            pipeline = self.model(name, version)
+            self.on_demand.used(pipeline)
         return Admitted(pipeline, pipeline.admit())
+
+    def _named(self, name: str | None) -> str:
+        """The model a request names, or the default model ("" where there is none)."""
+        if name:
+            return name
+        try:
+            return self.registry.default_name()
+        except ModelNotFound:
+            return ""
 
     def authorize(self, authorization: str | None) -> None:
         """401 unless the inference token, where one is set, is the request's."""
@@ -152,15 +183,37 @@ class DataPlane:
             pipeline.metrics.rejections.labels(error.type).inc()
         return outcomes
 
+    async def embed_uploads(
+        self, admitted: Admitted, images: list[bytes], deadline: float
+    ) -> list[Answer | ServiceError]:
+        """`classify_uploads` for embeddings: the model must carry one (400 otherwise, before
+        any image is decoded), and the embeddings answered are counted."""
+        pipeline = admitted.pipeline
+        metadata = pipeline.session.metadata
+        if metadata.embedding is None:
+            raise NoEmbedding(
+                f"model {metadata.name} version {metadata.version} carries no embedding: it was "
+                "written before files carried one, or its classification output is not a linear "
+                "head on features (export or import it again to add it)"
+            )
+        outcomes = await self.classify_uploads(admitted, images, deadline, pictures=False)
+        served = sum(not isinstance(outcome, ServiceError) for outcome in outcomes)
+        pipeline.metrics.observe_embeddings(served)
+        return outcomes
+
     async def infer(self, admitted: Admitted, request: InferRequest, deadline: float) -> Outputs:
         """The outputs for an OIP infer request: its pixels batched as they are, or its image
         files decoded first; any file that fails fails the request."""
         pipeline, ticket = admitted.pipeline, admitted.ticket
         if request.pixels is not None:
             ticket.hold_images(len(request.pixels))
-            return await pipeline.infer(request.pixels, deadline)
-        ticket.hold_images(len(request.images or []))
-        return await pipeline.classify(request.images or [], deadline)
+            outputs = await pipeline.infer(request.pixels, deadline)
+        else:
+            ticket.hold_images(len(request.images or []))
+            outputs = await pipeline.classify(request.images or [], deadline)
+        if EMBEDDING in request.outputs:
+            pipeline.metrics.observe_embeddings(len(outputs[EMBEDDING]))
+        return outputs
 
     def signature(self, name: str, version: str | None = None) -> ModelSignature:
         """OIP model metadata: all versions served (or the one asked for), the pixel input
@@ -189,6 +242,23 @@ class DataPlane:
                 TensorSignature(output.name, FP32, output.shape) for output in session.outputs
             ],
         )
+
+    def not_loaded(self) -> list[IndexEntry]:
+        """The repository's models with no version serving (as its last scan saw them), each
+        with why: for listings anyone may read, so no scan of the disk per call."""
+        listed = []
+        for name in sorted(self.repository.last_scan):
+            model = self.registry.known(name)
+            if model is not None and model.serving:
+                continue
+            if model is not None and model.loading:
+                listed.append(IndexEntry(name, None, "LOADING", "a version is loading"))
+            elif model is not None and (failed := model.failures()):
+                listed.append(IndexEntry(name, None, "UNAVAILABLE", failed[0].reason))
+            else:
+                why = self.repository.idle_reason(model)
+                listed.append(IndexEntry(name, None, "UNAVAILABLE", why))
+        return listed
 
     def require_admin(self, authorization: str | None) -> None:
         """The repository API changes what the server runs: the admin token, or nothing."""

@@ -1,5 +1,5 @@
-"""Upload bytes -> the model's outputs: decoding in worker processes, inference through the
-batcher."""
+"""Upload bytes -> the model's outputs: decoding in the server's worker processes, inference
+through the batcher."""
 
 from __future__ import annotations
 
@@ -88,6 +88,7 @@ class Pipeline:
         session: ModelSession,
         settings: Settings,
         metrics: Metrics,
+        decoders: DecodeWorkers,
         tracing: Tracing | None = None,
     ) -> None:
         self.session = session
@@ -115,14 +116,9 @@ class Pipeline:
         self._failures_until_unready = settings.unready_after_failures
         self._recovery_interval = settings.recovery_probe_interval_s
         self._recovery: asyncio.Task[None] | None = None
-        self.decoders = DecodeWorkers(
-            self.spec,
-            workers=settings.decode_workers,
-            max_pixels=settings.max_pixels,
-            memory_bytes=settings.decode_memory_bytes,
-            timeout_s=settings.decode_timeout_s,
-            on_replaced=lambda why: model_metrics.decode_workers_replaced.labels(why).inc(),
-        )
+        self.decoders = decoders
+        """The server's decoding workers, shared with every other version: started and closed
+        with the server, never with this version."""
         self.batcher = Batcher(
             session.infer,
             max_batch_size=settings.runtime.max_batch_size,
@@ -186,7 +182,13 @@ class Pipeline:
         traced = self.tracing is not None and counted and trace.get_current_span().is_recording()
         waited_ns = time.time_ns() if traced else 0
         try:
-            decoded = await self.decoders.decode(data, picture=picture, request=request)
+            decoded = await self.decoders.decode(
+                data,
+                self.spec,
+                on_replaced=self._decoder_replaced,
+                picture=picture,
+                request=request,
+            )
         except ImageError as error:
             refused = from_image_error(error)
             if traced:
@@ -202,6 +204,10 @@ class Pipeline:
                 decoded.format, decoded.original_mode, decoded.exif_rotated
             )
         return decoded
+
+    def _decoder_replaced(self, why: str) -> None:
+        """A worker killed over one of this version's images: counted under its labels."""
+        self.metrics.decode_workers_replaced.labels(why).inc()
 
     def _trace_decode(
         self, data: bytes, decoded: Decoded | None, waited_ns: int, error: str | None = None
@@ -226,6 +232,8 @@ class Pipeline:
         requests."""
         self.require_ready()
         outputs = await self.batcher.submit(batch, deadline)
+        if PROBABILITIES not in outputs:  # a model without classes
+            return outputs
         probabilities = outputs[PROBABILITIES]
         top = probabilities.argmax(axis=1)
         ood = self.session.metadata.ood
@@ -325,7 +333,6 @@ class Pipeline:
         """Start batching, then real inferences (one per bound batch size) so no client pays
         for onnxruntime's setup; their output must have one column per label. A failure is
         kept (readiness reports it) and raised: the server stops rather than stay unready."""
-        await asyncio.to_thread(self.decoders.start)
         # Bounded as the file's first inferences were: a graph slower than that here is refused.
         bound = self.session.check_seconds
         if self.session.choosing:
@@ -338,9 +345,12 @@ class Pipeline:
             for batch_size in self.session.warm_up_batch_sizes():
                 zeros = np.zeros(self.input_shape(batch_size), np.float32)
                 outputs = await self._load_time_inference(zeros, deadline)
-                width = outputs[PROBABILITIES].shape[1]
-                check_output_width(width, self.session.metadata, self.session.path)
-                check_output_kind(outputs[PROBABILITIES], self.session.metadata, self.session.path)
+                if PROBABILITIES in outputs:
+                    width = outputs[PROBABILITIES].shape[1]
+                    check_output_width(width, self.session.metadata, self.session.path)
+                    check_output_kind(
+                        outputs[PROBABILITIES], self.session.metadata, self.session.path
+                    )
         except DeadlineExceeded:
             self.warm_up_error = f"the warm-up did not finish within {bound:.0f} s"
             raise WarmUpOverran(self.warm_up_error) from None
@@ -374,7 +384,7 @@ class Pipeline:
             if test is not None
             else []
         )
-        expected = None if test is None else np.asarray(test.probabilities, dtype=np.float64)
+        expected = None if test is None else np.asarray(test.expected, dtype=np.float64)
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 await asyncio.to_thread(self.session.choose_engine, golden, expected)
@@ -403,19 +413,19 @@ class Pipeline:
         if test is None:
             self.self_test = SelfTestStatus("none", "the model file carries no self-test images")
             return
-        expected = np.asarray(test.probabilities, dtype=np.float64)
+        expected = np.asarray(test.expected, dtype=np.float64)
+        output = self.session.primary_output
+        field = "probabilities" if output == PROBABILITIES else "embeddings"
         for index, row in enumerate(expected):
             if not np.isfinite(row).all():
                 self._self_test_failed(
                     f"golden image self_test.images[{index}]: its expectation "
-                    f"self_test.probabilities[{index}] holds {row[~np.isfinite(row)][0]}, not a "
-                    f"probability: {BROKEN_FILE}"
+                    f"self_test.{field}[{index}] holds {row[~np.isfinite(row)][0]}, not a "
+                    f"number: {BROKEN_FILE}"
                 )
         # One image at a time, as separate requests come: within any queue bound.
         decoded = [await self._golden(index, image) for index, image in enumerate(test.images)]
-        rows = [
-            (await self._load_time_inference(d.tensor, deadline))[PROBABILITIES] for d in decoded
-        ]
+        rows = [(await self._load_time_inference(d.tensor, deadline))[output] for d in decoded]
         # Finite both: the batcher refuses a NaN the model gives, and the file's are checked.
         differences = np.abs(np.concatenate(rows) - expected).max(axis=1)
         image = int(differences.argmax())
@@ -424,9 +434,9 @@ class Pipeline:
         where = f"{runtime['provider']}, {runtime['precision']}, io_binding {runtime['io_binding']}"
         if worst > test.tolerance:
             self._self_test_failed(
-                f"golden image self_test.images[{image}] (of {len(test.images)}): a probability "
-                f"differs by {worst:.2e} from the file's expectation, over its tolerance "
-                f"{test.tolerance:.1e} ({where}); the provider, precision or onnxruntime "
+                f"golden image self_test.images[{image}] (of {len(test.images)}): a value "
+                f"of its {output} differs by {worst:.2e} from the file's expectation, over its "
+                f"tolerance {test.tolerance:.1e} ({where}); the provider, precision or onnxruntime "
                 "version computes other numbers than the model was exported with, or the file's "
                 "weights or expectations were changed since"
             )
@@ -469,9 +479,9 @@ class Pipeline:
             logger.info("inference works again: ready")
 
     async def close(self, *, keep_metrics: bool = False) -> None:
-        """Stop batching and decoding; once (a retired version may be closed as the server
-        stops). `keep_metrics` where another pipeline of the same name and version (a reload
-        of its file) writes the same series."""
+        """Stop batching; once (a retired version may be closed as the server stops). The
+        decoding workers serve on: they are the server's. `keep_metrics` where another
+        pipeline of the same name and version (a reload of its file) writes the same series."""
         if self._closed:
             return
         self._closed = True
@@ -479,6 +489,5 @@ class Pipeline:
         if self._recovery is not None:
             self._recovery.cancel()
         await self.batcher.stop()
-        await asyncio.to_thread(self.decoders.close)
         if not keep_metrics:
             self.metrics.remove()

@@ -75,12 +75,13 @@ class ModelRegistry:
 
     @property
     def ready(self) -> bool:
-        """Every model that should be loaded at start has loaded, some model is served, and
-        every version served is ready (later loads and swaps do not take readiness away)."""
+        """Every model that should be loaded at start has loaded, some model is served (on
+        demand, none need be), and every version served is ready (later loads and swaps do not
+        take readiness away)."""
         serving = self.pipelines()
         return (
             self.started
-            and bool(serving)
+            and (bool(serving) or self.settings.model_control == "on_demand")
             and not any(model.awaited for model in self._models.values())
             and not self.draining
             and all(p.ready for p in serving)

@@ -9,13 +9,14 @@ import functools
 import logging
 
 from model_contract.metadata import InvalidModelMetadata, last_line
+from model_runtime.decoding.pool import DecodeWorkers
 from model_runtime.model_file import UnsafeModelFile
 from model_runtime.session import CudaUnavailable
 from service.errors import Forbidden, ModelLoadFailed, ModelNotFound, ServiceError
 from service.inference.registry import ModelRegistry
 from service.inference.repository_layout import Scan, Unreadable, VersionFile, scan
 from service.inference.served_model import NEW_FILE_FAILED, IndexEntry, ServedModel
-from service.inference.version_loading import Prepared, VersionLoader
+from service.inference.version_loading import Prepared, UnloadReason, VersionLoader
 from service.inference.version_policy import VersionPolicy
 from service.metrics import Metrics
 from service.observability.tracing import Tracing
@@ -35,12 +36,13 @@ class Repository:
         settings: Settings,
         registry: ModelRegistry,
         metrics: Metrics,
+        decoders: DecodeWorkers,
         tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.policy = VersionPolicy.parse(settings.version_policy)
-        self.loader = VersionLoader(settings, metrics, registry, tracing)
+        self.loader = VersionLoader(settings, metrics, registry, decoders, tracing)
         self._unreadable: Unreadable = {}
         self._last_scan: Scan = {}
         self._poller: asyncio.Task[None] | None = None
@@ -53,12 +55,7 @@ class Repository:
         a folder that cannot be read, with why."""
         found = await self.scan()
         models = self.registry.models()
-        known = {model.name for model in models if model.entries}
-        idle = [
-            IndexEntry(name, None, "UNAVAILABLE", "not loaded")
-            for name in found
-            if name not in known
-        ]
+        idle = self.not_loaded(found)
         unreadable = [
             IndexEntry(name, version, "UNAVAILABLE", why)
             for (name, version), why in self._unreadable.items()
@@ -68,6 +65,21 @@ class Repository:
         ]
         entries = [e for model in models for e in model.entries.values()]
         return sorted([*entries, *idle, *unreadable], key=lambda e: (e.name, e.version or 0))
+
+    def not_loaded(self, found: Scan) -> list[IndexEntry]:
+        """The models of `found` with no version loaded, loading or failed, each saying why."""
+        entries = []
+        for name in found:
+            model = self.registry.known(name)
+            if model is None or not model.entries:
+                entries.append(IndexEntry(name, None, "UNAVAILABLE", self.idle_reason(model)))
+        return entries
+
+    def idle_reason(self, model: ServedModel | None) -> str:
+        """Why a model of the repository with nothing loaded, loading or failed has none."""
+        if model is not None and model.unloaded:
+            return model.unloaded
+        return "not loaded: loads on its first request" if self.on_demand else "not loaded"
 
     async def scan(self) -> Scan:
         """The repository as it is now; each folder that cannot be read is logged once and
@@ -91,7 +103,7 @@ class Repository:
             raise ModelLoadFailed(f"no model under {root} (<name>/<version>/model.onnx)")
         strict = self.settings.model_control == "none"
         prepared = []
-        for name, versions in found.items():
+        for name, versions in self._loaded_at_start(found).items():
             chosen = self.policy.choose(list(versions))
             if not chosen:
                 on_disk = ", ".join(str(v) for v in sorted(versions))
@@ -131,14 +143,36 @@ class Repository:
                     item.model, item.version, item.file, strict=strict, prepared=item
                 )
         if not strict:
-            for name, versions in self._last_scan.items():
+            for name, versions in self._loaded_at_start(self._last_scan).items():
                 await self._sync(self.registry.model(name), versions)
         serving = self.registry.serving_names()
+        if self.on_demand and len(self._last_scan) == 1:
+            serving = list(self._last_scan)  # the one model, loaded or not
         if len(serving) == 1:
             self.registry.alone_at_start = serving[0]
         self.registry.started = True
-        if self.settings.model_control == "poll":
+        if self.settings.model_control in ("poll", "on_demand"):
             self._poller = asyncio.create_task(self._poll(), name="repository-poll")
+
+    @property
+    def on_demand(self) -> bool:
+        return self.settings.model_control == "on_demand"
+
+    @property
+    def last_scan(self) -> Scan:
+        """The repository as the last scan saw it (every repository_poll_s in poll and
+        on_demand modes)."""
+        return self._last_scan
+
+    def _loaded_at_start(self, found: Scan) -> Scan:
+        """What the start loads: every model, or in on_demand mode the pinned ones only."""
+        if not self.on_demand:
+            return found
+        pinned = self.settings.pinned_models
+        for name in pinned:
+            if name not in found:
+                logger.warning("VIT_PINNED_MODELS names %s, which the repository lacks", name)
+        return {name: versions for name, versions in found.items() if name in pinned}
 
     async def load(self, name: str) -> None:
         """Load (or reload) `name` from the repository as it is now; 400 if any version it
@@ -168,7 +202,7 @@ class Repository:
             if name not in found:
                 raise ModelNotFound(f"no model {name!r} is loaded or in the repository")
             return
-        await self._sync(model, {})
+        await self._sync(model, {}, reason="explicit")
 
     def _require_explicit(self, action: str) -> None:
         """403 outside explicit mode, as Triton refuses: in poll mode the repository decides
@@ -204,7 +238,10 @@ class Repository:
                 logger.warning("repository scan failed: %s", error)
                 continue
             previous, self._last_scan = self._last_scan, found
-            for name in sorted(set(found) | set(self.registry.serving_names())):
+            watched = set(self.registry.serving_names())
+            if not self.on_demand:  # on demand, a model not loaded waits for its request
+                watched |= set(found)
+            for name in sorted(watched):
                 if name in self._polling:
                     continue  # still acting on an earlier scan: the next one after that
                 task = asyncio.create_task(self._poll_model(name, found, previous))
@@ -233,6 +270,10 @@ class Repository:
         except Exception:  # one model's trouble must not stop the polling of all
             logger.exception("repository poll of model %s failed", name)
 
+    async def sync(self, model: ServedModel, versions: dict[int, VersionFile]) -> None:
+        """Serve what the policy chooses of `versions` of `model` (a load on demand)."""
+        await self._sync(model, versions)
+
     async def _sync(
         self,
         model: ServedModel,
@@ -240,9 +281,11 @@ class Repository:
         *,
         reload: bool = False,
         keep: set[int] | None = None,
+        reason: UnloadReason = "removed",
     ) -> None:
         """Make what is served of `model` what the policy chooses of `versions`: load new and
-        changed files (all chosen ones with `reload`), retire the others (except `keep`)."""
+        changed files (all chosen ones with `reload`), retire the others (except `keep`) for
+        `reason`."""
         keep = keep or set()
         async with model.changes:
             # A file that failed to load is not tried again until it changes, and never
@@ -273,7 +316,7 @@ class Repository:
                         del candidates[version]  # nothing of it serves: choose among the rest
             for version in list(model.serving):
                 if version not in wanted and version not in keep:
-                    self.loader.retire(model, version)
+                    self.loader.retire(model, version, reason)
             if not versions:  # unloaded, or gone from the repository
                 model.awaited = False
             for version in list(model.entries):

@@ -21,12 +21,13 @@ class Retirement:
         """Whether another serving pipeline shares a pipeline's metric series."""
         self._retiring: dict[asyncio.Task[None], Pipeline] = {}
 
-    def retire(self, pipeline: Pipeline) -> None:
+    def retire(self, pipeline: Pipeline) -> asyncio.Task[None]:
         """Close `pipeline` once the requests admitted to it are answered (or the longest a
-        request may take has passed), in the background."""
+        request may take has passed), in the background: the task that does."""
         task = asyncio.create_task(self._finish_then_close(pipeline))
         self._retiring[task] = pipeline
         task.add_done_callback(self._retired)
+        return task
 
     async def close(self, pipeline: Pipeline) -> None:
         """Close `pipeline` now (its load failed before it served anything)."""

@@ -44,6 +44,8 @@ class ServedModel:
         """The versions loaded, loading or failed, as the index reports them."""
         self.changes = asyncio.Lock()
         """Held while the versions change: a load, however long, holds up only this model."""
+        self.unloaded = ""
+        """Why no version serves where one did (evicted, unloaded, removed); empty otherwise."""
         self.awaited = False
         """Chosen at start and not served yet: readiness waits for it until a version serves,
         or it is unloaded or leaves the repository."""

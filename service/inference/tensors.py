@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model_contract.outputs import PROBABILITIES
 from service.errors import EmptyBody, InvalidRequest, TooManyImages
 
 FP32 = "FP32"
@@ -166,10 +165,11 @@ def length_prefixed(raw: bytes, count: int) -> list[bytes]:
 def requested_outputs(
     names: list[tuple[str, bool]], every_binary: bool, spec: InputSpec
 ) -> dict[str, bool]:
-    """The outputs asked for by name, each with its binary flag (none named: the probabilities
-    alone, so that plain classification carries nothing more)."""
+    """The outputs asked for by name, each with its binary flag (none named: the model's first
+    output alone, its probabilities, or a model without classes its embedding: plain
+    classification carries nothing more)."""
     if not names:
-        return {PROBABILITIES: every_binary}
+        return {spec.outputs[0]: every_binary}
     requested: dict[str, bool] = {}
     for name, binary in names:
         if name not in spec.outputs:

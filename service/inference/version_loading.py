@@ -11,13 +11,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+from model_runtime.decoding.pool import DecodeWorkers
+from model_runtime.heap import give_back_free_memory
 from model_runtime.platform import resident_bytes
 from model_runtime.session import ModelSession
 from service.errors import ModelLoadFailed
-from service.inference.memory_budget import MemoryBudget
+from service.inference.memory_budget import MemoryBudget, VersionKey
 from service.inference.pipeline import Pipeline, SelfTestFailed, WarmUpOverran
 from service.inference.registry import ModelRegistry
 from service.inference.repository_layout import VersionFile
@@ -31,6 +35,18 @@ logger = logging.getLogger(__name__)
 
 MEMORY_ESTIMATE_FACTOR = 3
 """A version's resident memory before it is measured: this many times its file's size."""
+UnloadReason = Literal["evicted", "explicit", "replaced", "removed"]
+"""Why a version stopped serving (vit_model_unloads_total's reason)."""
+RoomMaker = Callable[[str, VersionKey, int], Awaitable[None]]
+"""Makes room for `needed` bytes of the version `key` of model `name`."""
+UNLOADED_BECAUSE: dict[UnloadReason, str] = {
+    "evicted": "evicted: least recently used, unloaded to make room under "
+    "VIT_MODELS_MEMORY_BYTES; loads again on its next request",
+    "explicit": "unloaded by the repository API",
+    "replaced": "replaced by a new file of the same version",
+    "removed": "unloaded: gone from the repository, or no longer chosen by VIT_VERSION_POLICY",
+}
+"""What the index says of a model whose last version stopped serving, by why."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +61,14 @@ class Prepared:
     """The process's resident memory before the session loaded (to measure what it took)."""
 
 
+def settled_resident_bytes() -> int:
+    """The process's resident memory once the heap's free pages are given back: before and
+    after a load, so that its growth is what it holds, not what freed memory it reused or
+    what a closed version left in the heap."""
+    give_back_free_memory()
+    return resident_bytes()
+
+
 class VersionLoader:
     """Loads, swaps in and retires versions within the memory budget."""
 
@@ -53,18 +77,39 @@ class VersionLoader:
         settings: Settings,
         metrics: Metrics,
         registry: ModelRegistry,
+        decoders: DecodeWorkers,
         tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.tracing = tracing
         self.registry = registry
+        self.decoders = decoders
+        """The server's decoding workers, which every version it loads shares."""
         self.budget = MemoryBudget(settings.models_memory_bytes)
         self.retirement = Retirement(settings.request_timeout_ms / 1000, registry.labels_in_use)
+        self.make_room: RoomMaker | None = None
+        """Unloads other versions until a version's memory fits the budget, where the control
+        mode does (on_demand); without it, a load that does not fit is refused."""
+        self._measured: dict[VersionFile, int] = {}
+        """What each file loaded so far was measured to hold once serving."""
+
+    def estimate(self, file: VersionFile) -> int:
+        """The memory `file` will hold once serving: as measured when it last served (or its
+        first inferences' peak, where higher), else MEMORY_ESTIMATE_FACTOR times its size."""
+        return self._measured.get(file, MEMORY_ESTIMATE_FACTOR * file.size)
+
+    async def _made_room(self, name: str, key: VersionKey, needed: int) -> int:
+        """`make_room` for `needed` bytes, and how much the process shrank meanwhile (what the
+        versions unloaded gave back), so that a load's own growth is still measured."""
+        assert self.make_room is not None
+        shrunk = settled_resident_bytes()
+        await self.make_room(name, key, needed)
+        return max(0, shrunk - settled_resident_bytes())
 
     async def prepare(self, model: ServedModel, version: int, file: VersionFile) -> Prepared:
         """The version's session, loaded and checked (not warmed up, not serving)."""
-        before = resident_bytes()
+        before = settled_resident_bytes()
         room = self.budget.room((model.name, version), self._held_besides(model, version))
         session = await self._session(model.name, version, file.path, room)
         return Prepared(model, version, file, session, before)
@@ -85,7 +130,9 @@ class VersionLoader:
         model.entries[version] = IndexEntry(name, version, "LOADING")
         started = time.monotonic()
         try:
-            estimate = MEMORY_ESTIMATE_FACTOR * file.size
+            estimate = self.estimate(file)
+            if self.make_room is not None:
+                await self.make_room(name, key, estimate)
             held = self._held_besides(model, version)
             self.budget.check(
                 key, held, estimate, f"~{estimate >> 20} MB estimated for this version"
@@ -94,11 +141,16 @@ class VersionLoader:
             if prepared is not None:
                 before, session = prepared.resident_before, prepared.session
             else:
-                before = resident_bytes()
+                before = settled_resident_bytes()
                 room = self.budget.room(key, held)
+                if self.make_room is not None and room is not None:
+                    room = self.budget.budget_bytes  # others make room once it is known
                 session = await self._session(name, version, file.path, room)
-            self.budget.reserve(key, max(estimate, session.load_check.peak_bytes))
-            pipeline = Pipeline(session, self.settings, self.metrics, self.tracing)
+            peak = session.load_check.peak_bytes
+            if self.make_room is not None:
+                before -= await self._made_room(name, key, peak)
+            self.budget.reserve(key, max(estimate, peak))
+            pipeline = Pipeline(session, self.settings, self.metrics, self.decoders, self.tracing)
             try:
                 await pipeline.start()
             except WarmUpOverran:
@@ -119,7 +171,9 @@ class VersionLoader:
             except BaseException:
                 await self.retirement.close(pipeline)
                 raise
-            measured = max(resident_bytes() - before, file.size)
+            measured = max(settled_resident_bytes() - before, file.size)
+            if self.make_room is not None:
+                await self._made_room(name, key, measured)
             try:
                 what = f"{measured >> 20} MB measured after warm-up"
                 self.budget.check(key, self._held_besides(model, version), measured, what)
@@ -135,30 +189,36 @@ class VersionLoader:
         finally:
             self.budget.release(key)
         model.unloadable.pop(version, None)
+        model.unloaded = ""
         old = model.serving.get(version)
         model.serving[version] = pipeline  # the swap: new requests go to the new one
         model.awaited = False
         pipeline.publish_metrics()
         model.files[version] = file
         model.entries[version] = IndexEntry(name, version, "READY", memory_bytes=measured)
+        self._measured[file] = max(measured, peak)
         pipeline.metrics.memory_bytes.set(measured)
+        seconds = time.monotonic() - started
+        self.metrics.model_loads.labels(name).inc()
+        self.metrics.model_load_seconds.labels(name).observe(seconds)
         logger.info(
-            "model %s version %d serving (%.1f s, %d MB)",
-            name,
-            version,
-            time.monotonic() - started,
-            measured >> 20,
+            "model %s version %d serving (%.1f s, %d MB)", name, version, seconds, measured >> 20
         )
         if old is not None:
+            self.metrics.model_unloads.labels(name, "replaced").inc()
             self.retirement.retire(old)
 
-    def retire(self, model: ServedModel, version: int) -> None:
-        """Stop serving `version`: new requests no longer reach it, those admitted finish."""
+    def retire(self, model: ServedModel, version: int, reason: UnloadReason) -> asyncio.Task[None]:
+        """Stop serving `version`: new requests no longer reach it, those admitted finish
+        (`reason` is counted); the task that closes it once they have."""
         pipeline = model.serving.pop(version)
         model.files.pop(version, None)
         model.entries.pop(version, None)
-        logger.info("model %s version %d unloaded", model.name, version)
-        self.retirement.retire(pipeline)
+        if not model.serving:
+            model.unloaded = UNLOADED_BECAUSE[reason]
+        logger.info("model %s version %d unloaded (%s)", model.name, version, reason)
+        self.metrics.model_unloads.labels(model.name, reason).inc()
+        return self.retirement.retire(pipeline)
 
     def failed(
         self,

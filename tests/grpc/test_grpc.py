@@ -5,6 +5,7 @@ gRPC status."""
 from __future__ import annotations
 
 import base64
+import json
 import re
 import signal
 import struct
@@ -36,6 +37,8 @@ from tests.repositories import COLOURS, PHOTO, TOKEN, add_version, colours_proba
 
 UPLOADS = upload_variety()
 INFER = "/inference.GRPCInferenceService/ModelInfer"
+OCTET = "application/octet-stream"
+"""An upload known by its content, whatever its format."""
 EXACT = 1e-6
 """gRPC against HTTP: the same session, batcher and bytes; only float32 rounding may differ."""
 
@@ -192,6 +195,36 @@ def test_explain_outputs_are_asked_for_by_name(
         np.testing.assert_allclose(answer.as_numpy(name), over_http.as_numpy(name), atol=EXACT)
     rows, columns = reference.graph.attention_grid or (0, 0)
     assert answer.as_numpy("attention_rollout").shape == (2, rows, columns)
+
+
+def test_the_embedding_is_asked_for_by_name_and_is_v1s(
+    server: Server,
+    client: triton.InferenceServerClient,
+    http: triton_http.InferenceServerClient,
+    reference: ModelSession,
+) -> None:
+    images = photos(2)
+    name = reference.metadata.name
+    plain = client.infer(name, [image_input(images)])
+    assert [o.name for o in plain.get_response().outputs] == ["probabilities"]
+    answer = client.infer(
+        name, [image_input(images)], outputs=[triton.InferRequestedOutput("embedding")]
+    )
+    vectors = answer.as_numpy("embedding")
+    assert vectors.shape == (2, reference.metadata.embedding.size)  # type: ignore[union-attr]
+    over_http = http.infer(
+        name,
+        [image_input(images, triton_http)],
+        outputs=[triton_http.InferRequestedOutput("embedding", binary_data=True)],
+    )
+    np.testing.assert_allclose(vectors, over_http.as_numpy("embedding"), atol=EXACT)
+    for image, vector in zip(images, vectors, strict=True):
+        request = urllib.request.Request(
+            f"{server.url}/v1/embed", data=image, headers={"content-type": OCTET}
+        )
+        with urllib.request.urlopen(request) as response:
+            (item,) = json.load(response)["embeddings"]
+        np.testing.assert_allclose(vector, item["embedding"], atol=EXACT)
 
 
 def test_health_says_serving_once_ready(server: Server) -> None:

@@ -350,7 +350,7 @@ def test_a_version_that_cannot_be_described_is_left_out_and_logged_once(
             response = client.get("/v1/models")
             assert response.status_code == 200, response.text
             assert [m["name"] for m in response.json()["models"]] == ["colours"]
-        assert client.get("/v1/models/other").json() == {"models": []}
+        assert client.get("/v1/models/other").json() == {"models": [], "not_loaded": []}
         assert client.get("/v1/models/colours").json()["models"][0]["name"] == "colours"
     logged = [r for r in caplog.records if "cannot be described" in r.getMessage()]
     assert len(logged) == 1 and "model other version 1" in logged[0].getMessage()

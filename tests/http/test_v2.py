@@ -93,6 +93,7 @@ def test_model_metadata_names_inputs_and_outputs(
         {"name": "probabilities", "datatype": "FP32", "shape": [-1, 8]},
         {"name": "attention_rollout", "datatype": "FP32", "shape": [-1, 8, 8]},
         {"name": "ood_score", "datatype": "FP32", "shape": [-1]},
+        {"name": "embedding", "datatype": "FP32", "shape": [-1, 192]},
     ]
     assert client.get(f"/v2/models/{name}/ready").json() == {"name": name, "ready": True}
     version = reference.metadata.version

@@ -147,7 +147,7 @@ def test_explicit_unload_and_load(repo: Path) -> None:
         index = client.post("/v2/repository/index", headers=admin()).json()
         unloaded = {"name": "shapes", "version": "", "state": "UNAVAILABLE"}
         assert [e for e in index if e["name"] == "shapes"] == [
-            {**unloaded, "reason": "not loaded", "memory_bytes": 0}
+            {**unloaded, "reason": "unloaded by the repository API", "memory_bytes": 0}
         ]  # listed still, as Triton lists a repository's models
         add_version(repo, "colours", 3, scale=3.0)  # explicit: nothing happens by itself
         assert classify(client, "/v1/models/colours/classify").json()["model"]["version"] == "2"
@@ -155,6 +155,10 @@ def test_explicit_unload_and_load(repo: Path) -> None:
         assert client.post("/v2/repository/models/colours/load", headers=admin()).status_code == 200
         assert classify(client, "/v1/models/colours/classify").json()["model"]["version"] == "3"
         assert classify(client, "/v1/models/shapes/classify").status_code == 200
+        text = client.get("/metrics").text
+        assert 'vit_model_unloads_total{model="shapes",reason="explicit"} 1.0' in text
+        assert 'vit_model_unloads_total{model="colours",reason="removed"} 1.0' in text
+        assert 'vit_model_loads_total{model="shapes"} 2.0' in text
         missing = client.post("/v2/repository/models/nope/load", headers=admin())
         assert missing.status_code == 404
         # unloading what is not loaded is done already, as Triton answers; a name known

@@ -1,8 +1,8 @@
 // The web page: lists the served models, describes the chosen one, and sends each photo once,
 // to /v1/.../explain: its one JSON answer gives the bars, the out-of-distribution flag and the
 // attention grid, which the page lays over the photo itself (a model without an attention
-// rollout is asked /v1/.../classify instead). Plain script, no build step, no requests beyond
-// this server.
+// rollout is asked /v1/.../classify instead; a model without classes /v1/.../embed, whose
+// answer is shown by its size). Plain script, no build step, no requests beyond this server.
 "use strict";
 
 const TOKEN_KEY = "vit-api-token";
@@ -46,6 +46,7 @@ async function problem(response) {
 
 function modelPath(model) {
   const name = encodeURIComponent(model.name);
+  if (model.notLoaded) return `v1/models/${name}`; // its first request loads it
   return `v1/models/${name}/versions/${encodeURIComponent(model.version)}`;
 }
 
@@ -59,8 +60,32 @@ function setText(id, text) {
   $(id).textContent = text;
 }
 
+const hasClasses = (model) => model.output !== "embedding";
+
+const CARD_FIELDS = [
+  "card-input-size", "card-patches", "card-tokens", "card-attention-pairs", "card-precision",
+  "card-accuracy", "card-self-test", "card-ood", "card-embedding", "card-provider",
+];
+
 function renderCard(model) {
-  setText("card-labels", `${model.labels.length}: ${model.labels.join(", ")}`);
+  if (model.notLoaded) {
+    setText("card-labels", `not loaded (${model.notLoaded.reason})`);
+    for (const id of CARD_FIELDS) setText(id, "described once loaded");
+    $("card-self-test").dataset.status = "";
+    return;
+  }
+  setText(
+    "card-labels",
+    hasClasses(model)
+      ? `${model.labels.length}: ${model.labels.join(", ")}`
+      : "none: this model serves embeddings only",
+  );
+  setText(
+    "card-embedding",
+    model.embedding
+      ? `${count(model.embedding.size)} floats per image (/v1/embed): ${model.embedding.source}`
+      : "none",
+  );
   const size = model.input_size;
   setText("card-input-size", `${size} × ${size} pixels`);
   if (model.cost) {
@@ -103,22 +128,34 @@ function renderCard(model) {
   setText("card-provider", `${model.provider} (${model.engine_choice})`);
 }
 
-async function loadModels() {
+async function loadModels(selected = null) {
   const select = $("model");
   try {
     const response = await fetch("v1/models");
     if (!response.ok) throw new Error(await problem(response));
-    models = (await response.json()).models;
+    const listed = await response.json();
+    const idle = (listed.not_loaded ?? []).map((entry) => ({ name: entry.name, notLoaded: entry }));
+    models = [...listed.models, ...idle];
   } catch (error) {
     setText("models-status", `Could not list the models: ${error.message}`);
     return;
   }
   select.replaceChildren(
-    ...models.map((model, index) => new Option(`${model.name} version ${model.version}`, index)),
+    ...models.map(
+      (model, index) =>
+        new Option(
+          model.notLoaded
+            ? `${model.name} (not loaded: its first photo loads it)`
+            : `${model.name} version ${model.version}`,
+          index,
+        ),
+    ),
   );
   select.disabled = models.length === 0;
   setText("models-status", models.length ? "" : "No model is served yet.");
-  if (models.length) renderCard(models[0]);
+  const index = Math.max(0, models.findIndex((model) => model.name === selected));
+  select.value = String(index);
+  if (models.length) renderCard(models[index]);
 }
 
 function renderTop(top) {
@@ -283,6 +320,7 @@ async function showPhoto(file) {
 // photo, and no overlay still said to be loading.
 function clearResult() {
   $("top-k").replaceChildren();
+  setText("embedding-result", "");
   const ood = $("ood");
   ood.textContent = "";
   delete ood.dataset.inDistribution;
@@ -323,11 +361,13 @@ async function send(file) {
   if (!model) return;
   const mine = ++upload;
   lastFile = file;
-  const explained = model.outputs.includes(ROLLOUT);
+  const classes = model.notLoaded !== undefined || hasClasses(model);
+  const explained = classes && model.outputs.includes(ROLLOUT);
   const results = $("results");
   results.setAttribute("aria-busy", "true");
   results.dataset.state = "working";
-  setText("status", `Classifying ${file.name} with ${model.name} version ${model.version}…`);
+  const doing = classes ? "Classifying" : "Embedding";
+  setText("status", `${doing} ${file.name} with ${model.name} version ${model.version}…`);
   $("result").hidden = true;
   clearResult();
   $("overlay-figure").dataset.state = "loading";
@@ -339,7 +379,7 @@ async function send(file) {
   let status = 0;
   let answer;
   try {
-    const route = explained ? "explain" : "classify";
+    const route = explained ? "explain" : classes ? "classify" : "embed";
     const response = await fetch(`${modelPath(model)}/${route}?top_k=${TOP_K}`, {
       method: "POST",
       headers: authHeaders({ Accept: "application/json" }),
@@ -356,7 +396,9 @@ async function send(file) {
   if (answer instanceof Error) {
     setText(
       "status",
-      status === 401 ? askForToken(file) : `Could not classify ${file.name}: ${answer.message}`,
+      status === 401
+        ? askForToken(file)
+        : `Could not ${classes ? "classify" : "embed"} ${file.name}: ${answer.message}`,
     );
     clearResult();
     results.dataset.state = "failed";
@@ -364,21 +406,28 @@ async function send(file) {
     return;
   }
 
-  const prediction = answer.predictions[0];
-  renderTop(prediction.top);
-  renderOod(prediction);
   const latency = $("latency");
   latency.dataset.ms = elapsed.toFixed(1);
   latency.textContent =
     `Answered in ${elapsed.toFixed(0)} ms, measured in this browser: ` +
     "upload, decoding, the model and the answer.";
-  const best = prediction.top[0];
-  setText("status", `${file.name}: ${best.label}, ${percent(best.probability)}.`);
+  const prediction = classes ? answer.predictions[0] : null;
+  if (classes) {
+    renderTop(prediction.top);
+    renderOod(prediction);
+    const best = prediction.top[0];
+    setText("status", `${file.name}: ${best.label}, ${percent(best.probability)}.`);
+  } else {
+    const size = answer.embeddings[0].embedding.length;
+    setText("embedding-result", `An embedding of ${count(size)} floats: ${answer.embedding.source}.`);
+    setText("status", `${file.name}: embedded (${count(size)} floats).`);
+  }
+  $("top-k-heading").hidden = !classes;
   $("result").hidden = false;
 
   const photo = await showPhoto(file);
   if (mine !== upload) return;
-  if (prediction.attention) {
+  if (prediction?.attention) {
     const overlay = await drawOverlay(photo, prediction.attention);
     if (mine !== upload) return;
     await showOverlay(model, file, overlay);
@@ -391,6 +440,7 @@ async function send(file) {
     );
   }
   results.dataset.state = "done";
+  if (model.notLoaded) await loadModels(model.name); // loaded now: describe it
   results.setAttribute("aria-busy", "false");
 }
 

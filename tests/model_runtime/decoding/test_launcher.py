@@ -17,7 +17,7 @@ import pytest
 
 from model_contract.preprocess import PreprocessSpec, preprocess_upload
 from model_runtime.decoding import launcher as launcher_module
-from model_runtime.decoding.pool import DecodeWorkers
+from model_runtime.decoding.pool import Decoded, DecodeWorkers
 from tests.conftest import ROOT
 from tests.images import upload_variety
 
@@ -28,13 +28,12 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads processes
 
 def pool(workers: int = 1) -> DecodeWorkers:
     return DecodeWorkers(
-        SPEC,
-        workers=workers,
-        max_pixels=40_000_000,
-        memory_bytes=256 * 1024 * 1024,
-        timeout_s=10.0,
-        on_replaced=lambda why: None,
+        workers=workers, max_pixels=40_000_000, memory_bytes=256 * 1024 * 1024, timeout_s=10.0
     )
+
+
+def decode(workers: DecodeWorkers, data: bytes) -> Decoded:
+    return asyncio.run(workers.decode(data, SPEC, on_replaced=lambda why: None))
 
 
 def alive(pid: int) -> bool:
@@ -67,7 +66,7 @@ def test_closed_workers_are_reaped_not_left_as_zombies() -> None:
     started = pool(workers=2)
     started.start()
     pids = started.pids()
-    asyncio.run(started.decode(JPEG))
+    decode(started, JPEG)
     started.close()
     assert pids and not any(alive(pid) for pid in pids)
 
@@ -82,7 +81,7 @@ def test_a_launcher_that_has_gone_is_started_again() -> None:
     second = pool()
     second.start()
     try:
-        decoded = asyncio.run(second.decode(JPEG))
+        decoded = decode(second, JPEG)
         np.testing.assert_array_equal(decoded.tensor, preprocess_upload(JPEG, SPEC)[0])
         assert launcher_module.launcher().pid not in (None, pid)
     finally:
@@ -93,11 +92,9 @@ def test_workers_and_launcher_end_when_the_server_is_killed(tmp_path: Path) -> N
     """A server killed outright (no cleanup at all) leaves no decoding process behind."""
     program = (
         "import os, sys\n"
-        "from model_contract.preprocess import PreprocessSpec\n"
         "from model_runtime.decoding import launcher\n"
-        "from model_runtime.decoding.pool import DecodeWorkers\n"
-        "pool = DecodeWorkers(PreprocessSpec(), workers=2, max_pixels=10**7,\n"
-        "    memory_bytes=2**28, timeout_s=5.0, on_replaced=print)\n"
+        "from model_runtime.decoding.pool import Decoded, DecodeWorkers\n"
+        "pool = DecodeWorkers(workers=2, max_pixels=10**7, memory_bytes=2**28, timeout_s=5.0)\n"
         "pool.start()\n"
         "print(*pool.pids(), launcher.launcher().pid, flush=True)\n"
         "os.kill(os.getpid(), 9)\n"

@@ -19,8 +19,8 @@ from harness import attacks
 from model_contract.errors import TooExpensiveToDecode, TooManyPixels, UnsupportedImageFormat
 from model_contract.preprocess import PreprocessSpec, preprocess_upload
 from model_runtime import platform
-from model_runtime.decoding.pool import DecodeWorkers
-from model_runtime.decoding.shared_file import MAPPED_UPLOAD_BYTES
+from model_runtime.decoding.pool import Decoded, DecodeWorkers
+from model_runtime.decoding.shared_file import MAPPED_TENSOR_SIDE, MAPPED_UPLOAD_BYTES
 from model_runtime.decoding.worker import IDLE_BEFORE_TRIM_S
 from tests.images import asymmetric, encode, upload_variety
 
@@ -40,15 +40,17 @@ class Pool:
     ) -> None:
         self.replaced: list[str] = []
         self.workers = DecodeWorkers(
-            SPEC,
-            workers=workers,
-            max_pixels=40_000_000,
-            memory_bytes=memory_bytes,
-            timeout_s=timeout_s,
-            on_replaced=self.replaced.append,
+            workers=workers, max_pixels=40_000_000, memory_bytes=memory_bytes, timeout_s=timeout_s
         )
         if start:
             self.workers.start()
+
+    async def decode(
+        self, data: bytes, spec: PreprocessSpec = SPEC, request: object | None = None
+    ) -> Decoded:
+        return await self.workers.decode(
+            data, spec, on_replaced=self.replaced.append, request=request
+        )
 
 
 @pytest.fixture
@@ -62,7 +64,7 @@ def test_tensors_and_findings_are_those_of_decoding_in_process(pool: Pool) -> No
     async def decode_all() -> None:
         for name in ("jpeg-640x480", "png-rgba", "gif-palette", "tiff-cmyk", "bmp-grey"):
             data = UPLOADS[name][0]
-            decoded = await pool.workers.decode(data)
+            decoded = await pool.decode(data)
             expected, found = preprocess_upload(data, SPEC)
             np.testing.assert_array_equal(decoded.tensor, expected)
             assert (decoded.format, decoded.original_mode, decoded.exif_rotated) == (
@@ -81,11 +83,85 @@ def test_concurrent_decodes_each_get_their_own_tensor(pool: Pool) -> None:
     uploads = [UPLOADS[name][0] for name in names * 3]
 
     async def decode_all() -> list[np.ndarray]:
-        decoded = await asyncio.gather(*(pool.workers.decode(data) for data in uploads))
+        decoded = await asyncio.gather(*(pool.decode(data) for data in uploads))
         return [d.tensor for d in decoded]
 
     for data, tensor in zip(uploads, asyncio.run(decode_all()), strict=True):
         np.testing.assert_array_equal(tensor, preprocess_upload(data, SPEC)[0])
+
+
+MODELS = [
+    SPEC,
+    PreprocessSpec(input_size=32),
+    PreprocessSpec(input_size=224, resize="squash", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    PreprocessSpec(input_size=64, alpha_background=(255, 255, 255), interpolation="bilinear"),
+]
+"""The preprocessing of four models that share the workers."""
+
+
+def test_each_image_is_preprocessed_as_its_own_model_asks(pool: Pool) -> None:
+    """The workers serve every model: images of four models at once, interleaved, each come
+    back at their model's size and as their model preprocesses them, whatever model each
+    worker decoded for before."""
+    names = ["jpeg", "png-rgba", "gif-palette", "webp", "tiff-cmyk"]
+    jobs = [(UPLOADS[name][0], spec) for name in names for spec in MODELS] * 2
+
+    async def decode_all() -> list[Decoded]:
+        return await asyncio.gather(*(pool.decode(data, spec) for data, spec in jobs))
+
+    for (data, spec), decoded in zip(jobs, asyncio.run(decode_all()), strict=True):
+        assert decoded.tensor.shape == (1, 3, spec.input_size, spec.input_size)
+        np.testing.assert_array_equal(decoded.tensor, preprocess_upload(data, spec)[0])
+    assert pool.replaced == []
+
+
+def test_a_tensor_larger_than_the_shared_mapping_comes_back_the_same() -> None:
+    """A model whose input is over MAPPED_TENSOR_SIDE gets its tensors through the file past
+    the mapping, before and after other models' images, large uploads included."""
+    large_input = PreprocessSpec(input_size=MAPPED_TENSOR_SIDE + 32)
+    noise = np.random.default_rng(3).integers(0, 256, (800, 800, 3), dtype=np.uint8)
+    large_upload = encode(Image.fromarray(noise), "PNG")
+    assert len(large_upload) > MAPPED_UPLOAD_BYTES
+    small = UPLOADS["jpeg"][0]
+    jobs = [
+        (small, large_input),
+        (small, SPEC),
+        (large_upload, large_input),
+        (large_upload, SPEC),
+        (small, large_input),
+    ]
+    single = Pool(workers=1, timeout_s=30.0)
+
+    async def decode_all() -> list[np.ndarray]:
+        return [(await single.decode(data, spec)).tensor for data, spec in jobs]
+
+    try:
+        tensors = asyncio.run(decode_all())
+    finally:
+        single.workers.close()
+    for (data, spec), tensor in zip(jobs, tensors, strict=True):
+        np.testing.assert_array_equal(tensor, preprocess_upload(data, spec)[0])
+    assert single.replaced == []
+
+
+def test_a_replacement_is_told_to_the_model_whose_image_caused_it(pool: Pool) -> None:
+    """With workers shared, the model of the image that overran is the one told (its
+    metric), not the model whose image the replaced worker decoded before or after."""
+    overran: list[str] = []
+    other: list[str] = []
+
+    async def bomb_beside_ordinary() -> tuple[Decoded | BaseException, ...]:
+        await pool.workers.decode(UPLOADS["jpeg"][0], MODELS[1], on_replaced=other.append)
+        return await asyncio.gather(
+            pool.workers.decode(attacks.tiled_tiff(), MODELS[2], on_replaced=overran.append),
+            pool.workers.decode(UPLOADS["png-rgba"][0], MODELS[1], on_replaced=other.append),
+            return_exceptions=True,
+        )
+
+    bombed, ordinary = asyncio.run(bomb_beside_ordinary())
+    assert isinstance(bombed, TooExpensiveToDecode)
+    assert isinstance(ordinary, Decoded)
+    assert (overran, other, pool.replaced) == (["memory"], [], [])
 
 
 def test_an_upload_larger_than_the_shared_mapping_decodes_the_same(pool: Pool) -> None:
@@ -95,7 +171,7 @@ def test_an_upload_larger_than_the_shared_mapping_decodes_the_same(pool: Pool) -
 
     async def large_then_small() -> None:
         for data in (large, UPLOADS["jpeg"][0], large):
-            decoded = await pool.workers.decode(data)
+            decoded = await pool.decode(data)
             np.testing.assert_array_equal(decoded.tensor, preprocess_upload(data, SPEC)[0])
 
     asyncio.run(large_then_small())
@@ -110,7 +186,7 @@ def test_a_large_upload_decodes_when_it_is_a_new_workers_first() -> None:
     for _ in range(2):
         fresh = Pool(workers=1, timeout_s=30.0)
         try:
-            decoded = asyncio.run(fresh.workers.decode(large))  # before the worker has started
+            decoded = asyncio.run(fresh.decode(large))  # before the worker has started
         finally:
             fresh.workers.close()
         np.testing.assert_array_equal(decoded.tensor, preprocess_upload(large, SPEC)[0])
@@ -125,9 +201,9 @@ def decodes_within(data: bytes, memory_bytes: int, before: list[bytes]) -> list[
         seen = []
         for earlier in [b"", *before]:
             if earlier:
-                await single.workers.decode(earlier)
+                await single.decode(earlier)
             try:
-                await single.workers.decode(data)
+                await single.decode(data)
                 seen.append(True)
             except TooExpensiveToDecode:
                 seen.append(False)
@@ -155,7 +231,7 @@ def test_an_image_near_the_memory_allowance_gets_the_same_answer_whatever_came_b
 
 def test_decoding_errors_come_back_as_they_were_raised(pool: Pool) -> None:
     async def decode(data: bytes) -> None:
-        await pool.workers.decode(data)
+        await pool.decode(data)
 
     with pytest.raises(UnsupportedImageFormat):
         asyncio.run(decode(b"%PDF-1.4 not an image"))
@@ -181,9 +257,9 @@ def test_an_overrun_is_too_expensive_and_its_worker_is_replaced(
     async def attack_then_ordinary() -> None:
         started = time.monotonic()
         with pytest.raises(TooExpensiveToDecode):
-            await pool.workers.decode(attack())
+            await pool.decode(attack())
         assert time.monotonic() - started < 10
-        decoded = await pool.workers.decode(ordinary)
+        decoded = await pool.decode(ordinary)
         assert decoded.tensor.shape == (1, 3, SPEC.input_size, SPEC.input_size)
 
     asyncio.run(attack_then_ordinary())
@@ -195,13 +271,13 @@ def test_an_abandoned_decode_is_stopped_and_queued_ones_never_start() -> None:
     slow = attacks.rle_bmp()
 
     async def abandon() -> None:
-        tasks = [asyncio.ensure_future(single.workers.decode(slow)) for _ in range(5)]
+        tasks = [asyncio.ensure_future(single.decode(slow)) for _ in range(5)]
         await asyncio.sleep(0.3)  # the first is being decoded, the others wait for the worker
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         started = time.monotonic()
-        await single.workers.decode(UPLOADS["jpeg"][0])
+        await single.decode(UPLOADS["jpeg"][0])
         assert time.monotonic() - started < 5  # not behind four decodes of a minute each
 
     try:
@@ -217,7 +293,7 @@ def test_a_request_of_many_images_delays_another_requests_image_by_one_not_all()
     finished: list[str] = []
 
     async def decode(data: bytes, request: object, name: str) -> None:
-        await single.workers.decode(data, request=request)
+        await single.decode(data, request=request)
         finished.append(name)
 
     async def two_requests() -> None:
@@ -240,7 +316,7 @@ def test_a_request_of_many_images_delays_another_requests_image_by_one_not_all()
 def test_workers_run_as_batch_work_that_never_preempts_the_event_loop() -> None:
     started = Pool(workers=1, timeout_s=5.0)
     try:
-        asyncio.run(started.workers.decode(UPLOADS["jpeg"][0]))  # the worker has begun serving
+        asyncio.run(started.decode(UPLOADS["jpeg"][0]))  # the worker has begun serving
         (pid,) = started.workers.pids()
         assert os.sched_getscheduler(pid) == os.SCHED_BATCH
     finally:
@@ -261,7 +337,7 @@ def test_a_worker_keeps_a_large_images_memory_for_the_next() -> None:
 
         async def decode(times: int) -> None:
             for _ in range(times):
-                await started.workers.decode(photo)
+                await started.decode(photo)
 
         asyncio.run(decode(3))
         (pid,) = started.workers.pids()
@@ -282,7 +358,7 @@ def test_an_idle_worker_gives_back_the_memory_it_kept() -> None:
     started = Pool(workers=1, timeout_s=10.0)
     photo = encode(asymmetric((2500, 2500)), "JPEG", quality=90)  # 25 MB decoded, in the heap
     try:
-        asyncio.run(started.workers.decode(photo))
+        asyncio.run(started.decode(photo))
         (pid,) = started.workers.pids()
         kept = resident_bytes(pid)
         deadline = time.monotonic() + IDLE_BEFORE_TRIM_S + 5
@@ -308,7 +384,7 @@ def test_without_memfd_and_eventfd_workers_share_an_unlinked_file_and_wait_on_a_
     try:
 
         async def decode_all() -> list[np.ndarray]:
-            return [(await single.workers.decode(data)).tensor for data in uploads]
+            return [(await single.decode(data)).tensor for data in uploads]
 
         for data, tensor in zip(uploads, asyncio.run(decode_all()), strict=True):
             np.testing.assert_array_equal(tensor, preprocess_upload(data, SPEC)[0])
@@ -343,7 +419,7 @@ def test_where_the_kernel_ignores_the_memory_limit_workers_decode_without_it_and
         ]
     pools[0].workers.start()
     try:
-        decoded = asyncio.run(pools[0].workers.decode(large))
+        decoded = asyncio.run(pools[0].decode(large))
     finally:
         for pool in pools:
             pool.workers.close()
