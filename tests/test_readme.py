@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
+from harness.servers import served
 from tests.conftest import DEFAULT_MODEL, ROOT
 from tests.service_support import cpu_settings, ready_client
 
@@ -47,3 +50,29 @@ def test_the_quickstart_command_gives_the_answer_shown() -> None:
         assert {k: v for k, v in prediction.items() if k != "top"} == {
             k: v for k, v in shown_prediction.items() if k != "top"
         }
+
+
+def test_the_near_duplicate_example_prints_what_it_shows() -> None:
+    readme = README.read_text()
+    section = readme.split("### Near-duplicates from embeddings", 1)[1].split("\n### ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    shown = re.search(r"```text\n(.*?)```", section, flags=re.DOTALL)
+    assert code and shown, "the section shows the code and what it prints"
+    example = code.group(1)
+    assert "http://127.0.0.1:8000" in example
+    with served(DEFAULT_MODEL, ROOT) as server:
+        ran = subprocess.run(
+            [sys.executable, "-c", example.replace("http://127.0.0.1:8000", server.url)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert ran.returncode == 0, ran.stderr
+    printed = dict(line.split() for line in ran.stdout.splitlines())
+    expected = dict(line.split() for line in shown.group(1).splitlines())
+    assert printed.keys() == expected.keys()
+    for name, similarity in expected.items():
+        assert float(printed[name]) == pytest.approx(float(similarity), abs=0.01), name
+    # The copy of star.jpg is nearest its original.
+    assert max(printed, key=lambda name: float(printed[name])) == "star.jpg"

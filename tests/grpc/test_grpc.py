@@ -37,6 +37,9 @@ from tests.repositories import COLOURS, PHOTO, TOKEN, add_version, colours_proba
 
 UPLOADS = upload_variety()
 INFER = "/inference.GRPCInferenceService/ModelInfer"
+ENGINES = 1e-5
+"""One image's embedding through the engine that runs batches and the one that runs a lone
+image: float32 rounding apart (~2e-6 seen)."""
 OCTET = "application/octet-stream"
 """An upload known by its content, whatever its format."""
 EXACT = 1e-6
@@ -224,7 +227,8 @@ def test_the_embedding_is_asked_for_by_name_and_is_v1s(
         )
         with urllib.request.urlopen(request) as response:
             (item,) = json.load(response)["embeddings"]
-        np.testing.assert_allclose(vector, item["embedding"], atol=EXACT)
+        # One image alone may run on the other engine than a batch of two: float32 rounding.
+        np.testing.assert_allclose(vector, item["embedding"], atol=ENGINES)
 
 
 def test_health_says_serving_once_ready(server: Server) -> None:
