@@ -31,7 +31,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 from harness.servers import served
 from tests.conftest import ROOT
 from tests.images import encode
-from tests.onnx_models import classifier, metadata_for
+from tests.onnx_models import classifier, headless_metadata, metadata_for
+from tests.repositories import add_version
 from tests.service_support import cpu_settings, ready_client
 
 CHROMIUM = shutil.which("chromium")
@@ -375,6 +376,49 @@ def test_a_model_without_a_rollout_is_asked_to_classify_only(
         assert figure.get_attribute("data-state") == "none"
         assert "no attention rollout" in browser.find_element(By.ID, "overlay-caption").text
         assert not browser.find_element(By.ID, "overlay").is_displayed()
+
+
+@needs_chromium
+def test_a_model_without_classes_shows_its_embeddings_size_not_bars(
+    browser: WebDriver, tmp_path: Path
+) -> None:
+    model = classifier(tmp_path / "encoder.onnx", headless=True, metadata=headless_metadata(32))
+    with served(model, ROOT) as encoder:
+        open_page(browser, encoder.url, token=None)
+        assert "serves embeddings only" in browser.find_element(By.ID, "card-labels").text
+        assert browser.find_element(By.ID, "card-embedding").text.startswith("3 floats per image")
+        requests_sent(browser)
+        assert upload(browser, PHOTO) == "done"
+        posts = [url for method, url in requests_sent(browser) if method == "POST"]
+        assert posts == [f"{encoder.url}/v1/models/encoder/versions/1/embed"]
+        assert browser.find_elements(By.CSS_SELECTOR, "#top-k li") == []
+        shown = browser.find_element(By.ID, "embedding-result").text
+        assert shown.startswith("An embedding of 3 floats")
+        assert not browser.find_element(By.ID, "top-k-heading").is_displayed()
+
+
+@needs_chromium
+def test_a_model_not_loaded_is_listed_and_its_first_photo_loads_it(
+    browser: WebDriver, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    add_version(repo, "colours", 1)
+    with served(repo, ROOT, model_control="on_demand") as server:
+        open_page(browser, server.url, token=None)
+        options = browser.find_elements(By.CSS_SELECTOR, "#model option")
+        assert [o.text for o in options] == ["colours (not loaded: its first photo loads it)"]
+        assert "loads on its first request" in browser.find_element(By.ID, "card-labels").text
+        requests_sent(browser)
+        assert upload(browser, PHOTO) == "done"
+        posts = [url for method, url in requests_sent(browser) if method == "POST"]
+        assert posts == [f"{server.url}/v1/models/colours/classify?top_k=5"]
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#top-k li")) == 3
+        wait_for(
+            browser,
+            lambda b: b.find_element(By.CSS_SELECTOR, "#model option").text == "colours version 1",
+            "the list never showed the model loaded",
+        )
+        assert browser.find_element(By.ID, "card-labels").text == "3: red, green, blue"
 
 
 @needs_chromium

@@ -362,7 +362,8 @@ async function send(file) {
   const mine = ++upload;
   lastFile = file;
   const classes = model.notLoaded !== undefined || hasClasses(model);
-  const explained = classes && model.outputs.includes(ROLLOUT);
+  // A model not loaded yet is not described yet: classified, and described once it answers.
+  const explained = classes && (model.outputs ?? []).includes(ROLLOUT);
   const results = $("results");
   results.setAttribute("aria-busy", "true");
   results.dataset.state = "working";
@@ -380,7 +381,8 @@ async function send(file) {
   let answer;
   try {
     const route = explained ? "explain" : classes ? "classify" : "embed";
-    const response = await fetch(`${modelPath(model)}/${route}?top_k=${TOP_K}`, {
+    const query = classes ? `?top_k=${TOP_K}` : "";
+    const response = await fetch(`${modelPath(model)}/${route}${query}`, {
       method: "POST",
       headers: authHeaders({ Accept: "application/json" }),
       body: form,
