@@ -32,6 +32,7 @@ from model_export.bf16 import (
     refuse_unmeasurable_bf16,
 )
 from model_export.checkpoint import Checkpoint, NotACheckpoint, sha256_of, state_dict_from_onnx
+from model_export.embedding import strip_embedding
 from model_export.evaluate import evaluate
 from model_export.importing import probability_diff, staged
 from model_export.ood_features import strip_ood_score
@@ -140,17 +141,17 @@ class Float16Inside(nn.Module):
         return self.model(images.half()).float()
 
 
-def to_onnx(model: nn.Module, path: Path, image_size: int) -> None:
-    """Trace the model (images -> logits) to ONNX with a dynamic batch axis and named input
-    and output."""
+def to_onnx(model: nn.Module, path: Path, image_size: int, *, output: str = OUTPUT_NAME) -> None:
+    """Trace the model (images -> logits, or another [N, ...] `output`) to ONNX with a dynamic
+    batch axis and named input and output."""
     example = torch.zeros(2, 3, image_size, image_size)
     torch.onnx.export(
         model.eval(),
         (example,),
         str(path),
         input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        output_names=[output],
+        dynamic_axes={INPUT_NAME: {0: "batch"}, output: {0: "batch"}},
         opset_version=OPSET,
         dynamo=False,
     )
@@ -240,7 +241,8 @@ def with_rollout(
 
 def rebuild(path: Path) -> tuple[VisionTransformer, ModelMetadata, onnx.ModelProto]:
     """A file vit-export wrote, as its PyTorch model (from the graph's weights), its metadata
-    and its classification graph (any rollout removed); NotACheckpoint for any other file."""
+    and its classification graph (any rollout, score and embedding removed); NotACheckpoint for
+    any other file."""
     refusal = f"{path} is an ONNX file vit-export did not write: stamp it with `vit-import onnx`"
     proto = read_checked(path)
     try:
@@ -257,9 +259,12 @@ def rebuild(path: Path) -> tuple[VisionTransformer, ModelMetadata, onnx.ModelPro
         )
     strip_rollout(proto)
     strip_ood_score(proto)
+    strip_embedding(proto)
     model = VisionTransformer(config)
     model.load_state_dict(state_dict_from_onnx(proto.graph))
-    plain = metadata.model_copy(update={"attention_output": None, "ood": None, "self_test": None})
+    plain = metadata.model_copy(
+        update={"attention_output": None, "ood": None, "self_test": None, "embedding": None}
+    )
     return model.eval(), plain, proto
 
 

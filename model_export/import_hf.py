@@ -27,8 +27,8 @@ import torch
 from torch import nn
 from torch.jit._trace import TracerWarning
 
-from model_contract.metadata import ModelMetadata, last_line
-from model_contract.outputs import ATTENTION_ROLLOUT
+from model_contract.metadata import Embedding, ModelMetadata, last_line
+from model_contract.outputs import ATTENTION_ROLLOUT, EMBEDDING
 from model_contract.preprocess import preprocess
 from model_export.attention import hf_rollout
 from model_export.bf16 import Bf16Report, bf16_gate_on_files, bf16_session, refuse_unmeasurable_bf16
@@ -37,6 +37,7 @@ from model_export.export import (
     FP16_MIN_TOP1_AGREEMENT,
     FP16_PROBABILITY_TOLERANCE,
     LOGIT_TOLERANCE,
+    OUTPUT_NAME,
     ROLLOUT_TOLERANCE,
     Float16Inside,
     to_onnx,
@@ -52,6 +53,7 @@ from model_export.importing import (
     probability_diff,
     read_json,
     refuse_custom_code,
+    served_embeddings,
     served_logits,
     source_name,
     staged,
@@ -67,6 +69,18 @@ logger = logging.getLogger(__name__)
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 CHECKPOINT_JSON = ("config.json", "preprocessor_config.json", "processor_config.json")
 """The files from which transformers chooses a checkpoint's model and image processor classes."""
+HEADLESS = {
+    "ViTModel": "transformers' ViTModel last_hidden_state[:, 0]: the class token after the final "
+    "LayerNorm, as ViTForImageClassification's head reads it; not its pooler_output, a dense "
+    "layer and tanh on that token",
+    "Dinov2Model": "transformers' Dinov2Model last_hidden_state[:, 0], its pooler_output: the "
+    "class token after the final LayerNorm",
+}
+"""Checkpoints without a classification head that are imported as models without classes, and
+what their embedding is: each one's class token after its final normalisation."""
+EMBEDDING_TOLERANCE = 1e-4
+"""The largest |difference| of any embedding float from transformers' that a model without
+classes may have."""
 
 
 class LogitsOnly(nn.Module):
@@ -79,6 +93,39 @@ class LogitsOnly(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = self.model(pixel_values=pixel_values).logits
         return logits
+
+
+class ClassToken(nn.Module):
+    """A transformers model without a classification head as pixel_values -> its embedding, the
+    class token of last_hidden_state (HEADLESS), the graph the service runs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden: torch.Tensor = self.model(pixel_values=pixel_values).last_hidden_state  # (B, T, D)
+        return hidden[:, 0]  # (B, D)
+
+
+@dataclass(frozen=True)
+class EmbeddingParity:
+    """transformers against onnxruntime for a model without classes, each on its own
+    preprocessing, on the same files."""
+
+    images: int
+    max_embedding_diff: float
+
+    @property
+    def passed(self) -> bool:
+        return self.max_embedding_diff <= EMBEDDING_TOLERANCE
+
+    def line(self) -> str:
+        verdict = "ok" if self.passed else "FAIL"
+        return (
+            f"transformers vs onnxruntime on {self.images} images: max |dembedding| "
+            f"{self.max_embedding_diff:.2e} (<= {EMBEDDING_TOLERANCE:g})  {verdict}"
+        )
 
 
 @dataclass(frozen=True)
@@ -156,15 +203,17 @@ def checkpoint_json(source: str) -> Path:
 
 
 def load(source: str) -> tuple[nn.Module, Any]:
-    """transformers' classifier and its PIL-backend image processor, as the pipeline loads them,
-    or a refusal where the checkpoint would run code of its own: Python it ships (refused before
-    transformers reads it) or pickled weights holding more than tensors."""
+    """transformers' classifier (or a model without a classification head, HEADLESS) and its
+    PIL-backend image processor, as the pipeline loads them, or a refusal where the checkpoint
+    would run code of its own: Python it ships (refused before transformers reads it) or
+    pickled weights holding more than tensors."""
     folder = checkpoint_json(source)
     for name in CHECKPOINT_JSON:
         if (folder / name).is_file():
             refuse_custom_code(read_json(folder / name), folder / name)
+    headless = headless_architecture(folder / "config.json")
 
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
+    from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassification
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
@@ -175,10 +224,9 @@ def load(source: str) -> tuple[nn.Module, Any]:
             "backend; the served numbers are those of its PIL backend (pass "
             "image_processor=AutoImageProcessor.from_pretrained(SOURCE, backend='pil'))"
         )
+    auto = AutoModel if headless else AutoModelForImageClassification
     try:
-        model = AutoModelForImageClassification.from_pretrained(
-            source, trust_remote_code=False
-        ).eval()
+        model = auto.from_pretrained(source, trust_remote_code=False).eval()
     except pickle.UnpicklingError as error:  # torch.load(weights_only=True) met an object
         raise ImportRefused(
             f"{source}: its pickled weights hold objects other than tensors, which could run "
@@ -186,12 +234,37 @@ def load(source: str) -> tuple[nn.Module, Any]:
         ) from error
     processor = AutoImageProcessor.from_pretrained(source, backend="pil", trust_remote_code=False)
     config = model.config
-    if config.problem_type == "multi_label_classification" or config.num_labels < 2:
+    if headless is None and (
+        config.problem_type == "multi_label_classification" or config.num_labels < 2
+    ):
         raise ImportRefused(
             f"problem_type {config.problem_type!r} with {config.num_labels} labels: the service "
             "serves one softmax over two or more classes"
         )
     return model, processor
+
+
+def headless_architecture(config_file: Path) -> str | None:
+    """The architecture of a checkpoint without a classification head (one of HEADLESS, as
+    config.json's `architectures` names it), None for a classifier, or a refusal for another
+    model without a head: its class token is not an embedding this importer knows."""
+    fields = read_json(config_file) if config_file.is_file() else {}
+    names = fields.get("architectures") if isinstance(fields, dict) else None
+    if not isinstance(names, list) or len(names) != 1:
+        return None
+    (name,) = names
+    if name in HEADLESS:
+        return str(name)
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    bases = {n for v in MODEL_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
+    if name in bases:
+        raise ImportRefused(
+            f"{config_file}: {name} has no classification head; of the models without one, "
+            f"vit-import serves the embedding of {' and '.join(HEADLESS)} only, whose "
+            "last_hidden_state[:, 0] is the class token after the final normalisation"
+        )
+    return None
 
 
 def labels_of(config: Any) -> tuple[str, ...]:
@@ -217,15 +290,16 @@ def architecture(config: Any) -> dict[str, Any] | None:
         return None
 
 
-def framework_logits(model: nn.Module, processor: Any, files: list[Path]) -> np.ndarray:
-    """transformers on its own: its image loading, its processor, its model, in float32."""
+def framework_outputs(graph: nn.Module, processor: Any, files: list[Path]) -> np.ndarray:
+    """transformers on its own: its image loading, its processor, its model as exported
+    (`LogitsOnly` or `ClassToken` of it), in float32."""
     from transformers.image_utils import load_image
 
     rows = []
     for path in files:
         inputs = processor(images=[load_image(str(path))], return_tensors="pt")
         with torch.no_grad():
-            rows.append(model(pixel_values=inputs["pixel_values"]).logits.numpy())
+            rows.append(graph(inputs["pixel_values"]).numpy())
     return np.concatenate(rows)
 
 
@@ -234,7 +308,7 @@ def check_parity(
 ) -> ParityReport:
     """Logits end to end (each side's own preprocessing); the attention rollout of the graph
     against transformers' own attention maps on the same input tensors."""
-    expected = framework_logits(model, processor, files)
+    expected = framework_outputs(LogitsOnly(model), processor, files)
     actual = served_logits(session, files, session.metadata.preprocessing)
     return ParityReport(
         images=len(files),
@@ -245,6 +319,17 @@ def check_parity(
         max_rollout_diff=None
         if session.attention_output is None
         else rollout_difference(model, session, files),
+    )
+
+
+def check_embedding_parity(
+    model: nn.Module, processor: Any, session: ModelSession, files: list[Path]
+) -> EmbeddingParity:
+    """The embedding of a model without classes end to end (each side's own preprocessing)."""
+    expected = framework_outputs(ClassToken(model), processor, files)
+    actual = served_embeddings(session, files, session.metadata.preprocessing)
+    return EmbeddingParity(
+        images=len(files), max_embedding_diff=float(np.abs(expected - actual).max())
     )
 
 
@@ -262,13 +347,14 @@ def rollout_difference(model: nn.Module, session: ModelSession, files: list[Path
     return worst
 
 
-def exported(graph: nn.Module, path: Path, input_size: int) -> None:
-    """`graph` as ONNX at `path`, or a one-line refusal where it does not export (an operator
-    ONNX lacks, or a model fixed to another input size than its processor's)."""
+def exported(graph: nn.Module, path: Path, input_size: int, output: str = OUTPUT_NAME) -> None:
+    """`graph` as ONNX at `path` (its output named `output`), or a one-line refusal where it
+    does not export (an operator ONNX lacks, or a model fixed to another input size than its
+    processor's)."""
     try:
         with warnings.catch_warnings(), native_stdout_discarded():
             warnings.simplefilter("ignore", TracerWarning)  # notes on shape checks it folds away
-            to_onnx(graph, path, input_size)
+            to_onnx(graph, path, input_size, output=output)
     except Exception as error:  # torch's exporter raises many types
         raise ImportRefused(
             f"the model does not export to ONNX at {input_size}x{input_size}: {last_line(error)}"
@@ -320,12 +406,13 @@ def import_hf(
     jpeg_draft: bool = False,
     calibration_images: Path | None = None,
     rollout: bool = True,
-) -> ParityReport | Int8Report | Bf16Report:
+) -> ParityReport | Int8Report | Bf16Report | EmbeddingParity:
     """Write the ONNX file with its metadata and attention rollout, then check it against
     transformers; with `int8`, quantize the FP32 file once it passes and check the int8 file
     against it instead; with `bf16`, check the FP32 file run in bf16 against its FP32 run. The
     self-test set is cut from the check images; the out-of-distribution threshold is calibrated
-    on `calibration_images` where given (otherwise the file has none)."""
+    on `calibration_images` where given (otherwise the file has none). A checkpoint without a
+    classification head (HEADLESS) becomes a model without classes (`import_headless`)."""
     if fp16 + int8 + bf16 > 1:
         raise ValueError("a file is fp16, int8 or bf16, not two of them")
     if bf16:
@@ -337,12 +424,18 @@ def import_hf(
     except UnexpressibleProcessor as error:
         raise ImportRefused(f"the image processor cannot be expressed: {error}") from error
     config: Any = model.config
+    embedding = HEADLESS.get(type(model).__name__)
+    if embedding is not None and (fp16 or int8 or bf16 or calibration_images):
+        raise ImportRefused(
+            f"{type(model).__name__} has no classification head: it is imported at FP32, "
+            "without --fp16, --int8, --bf16 or --calibration-images, whose checks are on classes"
+        )
     metadata = ModelMetadata(
         name=name or model_name(output),
         version=version,
-        labels=labels_of(config),
+        labels=() if embedding else labels_of(config),
         preprocessing=spec,
-        output="logits",
+        output="embedding" if embedding else "logits",
         precision="fp16" if fp16 else "bf16" if bf16 else "fp32",
         checkpoint_sha256=weights_sha256(source),
         dataset={"config": architecture(config)} if architecture(config) else {},
@@ -353,7 +446,12 @@ def import_hf(
             "architecture": type(model).__name__,
             "image_processor": type(processor).__name__,
         },
+        embedding=Embedding(output=EMBEDDING, size=int(config.hidden_size), source=embedding)
+        if embedding
+        else None,
     )
+    if embedding is not None:
+        return import_headless(model, processor, metadata, output, files)
     graph = LogitsOnly(model)
     with staged(output) as plain, staged(output) as staged_path:
         exported(Float16Inside(graph) if fp16 else graph, plain, spec.input_size)
@@ -397,3 +495,30 @@ def import_hf(
         )
         staged_path.replace(output)
     return result
+
+
+def import_headless(
+    model: nn.Module, processor: Any, metadata: ModelMetadata, output: Path, files: list[Path]
+) -> EmbeddingParity:
+    """Write a model without classes (its one output the embedding, `ClassToken`), checked
+    against transformers' embedding of the check images, with the self-test set cut from them;
+    no attention rollout, no out-of-distribution score (both are about classes)."""
+    with staged(output) as staged_path:
+        exported(ClassToken(model), staged_path, metadata.preprocessing.input_size, EMBEDDING)
+        write_metadata(staged_path, metadata, producer="vit-import")
+        session = ModelSession(staged_path, IN_PROCESS)
+        report = check_embedding_parity(model, processor, session, files)
+        if not report.passed:
+            return report
+        finish_model_file(
+            onnx.load_model_from_string(staged_path.read_bytes()),
+            staged_path,
+            session,
+            metadata,
+            calibrate=lambda proto, session: None,
+            golden=golden_files(files, metadata.preprocessing),
+            measured=report.max_embedding_diff,
+            producer="vit-import",
+        )
+        staged_path.replace(output)
+    return report

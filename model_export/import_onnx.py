@@ -28,6 +28,7 @@ from model_contract.metadata import (
 )
 from model_contract.preprocess import PreprocessSpec, preprocess
 from model_export.bf16 import Bf16Report, bf16_gate_on_files, bf16_session, refuse_unmeasurable_bf16
+from model_export.embedding import strip_embedding
 from model_export.hf_preprocessing import UnexpressibleProcessor, spec_from_processor
 from model_export.importing import (
     ImportRefused,
@@ -360,8 +361,15 @@ def import_onnx(
         # self-test tolerance follows from what the gate measures.
         refuse_unmeasurable_bf16()
         precision = "bf16"
-    strip_rollout(proto)  # a file stamped before: its rollout and score are made again below
+    if old.get("output") == "embedding":
+        raise ImportRefused(
+            f"{model_file} serves an embedding and no classes: import it again from its "
+            "checkpoint with `vit-import hf`"
+        )
+    # A file stamped before: its rollout, score and embedding are made again below.
+    strip_rollout(proto)
     strip_ood_score(proto)
+    strip_embedding(proto)
     config_file = folder / HF_CONFIG if folder and (folder / HF_CONFIG).is_file() else None
     try:
         config = json.loads(config_file.read_text()) if config_file else {}
@@ -421,6 +429,7 @@ def import_onnx(
             "attention_output": None,
             "ood": None,
             "self_test": None,
+            "embedding": None,
         }
     )
     del proto.metadata_props[:]

@@ -43,7 +43,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     kinds = parser.add_subparsers(dest="kind", required=True)
     kinds.add_parser("schema", help="print the JSON schema of the model metadata")
-    hf = kinds.add_parser("hf", help="a Hugging Face image classification checkpoint")
+    hf = kinds.add_parser(
+        "hf",
+        help="a Hugging Face image classification checkpoint, or a ViTModel or Dinov2Model "
+        "without a head (a model without classes, serving its embedding)",
+    )
     onnx = kinds.add_parser("onnx", help="an ONNX classifier made elsewhere")
     for sub in (hf, onnx):
         sub.add_argument("source")

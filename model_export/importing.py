@@ -15,6 +15,7 @@ import numpy as np
 
 from model_contract.decode import decode
 from model_contract.errors import ImageError
+from model_contract.outputs import EMBEDDING
 from model_contract.preprocess import PreprocessSpec, preprocess
 from model_runtime.session import ModelSession, softmax
 
@@ -128,8 +129,15 @@ def probability_diff(reference_logits: np.ndarray, logits: np.ndarray) -> float:
 def served_logits(session: ModelSession, files: list[Path], spec: PreprocessSpec) -> np.ndarray:
     """What the service computes for each file (its decoding and preprocessing, then the model),
     in batches of CHECK_BATCH_SIZE however many files there are."""
-    rows = [
-        session.logits(np.concatenate([preprocess(p.read_bytes(), spec) for p in chunk]))
-        for chunk in chunks(files)
-    ]
-    return np.concatenate(rows)
+    return np.concatenate([session.logits(batch) for batch in preprocessed(files, spec)])
+
+
+def served_embeddings(session: ModelSession, files: list[Path], spec: PreprocessSpec) -> np.ndarray:
+    """The embedding the service answers for each file, as `served_logits` computes."""
+    return np.concatenate([session.infer(batch)[EMBEDDING] for batch in preprocessed(files, spec)])
+
+
+def preprocessed(files: list[Path], spec: PreprocessSpec) -> Iterator[np.ndarray]:
+    """The files decoded and preprocessed as the service does, CHECK_BATCH_SIZE at a time."""
+    for chunk in chunks(files):
+        yield np.concatenate([preprocess(p.read_bytes(), spec) for p in chunk])

@@ -9,6 +9,7 @@ from pathlib import Path
 import onnx
 
 from model_contract.metadata import ModelMetadata, OodCalibration
+from model_export.embedding import appended_embedding
 from model_export.stamp import self_test
 from model_runtime.model_file import SEAL_KEY, SEAL_PLACEHOLDER, check_model_bytes, seal
 from model_runtime.options import IN_PROCESS
@@ -56,11 +57,20 @@ def finish_model_file(
     producer: str,
 ) -> None:
     """The steps that end every tool writing a model file (vit-export and both importers), in
-    one place: the out-of-distribution score appended to `proto` and calibrated, the self-test
-    of the `golden` images (PNGs at the input size) with the tolerance that `measured`, the
-    file's largest probability difference from its reference, allows; then the file saved,
-    checked and sealed. `session` is the checked file's, before the score was appended."""
+    one place: the out-of-distribution score appended to `proto` and calibrated, the embedding
+    appended to a classifier (a model without classes serves its own), the self-test of the
+    `golden` images (PNGs at the input size) with the tolerance that `measured`, the file's
+    largest difference from its reference (of a probability, or of an embedding for a model
+    without classes), allows; then the file saved, checked and sealed. `session` is the checked
+    file's, before the score and the embedding were appended."""
     ood = calibrate(proto, session)
+    embedding = metadata.embedding
+    if metadata.has_classes:
+        embedding = appended_embedding(
+            proto,
+            output=metadata.output_name or proto.graph.output[0].name,
+            input_size=metadata.preprocessing.input_size,
+        )
     tested = self_test(session, golden, measured=measured)
-    finished = metadata.model_copy(update={"ood": ood, "self_test": tested})
+    finished = metadata.model_copy(update={"ood": ood, "self_test": tested, "embedding": embedding})
     save_sealed(proto, path, finished, producer=producer)

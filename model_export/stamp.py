@@ -15,6 +15,7 @@ import onnx
 from model_contract.decode import decode
 from model_contract.metadata import OodCalibration, SelfTest
 from model_contract.ood import Score, ood_scores, threshold_accepting
+from model_contract.outputs import EMBEDDING, PROBABILITIES
 from model_contract.preprocess import (
     PreprocessSpec,
     crop_and_resize,
@@ -31,7 +32,7 @@ from model_export.ood_features import (
     ood_scores_of,
     strip_ood_score,
 )
-from model_runtime.session import ModelSession
+from model_runtime.session import ModelSession, Outputs
 
 logger = logging.getLogger(__name__)
 
@@ -190,9 +191,13 @@ def calibrate_on_folder(
 
 def served_probabilities(session: ModelSession, images: list[bytes]) -> np.ndarray:
     """What the service answers for each encoded image: its preprocessing, then the file."""
+    return served(session, images)[PROBABILITIES]
+
+
+def served(session: ModelSession, images: list[bytes]) -> Outputs:
+    """Every output the service serves for the encoded images, by name."""
     spec = session.metadata.preprocessing
-    batch = np.concatenate([preprocess_upload(data, spec)[0] for data in images])
-    return session.predict(batch)
+    return session.infer(np.concatenate([preprocess_upload(data, spec)[0] for data in images]))
 
 
 def tolerance_for(measured: float) -> float:
@@ -200,11 +205,15 @@ def tolerance_for(measured: float) -> float:
 
 
 def self_test(session: ModelSession, images: list[bytes], *, measured: float) -> SelfTest:
-    """The golden images (already PNGs at the input size) and the file's probabilities for them;
-    `measured` is the largest probability difference of the file from the FP32 reference."""
-    expected = served_probabilities(session, images)
+    """The golden images (already PNGs at the input size) and the file's answers for them: its
+    probabilities, or for a model without classes its embeddings; `measured` is the largest
+    difference of those answers from the FP32 reference."""
+    classes = session.metadata.has_classes
+    expected = served(session, images)[PROBABILITIES if classes else EMBEDDING]
+    rows = tuple(tuple(float(v) for v in row) for row in expected)
     return SelfTest(
         images=tuple(base64.b64encode(png).decode() for png in images),
-        probabilities=tuple(tuple(float(p) for p in row) for row in expected),
+        probabilities=rows if classes else (),
+        embeddings=() if classes else rows,
         tolerance=tolerance_for(measured),
     )

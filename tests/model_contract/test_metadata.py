@@ -76,3 +76,88 @@ def test_a_real_models_metadata_is_within_the_bounds(tmp_path: Path) -> None:
     }
     stated = metadata_for(labels, 32, name="v" * MAX_NAME_CHARS, dataset=dataset)
     assert ModelMetadata.from_props(stated.to_props()) == stated
+
+
+def embedding_only(**fields: object) -> dict[str, str]:
+    """The props of a model without classes that serves a 4-float embedding, with `fields`
+    (JSON-encoded) replacing its own."""
+    test = {"images": ["iVBORw0KGgo="], "embeddings": [[0.5, -1.0, 2.0, 0.0]], "tolerance": 1e-3}
+    props = metadata_for(
+        [],
+        32,
+        output="embedding",
+        embedding={"output": "embedding", "size": 4, "source": "the class token"},
+        self_test=test,
+    ).to_props()
+    return {**props, **{key: json.dumps(value) for key, value in fields.items()}}
+
+
+def test_a_model_without_classes_round_trips_through_its_props() -> None:
+    metadata = ModelMetadata.from_props(embedding_only())
+    assert metadata.output == "embedding" and metadata.labels == () and not metadata.has_classes
+    assert metadata.embedding is not None and metadata.embedding.size == 4
+    assert metadata.self_test is not None and metadata.self_test.probabilities == ()
+    assert metadata.self_test.expected == ((0.5, -1.0, 2.0, 0.0),)
+    assert ModelMetadata.from_props(metadata.to_props()) == metadata
+    classifier = metadata_for(LABELS, 32, embedding=metadata.embedding)
+    assert ModelMetadata.from_props(classifier.to_props()).embedding == metadata.embedding
+
+
+OOD = {
+    "score": "max_softmax",
+    "threshold": 0.5,
+    "accept_rate": 0.95,
+    "calibration_images": 10,
+    "calibration_source": "held-out images",
+}
+
+
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        ({"labels": LABELS}, "a model whose output is its embedding has no labels"),
+        ({"embedding": None}, "output embedding needs the embedding's description"),
+        ({"ood": OOD}, "a model without classes has no OOD score or attention rollout"),
+        (
+            {"self_test": {"images": ["x"], "embeddings": [[1.0, 2.0]], "tolerance": 1e-3}},
+            "self_test.embeddings must have one column per embedding float",
+        ),
+        (
+            {"self_test": {"images": ["x"], "probabilities": [[1.0]], "tolerance": 1e-3}},
+            "self_test.embeddings must have one column per embedding float",
+        ),
+        (
+            {
+                "self_test": {
+                    "images": ["x"],
+                    "probabilities": [[1.0]],
+                    "embeddings": [[1.0]],
+                    "tolerance": 1e-3,
+                }
+            },
+            "a self-test expects either probabilities or embeddings",
+        ),
+        (
+            {"embedding": {"output": "embedding", "size": 0, "source": ""}},
+            "embedding.size: Input should be greater than 0",
+        ),
+    ],
+    ids=["labels", "no-description", "ood", "width", "probabilities", "both", "size"],
+)
+def test_a_model_without_classes_is_refused_where_its_fields_disagree(
+    fields: dict[str, object], says: str
+) -> None:
+    props = embedding_only(**fields)
+    if "embedding" in fields and fields["embedding"] is None:
+        del props["embedding"]
+    with pytest.raises(InvalidModelMetadata, match=says.replace("(", r"\(")):
+        ModelMetadata.from_props(props)
+
+
+def test_a_classifier_has_classes_and_its_self_test_probabilities() -> None:
+    test = {"images": ["x"], "embeddings": [[1.0, 2.0, 3.0]], "tolerance": 1e-3}
+    props = metadata_for(LABELS, 32).to_props()
+    with pytest.raises(InvalidModelMetadata, match="self_test.embeddings is for a model without"):
+        ModelMetadata.from_props({**props, "self_test": json.dumps(test)})
+    with pytest.raises(InvalidModelMetadata, match="a classifier needs at least 2 labels"):
+        ModelMetadata.from_props({**embedding_only(), "output": "logits"})

@@ -43,7 +43,7 @@ def test_graph_is_valid_with_named_io_and_dynamic_batch(tiny_onnx: Path) -> None
     assert model_input.name == "pixel_values"
     assert model_input.type.tensor_type.shape.dim[0].dim_param == "batch"
     names = [output.name for output in proto.graph.output]
-    assert names == ["logits", "attention_rollout", "ood_score"]
+    assert names == ["logits", "attention_rollout", "ood_score", "embedding"]
 
 
 def test_metadata_round_trips_through_onnxruntime_alone(

@@ -290,7 +290,7 @@ def test_a_graph_without_attention_is_refused_unless_told(tmp_path: Path) -> Non
     metadata = metadata_of(output)
     assert metadata.attention_output is None and metadata.ood is None
     assert metadata.self_test is not None and metadata.self_test.tolerance == 1e-3
-    assert [o.name for o in onnx.load(str(output)).graph.output] == ["logits"]
+    assert [o.name for o in onnx.load(str(output)).graph.output] == ["logits", "embedding"]
 
 
 def refusal(*args: str) -> str:

@@ -209,7 +209,7 @@ def test_the_bundled_models_score_is_recomputed_from_its_features(served_model: 
         for i in proto.graph.initializer
         if i.name.startswith("/ood_score/")
     }
-    logits, rollout, score = run_file(served_model, batch)
+    logits, score = run_file(served_model, batch, ["logits", SCORE_OUTPUT])
     plain = onnx.ModelProto()
     plain.CopyFrom(proto)
     assert strip_ood_score(plain)
@@ -225,7 +225,7 @@ def test_the_bundled_models_score_is_recomputed_from_its_features(served_model: 
     assert (score >= metadata.ood.threshold).sum() >= 5  # held-out shapes: in distribution
 
 
-def run_file(path: Path, batch: np.ndarray) -> list[np.ndarray]:
+def run_file(path: Path, batch: np.ndarray, names: list[str]) -> list[np.ndarray]:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (name,) = [i.name for i in session.get_inputs()]
-    return [np.asarray(v) for v in session.run(None, {name: batch})]
+    return [np.asarray(v) for v in session.run(names, {name: batch})]
