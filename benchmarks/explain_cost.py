@@ -20,6 +20,7 @@ from onnx import helper
 
 from benchmarks.pairs import compare
 from benchmarks.run import ROOT, SIZES, photos
+from model_export.embedding import strip_embedding
 from model_export.ood_features import strip_ood_score
 from model_export.rollout import strip_rollout
 
@@ -27,14 +28,15 @@ MODEL = ROOT / "models" / "shapes-vit.onnx"
 
 
 def classification_only(model: Path, output: Path) -> Path:
-    """`model` without what export appended to it (the rollout, the score the graph computes):
-    the graph it was traced to, node for node; its metadata kept, less those two."""
+    """`model` without what export appended to it (the rollout, the score the graph computes,
+    the embedding): the graph it was traced to, node for node; its metadata kept, less those."""
     proto = onnx.load(str(model))
     strip_rollout(proto)
     strip_ood_score(proto)
+    strip_embedding(proto)
     props = {p.key: p.value for p in proto.metadata_props}
-    props.pop("attention_output", None)
-    props.pop("ood", None)
+    for key in ("attention_output", "ood", "embedding"):
+        props.pop(key, None)
     helper.set_model_props(proto, props)
     onnx.save(proto, str(output))
     return output
