@@ -47,6 +47,8 @@ UNLOADED_BECAUSE: dict[UnloadReason, str] = {
     "removed": "unloaded: gone from the repository, or no longer chosen by VIT_VERSION_POLICY",
 }
 """What the index says of a model whose last version stopped serving, by why."""
+LOAD_WAIT_OUTCOMES = ("loaded", "failed", "timed_out")
+"""How a request's wait for its model's load ended (vit_model_load_wait_seconds' outcome)."""
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,10 @@ class VersionLoader:
         pipeline.metrics.memory_bytes.set(measured)
         seconds = time.monotonic() - started
         self.metrics.model_loads.labels(name).inc()
+        for reason in UNLOADED_BECAUSE:  # at zero from the first load: rate() sees the first
+            self.metrics.model_unloads.labels(name, reason)
+        for outcome in LOAD_WAIT_OUTCOMES:
+            self.metrics.load_waits.labels(name, outcome)
         self.metrics.model_load_seconds.labels(name).observe(seconds)
         logger.info(
             "model %s version %d serving (%.1f s, %d MB)", name, version, seconds, measured >> 20

@@ -4,7 +4,11 @@ kept, and loads that fail or overrun answered with a clear error while the other
 
 from __future__ import annotations
 
+import json
+import socket
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -16,7 +20,10 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.servers import served
+from harness.watch import resident_bytes
 from service.inference.version_loading import settled_resident_bytes
+from tests.conftest import ROOT
 from tests.inference.test_registry import add_broken_version
 from tests.repositories import PHOTO, TOKEN, add_version, colours_probabilities
 from tests.service_support import cpu_settings, ready_client
@@ -187,3 +194,82 @@ def test_a_skewed_mix_of_twelve_models_stays_within_a_budget_of_about_four(
         assert metric(client, "vit_model_unloads_total", model="m00") == 0
         reasons = [m["reason"] for m in client.get("/v1/models").json()["not_loaded"]]
         assert any(reason.startswith("evicted") for reason in reasons), reasons
+
+
+def post_classify(url: str, name: str) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(
+        f"{url}/v1/models/{name}/classify?probabilities=true",
+        data=PHOTO,
+        headers={"Content-Type": "image/png"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, json.load(answer)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def test_a_real_servers_process_tree_stays_within_the_budget_plus_its_own(tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    for name in MODELS:
+        add_version(root, name, 1, scale=scale_of(name), padding_bytes=PADDING)
+    budget = 5 * 3 * PADDING
+    with served(root, ROOT, model_control="on_demand", models_memory_bytes=str(budget)) as server:
+        own = resident_bytes(server.process.pid)  # nothing loaded yet
+        hot = MODELS[:2]
+        peak = own
+        for _ in range(2):
+            for cold in MODELS[2:]:
+                for name in (*hot, cold):
+                    status, body = post_classify(server.url, name)
+                    assert status == 200, body
+                    assert body["model"]["name"] == name
+                    np.testing.assert_allclose(
+                        body["predictions"][0]["probabilities"],
+                        colours_probabilities(scale_of(name)),
+                        atol=1e-6,
+                    )
+                    peak = max(peak, resident_bytes(server.process.pid))
+        slack = 0.15 * budget  # the heap's fragmentation, the decoding workers' growth
+        assert peak - own <= budget + slack, ((peak - own) >> 20, budget >> 20)
+        with urllib.request.urlopen(f"{server.url}/metrics") as answer:
+            text = answer.read().decode()
+        evicted = [line for line in text.splitlines() if 'reason="evicted"' in line]
+        assert sum(float(line.split()[-1]) for line in evicted) >= len(MODELS) - 2 - 4
+
+
+def test_a_version_in_use_finishes_its_request_before_it_makes_room(tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    for name in MODELS[:2]:
+        add_version(root, name, 1, scale=scale_of(name), padding_bytes=4 * PADDING)
+    # Room for one: serving, each holds its 32 MB table three or four times over (both engines'
+    # copies and the lone-image session's), and m01's estimate before it loads is three times
+    # its file.
+    budget = 18 * PADDING
+    with served(root, ROOT, model_control="on_demand", models_memory_bytes=str(budget)) as server:
+        first = post_classify(server.url, "m00")
+        assert first[0] == 200, first
+        port = int(server.url.rsplit(":", 1)[1])
+        # A request to m00 admitted and holding its place while its body trickles in.
+        held = socket.create_connection(("127.0.0.1", port))
+        held.sendall(
+            b"POST /v1/models/m00/classify?probabilities=true HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: image/png\r\nContent-Length: "
+            + str(len(PHOTO)).encode()
+            + b"\r\n\r\n"
+            + PHOTO[:10]
+        )
+        time.sleep(0.5)
+        with ThreadPoolExecutor(1) as pool:
+            other = pool.submit(post_classify, server.url, "m01")
+            time.sleep(1.0)
+            assert not other.done()  # m01's load waits for m00 to be let go
+            held.sendall(PHOTO[10:])
+            answer = held.recv(65536).decode()
+            assert answer.startswith("HTTP/1.1 200"), answer
+            held.close()
+            status, body = other.result(timeout=60)
+        assert status == 200 and body["model"]["name"] == "m01", body
+        with urllib.request.urlopen(f"{server.url}/metrics") as response:
+            text = response.read().decode()
+        assert 'vit_model_unloads_total{model="m00",reason="evicted"} 1.0' in text
