@@ -206,8 +206,12 @@ class InferenceService:
             await asyncio.sleep(CANCELLATION_ARRIVES_S)
             raise InvalidRequest("the call ended before its request message")
         request = well_formed(request)
+        allowed = context.time_remaining()  # one already past is refused below, as 504
         admitted = await data_plane.admit(
-            _named(request.model_name), request.model_version or None, given
+            _named(request.model_name),
+            request.model_version or None,
+            given,
+            allowed if allowed is not None and allowed > 0 else None,
         )
         try:
             call.model = admitted.pipeline.session.metadata.name
@@ -222,7 +226,7 @@ class InferenceService:
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 raise DeadlineExceeded("the call's deadline passed before it was parsed")
-            deadline = data_plane.deadline(remaining)
+            deadline = min(admitted.deadline, data_plane.deadline(remaining))
             outputs = await data_plane.infer(admitted, parsed, deadline)
         finally:
             admitted.ticket.release()

@@ -64,9 +64,10 @@ async def inference(
     ] = None,
 ) -> Inference:
     data_plane: DataPlane = request.state.data_plane
-    return Inference(
-        data_plane, request.state.admitted, data_plane.deadline(timeout_seconds(timeout_ms))
-    )
+    admitted: Admitted = request.state.admitted
+    # From its arrival: a wait for its model's load counted, and a client's header lowering it.
+    deadline = min(admitted.deadline, data_plane.deadline(timeout_seconds(timeout_ms)))
+    return Inference(data_plane, admitted, deadline)
 
 
 DataPlaneDep = Annotated[DataPlane, Depends(get_data_plane)]

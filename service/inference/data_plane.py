@@ -55,6 +55,9 @@ class Admitted:
 
     pipeline: Pipeline
     ticket: Ticket
+    deadline: float
+    """The monotonic time by which it must have left the queue, set as it arrived: a wait
+    for its model's load counts against it."""
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -127,20 +130,26 @@ class DataPlane:
         return self.model(name, version).ready
 
     async def admit(
-        self, name: str | None, version: str | None, authorization: str | None
+        self,
+        name: str | None,
+        version: str | None,
+        authorization: str | None,
+        timeout_s: float | None = None,
     ) -> Admitted:
         """Let an inference request in, before its body is read or parsed: 401 without the
         inference token where one is set, 404 for no such model, 503 not ready or overloaded.
         Under overload most requests end here, so it costs a lookup and a few reads. In
-        on_demand mode a model not loaded is loaded first, within the request's deadline."""
+        on_demand mode a model not loaded is loaded first, within the request's deadline (the
+        server's, or `timeout_s` where the client allows less)."""
         self.authorize(authorization)
+        deadline = self.deadline(timeout_s)
         if self.on_demand is None:
             pipeline = self.model(name, version)
         else:
-            await self.on_demand.ensure(self._named(name), self.deadline())
+            await self.on_demand.ensure(self._named(name), deadline)
             pipeline = self.model(name, version)
             self.on_demand.used(pipeline)
-        return Admitted(pipeline, pipeline.admit())
+        return Admitted(pipeline, pipeline.admit(), deadline)
 
     def _named(self, name: str | None) -> str:
         """The model a request names, or the default model ("" where there is none)."""

@@ -8,6 +8,10 @@ from service.errors import ModelLoadFailed
 VersionKey = tuple[str, int]
 
 
+class OverBudget(ModelLoadFailed):
+    """A version that does not fit beside the versions serving now: it may once they go."""
+
+
 class MemoryBudget:
     def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = budget_bytes
@@ -34,7 +38,7 @@ class MemoryBudget:
         """Refuse the load of `key` if `needed` (`what` says how it was found) does not fit."""
         room = self.room(key, held)
         if room is not None and needed > room:
-            raise ModelLoadFailed(
+            raise OverBudget(
                 f"would exceed VIT_MODELS_MEMORY_BYTES ({self.budget_bytes >> 20} MB): {what}, "
                 f"and the versions serving or loading leave {max(room, 0) >> 20} MB"
             )

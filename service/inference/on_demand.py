@@ -10,6 +10,7 @@ count the same free memory twice, and two models' warm-ups never share the cores
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 import weakref
@@ -42,6 +43,8 @@ class OnDemandLoading:
         self._loads: dict[str, asyncio.Task[None]] = {}
         """The load under way (or queued) of each model, shared by the requests waiting."""
         self._one_at_a_time = asyncio.Lock()
+        self._waiting: collections.Counter[str] = collections.Counter()
+        """Requests waiting for each model's load: it is not unloaded under them."""
         self.loader.make_room = self._make_room
         self._last_used: weakref.WeakKeyDictionary[Pipeline, float] = weakref.WeakKeyDictionary()
         """When a request was last admitted to each version (let go with its pipeline)."""
@@ -53,48 +56,69 @@ class OnDemandLoading:
     async def ensure(self, name: str, deadline: float) -> None:
         """Return once `name` has a version serving, loading it if need be; NotReady where its
         load failed, DeadlineExceeded where it did not finish by `deadline` (it goes on). A
-        name the repository lacks returns at once: routing then says it is not served."""
-        known = self.registry.known(name)
-        if known is not None and known.serving:
-            return
-        versions = self.repository.last_scan.get(name)
-        if not versions:
-            return
+        name the repository lacks returns at once: routing then says it is not served. While
+        a request waits, its model is not unloaded to make room for another."""
+        started = time.monotonic()
+        outcome, waited = "loaded", False
+        self._waiting[name] += 1
+        try:
+            while not self._serving(name):
+                versions = self.repository.last_scan.get(name)
+                if not versions:
+                    return
+                waited = True
+                await self._wait_for_load(name, versions, deadline)
+        except DeadlineExceeded:
+            outcome = "timed_out"
+            raise
+        except ServiceError:
+            outcome = "failed"
+            raise
+        except Exception as error:  # the load's own trouble: said, not a server error
+            outcome = "failed"
+            raise NotReady(f"model {name!r} could not be loaded: {error}") from error
+        finally:
+            self._waiting[name] -= 1
+            if waited:
+                seconds = time.monotonic() - started
+                self.metrics.load_waits.labels(name, outcome).observe(seconds)
+
+    def _serving(self, name: str) -> bool:
+        model = self.registry.known(name)
+        return model is not None and bool(model.serving)
+
+    async def _wait_for_load(
+        self, name: str, versions: dict[int, VersionFile], deadline: float
+    ) -> None:
+        """Wait for the load of `name` (started here where none is under way) until `deadline`."""
         load = self._loads.get(name)
         if load is None:
             load = asyncio.create_task(self._load(name, versions), name=f"load-{name}")
             self._loads[name] = load
             load.add_done_callback(lambda _: self._loads.pop(name, None))
-        started = time.monotonic()
-        outcome = "loaded"
+        left = deadline - time.monotonic()
         try:
-            async with asyncio.timeout(max(0.0, deadline - started)):
+            async with asyncio.timeout(max(0.0, left)):
                 await asyncio.shield(load)
         except TimeoutError:
-            outcome = "timed_out"
             raise DeadlineExceeded(
                 f"model {name!r} is loading on demand and was not ready within this request's "
-                f"deadline ({deadline - started:.1f} s); its load goes on: retry"
+                f"deadline; its load goes on: retry"
             ) from None
-        except ServiceError:
-            outcome = "failed"
-            raise
-        finally:
-            waited = time.monotonic() - started
-            self.metrics.load_waits.labels(name, outcome).observe(waited)
 
     async def _load(self, name: str, versions: dict[int, VersionFile]) -> None:
         """Load what the version policy chooses of `name`, after making room for it."""
         async with self._one_at_a_time:
             model = self.registry.model(name)
-            if model.serving:
-                return  # loaded while this load waited its turn
-            logger.info("model %s: loading on demand", name)
-            await self.repository.sync(model, versions)
+            if not model.serving:
+                logger.info("model %s: loading on demand", name)
+                await self.repository.sync(model, versions)
             if not model.serving:
                 failures = model.failures()
                 why = failures[0].reason if failures else "no version the policy chooses"
                 raise NotReady(f"model {name!r} could not be loaded: {why}")
+            for pipeline in model.serving.values():
+                self.used(pipeline)  # the most recently used: its requests are about to come
 
     async def _make_room(self, name: str, key: VersionKey, needed: int) -> None:
         """Unload least recently used versions that no request is using until `needed` bytes
@@ -128,7 +152,8 @@ class OnDemandLoading:
 
     def _evictable(self, name: str) -> list[tuple[ServedModel, int, bool]]:
         """Every serving version but `name`'s and the pinned models', least recently used
-        first, each with whether a request is using it now."""
+        first, each with whether it is in use now: a request admitted to it, or requests
+        waiting for its model's load to be admitted."""
         pinned = set(self.settings.pinned_models)
         found = [
             (model, version, pipeline)
@@ -137,4 +162,7 @@ class OnDemandLoading:
             for version, pipeline in model.serving.items()
         ]
         found.sort(key=lambda item: self._last_used.get(item[2], 0.0))
-        return [(model, version, pipeline.budget.images > 0) for model, version, pipeline in found]
+        return [
+            (model, version, pipeline.budget.images > 0 or self._waiting[model.name] > 0)
+            for model, version, pipeline in found
+        ]

@@ -21,7 +21,7 @@ from model_runtime.heap import give_back_free_memory
 from model_runtime.platform import resident_bytes
 from model_runtime.session import ModelSession
 from service.errors import ModelLoadFailed
-from service.inference.memory_budget import MemoryBudget, VersionKey
+from service.inference.memory_budget import MemoryBudget, OverBudget, VersionKey
 from service.inference.pipeline import Pipeline, SelfTestFailed, WarmUpOverran
 from service.inference.registry import ModelRegistry
 from service.inference.repository_layout import VersionFile
@@ -184,7 +184,10 @@ class VersionLoader:
                 raise
         except Exception as error:
             self.failed(model, version, error, previous)
-            model.unloadable[version] = file
+            if not (self.make_room is not None and isinstance(error, OverBudget)):
+                # Not tried again until the file changes; on demand, a version that did not
+                # fit beside others is tried again by its next request.
+                model.unloadable[version] = file
             if strict:
                 raise
             return

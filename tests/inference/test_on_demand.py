@@ -273,3 +273,15 @@ def test_a_version_in_use_finishes_its_request_before_it_makes_room(tmp_path: Pa
         with urllib.request.urlopen(f"{server.url}/metrics") as response:
             text = response.read().decode()
         assert 'vit_model_unloads_total{model="m00",reason="evicted"} 1.0' in text
+
+
+def test_two_models_wanted_at_once_with_room_for_one_both_answer(tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    for name in MODELS[:2]:
+        add_version(root, name, 1, scale=scale_of(name), padding_bytes=4 * PADDING)
+    with on_demand(root, models_memory_bytes=18 * PADDING) as client:
+        wanted = ["m00", "m01"] * 3
+        with ThreadPoolExecutor(len(wanted)) as pool:
+            answers = list(pool.map(lambda name: (name, classify(client, name)), wanted))
+        for name, answer in answers:  # a model just loaded is not evicted under its requests
+            assert_answered_by(answer, name)

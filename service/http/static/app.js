@@ -368,7 +368,8 @@ async function send(file) {
   results.setAttribute("aria-busy", "true");
   results.dataset.state = "working";
   const doing = classes ? "Classifying" : "Embedding";
-  setText("status", `${doing} ${file.name} with ${model.name} version ${model.version}…`);
+  const which = model.notLoaded ? `${model.name} (loading it first)` : `${model.name} version ${model.version}`;
+  setText("status", `${doing} ${file.name} with ${which}…`);
   $("result").hidden = true;
   clearResult();
   $("overlay-figure").dataset.state = "loading";
@@ -438,7 +439,9 @@ async function send(file) {
     $("overlay-figure").dataset.state = "none";
     setText(
       "overlay-caption",
-      `No attention overlay: ${model.name} version ${model.version} carries no attention rollout.`,
+      model.notLoaded
+        ? `No attention overlay: ${model.name} was asked to classify while it loaded.`
+        : `No attention overlay: ${model.name} version ${model.version} carries no attention rollout.`,
     );
   }
   results.dataset.state = "done";
