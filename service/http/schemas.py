@@ -176,7 +176,8 @@ class NotLoaded(BaseModel):
     state: str = Field(description="UNAVAILABLE, or LOADING while a version loads.")
     reason: str = Field(
         description="Why: not loaded yet (on_demand: loads on its first request), evicted, "
-        "unloaded, or what failed."
+        "unloaded, or that its last load failed (the repository index, behind the admin token, "
+        "says why)."
     )
 
 

@@ -262,8 +262,10 @@ class DataPlane:
                 continue
             if model is not None and model.loading:
                 listed.append(IndexEntry(name, None, "LOADING", "a version is loading"))
-            elif model is not None and (failed := model.failures()):
-                listed.append(IndexEntry(name, None, "UNAVAILABLE", failed[0].reason))
+            elif model is not None and model.failures():
+                # Why, in the admin's repository index: a failure can name the server's paths.
+                why = "its last load failed (the repository index says why)"
+                listed.append(IndexEntry(name, None, "UNAVAILABLE", why))
             else:
                 why = self.repository.idle_reason(model)
                 listed.append(IndexEntry(name, None, "UNAVAILABLE", why))

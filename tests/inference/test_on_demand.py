@@ -138,6 +138,11 @@ def test_a_load_that_fails_answers_its_requests_and_the_others_serve(repo: Path)
         assert again.status_code == 503 and again.json()["error"] == refused.json()["error"]
         assert_answered_by(classify(client, "m00"), "m00")
         assert metric(client, "vit_model_load_wait_seconds_count", outcome="failed") == 2
+        (listed,) = [
+            m for m in client.get("/v1/models").json()["not_loaded"] if m["name"] == "broken"
+        ]
+        assert listed["reason"].startswith("its last load failed")  # the why is the admin's
+        assert "labels" in index(client)["broken"]["reason"]
 
 
 def test_a_load_past_the_deadline_is_504_and_goes_on(repo: Path) -> None:
