@@ -105,13 +105,13 @@ class VersionLoader:
         """`make_room` for `needed` bytes, and how much the process shrank meanwhile (what the
         versions unloaded gave back), so that a load's own growth is still measured."""
         assert self.make_room is not None
-        shrunk = settled_resident_bytes()
+        shrunk = await asyncio.to_thread(settled_resident_bytes)
         await self.make_room(name, key, needed)
-        return max(0, shrunk - settled_resident_bytes())
+        return max(0, shrunk - await asyncio.to_thread(settled_resident_bytes))
 
     async def prepare(self, model: ServedModel, version: int, file: VersionFile) -> Prepared:
         """The version's session, loaded and checked (not warmed up, not serving)."""
-        before = settled_resident_bytes()
+        before = await asyncio.to_thread(settled_resident_bytes)
         room = self.budget.room((model.name, version), self._held_besides(model, version))
         session = await self._session(model.name, version, file.path, room)
         return Prepared(model, version, file, session, before)
@@ -143,7 +143,7 @@ class VersionLoader:
             if prepared is not None:
                 before, session = prepared.resident_before, prepared.session
             else:
-                before = settled_resident_bytes()
+                before = await asyncio.to_thread(settled_resident_bytes)
                 room = self.budget.room(key, held)
                 if self.make_room is not None and room is not None:
                     room = self.budget.budget_bytes  # others make room once it is known
@@ -173,7 +173,8 @@ class VersionLoader:
             except BaseException:
                 await self.retirement.close(pipeline)
                 raise
-            measured = max(settled_resident_bytes() - before, file.size)
+            after = await asyncio.to_thread(settled_resident_bytes)  # off the event loop
+            measured = max(after - before, file.size)
             if self.make_room is not None:
                 await self._made_room(name, key, measured)
             try:
