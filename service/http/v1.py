@@ -31,6 +31,7 @@ from service.http.schemas import (
     NotLoaded,
     SelfTestInfo,
 )
+from service.inference.data_plane import require_embedding
 from service.inference.pipeline import Answer, Pipeline
 
 logger = logging.getLogger(__name__)
@@ -129,9 +130,12 @@ _EMBED: dict[str, Any] = {**_CLASSIFY, "response_model": EmbedResponse}
 @inference_router.post(
     "/v1/embed", summary="Embed one or more uploaded images (the default model)", **_EMBED
 )
-async def embed(request: Request, inference: InferenceDep, normalize: Normalize = False) -> Any:
+async def embed(
+    request: Request, inference: InferenceDep, normalize: Normalize = False
+) -> EmbedResponse:
     """Per file, the vector the model's classification head reads (`embedding.source` says
     which), for search, deduplication and few-shot classifiers."""
+    require_embedding(inference.pipeline)
     images, names = await _uploads(request, inference, pictures=False)
     work = inference.data_plane.embed_uploads(inference.admitted, images, inference.deadline)
     outcomes = await unless_disconnected(request, work)

@@ -105,6 +105,17 @@ class ModelSignature:
 PLATFORM = "onnxruntime_onnx"
 
 
+def require_embedding(pipeline: Pipeline) -> None:
+    """400 where the model version carries no embedding: before its request's body is read."""
+    metadata = pipeline.session.metadata
+    if metadata.embedding is None:
+        raise NoEmbedding(
+            f"model {metadata.name} version {metadata.version} carries no embedding: it was "
+            "written before files carried one, or its classification output is not a linear "
+            "head on features (export or import it again to add it)"
+        )
+
+
 class DataPlane:
     """Lookup, admission, deadlines, inference and the repository, for every front."""
 
@@ -196,15 +207,10 @@ class DataPlane:
         self, admitted: Admitted, images: list[bytes], deadline: float
     ) -> list[Answer | ServiceError]:
         """`classify_uploads` for embeddings: the model must carry one (400 otherwise, before
-        any image is decoded), and the embeddings answered are counted."""
+        any image is decoded; the route checks it before the body is read), and the embeddings
+        answered are counted."""
         pipeline = admitted.pipeline
-        metadata = pipeline.session.metadata
-        if metadata.embedding is None:
-            raise NoEmbedding(
-                f"model {metadata.name} version {metadata.version} carries no embedding: it was "
-                "written before files carried one, or its classification output is not a linear "
-                "head on features (export or import it again to add it)"
-            )
+        require_embedding(pipeline)
         outcomes = await self.classify_uploads(admitted, images, deadline, pictures=False)
         served = sum(not isinstance(outcome, ServiceError) for outcome in outcomes)
         pipeline.metrics.observe_embeddings(served)
