@@ -79,6 +79,20 @@ class OodCalibration(BaseModel):
         description="What the calibration images were (for mahalanobis, also the other "
         "in-distribution images the class means and covariance were fitted on)."
     )
+    choice: str | None = Field(
+        default=None,
+        description="Why this score: the share of images unlike the model's own that each "
+        "candidate score flagged at the same acceptance (None: the only candidate).",
+    )
+    held_out_images: int | None = Field(
+        default=None,
+        gt=0,
+        description="In-distribution images used neither to fit the score nor to set the "
+        "threshold, on which the flag was measured (None: too few images to keep any apart).",
+    )
+    held_out_flagged: int | None = Field(
+        default=None, ge=0, description="How many of the held-out images the threshold flags."
+    )
 
 
 class SelfTest(BaseModel):

@@ -32,18 +32,22 @@ from model_export.bf16 import (
     refuse_unmeasurable_bf16,
 )
 from model_export.checkpoint import Checkpoint, NotACheckpoint, sha256_of, state_dict_from_onnx
+from model_export.dataset import preprocessed
 from model_export.embedding import strip_embedding
 from model_export.evaluate import evaluate
 from model_export.importing import probability_diff, staged
 from model_export.ood_features import strip_ood_score
+from model_export.outliers import CHOICE_SEED
 from model_export.quantize import Int8Report, compare, quantize
 from model_export.rollout import ROLLOUT_OUTPUT, add_rollout_to_file, rollout_of, strip_rollout
 from model_export.sealing import finish_model_file, read_checked, write_metadata
 from model_export.stamp import (
     SELF_TEST_IMAGES,
     calibrate_best,
+    choose_score,
     golden_png,
     served_probabilities,
+    with_held_out,
 )
 from model_export.vit import VisionTransformer, ViTConfig
 from model_runtime.options import IN_PROCESS
@@ -71,6 +75,9 @@ PRECISION_MIN_IMAGES = 256
 # seed (1000003) nor the seeds the README and the tests evaluate on.
 CALIBRATION_SEED = 2_000_003
 CALIBRATION_COUNT = 2000
+# The share of in-distribution images the flag accepts: of the model's own kind of images, about
+# 1 - OOD_ACCEPT_RATE are flagged (docs/EXPLAIN.md measures it on held-out shapes).
+OOD_ACCEPT_RATE = 0.98
 
 
 @dataclass(frozen=True)
@@ -289,25 +296,49 @@ def finish(
     *,
     measured: float,
     calibration_count: int,
+    accept_rate: float,
+    held_out_seed: int,
+    held_out_count: int,
     update: dict[str, object],
 ) -> None:
-    """The out-of-distribution score (appended to the graph where it is computed there) and its
-    calibration, and the self-test set, written into the checked file with `update`; `measured`
-    is the file's largest probability difference from FP32."""
+    """The out-of-distribution score and its calibration, and the self-test set, written into
+    the checked file with `update`; `measured` is the file's largest probability difference from
+    FP32. The score is the one of the Mahalanobis score and the classification output's that
+    flags the most generated non-shape images (`choose_score`); the flag is then measured on
+    `held_out_count` shapes of `held_out_seed`."""
     spec = session.metadata.preprocessing
     count = calibration_count
 
     def calibrate(proto: onnx.ModelProto, session: ModelSession) -> OodCalibration:
-        return calibrate_best(
+        threshold_batches = [b for b, _ in held_out(spec, seed=CALIBRATION_SEED, count=count)]
+        source = f"shapes seed {CALIBRATION_SEED}, images 0-{count - 1} (held out)"
+        calibration = calibrate_best(
             proto,
             session,
             fit_batches=held_out(spec, seed=CALIBRATION_SEED, count=count, first=count),
-            threshold_batches=(
-                batch for batch, _ in held_out(spec, seed=CALIBRATION_SEED, count=count)
-            ),
-            source=f"shapes seed {CALIBRATION_SEED}, images 0-{count - 1} (held out)",
+            threshold_batches=threshold_batches,
+            source=source,
             fit_source=f"shapes seed {CALIBRATION_SEED}, images {count}-{2 * count - 1} (held out)",
+            accept_rate=accept_rate,
         )
+        choice_count = max(1, count // 2)
+        generated, _ = preprocessed(CHOICE_SEED, choice_count, spec, workers=1, source="outliers")
+        calibration = choose_score(
+            calibration,
+            proto,
+            session,
+            threshold_batches=threshold_batches,
+            outlier_batches=[
+                batch.astype(np.float32)
+                for batch in np.array_split(generated, 1 + choice_count // 64)
+            ],
+            outlier_source=f"generated non-shape images (outliers seed {CHOICE_SEED})",
+            source=source,
+        )
+        if not held_out_count:
+            return calibration
+        shapes_held_out = (b for b, _ in held_out(spec, seed=held_out_seed, count=held_out_count))
+        return with_held_out(calibration, proto, session, shapes_held_out)
 
     images = golden_images(spec)
     finish_model_file(
@@ -331,6 +362,7 @@ def export_model(
     eval_seed: int,
     eval_count: int,
     calibration_count: int = CALIBRATION_COUNT,
+    ood_accept_rate: float = OOD_ACCEPT_RATE,
     fp16: bool = False,
     int8: bool = False,
     bf16: bool = False,
@@ -403,6 +435,9 @@ def export_model(
             session,
             measured=measured,
             calibration_count=calibration_count,
+            accept_rate=ood_accept_rate,
+            held_out_seed=eval_seed,
+            held_out_count=eval_count,
             update=update,
         )
         if bf16:
@@ -422,6 +457,7 @@ def export(
     eval_seed: int,
     eval_count: int,
     calibration_count: int = CALIBRATION_COUNT,
+    ood_accept_rate: float = OOD_ACCEPT_RATE,
     fp16: bool = False,
     int8: bool = False,
     bf16: bool = False,
@@ -462,6 +498,7 @@ def export(
         eval_seed=eval_seed,
         eval_count=eval_count,
         calibration_count=calibration_count,
+        ood_accept_rate=ood_accept_rate,
         fp16=fp16,
         int8=int8,
         bf16=bf16,
@@ -497,6 +534,12 @@ def main(argv: list[str] | None = None) -> None:
         help=f"Held-out shapes (seed {CALIBRATION_SEED}) the out-of-distribution threshold is "
         "calibrated on; as many others fit the Mahalanobis score's class means and covariance.",
     )
+    parser.add_argument(
+        "--ood-accept-rate",
+        type=float,
+        default=OOD_ACCEPT_RATE,
+        help="The share of the calibration shapes the out-of-distribution flag accepts.",
+    )
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument(
         "--fp16",
@@ -526,6 +569,7 @@ def main(argv: list[str] | None = None) -> None:
             eval_seed=args.eval_seed,
             eval_count=args.eval_count,
             calibration_count=args.calibration_count,
+            ood_accept_rate=args.ood_accept_rate,
             fp16=args.fp16,
             int8=args.int8,
             bf16=args.bf16,

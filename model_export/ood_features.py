@@ -278,12 +278,17 @@ def fit(features: np.ndarray, classes: np.ndarray) -> Gaussians:
     labels = np.unique(classes)
     means = np.stack([features[classes == c].mean(axis=0) for c in labels])
     index = np.searchsorted(labels, classes)
-    covariance, shrinkage = ledoit_wolf(features - means[index])
+    residuals = features - means[index]
+    if not residuals.any():  # every class seen once: no spread around a class mean to measure
+        residuals = features - features.mean(axis=0)
+    covariance, shrinkage = ledoit_wolf(residuals)
     shrinkage = max(shrinkage, MIN_SHRINKAGE)
     dim = covariance.shape[0]
-    target = np.trace(covariance) / dim * np.eye(dim)
-    shrunk = (1 - shrinkage) * covariance + shrinkage * target
+    scale = float(np.trace(covariance)) / dim
+    scale = scale if scale > 0 else 1.0  # a single image: no spread at all
+    shrunk = (1 - shrinkage) * covariance + shrinkage * scale * np.eye(dim)
     values, vectors = np.linalg.eigh(shrunk)
+    values = np.maximum(values, MIN_SHRINKAGE * scale)  # rounding can leave one at or below 0
     whitening = (vectors / np.sqrt(values)) @ vectors.T
     return Gaussians(means=means, whitening=whitening)
 

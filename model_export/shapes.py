@@ -93,7 +93,7 @@ def _rotation(angle: float) -> np.ndarray:
     return np.array([[c, -s], [s, c]])
 
 
-def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
+def random_colour(rng: np.random.Generator) -> tuple[int, int, int]:
     r, g, b = (int(v) for v in rng.integers(0, 256, size=3))
     return r, g, b
 
@@ -102,7 +102,7 @@ def _contrasting_colour(rng: np.random.Generator, background: np.ndarray) -> tup
     """A colour clearly distinguishable from the background's mean, as a person would choose."""
     mean = background.reshape(-1, 3).mean(axis=0)
     for _ in range(50):
-        colour = np.array(_colour(rng))
+        colour = np.array(random_colour(rng))
         if np.abs(colour - mean).sum() > 240:
             break
     else:
@@ -111,10 +111,10 @@ def _contrasting_colour(rng: np.random.Generator, background: np.ndarray) -> tup
     return r, g, b
 
 
-def _ink(rng: np.random.Generator, dark: bool) -> tuple[int, int, int]:
+def ink(rng: np.random.Generator, dark: bool) -> tuple[int, int, int]:
     """A pen colour of any hue, dark (for light paper) or light (for a dark board)."""
     strength = rng.uniform(0.0, 0.45)
-    hue = np.array(_colour(rng), dtype=np.float64)
+    hue = np.array(random_colour(rng), dtype=np.float64)
     colour = hue * strength if dark else 255 - (255 - hue) * strength
     r, g, b = (int(v) for v in colour)
     return r, g, b
@@ -125,12 +125,12 @@ BACKGROUNDS = ("flat", "paper", "gradient", "noise", "stripes", "checker", "clut
 
 def _background(rng: np.random.Generator, width: int, height: int, kind: str) -> np.ndarray:
     """Flat, gradient, noise, texture or photo-like clutter, as float (H, W, 3) in 0..255."""
-    base = np.array(_colour(rng), dtype=np.float32)
+    base = np.array(random_colour(rng), dtype=np.float32)
     canvas: np.ndarray = np.broadcast_to(base, (height, width, 3)).astype(np.float32)
     if kind == "paper":
         canvas = np.broadcast_to(rng.uniform(200, 255, 3), (height, width, 3)).astype(np.float32)
     elif kind == "gradient":
-        other = np.array(_colour(rng), dtype=np.float32)
+        other = np.array(random_colour(rng), dtype=np.float32)
         direction = rng.uniform(0, 2 * np.pi)
         ys, xs = np.mgrid[0:height, 0:width]
         t = (xs * math.cos(direction) + ys * math.sin(direction)).astype(np.float32)
@@ -139,7 +139,7 @@ def _background(rng: np.random.Generator, width: int, height: int, kind: str) ->
     elif kind == "noise":
         canvas = canvas + rng.normal(0, rng.uniform(10, 40), (height, width, 3))
     elif kind in ("stripes", "checker"):
-        other = np.array(_colour(rng), dtype=np.float32)
+        other = np.array(random_colour(rng), dtype=np.float32)
         period = int(rng.integers(4, 24))
         ys, xs = np.mgrid[0:height, 0:width]
         if kind == "stripes":
@@ -163,9 +163,9 @@ def _clutter(rng: np.random.Generator, width: int, height: int, base: np.ndarray
         w, h = rng.uniform(0.1, 0.6) * width, rng.uniform(0.1, 0.6) * height
         box = (x0, y0, x0 + w, y0 + h)
         if rng.random() < 0.5:
-            draw.ellipse(box, fill=_colour(rng))
+            draw.ellipse(box, fill=random_colour(rng))
         else:
-            draw.rectangle(box, fill=_colour(rng))
+            draw.rectangle(box, fill=random_colour(rng))
     # Out of focus and washed towards the base colour, so the blobs never read as drawn shapes.
     blurred = np.asarray(image.filter(ImageFilter.GaussianBlur(rng.uniform(5, 10))), np.float32)
     return 0.5 * blurred + 0.5 * base
@@ -196,7 +196,7 @@ def _distractors(
             draw.line([(x + dx, y + dy) for dx, dy in steps], fill=colour, width=1)
 
 
-def _photo_effects(rng: np.random.Generator, image: Image.Image) -> Image.Image:
+def photo_effects(rng: np.random.Generator, image: Image.Image) -> Image.Image:
     """What a camera adds: focus blur, uneven light, a colour cast, sensor noise, exposure."""
     if rng.random() < 0.4:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
@@ -270,14 +270,14 @@ def render(seed: int, index: int) -> tuple[Image.Image, int]:
     hand_drawn = bool(rng.random() < 0.4)
     max_turn = np.pi / 12 if clean else np.pi
     outline = _shape_outline(rng, LABELS[label], centre, radius, hand_drawn, max_turn)
-    colour = _ink(rng, dark_ink)
+    colour = ink(rng, dark_ink)
     if rng.random() < 0.5:
         draw.polygon(outline, fill=colour)
     else:
         # At least ~3 pixels once the image is scaled to the model's 128: still visible.
         thickness = max(int(side * 0.025), int(radius * rng.uniform(0.08, 0.2)))
         draw.line([*outline, outline[0], outline[1]], fill=colour, width=thickness, joint="curve")
-    return (image if clean else _photo_effects(rng, image)), label
+    return (image if clean else photo_effects(rng, image)), label
 
 
 def encode(image: Image.Image, rng: np.random.Generator) -> bytes:

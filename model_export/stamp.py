@@ -43,6 +43,8 @@ ACCEPT_RATE = 0.95
 DEFAULT_SCORE: Score = "energy"
 SELF_TEST_IMAGES = 4
 CALIBRATION_BATCH_SIZE = 16
+# Of the user's calibration images, every this many-th is held out to measure the flag on.
+HELD_OUT_EVERY = 5
 # The self-test passes while every probability is within this many times the difference measured
 # at export between the written file and the FP32 reference, and never less than the floor: other
 # providers and thread counts move FP32 probabilities by ~1e-6, a wrong preprocessing, precision
@@ -52,16 +54,21 @@ TOLERANCE_FLOOR = 1e-3
 
 
 def calibrate(
-    session: ModelSession, batches: Iterable[np.ndarray], *, source: str
+    session: ModelSession,
+    batches: Iterable[np.ndarray],
+    *,
+    source: str,
+    accept_rate: float = ACCEPT_RATE,
 ) -> OodCalibration:
-    """The threshold that accepts ACCEPT_RATE of in-distribution images, on the file's outputs."""
+    """The threshold that accepts `accept_rate` of in-distribution images, on the file's
+    outputs."""
     kind = session.metadata.output
     score: Score = DEFAULT_SCORE if kind == "logits" else "max_softmax"
     outputs = np.concatenate([session.logits(batch) for batch in batches])
     return OodCalibration(
         score=score,
-        threshold=threshold_accepting(ood_scores(outputs, kind, score), ACCEPT_RATE),
-        accept_rate=ACCEPT_RATE,
+        threshold=threshold_accepting(ood_scores(outputs, kind, score), accept_rate),
+        accept_rate=accept_rate,
         calibration_images=len(outputs),
         calibration_source=source,
     )
@@ -76,10 +83,11 @@ def calibrate_mahalanobis(
     threshold_batches: Iterable[np.ndarray],
     source: str,
     fit_source: str,
+    accept_rate: float = ACCEPT_RATE,
 ) -> OodCalibration:
     """Append the Mahalanobis score to `proto` (in place, replacing any), its class means and
     covariance fitted on `fit_batches` (images with their class indices, or None: the model's
-    predicted classes), and the threshold that accepts ACCEPT_RATE of `threshold_batches`, other
+    predicted classes), and the threshold that accepts `accept_rate` of `threshold_batches`, other
     in-distribution images (fitting and thresholding on the same images would set it too high).
     `output` is the classification output; NoHead, before any image is read, where the graph's
     head on it cannot be found."""
@@ -99,8 +107,8 @@ def calibrate_mahalanobis(
     scores = ood_scores_of(proto, threshold_batches)
     return OodCalibration(
         score="mahalanobis",
-        threshold=threshold_accepting(scores, ACCEPT_RATE),
-        accept_rate=ACCEPT_RATE,
+        threshold=threshold_accepting(scores, accept_rate),
+        accept_rate=accept_rate,
         calibration_images=len(scores),
         calibration_source=f"{source}; class means and covariance fitted on {fit_source}",
     )
@@ -114,6 +122,7 @@ def calibrate_best(
     threshold_batches: Iterable[np.ndarray],
     source: str,
     fit_source: str,
+    accept_rate: float = ACCEPT_RATE,
 ) -> OodCalibration:
     """The Mahalanobis score appended to `proto` and calibrated, or where the graph's head cannot
     be found, the score of the classification output (`calibrate`), saying why."""
@@ -127,20 +136,105 @@ def calibrate_best(
             threshold_batches=threshold_batches,
             source=source,
             fit_source=fit_source,
+            accept_rate=accept_rate,
         )
     except NoHead as error:
         fallback = DEFAULT_SCORE if session.metadata.output == "logits" else "max_softmax"
         logger.warning("no mahalanobis out-of-distribution score (%s): %s instead", error, fallback)
-        return calibrate(session, threshold_batches, source=source)
+        return calibrate(session, threshold_batches, source=source, accept_rate=accept_rate)
+
+
+def most_flagging(
+    scored: dict[Score, tuple[np.ndarray, np.ndarray]], accept_rate: float
+) -> tuple[Score, dict[Score, float], dict[Score, float]]:
+    """For each score's values on in-distribution images and on outliers, the threshold that
+    accepts `accept_rate` of the first and the share of the second it flags; and the score that
+    flags the most (the first named, on a tie)."""
+    thresholds = {
+        score: threshold_accepting(inside, accept_rate) for score, (inside, _) in scored.items()
+    }
+    shares = {
+        score: float((outside < thresholds[score]).mean()) for score, (_, outside) in scored.items()
+    }
+    return max(shares, key=shares.__getitem__), thresholds, shares
+
+
+def choose_score(
+    calibration: OodCalibration,
+    proto: onnx.ModelProto,
+    session: ModelSession,
+    *,
+    threshold_batches: list[np.ndarray],
+    outlier_batches: list[np.ndarray],
+    outlier_source: str,
+    source: str,
+) -> OodCalibration:
+    """Of `calibration`'s score and those of the classification output, each thresholded to
+    accept the same share of `threshold_batches`, the one that flags the most of
+    `outlier_batches`, images unlike the model's own: a choice made on data that never measures
+    the flag. Where another score wins, the graph's `ood_score` is removed from `proto` and
+    `source` describes the threshold images alone."""
+    kind = session.metadata.output
+    inside = np.concatenate([session.logits(batch) for batch in threshold_batches])
+    outside = np.concatenate([session.logits(batch) for batch in outlier_batches])
+    scored: dict[Score, tuple[np.ndarray, np.ndarray]] = {}
+    if calibration.score == "mahalanobis":
+        scored["mahalanobis"] = (
+            ood_scores_of(proto, threshold_batches),
+            ood_scores_of(proto, outlier_batches),
+        )
+    for score in ("energy", "max_softmax") if kind == "logits" else ("max_softmax",):
+        scored[score] = (ood_scores(inside, kind, score), ood_scores(outside, kind, score))
+    best, thresholds, shares = most_flagging(scored, calibration.accept_rate)
+    ranking = ", ".join(f"{score} {share:.1%}" for score, share in shares.items())
+    logger.info("out-of-distribution score %s; %s flagged: %s", best, outlier_source, ranking)
+    choice = f"flagged most of {len(outside)} {outlier_source}: {ranking}"
+    if best == calibration.score:
+        return calibration.model_copy(update={"choice": choice})
+    strip_ood_score(proto)
+    return calibration.model_copy(
+        update={
+            "score": best,
+            "threshold": thresholds[best],
+            "calibration_source": source,
+            "choice": choice,
+        }
+    )
+
+
+def with_held_out(
+    calibration: OodCalibration,
+    proto: onnx.ModelProto,
+    session: ModelSession,
+    batches: Iterable[np.ndarray],
+) -> OodCalibration:
+    """`calibration` with how many of `batches`, in-distribution images used for nothing else,
+    its threshold flags: the share a user should expect on their own images."""
+    if calibration.score == "mahalanobis":
+        scores = ood_scores_of(proto, batches)
+    else:
+        outputs = np.concatenate([session.logits(batch) for batch in batches])
+        scores = ood_scores(outputs, session.metadata.output, calibration.score)
+    flagged = int((scores < calibration.threshold).sum())
+    logger.info(
+        "out-of-distribution flag on %d held-out in-distribution images: %d flagged (%.1f%%)",
+        len(scores),
+        flagged,
+        100 * flagged / max(1, len(scores)),
+    )
+    return calibration.model_copy(
+        update={"held_out_images": len(scores), "held_out_flagged": flagged}
+    )
 
 
 def calibrate_on_files(
     proto: onnx.ModelProto, session: ModelSession, files: list[Path], *, folder: Path
 ) -> OodCalibration:
-    """`calibrate_best` on the user's unlabelled in-distribution images: every other file (the
-    first, third, ...) fits the class means (of the model's predicted classes) and covariance,
-    the others set the threshold. The description names `folder` by its last part: the folders
-    above it are the importing machine's, and /v1/models shows it to anyone."""
+    """`calibrate_best` on the user's unlabelled in-distribution images: every fifth file is held
+    out to measure the flag on (`with_held_out`); of the others, every other one fits the class
+    means (of the model's predicted classes) and covariance, the rest set the threshold. The
+    description names `folder` by its last part: the folders above it are the importing
+    machine's, and /v1/models shows it to anyone."""
     spec = session.metadata.preprocessing
     where = f"under {folder.resolve().name}/"
 
@@ -149,17 +243,25 @@ def calibrate_on_files(
             chunk = chosen[start : start + CALIBRATION_BATCH_SIZE]
             yield np.concatenate([preprocess(p.read_bytes(), spec) for p in chunk])
 
-    fitting, thresholding = files[0::2], files[1::2]
+    held = files[HELD_OUT_EVERY - 1 :: HELD_OUT_EVERY]
+    kept = [
+        path for index, path in enumerate(files) if index % HELD_OUT_EVERY != HELD_OUT_EVERY - 1
+    ]
+    fitting, thresholding = kept[0::2], kept[1::2]
     if not thresholding:
-        return calibrate(session, batches(files), source=f"{len(files)} images {where}")
-    return calibrate_best(
-        proto,
-        session,
-        fit_batches=((batch, None) for batch in batches(fitting)),
-        threshold_batches=batches(thresholding),
-        source=f"{len(thresholding)} images {where} (the 2nd, 4th, ...)",
-        fit_source=f"the other {len(fitting)} (their predicted classes)",
-    )
+        calibration = calibrate(session, batches(kept), source=f"{len(kept)} images {where}")
+    else:
+        calibration = calibrate_best(
+            proto,
+            session,
+            fit_batches=((batch, None) for batch in batches(fitting)),
+            threshold_batches=batches(thresholding),
+            source=f"{len(thresholding)} images {where} (the 2nd, 4th, ... of those not held out)",
+            fit_source=f"{len(fitting)} others (their predicted classes)",
+        )
+    if not held:
+        return calibration
+    return with_held_out(calibration, proto, session, batches(held))
 
 
 def golden_png(data: bytes, spec: PreprocessSpec) -> bytes:

@@ -19,8 +19,10 @@ from tqdm import tqdm
 
 from model_contract.preprocess import PreprocessSpec
 from model_export import shapes
-from model_export.checkpoint import Checkpoint
+from model_export.checkpoint import Checkpoint, NotACheckpoint
 from model_export.dataset import cached_preprocessed
+from model_export.export import rebuild
+from model_export.outliers import OUTLIER_SEED
 from model_export.vit import PRESETS, VisionTransformer, preset
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=None,
         help="Keep generated data here so a rerun skips generating it.",
+    )
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="Start from this model's weights (a vit-train checkpoint or a file vit-export "
+        "wrote) instead of random ones: its architecture and preprocessing replace --preset, "
+        "--depth, --image-size and --patch-size.",
+    )
+    parser.add_argument(
+        "--outliers",
+        type=int,
+        default=0,
+        help="Generated images that are not shapes (model_export/outliers.py) to expose the "
+        "model to, half a batch each step: the model learns to be unsure of them, which "
+        "sharpens its out-of-distribution score (0: none).",
+    )
+    parser.add_argument("--outlier-seed", type=int, default=OUTLIER_SEED)
+    parser.add_argument(
+        "--outlier-weight",
+        type=float,
+        default=0.5,
+        help="Weight of the outliers' cross-entropy to the uniform distribution in the loss.",
     )
     parser.add_argument("--name", default="shapes-vit")
     parser.add_argument("-o", "--output", type=Path, default=Path("checkpoints/shapes-vit.pt"))
@@ -121,6 +146,12 @@ def evaluate(
     return correct / len(images)
 
 
+def uniform_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """The mean cross-entropy from the uniform distribution over the classes to the model's:
+    smallest, log(classes), where every class is equally likely."""
+    return (torch.logsumexp(logits, dim=1) - logits.mean(dim=1)).mean()
+
+
 @dataclass(frozen=True)
 class Recipe:
     """How any classifier here is trained: AdamW with weight decay on matrices only, linear
@@ -135,6 +166,10 @@ class Recipe:
     label_smoothing: float = 0.1
     bf16: bool = True
     turns: bool = True  # augment with flips and quarter turns as well as shifts
+    # Outlier exposure (Hendrycks et al., 2019): with outliers given to `fit`, every step adds
+    # batch_size // 2 of them and this weight times their cross-entropy to the uniform
+    # distribution, so that the model learns to be unsure of what is not its kind of image.
+    outlier_weight: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -153,11 +188,14 @@ def fit(
     recipe: Recipe,
     *,
     seed: int,
+    outliers: torch.Tensor | None = None,
     after_epoch: Callable[[int], None] | None = None,
     progress: bool = True,
 ) -> Fitted:
     """Train `model` in place on (N,3,S,S) images for `recipe.steps` steps; `seed` fixes the order
-    and the augmentation. `after_epoch(step)` is called after each pass over the data."""
+    and the augmentation. With `outliers` (M,3,S,S), each step also exposes the model to a random
+    half batch of them (`Recipe.outlier_weight`). `after_epoch(step)` is called after each pass
+    over the data."""
     steps_per_epoch = len(images) // recipe.batch_size
     assert steps_per_epoch > 0, "the training set must hold at least one batch"
     optimizer = torch.optim.AdamW(parameter_groups(model, recipe.weight_decay), lr=recipe.lr)
@@ -181,9 +219,15 @@ def fit(
             index = order[batch_start : batch_start + recipe.batch_size]
             x = augment(images[index].float(), generator, turns=recipe.turns)
             y = labels[index]
+            if outliers is not None:
+                chosen = torch.randint(0, len(outliers), (len(y) // 2,), generator=generator)
+                x = torch.cat([x, augment(outliers[chosen].float(), generator)])
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
-                logits = model(x)
-            loss = loss_fn(logits.float(), y)
+                all_logits = model(x).float()
+            logits = all_logits[: len(y)]
+            loss = loss_fn(logits, y)
+            if outliers is not None:
+                loss = loss + recipe.outlier_weight * uniform_cross_entropy(all_logits[len(y) :])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -207,19 +251,38 @@ def fit(
     return Fitted(steps=step, loss=loss_value, train_accuracy_ema=train_accuracy)
 
 
+def initial_model(path: Path) -> tuple[VisionTransformer, PreprocessSpec]:
+    """The shapes model to continue training from: a vit-train checkpoint or a file vit-export
+    wrote (its weights rebuilt from the graph); NotACheckpoint for anything else."""
+    if path.suffix.lower() == ".onnx":
+        model, metadata, _ = rebuild(path)
+        labels, spec = list(metadata.labels), metadata.preprocessing
+    else:
+        checkpoint = Checkpoint.load(path)
+        model, labels, spec = checkpoint.build_model(), checkpoint.labels, checkpoint.preprocessing
+    if labels != list(shapes.LABELS):
+        raise NotACheckpoint(f"{path} does not classify the shapes classes {list(shapes.LABELS)}")
+    return model, spec
+
+
 def train(args: argparse.Namespace) -> Checkpoint:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = PreprocessSpec(input_size=args.image_size, jpeg_draft=True)
-    config = preset(
-        args.preset,
-        depth=args.depth,
-        image_size=args.image_size,
-        patch_size=args.patch_size,
-        num_classes=len(shapes.LABELS),
-        dropout=args.dropout,
-    )
+    if args.init_from is not None:
+        model, spec = initial_model(args.init_from)
+        config = model.config
+    else:
+        spec = PreprocessSpec(input_size=args.image_size, jpeg_draft=True)
+        config = preset(
+            args.preset,
+            depth=args.depth,
+            image_size=args.image_size,
+            patch_size=args.patch_size,
+            num_classes=len(shapes.LABELS),
+            dropout=args.dropout,
+        )
+        model = VisionTransformer(config)
     started = time.perf_counter()
     logger.info("generating %d training and %d validation images", args.train_count, args.val_count)
     train_x, train_y = cached_preprocessed(
@@ -233,11 +296,21 @@ def train(args: argparse.Namespace) -> Checkpoint:
         start=args.train_count,
         workers=args.workers,
     )
+    outlier_images = None
+    if args.outliers:
+        outlier_x, _ = cached_preprocessed(
+            args.cache_dir,
+            args.outlier_seed,
+            args.outliers,
+            spec,
+            workers=args.workers,
+            source="outliers",
+        )
+        outlier_images = torch.from_numpy(outlier_x)
     images, labels = torch.from_numpy(train_x), torch.from_numpy(train_y)
     val_images, val_labels = torch.from_numpy(val_x), torch.from_numpy(val_y)
     logger.info("data ready in %.0f s", time.perf_counter() - started)
 
-    model = VisionTransformer(config)
     steps = (len(images) // args.batch_size) * args.epochs
     recipe = Recipe(
         steps=min(steps, args.max_steps) if args.max_steps else steps,
@@ -247,6 +320,7 @@ def train(args: argparse.Namespace) -> Checkpoint:
         warmup_frac=args.warmup_frac,
         label_smoothing=args.label_smoothing,
         bf16=args.bf16,
+        outlier_weight=args.outlier_weight,
     )
     val_accuracy = 0.0
 
@@ -255,7 +329,15 @@ def train(args: argparse.Namespace) -> Checkpoint:
         val_accuracy = evaluate(model, val_images, val_labels, args.batch_size)
         logger.info("step %d: validation accuracy %.4f", step, val_accuracy)
 
-    fitted = fit(model, images, labels, recipe, seed=args.seed, after_epoch=validate)
+    fitted = fit(
+        model,
+        images,
+        labels,
+        recipe,
+        seed=args.seed,
+        outliers=outlier_images,
+        after_epoch=validate,
+    )
     seconds = time.perf_counter() - started
     return Checkpoint(
         state_dict={k: v.detach().clone() for k, v in model.state_dict().items()},
@@ -268,6 +350,12 @@ def train(args: argparse.Namespace) -> Checkpoint:
             "seed": args.seed,
             "train": [0, args.train_count],
             "validation": [args.train_count, args.train_count + args.val_count],
+            **(
+                {"outliers": {"seed": args.outlier_seed, "count": args.outliers}}
+                if args.outliers
+                else {}
+            ),
+            **({"initialised_from": args.init_from.name} if args.init_from else {}),
         },
         metrics={
             "val_accuracy": val_accuracy,

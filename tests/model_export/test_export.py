@@ -18,6 +18,7 @@ onnx = pytest.importorskip("onnx")
 from model_export.checkpoint import Checkpoint, sha256_of  # noqa: E402
 from model_export.export import (  # noqa: E402
     LOGIT_TOLERANCE,
+    OOD_ACCEPT_RATE,
     OPSET,
     ROLLOUT_TOLERANCE,
     check_parity,
@@ -174,8 +175,14 @@ def test_the_file_carries_rollout_ood_and_self_test(tiny_onnx: Path) -> None:
     assert ((rollout > 0) & (rollout < 1)).all()
     assert score.shape == (3,) and score.dtype == np.float32 and (score < 0).all()
     ood = metadata.ood
-    assert ood is not None and ood.score == "mahalanobis" and ood.accept_rate == 0.95
+    # The Mahalanobis score flags most of the generated outliers the score is chosen on.
+    assert ood is not None and ood.score == "mahalanobis" and ood.accept_rate == OOD_ACCEPT_RATE
     assert ood.calibration_images == 64 and "seed 2000003, images 64-127" in ood.calibration_source
+    assert ood.choice is not None and "32 generated non-shape images" in ood.choice
+    assert all(score in ood.choice for score in ("mahalanobis", "energy", "max_softmax"))
+    # Measured on the held-out evaluation images, which neither fit nor set it.
+    assert ood.held_out_images == 64 and ood.held_out_flagged is not None
+    assert ood.held_out_flagged <= 64 * (1 - OOD_ACCEPT_RATE) + 8
     test = metadata.self_test
     assert test is not None and len(test.images) == 4 and test.tolerance >= 1e-3
     from model_export.stamp import served_probabilities

@@ -78,10 +78,11 @@ def test_an_optimum_directory_serves_the_pipelines_numbers(tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr
     metadata = metadata_of(output)
     assert metadata.attention_output == "attention_rollout" and metadata.output_name == "logits"
-    # Five photos: the 1st, 3rd and 5th fit the Mahalanobis score, the 2nd and 4th set its
-    # threshold.
+    # Five photos: the 5th is held out to measure the flag on, the 1st and 3rd fit the
+    # Mahalanobis score, the 2nd and 4th set its threshold.
     assert metadata.ood is not None and metadata.ood.score == "mahalanobis"
-    assert metadata.ood.calibration_images == 2
+    assert metadata.ood.calibration_images == 2 and metadata.ood.held_out_images == 1
+    assert metadata.ood.held_out_flagged in (0, 1)
     assert metadata.self_test is not None and len(metadata.self_test.images) == 4
     # Named after the file it serves from, not the directory optimum wrote.
     assert metadata.labels == ("left", "right", "up") and metadata.name == "served"

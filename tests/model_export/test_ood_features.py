@@ -229,3 +229,15 @@ def run_file(path: Path, batch: np.ndarray, names: list[str]) -> list[np.ndarray
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (name,) = [i.name for i in session.get_inputs()]
     return [np.asarray(v) for v in session.run(names, {name: batch})]
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_a_fit_on_a_few_images_of_distinct_classes_gives_finite_scores(count: int) -> None:
+    """A user's calibration folder may hold one image of each class (no spread around any class
+    mean) or a single image (no spread at all): the score stays finite and ranks the images
+    themselves above a far-away one."""
+    features = np.random.default_rng(3).normal(size=(count, DIM))
+    gaussians = fit(features, np.arange(count))
+    assert np.isfinite(gaussians.whitening).all()
+    scores = mahalanobis_scores(np.vstack([features, features[:1] + 100]), gaussians)
+    assert np.isfinite(scores).all() and scores[-1] < scores[:-1].min()

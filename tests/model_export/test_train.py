@@ -12,7 +12,14 @@ torch = pytest.importorskip("torch")
 from torch import Tensor, nn  # noqa: E402
 
 from model_export.cnn import ResNet, ResNetConfig  # noqa: E402
-from model_export.train import Recipe, augment, evaluate, fit, warmup_cosine  # noqa: E402
+from model_export.train import (  # noqa: E402
+    Recipe,
+    augment,
+    evaluate,
+    fit,
+    uniform_cross_entropy,
+    warmup_cosine,
+)
 from model_export.vit import VisionTransformer, ViTConfig  # noqa: E402
 
 
@@ -95,3 +102,42 @@ def test_the_schedule_warms_up_linearly_then_decays_to_zero() -> None:
     assert [warmup_cosine(s, 10, 2) for s in (0, 1)] == [0.5, 1.0]
     assert warmup_cosine(2, 10, 2) == 1.0
     assert warmup_cosine(10, 10, 2) == pytest.approx(0.0)
+
+
+def test_outlier_exposure_makes_the_model_unsure_of_outliers_only() -> None:
+    """Outliers are noise of middling brightness: exposed to them, the model keeps its classes and
+    answers them with nearly uniform probabilities; trained without, it is sure of one class."""
+
+    def trained(outliers: Tensor | None) -> nn.Module:
+        torch.manual_seed(0)
+        network = VisionTransformer(
+            ViTConfig(image_size=32, patch_size=8, width=32, depth=1, heads=2, num_classes=2)
+        )
+        fit(
+            network,
+            images,
+            labels,
+            Recipe(steps=60, batch_size=32, lr=3e-3, bf16=False, outlier_weight=1.0),
+            seed=0,
+            outliers=outliers,
+            progress=False,
+        )
+        return network.eval()
+
+    images, labels = separable(128, 32)
+    generator = torch.Generator().manual_seed(1)
+    noise = (0.6 * torch.randn(64, 3, 32, 32, generator=generator)).half()
+    exposed, plain = trained(noise[:32]), trained(None)
+    unseen = noise[32:].float()  # outliers of the same kind the training never saw
+    with torch.no_grad():
+        top_exposed = exposed(unseen).softmax(-1).max(-1).values.mean()
+        top_plain = plain(unseen).softmax(-1).max(-1).values.mean()
+    assert evaluate(exposed, images, labels, batch_size=64) > 0.9
+    assert top_exposed < 0.65 < top_plain
+
+
+def test_uniform_cross_entropy_is_smallest_for_equal_logits() -> None:
+    equal = torch.zeros(2, 5)
+    sure = torch.tensor([[9.0, 0, 0, 0, 0], [0, 0, 0, 0, 9.0]])
+    assert uniform_cross_entropy(equal).item() == pytest.approx(math.log(5))
+    assert uniform_cross_entropy(sure).item() > math.log(5) + 5
