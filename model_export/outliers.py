@@ -4,10 +4,10 @@ measured on stay unseen.
 
 Each image is a pure function of (seed, index), like `shapes`: noise of every grain, textures with
 a natural image's 1/f spectrum, gradients, gratings, dead-leaves scenes (many overlapping discs and
-boxes, the classic model of a photograph's occlusions), lines of text, scribbles, and collages and
-crops of these, then the same camera effects and encodings as the shapes. Some of them are a
-shape's background without the shape: the model learns that a shape, not its surroundings, makes
-an image its own.
+boxes, the classic model of a photograph's occlusions), lines of text, large softly edged objects
+filled with texture, scribbles, and collages and crops of these, then the same camera effects and
+encodings as the shapes. Some of them are a shape's background without the shape: the model
+learns that a shape, not its surroundings, makes an image its own.
 """
 
 from __future__ import annotations
@@ -142,6 +142,50 @@ def _scribbles(rng: np.random.Generator, width: int, height: int) -> Image.Image
     return image
 
 
+def _textured_object(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """One to three large objects, discs, boxes or irregular blobs, each filled with a texture of
+    its own and softly edged, over a textured, plain or dark ground: a photographed thing (a
+    cell, a face, the retina) is round and textured, where a drawn shape is flat."""
+    ground_kind = rng.random()
+    if ground_kind < 0.3:
+        image = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(0, 40, 3)))
+    elif ground_kind < 0.5:
+        image = _gradient(rng, width, height)
+    else:
+        image = _spectrum(rng, width, height)
+    side = min(width, height)
+    for _ in range(int(rng.integers(1, 4))):
+        mask = Image.new("L", (width, height), 0)
+        draw = ImageDraw.Draw(mask)
+        size = side * rng.uniform(0.35, 0.95)
+        x, y = (
+            rng.uniform(-size / 4, width - size * 0.75),
+            rng.uniform(-size / 4, height - size * 0.75),
+        )
+        shape = rng.random()
+        if shape < 0.45:
+            draw.ellipse((x, y, x + size, y + size * rng.uniform(0.7, 1.3)), fill=255)
+        elif shape < 0.6:
+            draw.rectangle((x, y, x + size * rng.uniform(0.6, 1.4), y + size), fill=255)
+        else:
+            angles = np.sort(rng.uniform(0, 2 * np.pi, int(rng.integers(6, 14))))
+            radii = size / 2 * rng.uniform(0.5, 1.0, len(angles))
+            cx, cy = x + size / 2, y + size / 2
+            draw.polygon(
+                [
+                    (cx + r * math.cos(a), cy + r * math.sin(a))
+                    for a, r in zip(angles, radii, strict=True)
+                ],
+                fill=255,
+            )
+        mask = mask.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, side / 15)))
+        filling = (_spectrum if rng.random() < 0.7 else _grain)(rng, width, height)
+        image = Image.composite(filling, image, mask)
+    if rng.random() < 0.4:
+        image = image.convert("L").convert("RGB")
+    return image
+
+
 def _collage(rng: np.random.Generator, width: int, height: int) -> Image.Image:
     """A grid of two to four tiles per side, each another kind of outlier."""
     tiles = int(rng.integers(2, 5))
@@ -180,7 +224,15 @@ def _clip(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-_SIMPLE: tuple[Canvas, ...] = (_grain, _spectrum, _gradient, _grating, _dead_leaves, _text)
+_SIMPLE: tuple[Canvas, ...] = (
+    _grain,
+    _spectrum,
+    _gradient,
+    _grating,
+    _dead_leaves,
+    _text,
+    _textured_object,
+)
 KINDS: dict[str, Canvas] = {
     "grain": _grain,
     "spectrum": _spectrum,
@@ -188,6 +240,7 @@ KINDS: dict[str, Canvas] = {
     "grating": _grating,
     "dead_leaves": _dead_leaves,
     "text": _text,
+    "textured_object": _textured_object,
     "scribbles": _scribbles,
     "collage": _collage,
     "crop": _crop,
