@@ -505,6 +505,14 @@ def export(
     )
 
 
+def share(text: str) -> float:
+    """An argument that is a share: above 0, at most 1."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a share (above 0, at most 1)")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(prog="vit-export", description=__doc__)
@@ -536,7 +544,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--ood-accept-rate",
-        type=float,
+        type=share,
         default=OOD_ACCEPT_RATE,
         help="The share of the calibration shapes the out-of-distribution flag accepts.",
     )

@@ -370,7 +370,10 @@ def train(args: argparse.Namespace) -> Checkpoint:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args = parse_args(argv)
-    checkpoint = train(args)
+    try:
+        checkpoint = train(args)
+    except NotACheckpoint as error:
+        sys.exit(f"vit-train: {error}")
     checkpoint.save(args.output)
     logger.info(
         "saved %s (validation accuracy %.4f, %.0f s)",

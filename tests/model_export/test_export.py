@@ -217,3 +217,23 @@ def test_a_file_vit_export_wrote_is_brought_up_to_date_with_the_same_numbers(
     assert np.array_equal(new.logits(batch), old_logits)
     assert new.metadata.version == "7" and new.metadata.attention_output == "attention_rollout"
     assert new.metadata.ood == metadata.ood and new.metadata.self_test == metadata.self_test
+
+
+@pytest.mark.parametrize("rate", ["0", "1.5", "-0.2"])
+def test_an_acceptance_that_is_not_a_share_is_refused_before_any_work(
+    tmp_path: Path, rate: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from model_export.export import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                str(tmp_path / "missing.pt"),
+                "-o",
+                str(tmp_path / "out.onnx"),
+                "--ood-accept-rate",
+                rate,
+            ]
+        )
+    assert exit_info.value.code == 2
+    assert f"{rate} is not a share" in capsys.readouterr().err

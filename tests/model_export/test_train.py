@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -11,12 +12,16 @@ torch = pytest.importorskip("torch")
 
 from torch import Tensor, nn  # noqa: E402
 
+from model_contract.preprocess import PreprocessSpec  # noqa: E402
+from model_export.checkpoint import Checkpoint  # noqa: E402
 from model_export.cnn import ResNet, ResNetConfig  # noqa: E402
 from model_export.train import (  # noqa: E402
     Recipe,
     augment,
     evaluate,
     fit,
+    initial_model,
+    main,
     uniform_cross_entropy,
     warmup_cosine,
 )
@@ -141,3 +146,21 @@ def test_uniform_cross_entropy_is_smallest_for_equal_logits() -> None:
     sure = torch.tensor([[9.0, 0, 0, 0, 0], [0, 0, 0, 0, 9.0]])
     assert uniform_cross_entropy(equal).item() == pytest.approx(math.log(5))
     assert uniform_cross_entropy(sure).item() > math.log(5) + 5
+
+
+def test_training_continues_from_a_checkpoint_or_an_exported_file(
+    tiny_checkpoint: Path, tiny_onnx: Path
+) -> None:
+    expected = Checkpoint.load(tiny_checkpoint).build_model().state_dict()
+    for source in (tiny_checkpoint, tiny_onnx):
+        model, spec = initial_model(source)
+        assert spec == PreprocessSpec(input_size=64, jpeg_draft=True)
+        for name, tensor in model.state_dict().items():
+            torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
+
+
+def test_init_from_anything_else_is_one_line(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match=r"^vit-train: .*junk.pt is not a vit-train checkpoint"):
+        main(["--init-from", str(junk), "--train-count", "8", "-o", str(tmp_path / "out.pt")])
