@@ -1,8 +1,8 @@
 """The out-of-distribution flag of a model file, measured on images it was never trained,
 calibrated or chosen on: how many held-out shapes it flags (which should pass), over several
 seeds, and how many real photos and faces (which should be flagged), with the threshold the file
-stores. Beside the stored score, the other scores, each calibrated as vit-export calibrates it
-(the file's acceptance, the same calibration images), for comparison.
+stores. Beside the stored score, the scores of the logits, each calibrated as vit-export
+calibrates it (the file's acceptance, the same calibration images), for comparison.
 
     python -m benchmarks.ood            # a few minutes on 2 cores (needs the bench extra)
     python -m benchmarks.ood --model OTHER.onnx
@@ -28,7 +28,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from model_contract.ood import SCORE_OUTPUT, Score, ood_scores, threshold_accepting
+from model_contract.ood import GRAPH_SCORES, SCORE_OUTPUT, Score, ood_scores, threshold_accepting
 from model_contract.preprocess import PreprocessSpec, preprocess
 from model_export.dataset import preprocessed
 from model_export.export import CALIBRATION_SEED, held_out
@@ -125,7 +125,7 @@ def measure(
     accepting `accept_rate` of the calibration images."""
     values = {
         name: graph
-        if score == "mahalanobis" and graph is not None
+        if score in GRAPH_SCORES and graph is not None
         else ood_scores(logits, "logits", score)
         for name, (logits, graph) in sets.items()
     }
@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     sets = image_sets(session, metadata.preprocessing)
     stored, accept_rate = metadata.ood.score, metadata.ood.accept_rate
     scores: list[Score] = ["max_softmax", "energy"]
-    if sets["calibration"][1] is not None:
-        scores.append("mahalanobis")
+    if stored in GRAPH_SCORES:
+        scores.append(stored)
     results: dict[str, Any] = {
         "model": str(
             args.model.relative_to(ROOT) if args.model.is_relative_to(ROOT) else args.model

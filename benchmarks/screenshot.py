@@ -4,6 +4,9 @@ page's file field, and the whole page written as a PNG once its answer and overl
 
     python -m benchmarks.screenshot     # about 10 seconds; writes docs/web-page.png
 
+The PNG carries the sha256 of what it shows (the page's files, the model file and the photo):
+tests/http/test_web.py fails, naming this command, once any of them has changed since.
+
 Needs the dev extra (selenium) and Debian's `chromium` and `chromium-driver`. The page is
 offline: only loopback resolves in the browser. It exits non-zero, writing nothing, where the
 page does not answer the photo.
@@ -13,20 +16,27 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
+import io
 import shutil
 import socket
 import sys
 from pathlib import Path
 
+from PIL import Image, PngImagePlugin
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service as ChromeService
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from benchmarks.run import DOCS, ROOT, start
+from service.http.web import STATIC
 
 PHOTO = ROOT / "model_export" / "photos" / "cat.jpg"
 MODEL = ROOT / "models" / "shapes-vit.onnx"
+SCREENSHOT = DOCS / "web-page.png"
+PAGE_FILES = ("index.html", "app.js", "style.css")
+FINGERPRINT_KEY = "vit-page-sha256"
 WIDTH, HEIGHT = 1280, 1000
 WAIT_S = 60.0
 
@@ -79,6 +89,30 @@ def screenshot(url: str, photo: Path) -> bytes:
         browser.quit()
 
 
+def fingerprint(model: Path = MODEL, photo: Path = PHOTO) -> str:
+    """The sha256 of everything the picture shows: the page's files, the model and the photo."""
+    digest = hashlib.sha256()
+    for path in (*(STATIC / name for name in PAGE_FILES), model, photo):
+        digest.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def with_fingerprint(png: bytes, value: str) -> bytes:
+    """The PNG with `value` stored as its text chunk FINGERPRINT_KEY."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text(FINGERPRINT_KEY, value)
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(png)).save(buffer, "PNG", pnginfo=info, optimize=True)
+    return buffer.getvalue()
+
+
+def stored_fingerprint(path: Path = SCREENSHOT) -> str | None:
+    """The fingerprint a screenshot was written with, or None."""
+    with Image.open(path) as image:
+        value = image.info.get(FINGERPRINT_KEY)
+    return value if isinstance(value, str) else None
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -90,7 +124,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", type=Path, default=MODEL)
     parser.add_argument("--photo", type=Path, default=PHOTO)
-    parser.add_argument("-o", "--output", type=Path, default=DOCS / "web-page.png")
+    parser.add_argument("-o", "--output", type=Path, default=SCREENSHOT)
     args = parser.parse_args()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -103,7 +137,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    args.output.write_bytes(png)
+    args.output.write_bytes(with_fingerprint(png, fingerprint(args.model, args.photo)))
     print(f"wrote {args.output}")
 
 

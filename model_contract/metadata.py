@@ -64,11 +64,14 @@ class OodCalibration(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    score: Literal["max_softmax", "energy", "mahalanobis"] = Field(
+    score: Literal["max_softmax", "energy", "mahalanobis", "mahalanobis_energy"] = Field(
         description="max_softmax: the top probability; energy: logsumexp of the logits (the "
         "negative energy); mahalanobis: the graph output ood_score, float32 [N], minus the "
         "smallest squared Mahalanobis distance of the classification head's input features to "
-        "the class means (shared covariance). Higher is more in-distribution each way."
+        "the class means (shared covariance); mahalanobis_energy: the graph output ood_score, "
+        "the smaller of the mahalanobis and energy scores, each standardised on in-distribution "
+        "images (0 at its median, -1 at its 1st percentile), so that either one finding an "
+        "image unusual flags it. Higher is more in-distribution each way."
     )
     threshold: float = Field(description="An image is in distribution iff its score is >= this.")
     accept_rate: float = Field(

@@ -8,11 +8,11 @@ from typing import Literal
 
 import numpy as np
 
-Score = Literal["max_softmax", "energy", "mahalanobis"]
+Score = Literal["max_softmax", "energy", "mahalanobis", "mahalanobis_energy"]
 SCORE_OUTPUT = "ood_score"
 """The graph output holding the score where the graph computes it (`GRAPH_SCORES`): float32 [N],
 higher is more in-distribution."""
-GRAPH_SCORES: frozenset[Score] = frozenset({"mahalanobis"})
+GRAPH_SCORES: frozenset[Score] = frozenset({"mahalanobis", "mahalanobis_energy"})
 """Scores of features inside the graph, read from its output `SCORE_OUTPUT`."""
 
 
@@ -21,8 +21,9 @@ def ood_scores(
 ) -> np.ndarray:
     """One float64 score per row of `outputs` (N, classes); higher means more like the training
     images. max_softmax: the top probability (Hendrycks & Gimpel, 2017). energy: logsumexp of
-    the logits, the negative of Liu et al.'s (2020) energy. mahalanobis is no function of the
-    classification output: the graph computes it (`SCORE_OUTPUT`)."""
+    the logits, the negative of Liu et al.'s (2020) energy. mahalanobis and mahalanobis_energy
+    are no function of the classification output alone: the graph computes them
+    (`SCORE_OUTPUT`)."""
     if score in GRAPH_SCORES:
         raise ValueError(
             f"the {score} score is computed in the graph: read its output {SCORE_OUTPUT!r}, "

@@ -355,6 +355,79 @@ def add_ood_score(proto: onnx.ModelProto, head: HeadFeatures, gaussians: Gaussia
     )
 
 
+@dataclass(frozen=True)
+class Standardised:
+    """Where a score's in-distribution values lie: (value - location) / scale is 0 at their
+    median and -1 at their 1st percentile, whatever the score's units."""
+
+    location: float
+    scale: float
+
+    @classmethod
+    def of(cls, values: np.ndarray) -> Standardised:
+        median, low = np.percentile(np.asarray(values, np.float64), [50, 1])
+        return cls(location=float(median), scale=float(median - low) or 1.0)
+
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        result: np.ndarray = (np.asarray(values, np.float64) - self.location) / self.scale
+        return result
+
+
+def combined_scores(
+    mahalanobis: np.ndarray,
+    energy: np.ndarray,
+    standardised: tuple[Standardised, Standardised],
+) -> np.ndarray:
+    """The `mahalanobis_energy` score in float64 (the reference the graph's is tested against):
+    the smaller of the two standardised scores."""
+    return np.minimum(standardised[0].apply(mahalanobis), standardised[1].apply(energy))
+
+
+def add_energy_to_score(
+    proto: onnx.ModelProto, logits: str, standardised: tuple[Standardised, Standardised]
+) -> None:
+    """Turn the Mahalanobis `ood_score` that `add_ood_score` appended into `mahalanobis_energy`
+    (in place): the smaller of it and the energy of `logits` (logsumexp), each standardised
+    (mahalanobis first). Its nodes carry the score's prefix, so `strip_ood_score` removes them
+    too."""
+    (score_node,) = [n for n in proto.graph.node if SCORE_OUTPUT in n.output]
+    mahalanobis = f"{_PREFIX}/mahalanobis"
+    score_node.output[:] = [mahalanobis if o == SCORE_OUTPUT else o for o in score_node.output]
+    opset = _opset(proto)
+    constants: dict[str, np.ndarray | np.float32] = {
+        "m_location": np.float32(standardised[0].location),
+        "m_scale": np.float32(standardised[0].scale),
+        "e_location": np.float32(standardised[1].location),
+        "e_scale": np.float32(standardised[1].scale),
+    }
+    if opset >= 18:  # ReduceLogSumExp takes its axes as an input from opset 18
+        constants["axis"] = np.array([1], np.int64)
+    proto.graph.initializer.extend(
+        numpy_helper.from_array(np.asarray(v), _at(f"combined/{k}")) for k, v in constants.items()
+    )
+    nodes: list[onnx.NodeProto] = []
+
+    def node(op: str, inputs: list[str], name: str, output: str = "", **attributes: Any) -> str:
+        output = output or f"{_PREFIX}/combined/{name}"
+        nodes.append(
+            helper.make_node(op, inputs, [output], name=f"{_PREFIX}/combined/{name}", **attributes)
+        )
+        return output
+
+    def at(name: str) -> str:
+        return _at(f"combined/{name}")
+
+    as_float = node("Cast", [logits], "logits", to=TensorProto.FLOAT)
+    if opset >= 18:
+        energy = node("ReduceLogSumExp", [as_float, at("axis")], "energy", keepdims=0)
+    else:
+        energy = node("ReduceLogSumExp", [as_float], "energy", axes=[1], keepdims=0)
+    e = node("Div", [node("Sub", [energy, at("e_location")], "e_centred"), at("e_scale")], "e")
+    m = node("Div", [node("Sub", [mahalanobis, at("m_location")], "m_centred"), at("m_scale")], "m")
+    node("Min", [m, e], "score", output=SCORE_OUTPUT)
+    proto.graph.node.extend(nodes)
+
+
 def strip_ood_score(proto: onnx.ModelProto) -> bool:
     """Remove what `add_ood_score` appended (in place), leaving the graph it was added to, node
     for node; whether there was a score to remove."""

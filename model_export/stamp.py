@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import onnx
 
 from model_contract.decode import decode
 from model_contract.metadata import OodCalibration, SelfTest
-from model_contract.ood import Score, ood_scores, threshold_accepting
+from model_contract.ood import GRAPH_SCORES, Score, ood_scores, threshold_accepting
 from model_contract.outputs import EMBEDDING, PROBABILITIES
 from model_contract.preprocess import (
     PreprocessSpec,
@@ -25,7 +26,10 @@ from model_contract.preprocess import (
 from model_export.importing import decodable_image_files
 from model_export.ood_features import (
     NoHead,
+    Standardised,
+    add_energy_to_score,
     add_ood_score,
+    combined_scores,
     features_of,
     find_head,
     fit,
@@ -148,15 +152,21 @@ def most_flagging(
     scored: dict[Score, tuple[np.ndarray, np.ndarray]], accept_rate: float
 ) -> tuple[Score, dict[Score, float], dict[Score, float]]:
     """For each score's values on in-distribution images and on outliers, the threshold that
-    accepts `accept_rate` of the first and the share of the second it flags; and the score that
-    flags the most (the first named, on a tie)."""
+    accepts `accept_rate` of the first and the share of the second it flags; and the first named
+    of the scores that flag the most. Shares closer to the largest than the outliers can tell
+    apart (two binomial standard errors, and at least one image) count as a tie: near 100%, one
+    image more on one set of outliers is chance, not a better score."""
     thresholds = {
         score: threshold_accepting(inside, accept_rate) for score, (inside, _) in scored.items()
     }
     shares = {
         score: float((outside < thresholds[score]).mean()) for score, (_, outside) in scored.items()
     }
-    return max(shares, key=shares.__getitem__), thresholds, shares
+    count = min(len(outside) for _, outside in scored.values())
+    best = max(shares.values())
+    margin = max(2 * math.sqrt(best * (1 - best) / count), 1 / count)
+    chosen = next(score for score, share in shares.items() if share >= best - margin - 1e-12)
+    return chosen, thresholds, shares
 
 
 def choose_score(
@@ -169,28 +179,54 @@ def choose_score(
     outlier_source: str,
     source: str,
 ) -> OodCalibration:
-    """Of `calibration`'s score and those of the classification output, each thresholded to
-    accept the same share of `threshold_batches`, the one that flags the most of
-    `outlier_batches`, images unlike the model's own: a choice made on data that never measures
-    the flag. Where another score wins, the graph's `ood_score` is removed from `proto` and
-    `source` describes the threshold images alone."""
+    """Of `calibration`'s score, those of the classification output and, beside a Mahalanobis
+    score of logits, `mahalanobis_energy` (the two combined), each thresholded to accept the same
+    share of `threshold_batches`, the one that flags the most of `outlier_batches`, images
+    unlike the model's own: a choice made on data that never measures the flag. On a tie
+    (`most_flagging`) the first named wins: the combination, the Mahalanobis score, then the
+    logits' scores. Where a logit score wins, the graph's `ood_score`
+    is removed from `proto` and `source` describes the threshold images alone; where the
+    combination wins, it replaces the graph's `ood_score`."""
     kind = session.metadata.output
     inside = np.concatenate([session.logits(batch) for batch in threshold_batches])
     outside = np.concatenate([session.logits(batch) for batch in outlier_batches])
+    logit_scores: tuple[Score, ...] = ("max_softmax",)
+    if kind == "logits":
+        logit_scores = ("energy", "max_softmax")
+    of_logits: dict[Score, tuple[np.ndarray, np.ndarray]] = {
+        score: (ood_scores(inside, kind, score), ood_scores(outside, kind, score))
+        for score in logit_scores
+    }
     scored: dict[Score, tuple[np.ndarray, np.ndarray]] = {}
+    standardised = None
     if calibration.score == "mahalanobis":
-        scored["mahalanobis"] = (
+        mahalanobis = (
             ood_scores_of(proto, threshold_batches),
             ood_scores_of(proto, outlier_batches),
         )
-    for score in ("energy", "max_softmax") if kind == "logits" else ("max_softmax",):
-        scored[score] = (ood_scores(inside, kind, score), ood_scores(outside, kind, score))
+        if kind == "logits":
+            energy = of_logits["energy"]
+            standardised = (Standardised.of(mahalanobis[0]), Standardised.of(energy[0]))
+            scored["mahalanobis_energy"] = (
+                combined_scores(mahalanobis[0], energy[0], standardised),
+                combined_scores(mahalanobis[1], energy[1], standardised),
+            )
+        scored["mahalanobis"] = mahalanobis
+    scored.update(of_logits)
     best, thresholds, shares = most_flagging(scored, calibration.accept_rate)
     ranking = ", ".join(f"{score} {share:.1%}" for score, share in shares.items())
     logger.info("out-of-distribution score %s; %s flagged: %s", best, outlier_source, ranking)
     choice = f"flagged most of {len(outside)} {outlier_source}: {ranking}"
     if best == calibration.score:
         return calibration.model_copy(update={"choice": choice})
+    if best == "mahalanobis_energy" and standardised is not None:
+        output = session.metadata.output_name or proto.graph.output[0].name
+        add_energy_to_score(proto, output, standardised)
+        in_graph = ood_scores_of(proto, threshold_batches)  # float32, as served
+        threshold = threshold_accepting(in_graph, calibration.accept_rate)
+        return calibration.model_copy(
+            update={"score": best, "threshold": threshold, "choice": choice}
+        )
     strip_ood_score(proto)
     return calibration.model_copy(
         update={
@@ -210,7 +246,7 @@ def with_held_out(
 ) -> OodCalibration:
     """`calibration` with how many of `batches`, in-distribution images used for nothing else,
     its threshold flags: the share a user should expect on their own images."""
-    if calibration.score == "mahalanobis":
+    if calibration.score in GRAPH_SCORES:
         scores = ood_scores_of(proto, batches)
     else:
         outputs = np.concatenate([session.logits(batch) for batch in batches])

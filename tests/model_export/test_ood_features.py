@@ -17,7 +17,10 @@ from model_contract.preprocess import preprocess
 from model_export.export import CALIBRATION_SEED
 from model_export.ood_features import (
     NoHead,
+    Standardised,
+    add_energy_to_score,
     add_ood_score,
+    combined_scores,
     features_of,
     find_head,
     fit,
@@ -200,7 +203,7 @@ def test_the_threshold_is_set_on_other_images_than_the_fit() -> None:
 def test_the_bundled_models_score_is_recomputed_from_its_features(served_model: Path) -> None:
     proto = onnx.load(str(served_model))
     metadata = ModelSession(served_model, IN_PROCESS).metadata
-    assert metadata.ood is not None and metadata.ood.score == "mahalanobis"
+    assert metadata.ood is not None and metadata.ood.score in ("mahalanobis", "mahalanobis_energy")
     assert str(CALIBRATION_SEED) in metadata.ood.calibration_source
     spec = metadata.preprocessing
     batch = np.concatenate([preprocess(s.data, spec) for s in samples(4242, 6)])
@@ -219,6 +222,13 @@ def test_the_bundled_models_score_is_recomputed_from_its_features(served_model: 
     z = (features - constants["centre"]) @ constants["whitening"]
     distances = (z**2).sum(axis=1, keepdims=True) + z @ constants["minus_twice_means"]
     expected = -(distances + constants["mean_norms"]).min(axis=1)
+    if metadata.ood.score == "mahalanobis_energy":
+        standardised = (
+            Standardised(float(constants["m_location"]), float(constants["m_scale"])),
+            Standardised(float(constants["e_location"]), float(constants["e_scale"])),
+        )
+        energy = np.log(np.exp(plain_logits.astype(np.float64)).sum(axis=1))
+        expected = combined_scores(expected, energy, standardised)
     assert score.shape == (6,)
     assert np.abs(score - expected).max() <= 1e-4 * np.abs(expected).max()
     assert np.array_equal(logits, plain_logits)
@@ -241,3 +251,37 @@ def test_a_fit_on_a_few_images_of_distinct_classes_gives_finite_scores(count: in
     assert np.isfinite(gaussians.whitening).all()
     scores = mahalanobis_scores(np.vstack([features, features[:1] + 100]), gaussians)
     assert np.isfinite(scores).all() and scores[-1] < scores[:-1].min()
+
+
+def test_the_combined_score_in_the_graph_is_the_smaller_standardised_score() -> None:
+    """mahalanobis_energy in the graph against its float64 reference, and removed whole."""
+    proto = tiny("layernorm")
+    rng = np.random.default_rng(5)
+    batch = rng.normal(size=(16, 3, SIZE, SIZE)).astype(np.float32)
+    head = find_head(proto, "logits", input_size=SIZE)
+    features, logits = features_of(proto, head, "logits", [batch])
+    gaussians = fit(features, logits.argmax(axis=1))
+    original = onnx.ModelProto()
+    original.CopyFrom(proto)
+    add_ood_score(proto, head, gaussians)
+    mahalanobis = ood_scores_of(proto, [batch])
+    energy = np.log(np.exp(logits.astype(np.float64)).sum(axis=1))
+    standardised = (Standardised.of(mahalanobis), Standardised.of(energy))
+    add_energy_to_score(proto, "logits", standardised)
+    onnx.checker.check_model(proto, full_check=True)
+    combined = ood_scores_of(proto, [batch])
+    expected = combined_scores(mahalanobis, energy, standardised)
+    np.testing.assert_allclose(combined, expected, atol=1e-4 * np.abs(expected).max())
+    # Each standardised score decides some images: the combination is neither score alone.
+    m, e = standardised[0].apply(mahalanobis), standardised[1].apply(energy)
+    assert (m < e).any() and (e < m).any()
+    assert strip_ood_score(proto)
+    assert proto.SerializeToString() == original.SerializeToString()
+
+
+def test_a_standardised_score_is_zero_at_the_median_and_minus_one_at_the_first_percentile() -> None:
+    values = np.random.default_rng(2).normal(40.0, 7.0, 10_001)
+    standardised = Standardised.of(values)
+    median, low = np.percentile(values, [50, 1])
+    np.testing.assert_allclose(standardised.apply(np.array([median, low])), [0.0, -1.0])
+    assert Standardised.of(np.full(10, 3.0)).scale == 1.0  # no spread: units left as they are

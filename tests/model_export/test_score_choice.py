@@ -26,6 +26,21 @@ def test_the_score_flagging_most_outliers_at_the_same_acceptance_wins() -> None:
     assert 0 < shares["max_softmax"] < 1
 
 
+def test_shares_the_outliers_cannot_tell_apart_are_a_tie() -> None:
+    """999 and 998 of 1,000 outliers: one image apart, within two standard errors."""
+    inside = np.arange(1000.0)
+    one_more = np.r_[np.full(999, -1.0), [500.0]]
+    one_fewer = np.r_[np.full(998, -1.0), [500.0, 500.0]]
+    far_fewer = np.r_[np.full(980, -1.0), np.full(20, 500.0)]
+    scored: dict[Score, tuple[np.ndarray, np.ndarray]] = {
+        "mahalanobis_energy": (inside, one_fewer),
+        "energy": (inside, one_more),
+    }
+    assert most_flagging(scored, 0.98)[0] == "mahalanobis_energy"
+    scored["mahalanobis_energy"] = (inside, far_fewer)
+    assert most_flagging(scored, 0.98)[0] == "energy"
+
+
 def test_a_tie_keeps_the_first_score_named() -> None:
     outliers = INSIDE - 100  # every score flags every outlier
     scored: dict[Score, tuple[np.ndarray, np.ndarray]] = {
