@@ -6,8 +6,9 @@ Each image is a pure function of (seed, index), like `shapes`: noise of every gr
 a natural image's 1/f spectrum, gradients, gratings, dead-leaves scenes (many overlapping discs and
 boxes, the classic model of a photograph's occlusions), lines of text, large softly edged objects
 filled with texture, scribbles, and collages and crops of these, then the same camera effects and
-encodings as the shapes. Some of them are a shape's background without the shape: the model
-learns that a shape, not its surroundings, makes an image its own.
+encodings as the shapes. Many look like the backgrounds shapes are drawn on (noise, textures,
+gradients, clutter) with no shape on them: the model learns that a shape, not its surroundings,
+makes an image its own.
 """
 
 from __future__ import annotations
