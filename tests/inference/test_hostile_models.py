@@ -184,7 +184,8 @@ def test_a_call_whose_rows_do_not_match_its_images_fails_alone(tmp_path: Path) -
     model = batch_ignoring_when_bright(tmp_path / "model.onnx")
     white = encode(Image.new("RGB", (40, 40), "white"), "PNG")
     files = [("file", (f"{i}.png", white, "image/png")) for i in range(2)]
-    with ready_client(cpu_settings(model)) as client:
+    # A batch delay makes the two images of one request share a call, whichever decodes first.
+    with ready_client(cpu_settings(model, max_batch_delay_ms=500)) as client:
         answer = client.post("/v1/classify", files=files)
         assert answer.status_code == 500, answer.text
         assert answer.json()["type"] == "inference_failed"
