@@ -153,6 +153,55 @@ def uniform_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class Plateau:
+    """Train until the training accuracy stops rising instead of for a fixed number of steps.
+
+    After `warmup` steps of linear warm-up the learning rate holds. Every `period` steps the mean
+    accuracy of that period's (augmented) training batches is compared with the best so far;
+    `patience` periods in a row without a gain of `min_gain` cut the learning rate by `factor`
+    (the rule of PyTorch's ReduceLROnPlateau), and the plateau after `cuts` cuts ends training.
+    A period with every batch answered right ends it too: there is nothing left to fit.
+    `Recipe.steps` stays the cap; a run that reaches it has not converged."""
+
+    period: int = 100
+    patience: int = 2
+    min_gain: float = 0.005
+    factor: float = 0.2
+    cuts: int = 2
+    warmup: int = 100
+
+
+class PlateauWatch:
+    """A `Plateau`'s state over one run: the learning-rate multiplier and when to stop."""
+
+    def __init__(self, rule: Plateau) -> None:
+        self.rule = rule
+        self.best = -math.inf
+        self.stale = 0
+        self.cuts = 0
+
+    def multiplier(self, step: int) -> float:
+        if step < self.rule.warmup:
+            return (step + 1) / self.rule.warmup
+        return float(self.rule.factor**self.cuts)
+
+    def converged(self, period_accuracy: float) -> bool:
+        """Record one period's training accuracy; True once training should stop."""
+        if period_accuracy >= 1.0:
+            return True
+        if period_accuracy >= self.best + self.rule.min_gain:
+            self.best, self.stale = period_accuracy, 0
+            return False
+        self.stale += 1
+        if self.stale < self.rule.patience:
+            return False
+        if self.cuts == self.rule.cuts:
+            return True
+        self.cuts, self.stale = self.cuts + 1, 0
+        return False
+
+
+@dataclass(frozen=True)
 class Recipe:
     """How any classifier here is trained: AdamW with weight decay on matrices only, linear
     warm-up then cosine decay, label smoothing, gradient clipping at norm 1, bfloat16 autocast
@@ -170,6 +219,8 @@ class Recipe:
     # batch_size // 2 of them and this weight times their cross-entropy to the uniform
     # distribution, so that the model learns to be unsure of what is not its kind of image.
     outlier_weight: float = 0.5
+    # With a plateau rule, `steps` is a cap and the schedule is the rule's, not warm-up + cosine.
+    until_plateau: Plateau | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +230,10 @@ class Fitted:
     steps: int
     loss: float  # of the last batch
     train_accuracy_ema: float
+    # With `Recipe.until_plateau`: whether the rule stopped it before the cap, and the mean
+    # training accuracy of its last period.
+    converged: bool | None = None
+    last_period_accuracy: float | None = None
 
 
 def fit(
@@ -192,29 +247,32 @@ def fit(
     after_epoch: Callable[[int], None] | None = None,
     progress: bool = True,
 ) -> Fitted:
-    """Train `model` in place on (N,3,S,S) images for `recipe.steps` steps; `seed` fixes the order
-    and the augmentation. With `outliers` (M,3,S,S), each step also exposes the model to a random
-    half batch of them (`Recipe.outlier_weight`). `after_epoch(step)` is called after each pass
-    over the data."""
+    """Train `model` in place on (N,3,S,S) images for `recipe.steps` steps, or until its
+    `until_plateau` rule stops it; `seed` fixes the order and the augmentation. With `outliers`
+    (M,3,S,S), each step also exposes the model to a random half batch of them
+    (`Recipe.outlier_weight`). `after_epoch(step)` is called after each pass over the data."""
     steps_per_epoch = len(images) // recipe.batch_size
     assert steps_per_epoch > 0, "the training set must hold at least one batch"
     optimizer = torch.optim.AdamW(parameter_groups(model, recipe.weight_decay), lr=recipe.lr)
+    watch = PlateauWatch(recipe.until_plateau) if recipe.until_plateau else None
     warmup = max(1, int(recipe.steps * recipe.warmup_frac))
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, recipe.steps, warmup)
+        optimizer,
+        watch.multiplier if watch else lambda s: warmup_cosine(s, recipe.steps, warmup),
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     generator = torch.Generator().manual_seed(seed)
 
     step, loss_value, train_accuracy = 0, math.nan, 0.0
+    converged, period_correct, last_period_accuracy = False, 0.0, math.nan
     bar = tqdm(
         total=recipe.steps, desc="train", unit="step", dynamic_ncols=True, disable=not progress
     )
-    while step < recipe.steps:
+    while step < recipe.steps and not converged:
         model.train()
         order = torch.randperm(len(images), generator=generator)
         for batch_start in range(0, steps_per_epoch * recipe.batch_size, recipe.batch_size):
-            if step >= recipe.steps:
+            if step >= recipe.steps or converged:
                 break
             index = order[batch_start : batch_start + recipe.batch_size]
             x = augment(images[index].float(), generator, turns=recipe.turns)
@@ -239,6 +297,12 @@ def fit(
             train_accuracy = (
                 0.9 * train_accuracy + 0.1 * batch_accuracy if step > 1 else batch_accuracy
             )
+            if watch is not None:
+                period_correct += batch_accuracy
+                if step % watch.rule.period == 0:
+                    last_period_accuracy = period_correct / watch.rule.period
+                    converged = watch.converged(last_period_accuracy)
+                    period_correct = 0.0
             bar.set_postfix(
                 loss=f"{loss_value:.3f}",
                 acc=f"{train_accuracy:.3f}",
@@ -248,7 +312,15 @@ def fit(
         if after_epoch is not None:
             after_epoch(step)
     bar.close()
-    return Fitted(steps=step, loss=loss_value, train_accuracy_ema=train_accuracy)
+    if watch is None:
+        return Fitted(steps=step, loss=loss_value, train_accuracy_ema=train_accuracy)
+    return Fitted(
+        steps=step,
+        loss=loss_value,
+        train_accuracy_ema=train_accuracy,
+        converged=converged,
+        last_period_accuracy=last_period_accuracy,
+    )
 
 
 def initial_model(path: Path) -> tuple[VisionTransformer, PreprocessSpec]:

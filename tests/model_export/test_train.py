@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ from model_contract.preprocess import PreprocessSpec  # noqa: E402
 from model_export.checkpoint import Checkpoint  # noqa: E402
 from model_export.cnn import ResNet, ResNetConfig  # noqa: E402
 from model_export.train import (  # noqa: E402
+    Plateau,
+    PlateauWatch,
     Recipe,
     augment,
     evaluate,
@@ -82,6 +85,42 @@ def test_after_epoch_is_called_after_every_pass_over_the_data() -> None:
         progress=False,
     )
     assert seen == [2, 4, 5]  # two batches an epoch, the last epoch cut short
+
+
+def test_a_plateau_cuts_the_learning_rate_then_stops_training() -> None:
+    watch = PlateauWatch(Plateau(patience=2, min_gain=0.01, factor=0.5, cuts=1, warmup=4))
+    assert [watch.multiplier(s) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert not watch.converged(0.50)
+    assert not watch.converged(0.70)
+    assert not watch.converged(0.705)  # under the least gain: one stale period
+    assert not watch.converged(0.70)  # two: the learning rate is cut
+    assert watch.cuts == 1 and watch.multiplier(100) == 0.5
+    assert not watch.converged(0.80)  # a gain after the cut starts the count again
+    assert not watch.converged(0.80)
+    assert watch.converged(0.79)  # the plateau after the last cut ends training
+
+
+def test_a_period_with_every_batch_right_ends_training_at_once() -> None:
+    assert PlateauWatch(Plateau()).converged(1.0)
+
+
+def test_fit_until_plateau_stops_before_its_cap_and_says_so() -> None:
+    torch.manual_seed(0)
+    network = VisionTransformer(
+        ViTConfig(image_size=32, patch_size=8, width=32, depth=1, heads=2, num_classes=2)
+    )
+    images, labels = separable(128, 32)
+    rule = Plateau(period=4, patience=2, cuts=1, warmup=4)
+    recipe = Recipe(steps=400, batch_size=32, lr=3e-3, bf16=False, until_plateau=rule)
+    fitted = fit(network, images, labels, recipe, seed=0, progress=False)
+    assert fitted.converged is True and fitted.steps < 400 and fitted.steps % 4 == 0
+    assert fitted.last_period_accuracy is not None and fitted.last_period_accuracy > 0.9
+    capped = fit(network, images, labels, replace(recipe, steps=3), seed=0, progress=False)
+    assert capped.converged is False and capped.steps == 3
+    fixed = fit(
+        network, images, labels, Recipe(steps=2, batch_size=32, bf16=False), seed=0, progress=False
+    )
+    assert fixed.converged is None  # a fixed budget says nothing about convergence
 
 
 def test_without_turns_augmentation_only_shifts() -> None:
