@@ -245,62 +245,66 @@ def report(rows: list[dict[str, Any]], missing: Sequence[Run] = ()) -> str:
         "one's held-out accuracy grows with the number of training images when each is trained",
         "until it has learned what it can from them.",
         "",
-        "Every figure is from `python -m benchmarks.data_efficiency` (written by",
-        "benchmarks/data_efficiency.py; each finished run in",
+        "Every figure is from `python -m benchmarks.data_efficiency`"
+        " (benchmarks/data_efficiency.py)",
+        "on this project's reference machine, 2 AMD EPYC cores with AVX2. Each finished run is in",
         "[data_efficiency_runs.jsonl](data_efficiency_runs.jsonl), the summary in",
-        "[data_efficiency.json](data_efficiency.json)) on this project's 2-core AVX2 CPU",
-        "reference machine. The runs are resumable: the file of runs is where the experiment",
-        "stands, and each rerun goes on from it.",
+        "[data_efficiency.json](data_efficiency.json). The experiment is resumable: the file of",
+        "runs says where it stands, and each rerun goes on from it.",
         "",
         "## What is compared",
         "",
-        f"- A ViT of {parameters('vit') / 1e6:.2f} M parameters: the default ViT's layout",
-        f"  (depth {VIT_DEPTH}, {VIT_HEADS} heads, pre-norm blocks, class token;",
-        f"  `model_export/vit.py`) at width {VIT_WIDTH}, on {SPEC.input_size}x{SPEC.input_size}",
-        f"  inputs cut into {PATCH}x{PATCH} patches:",
-        f"  {(SPEC.input_size // PATCH) ** 2} tokens, as the bundled model has.",
-        f"- A residual CNN of {parameters('cnn') / 1e6:.2f} M parameters: ResNet-18's layout at a",
-        "  quarter of its width (a two-convolution stem, four stages of two basic blocks at",
-        f"  {', '.join(str(w) for w in CNN_WIDTHS)} channels, global average pooling;",
-        "  `model_export/cnn.py`).",
+        f"- A ViT of {parameters('vit') / 1e6:.2f} M parameters: the default ViT's layout (depth"
+        f" {VIT_DEPTH}, {VIT_HEADS} heads,",
+        f"  pre-norm blocks, class token; `model_export/vit.py`) at width {VIT_WIDTH}, on"
+        f" {SPEC.input_size}x{SPEC.input_size} inputs",
+        f"  cut into {PATCH}x{PATCH} patches: {(SPEC.input_size // PATCH) ** 2} tokens, as the"
+        " bundled model has.",
+        f"- A residual CNN of {parameters('cnn') / 1e6:.2f} M parameters: ResNet-18's layout at a"
+        " quarter of its width",
+        "  (a two-convolution stem, four stages of two basic blocks at"
+        f" {', '.join(str(w) for w in CNN_WIDTHS)} channels,",
+        "  global average pooling; `model_export/cnn.py`).",
         "",
         "Both are trained by the same function, `model_export.train.fit`, with the bundled model's",
         "optimiser (AdamW at 5e-4, weight decay 0.05 on matrices, label smoothing 0.1, gradient",
         "clipping at 1, batch 64) and augmentation (shifts of up to 8 pixels; on `shapes` also",
         "flips and quarter turns, which a digit does not survive), in float32.",
         "",
-        "**Trained to convergence.** No step budget is set in advance. After "
-        f"{PLATEAU.warmup} steps of",
-        "linear warm-up the learning rate holds; every",
-        f"{PLATEAU.period} steps the mean accuracy of those steps' training batches is compared",
-        f"with the best so far, and {_count(PLATEAU.patience)} such periods in a row without a "
-        f"gain of {PLATEAU.min_gain * 100:.1f} points",
-        f"cut the learning rate by {1 / PLATEAU.factor:.0f}x (PyTorch's ReduceLROnPlateau rule).",
-        f"The plateau after {_count(PLATEAU.cuts)} cuts ends the run, and so does a period with",
-        "every batch answered right. A run stopped instead by the cap of",
-        f"{MAX_STEPS:,} steps is marked *capped*. After training, each model is also scored on",
-        f"(up to {FIT_COUNT:,} of) its own training images without augmentation: the column",
-        "*fitted* says how much of its set it learned.",
+        "**Trained to convergence.** No step budget is set in advance. After"
+        f" {PLATEAU.warmup} steps of linear",
+        f"warm-up the learning rate holds; every {PLATEAU.period} steps the mean accuracy of those"
+        " steps' training",
+        f"batches is compared with the best so far, and {_count(PLATEAU.patience)} such periods"
+        f" in a row without a gain of {PLATEAU.min_gain * 100:.1f}",
+        f"points cut the learning rate by {1 / PLATEAU.factor:.0f}x (PyTorch's ReduceLROnPlateau"
+        f" rule). The plateau after {_count(PLATEAU.cuts)} cuts",
+        "ends the run, and so does a period with every batch answered right. A run stopped"
+        f" instead by the cap of {MAX_STEPS:,}",
+        "steps is marked *capped*. After training, each model is also scored on (up to"
+        f" {FIT_COUNT:,} of) its own",
+        "training images without augmentation: the column *fitted* says how much of its set it"
+        " learned.",
         "",
-        "**What changes from the bundled model's setting, and why.** On two cores without",
-        "native bf16 the bundled ViT (width 192, 128x128 inputs, 16x16 patches) trains at about",
-        "1.1 s a step in float32, and bf16 autocast is emulated and 18x slower. Training every",
-        "run to convergence over three seeds at that size would take days. So both models are",
-        "narrower (a quarter of the parameters, the same depth and token count) and see",
-        "64x64 images: the ViT's 64 tokens keep its attention's shape, each token now covers",
-        "8x8 pixels, and the CNN's cost falls with the pixels. A shape's radius is 24% to 42%",
-        "of its image's side, so at 64x64 it still spans 30 to 54 pixels; the digits are 8x8",
-        "scans, upscaled either way.",
+        "**What changes from the bundled model's setting, and why.** On two cores without native",
+        "bf16 the bundled ViT (width 192, 128x128 inputs, 16x16 patches) trains at about 1.1 s a",
+        "step in float32, and bf16 autocast, emulated, is 18x slower. Trained to convergence over",
+        "three seeds at that size, the experiment would take tens of hours. So both models are",
+        "narrower (a quarter of the parameters, the same depth and token count) and see 64x64",
+        "images: the ViT's 64 tokens keep its attention's shape, each token now covers 8x8",
+        "pixels, and the CNN's cost falls with the pixels. A shape's radius is 24% to 42% of its",
+        "image's side, so at 64x64 it still spans 30 to 54 pixels; the digits are 8x8 scans,",
+        "upscaled either way.",
         "",
         "The data:",
         "",
         "- `shapes`: the first 500, 2,000, 8,000 and 30,000 images of seed 0 (each set inside",
         f"  the next), scored on the {TEST_COUNT:,} images after them, never trained on.",
         "- digits: scikit-learn's 1,797 real 8x8 scans of handwritten digits, drawn as dark ink on",
-        f"  white and upscaled to {SPEC.input_size}x{SPEC.input_size} by the shared `preprocess`",
-        "  (bilinear); 500 held out (50 per digit, seed 0), 1,297 trained on. The writers of the",
-        "  held-out scans also wrote training ones: the bundled copy does not say who wrote",
-        "  which.",
+        f"  white and upscaled to {SPEC.input_size}x{SPEC.input_size} by the shared `preprocess`"
+        " (bilinear); 500 held out (50 per",
+        "  digit, seed 0), 1,297 trained on. The writers of the held-out scans also wrote training",
+        "  ones: the bundled copy does not say who wrote which.",
         "",
         "A seed fixes a model's initial weights, the order of its batches and its augmentation,",
         "not which images it sees: every seed trains on the same sets.",
@@ -326,11 +330,11 @@ def report(rows: list[dict[str, Any]], missing: Sequence[Run] = ()) -> str:
                 f"{_steps(vit)} | {_steps(cnn)} | {_fitted(vit)}, {_fitted(cnn)} |"
             )
     if rows:
-        hours = sum(r["train_seconds"] for r in rows) / 3600
+        minutes = sum(r["train_seconds"] for r in rows) / 60
         lines += [
             "",
-            f"Seeds: {', '.join(str(s) for s in seeds)}; {len(rows)} runs, {hours:.1f} hours of",
-            "training in all.",
+            f"Seeds: {', '.join(str(s) for s in seeds)}; {len(rows)} runs, {minutes:,.0f} minutes"
+            " of training in all.",
         ]
     if missing:
         by_seed: dict[int, int] = {}
@@ -341,7 +345,10 @@ def report(rows: list[dict[str, Any]], missing: Sequence[Run] = ()) -> str:
             f"Planned and not yet run: {len(missing)} runs ({pending}); the next "
             "`python -m benchmarks.data_efficiency` goes on with them."
         )
-    lines += ["", "## What held", "", *verdict(summary), ""]
+    so_far = (
+        [f"So far, from {len(rows)} of {len(rows) + len(missing)} runs:", ""] if missing else []
+    )
+    lines += ["", "## What held", "", *so_far, *verdict(summary), ""]
     return "\n".join(lines)
 
 
@@ -493,6 +500,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         xlabel="training images (shapes)",
         ylabel="held-out accuracy, %",
         title="shapes: mean over seeds, each seed a dash",
+        ylim=(0, 100),
     )
     shapes_entries = summary.get("shapes", {})
     measured = sorted(int(size) for size in shapes_entries)
@@ -514,7 +522,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             )
     bars.axhline(100 / len(digits.LABELS), color="grey", linestyle=":")
     bars.set_xticks(range(len(MODELS)), ["ViT", "CNN"])
-    bars.set(ylabel="held-out accuracy, %", title=f"digits: {DIGITS_TRAIN:,} images")
+    bars.set(ylabel="held-out accuracy, %", title=f"digits: {DIGITS_TRAIN:,} images", ylim=(0, 100))
+    if not summary.get("digits"):
+        bars.text(0.5, 50, "not yet run", ha="center", va="center", color="grey")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
