@@ -24,12 +24,12 @@ TIMED_ROUNDS = 3
 where a round takes longer than TIMED_SECONDS / TIMED_ROUNDS."""
 TIMED_SECONDS = 1.5
 """About how long the timed rounds of one engine take, at least one round."""
-ALONE_SERVES_FROM = 0.8
-"""Where one image at a time on every core does at least this share of the images/s of
-batches run side by side, batching gains too little for the wait it adds: one call at a time,
-of one image each, serves (a large model on a CPU, whose matrix products already fill the
-cores with one image). At 16 clients a batch of several such images keeps the requests
-behind it waiting seconds: a ViT-B/16's p99 was 4.5 times its p50 batched."""
+ONE_IMAGE_SERVES_FROM = 0.8
+"""Where calls of one image each, side by side, do at least this share of the images/s of the
+same calls batched, batching gains too little for the wait it adds, and every call holds one
+image (a large model on a CPU, whose matrix products are already large with one image). At 16
+clients a batch of several such images keeps the requests behind it waiting seconds: a
+ViT-B/16's p99 was 4.5 times its p50 batched."""
 LONE_RUNS = 3
 """Timed runs of one image alone, after an untimed one; the fastest counts."""
 TIMED_BATCH = 8
@@ -104,14 +104,17 @@ def _openvino_unusable(
 
 @dataclass(frozen=True)
 class Timing:
-    """What one candidate did at load: images a second with every call at once, and one image
-    alone."""
+    """What one candidate did at load: images a second with every call at once, the same calls
+    of one image each, and one image alone."""
 
     candidate: Candidate
     images_per_second: float
     lone_ms: float
     batch: int
     calls: int
+    singles_per_second: float
+    """Images a second with `calls` calls of one image each at once, each on its share of the
+    cores (the batched rate where `batch` is 1)."""
 
     @property
     def alone_images_per_second(self) -> float:
@@ -121,14 +124,18 @@ class Timing:
         return (
             f"{self.candidate.engine} {self.candidate.precision}: "
             f"{self.images_per_second:.3g} images/s ({self.calls} calls of {self.batch} at once), "
+            f"{self.singles_per_second:.3g} with one image each, "
             f"{self.lone_ms:.1f} ms for one image alone"
         )
 
 
-def batching_gains(batched: Timing, alone: Timing) -> bool:
-    """Whether `batched`'s batches side by side beat `alone`'s one image at a time on every core
-    by enough to be worth their wait (ALONE_SERVES_FROM)."""
-    return alone.alone_images_per_second < ALONE_SERVES_FROM * batched.images_per_second
+def batching_gains(timing: Timing) -> bool:
+    """Whether `timing`'s batches side by side beat the same calls of one image each by enough
+    to be worth their wait (ONE_IMAGE_SERVES_FROM). A lone image gets every core in either
+    case (`ModelSession.infer_alone`); calls of one image side by side, each on its share of
+    the cores, are what a loaded server runs instead of one image at a time on every core,
+    whose operators split over the cores wait for each other."""
+    return timing.singles_per_second < ONE_IMAGE_SERVES_FROM * timing.images_per_second
 
 
 def time_candidate(
@@ -140,20 +147,19 @@ def time_candidate(
     batch: int,
 ) -> Timing:
     """`infer` timed as a loaded server runs it: `calls` calls of `batch` copies of `image` at
-    once, TIMED_ROUNDS times after one untimed round; before them `infer_alone` on one image,
-    the fastest of LONE_RUNS after one untimed run."""
-    images = np.repeat(image, batch, axis=0)
+    once, TIMED_ROUNDS times after one untimed round, then the same calls of `image` alone;
+    before them `infer_alone` on one image, the fastest of LONE_RUNS after one untimed run."""
     errors: list[BaseException] = []
 
-    def rounds(count: int) -> None:
+    def rounds(images: np.ndarray, count: int) -> None:
         try:
             for _ in range(count):
                 infer(images)
         except BaseException as error:  # raised again in the measuring thread
             errors.append(error)
 
-    def all_at_once(count: int) -> float:
-        threads = [threading.Thread(target=rounds, args=(count,)) for _ in range(calls)]
+    def all_at_once(images: np.ndarray, count: int) -> float:
+        threads = [threading.Thread(target=rounds, args=(images, count)) for _ in range(calls)]
         started = time.perf_counter()
         for thread in threads:
             thread.start()
@@ -170,14 +176,19 @@ def time_candidate(
         started = time.perf_counter()
         infer_alone(image)
         lone.append(time.perf_counter() - started)
-    warm = all_at_once(1)
-    # A large model's round takes seconds: fewer of them, so a load is not held up for long.
-    rounds_timed = max(1, min(TIMED_ROUNDS, round(TIMED_SECONDS / warm)))
-    seconds = all_at_once(rounds_timed)
+
+    def images_per_second(images: np.ndarray) -> float:
+        warm = all_at_once(images, 1)
+        # A large model's round takes seconds: fewer of them, so a load is not held up long.
+        rounds_timed = max(1, min(TIMED_ROUNDS, round(TIMED_SECONDS / warm)))
+        return calls * len(images) * rounds_timed / all_at_once(images, rounds_timed)
+
+    batched = images_per_second(np.repeat(image, batch, axis=0))
     return Timing(
         candidate,
-        images_per_second=calls * batch * rounds_timed / seconds,
+        images_per_second=batched,
         lone_ms=min(lone) * 1000,
         batch=batch,
         calls=calls,
+        singles_per_second=images_per_second(image) if batch > 1 else batched,
     )

@@ -191,10 +191,10 @@ class ModelSession:
             else "; ".join(candidates.notes) or f"VIT_ENGINE={options.engine}"
         )
         """Why the engine in use serves: the setting, or the measurement that chose it."""
-        self.one_at_a_time = False
-        """Whether calls hold one image each, one call at a time on every core: where the
-        load-time measurement found that batching gains too little (ALONE_SERVES_FROM), and
-        VIT_INFERENCE_WORKERS leaves the calls at once to the service."""
+        self.one_image_per_call = False
+        """Whether calls hold one image each: where the load-time measurement found that
+        batching gains too little (ONE_IMAGE_SERVES_FROM), and VIT_INFERENCE_WORKERS leaves
+        the calls at once to the service."""
         self._schedules = options.inference_workers == 0
         if self._trials[0].lone_calls is None and len(self._trials) == 1:
             self._trials = []  # nothing to choose between: no measurement
@@ -308,12 +308,13 @@ class ModelSession:
 
     def choose_engine(self, golden: list[np.ndarray], expected: np.ndarray | None) -> None:
         """At load: each engine's self-test run on the `golden` tensors against `expected`
-        (the file's probabilities, within its tolerance), then its warm-up timed (every call
-        at once on a batch, then one image alone); the faster that passes is kept and the
-        other dropped; a lone image runs on busy-waiting onnxruntime where its precision is the
-        same. Where one image at a time
-        on every core does nearly as well as the batches (`batching_gains`), it serves every
-        call. Every time is logged, and shown in `engine_choice`."""
+        (the file's probabilities, within its tolerance), then its warm-up timed (one image
+        alone, every call at once on a batch, then on one image each); the one that passes and
+        would serve the more images a second under load (`_served_rate`) is kept, the other
+        dropped; a lone image runs on busy-waiting onnxruntime where its
+        precision is the same. Where calls of one image each do nearly as well as the batches
+        (`batching_gains`), every call holds one. Every time is logged, and shown in
+        `engine_choice`."""
         if not self.choosing:
             return
         image = golden[0] if golden else np.zeros(self._input_shape(1), np.float32)
@@ -339,7 +340,7 @@ class ModelSession:
                     batch,
                 )
             )
-        chosen = max(timings, key=lambda t: t.images_per_second) if timings else None
+        chosen = max(timings, key=self._served_rate) if timings else None
         # A lone image goes to onnxruntime's busy-waiting session wherever it computes in the
         # same precision as the batches (float32 rounding apart, the same numbers), whichever
         # serves them: OpenVINO's threads sleep between operators, and a lone image served
@@ -368,19 +369,22 @@ class ModelSession:
         if self.lone_engine != self.engine:
             self.engine_choice += f"; a lone image on {self.lone_engine}, busy-waiting"
         self._trials = []
-        if chosen is not None and alone is not None and lone_calls is not None:
-            if self._schedules and not batching_gains(chosen, alone):
-                # Every call through the calls that give one image all the cores, one at a
-                # time: a lone image's numbers, and no request waits behind a long batch.
-                self._serve(_Engine(lone.candidate, lone_calls, lone_calls))
-                self.one_at_a_time = True
-                self.inference_workers = 1
-                self.engine_choice += (
-                    f"; one image per call, one call at a time: "
-                    f"{alone.alone_images_per_second:.3g} images/s alone against "
-                    f"{chosen.images_per_second:.3g} batched"
-                )
+        if chosen is not None and self._schedules and not batching_gains(chosen):
+            # Calls of one image each, side by side: no request waits behind a long batch.
+            self.one_image_per_call = True
+            self.engine_choice += (
+                f"; one image per call, {chosen.calls} at once: {chosen.singles_per_second:.3g} "
+                f"images/s against {chosen.images_per_second:.3g} batched"
+            )
         logger.info("%s: %s", self.path, self.engine_choice)
+
+    def _served_rate(self, timing: Timing) -> float:
+        """The images a second `timing`'s candidate would serve under load: its batches, or its
+        calls of one image each where the schedule is the service's and batching gains too
+        little."""
+        if self._schedules and not batching_gains(timing):
+            return timing.singles_per_second
+        return timing.images_per_second
 
     def _trial(self, timing: Timing | None) -> _Engine | None:
         """The engine `timing` measured."""
@@ -414,8 +418,7 @@ class ModelSession:
         if isinstance(serving.calls, OpenVinoCalls):
             provider, threads = "OpenVINO-CPU", str(serving.calls.threads)
         else:
-            calls = plan.all_threads if self.one_at_a_time else plan.threads_per_call
-            provider, threads = self.provider, str(calls)
+            provider, threads = self.provider, str(plan.threads_per_call)
         return {
             "engine": self.engine,
             "lone_engine": self.lone_engine,
@@ -426,7 +429,7 @@ class ModelSession:
             "cpu_memory_arena": on(plan.cpu_memory_arena and self.engine == ONNXRUNTIME),
             "precision": self.precision,
             "file_precision": self.metadata.precision,
-            "batch": "one image per call" if self.one_at_a_time else self._batching(),
+            "batch": "one image per call" if self.one_image_per_call else self._batching(),
             "io_binding": on(serving.bound is not None),
             "cuda_graph": on(serving.bound is not None and plan.cuda_graph),
             "tensorrt": on(self.engine == ONNXRUNTIME and TENSORRT in self.providers),

@@ -156,7 +156,7 @@ class Pipeline:
                 **session.runtime,
                 "batch": str(session.fixed_batch_size or "dynamic"),
                 "images_per_call": (
-                    "1" if session.one_at_a_time else str(session.images_per_call or "batch")
+                    "1" if session.one_image_per_call else str(session.images_per_call or "batch")
                 ),
             }
         )
@@ -337,8 +337,8 @@ class Pipeline:
         bound = self.session.check_seconds
         if self.session.choosing:
             await self._choose_engine(time.monotonic() + 2 * bound)
-            if self.session.one_at_a_time:
-                self.batcher.schedule(workers=1, max_batch_size=1)
+            if self.session.one_image_per_call:
+                self.batcher.schedule(workers=self.session.inference_workers, max_batch_size=1)
         self.batcher.start()
         deadline = time.monotonic() + bound
         try:

@@ -61,7 +61,14 @@ def test_auto_serves_whichever_measured_faster(
 ) -> None:
     def timed(candidate: Candidate, *args: object) -> Timing:
         rate = 300.0 if candidate.engine == faster else 100.0
-        return Timing(candidate, images_per_second=rate, lone_ms=50.0, batch=8, calls=2)
+        return Timing(
+            candidate,
+            images_per_second=rate,
+            lone_ms=50.0,
+            batch=8,
+            calls=2,
+            singles_per_second=rate / 2,
+        )
 
     monkeypatch.setattr("model_runtime.session.time_candidate", timed)
     session = ModelSession(served_model, AUTO)
@@ -70,32 +77,67 @@ def test_auto_serves_whichever_measured_faster(
     assert "300 images/s" in session.engine_choice and "100 images/s" in session.engine_choice
 
 
-@pytest.mark.parametrize("alone_share", [0.95, 0.5])
-def test_one_image_at_a_time_serves_where_batching_gains_too_little(
-    served_model: Path, alone_share: float, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("singles", "one_image"), [(50.0, False), (79.0, False), (95.0, True)])
+def test_one_image_per_call_serves_where_batching_gains_too_little(
+    served_model: Path, singles: float, one_image: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A large model on a CPU: one image alone on every core does nearly what two batches side
-    by side do, so every call holds one image and runs alone; where batches do far better,
-    they serve."""
-    batched = 100.0
+    """A large model on a CPU: two calls of one image each side by side do nearly what two
+    batches side by side do (100 images/s here), so every call holds one image; where batches
+    do far better, they serve. The calls at once and their threads stay as planned."""
 
     def timed(candidate: Candidate, *args: object) -> Timing:
-        lone_ms = 1000 / (alone_share * batched)
-        return Timing(candidate, images_per_second=batched, lone_ms=lone_ms, batch=8, calls=2)
+        return Timing(
+            candidate,
+            images_per_second=100.0,
+            lone_ms=20.0,
+            batch=8,
+            calls=2,
+            singles_per_second=singles,
+        )
 
     monkeypatch.setattr("model_runtime.session.time_candidate", timed)
     session = ModelSession(served_model, AUTO)
+    planned = session.runtime
     session.choose_engine(*golden(session))
-    alone = alone_share >= engine_choice.ALONE_SERVES_FROM
-    assert session.one_at_a_time == alone
-    assert (session.inference_workers == 1) == alone
-    assert (session.runtime["batch"] == "one image per call") == alone
-    assert ("one image per call, one call at a time" in session.engine_choice) == alone
+    assert one_image == (singles >= engine_choice.ONE_IMAGE_SERVES_FROM * 100.0)
+    assert session.one_image_per_call == one_image
+    assert (session.runtime["batch"] == "one image per call") == one_image
+    assert ("one image per call, 2 at once" in session.engine_choice) == one_image
+    assert session.inference_workers == 2
+    if session.engine == "onnxruntime":
+        assert session.runtime["intra_op_threads"] == planned["intra_op_threads"]
     images = np.random.default_rng(2).random((3, *image_shape(session)), np.float32)
     reference = ModelSession(
         served_model, IN_PROCESS.model_copy(update={"engine": session.engine})
     ).predict(images)
     np.testing.assert_array_equal(session.predict(images), reference)
+
+
+@pytest.mark.parametrize("faster", ["onnxruntime", "openvino"])
+def test_auto_compares_engines_by_what_they_would_serve_under_load(
+    served_model: Path, faster: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where batching gains too little, an engine serves calls of one image each: the engine
+    with more such images a second is kept, though the other runs batches faster."""
+
+    def timed(candidate: Candidate, *args: object) -> Timing:
+        singles = 95.0 if candidate.engine == faster else 85.0
+        return Timing(
+            candidate,
+            images_per_second=90.0 if candidate.engine == faster else 100.0,
+            lone_ms=20.0,
+            batch=8,
+            calls=2,
+            singles_per_second=singles,
+        )
+
+    monkeypatch.setattr("model_runtime.session.time_candidate", timed)
+    session = ModelSession(served_model, AUTO)
+    session.choose_engine(*golden(session))
+    assert session.engine == faster and session.one_image_per_call
+    assert session.engine_choice.endswith(
+        "one image per call, 2 at once: 95 images/s against 90 batched"
+    )
 
 
 def test_without_openvino_auto_is_onnxruntime_and_says_why(
