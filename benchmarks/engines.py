@@ -81,17 +81,22 @@ def in_process(model: Path, images: list[bytes], count: int) -> dict[str, Any]:
 
 
 def served(
-    name: str, command: list[str], env: dict[str, str], images: list[bytes], seconds: float
+    name: str,
+    command: list[str],
+    env: dict[str, str],
+    images: list[bytes],
+    seconds: float,
+    route: str = "/v1/classify",
 ) -> dict[str, Any]:
     """A server at 16 clients, then at 1; for the service, what it chose at load."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    ready = "/docs"
+    ready = "/v1/models" if name == "kserve" else "/docs"
     process = start([*command, *port_flag(name, port)], env, url, ready)
     try:
-        at_16, at_1 = (sweep(url, images, [clients], seconds)[0] for clients in (16, 1))
+        at_16, at_1 = (sweep(url, images, [clients], seconds, route)[0] for clients in (16, 1))
         result: dict[str, Any] = {"16": asdict(at_16), "1": asdict(at_1)}
-        if name == "service":
+        if name.startswith("service"):
             with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as response:
                 (model,) = json.load(response)["models"]
             result["engine"] = model["runtime"]["engine"]
