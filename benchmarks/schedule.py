@@ -15,16 +15,15 @@ docs/SCHEDULE-BENCHMARK.md.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from benchmarks.engines import served
 from benchmarks.run import DOCS, SIZES, photos
+from benchmarks.run import servers as run_servers
 from benchmarks.side_by_side import this_commit
 
 MODELS = {"ViT-S/16": (384, 6), "ViT-B/16": (768, 12)}
@@ -32,36 +31,18 @@ MODELS = {"ViT-S/16": (384, 6), "ViT-B/16": (768, 12)}
 SLOW = {"ViT-B/16"}
 """Models whose load points run twice as long: a few images a second."""
 ROUNDS = 2
-SERVICE = [sys.executable, "-m", "service.cli"]
-CPU_ONLY = {"VIT_PROVIDERS": '["CPUExecutionProvider"]'}
+ONE_AT_A_TIME = "service, one at a time"
 
 
 def servers(model: Path) -> dict[str, tuple[list[str], dict[str, str], str]]:
-    """(command, environment, route) of each server measured."""
-    listed = {
-        "service": ([*SERVICE, "--model", str(model)], CPU_ONLY, "/v1/classify"),
-        "service, one at a time": (
-            [*SERVICE, "--model", str(model)],
-            {**CPU_ONLY, "VIT_INFERENCE_WORKERS": "1", "VIT_MAX_BATCH_SIZE": "1"},
-            "/v1/classify",
-        ),
-        "naive": (
-            [sys.executable, "-m", "uvicorn", "benchmarks.naive_app:app", "--log-level", "warning"],
-            {"VIT_MODEL": str(model)},
-            "/v1/classify",
-        ),
-    }
-    if importlib.util.find_spec("kserve") is not None:
-        from benchmarks import kserve_app
-
-        listed["kserve"] = (
-            [sys.executable, "-m", "benchmarks.kserve_app"],
-            {"VIT_MODEL": str(model)},
-            kserve_app.ROUTE,
-        )
-    else:
-        print("kserve is not installed: no KServe row (pip install -e '.[bench]')")
-    return listed
+    """(command, environment, route) of each server measured: benchmarks/run.py's (the
+    service, the naive app, KServe where installed), and the service held to one call of one
+    image at a time on every core."""
+    listed = {name: (command, env, route) for name, command, env, route in run_servers(model)}
+    service = listed.pop("service")
+    command, env, route = service
+    one_at_a_time = {**env, "VIT_INFERENCE_WORKERS": "1", "VIT_MAX_BATCH_SIZE": "1"}
+    return {"service": service, ONE_AT_A_TIME: (command, one_at_a_time, route), **listed}
 
 
 def imported(folder: Path, title: str, hidden: int, heads: int) -> Path:
