@@ -30,6 +30,19 @@ def image_shape(session: ModelSession) -> tuple[int, int, int]:
     return (3, side, side)
 
 
+def two_calls_of_8(candidate: Candidate, batched: float, *, singles: float) -> Timing:
+    """A load-time timing of two calls at once: `batched` images/s on 8 images each, `singles`
+    on one image each."""
+    return Timing(
+        candidate,
+        images_per_second=batched,
+        lone_ms=20.0,
+        batch=8,
+        calls=2,
+        singles_per_second=singles,
+    )
+
+
 def golden(session: ModelSession) -> tuple[list[np.ndarray], np.ndarray]:
     """The file's golden images as the service decodes them, and its expectations."""
     test = session.metadata.self_test
@@ -61,14 +74,7 @@ def test_auto_serves_whichever_measured_faster(
 ) -> None:
     def timed(candidate: Candidate, *args: object) -> Timing:
         rate = 300.0 if candidate.engine == faster else 100.0
-        return Timing(
-            candidate,
-            images_per_second=rate,
-            lone_ms=50.0,
-            batch=8,
-            calls=2,
-            singles_per_second=rate / 2,
-        )
+        return two_calls_of_8(candidate, rate, singles=rate / 2)
 
     monkeypatch.setattr("model_runtime.session.time_candidate", timed)
     session = ModelSession(served_model, AUTO)
@@ -86,14 +92,7 @@ def test_one_image_per_call_serves_where_batching_gains_too_little(
     do far better, they serve. The calls at once and their threads stay as planned."""
 
     def timed(candidate: Candidate, *args: object) -> Timing:
-        return Timing(
-            candidate,
-            images_per_second=100.0,
-            lone_ms=20.0,
-            batch=8,
-            calls=2,
-            singles_per_second=singles,
-        )
+        return two_calls_of_8(candidate, 100.0, singles=singles)
 
     monkeypatch.setattr("model_runtime.session.time_candidate", timed)
     session = ModelSession(served_model, AUTO)
@@ -122,14 +121,8 @@ def test_auto_compares_engines_by_what_they_would_serve_under_load(
 
     def timed(candidate: Candidate, *args: object) -> Timing:
         singles = 95.0 if candidate.engine == faster else 85.0
-        return Timing(
-            candidate,
-            images_per_second=90.0 if candidate.engine == faster else 100.0,
-            lone_ms=20.0,
-            batch=8,
-            calls=2,
-            singles_per_second=singles,
-        )
+        batched = 90.0 if candidate.engine == faster else 100.0
+        return two_calls_of_8(candidate, batched, singles=singles)
 
     monkeypatch.setattr("model_runtime.session.time_candidate", timed)
     session = ModelSession(served_model, AUTO)
