@@ -30,6 +30,11 @@ same calls batched, batching gains too little for the wait it adds, and every ca
 image (a large model on a CPU, whose matrix products are already large with one image). At 16
 clients a batch of several such images keeps the requests behind it waiting seconds: a
 ViT-B/16's p99 was 4.5 times its p50 batched."""
+ONE_IMAGE_PER_CALL_FROM_MS = 250.0
+"""...and only where a call of a full batch takes at least this long, all calls at once. A
+shorter batch holds its requests up little at any load, and a quick model's timings at load
+are too close to tell the schedules apart: the bundled model (a batch call of 55-80 ms on 2
+cores) measured its calls of one image at 65-90% of its batches from one load to the next."""
 LONE_RUNS = 3
 """Timed runs of one image alone, after an untimed one; the fastest counts."""
 TIMED_BATCH = 8
@@ -120,6 +125,11 @@ class Timing:
     def alone_images_per_second(self) -> float:
         return 1000 / self.lone_ms
 
+    @property
+    def batch_call_ms(self) -> float:
+        """How long one call of `batch` images took, all `calls` at once."""
+        return 1000 * self.calls * self.batch / self.images_per_second
+
     def line(self) -> str:
         return (
             f"{self.candidate.engine} {self.candidate.precision}: "
@@ -129,13 +139,17 @@ class Timing:
         )
 
 
-def batching_gains(timing: Timing) -> bool:
+def batches_serve(timing: Timing) -> bool:
     """Whether `timing`'s batches side by side beat the same calls of one image each by enough
-    to be worth their wait (ONE_IMAGE_SERVES_FROM). A lone image gets every core in either
+    to be worth their wait (ONE_IMAGE_SERVES_FROM), or take too little time to be worth
+    avoiding (ONE_IMAGE_PER_CALL_FROM_MS). A lone image gets every core in either
     case (`ModelSession.infer_alone`); calls of one image side by side, each on its share of
     the cores, are what a loaded server runs instead of one image at a time on every core,
     whose operators split over the cores wait for each other."""
-    return timing.singles_per_second < ONE_IMAGE_SERVES_FROM * timing.images_per_second
+    return (
+        timing.batch_call_ms < ONE_IMAGE_PER_CALL_FROM_MS
+        or timing.singles_per_second < ONE_IMAGE_SERVES_FROM * timing.images_per_second
+    )
 
 
 def time_candidate(

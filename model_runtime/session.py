@@ -27,7 +27,7 @@ from model_runtime.engine_choice import (
     TIMED_BATCH,
     Candidate,
     Timing,
-    batching_gains,
+    batches_serve,
     engine_candidates,
     time_candidate,
 )
@@ -193,7 +193,7 @@ class ModelSession:
         """Why the engine in use serves: the setting, or the measurement that chose it."""
         self.one_image_per_call = False
         """Whether calls hold one image each: where the load-time measurement found that
-        batching gains too little (ONE_IMAGE_SERVES_FROM), and VIT_INFERENCE_WORKERS leaves
+        long batches gain too little (`batches_serve`), and VIT_INFERENCE_WORKERS leaves
         the calls at once to the service."""
         self._schedules = options.inference_workers == 0
         if self._trials[0].lone_calls is None and len(self._trials) == 1:
@@ -312,8 +312,8 @@ class ModelSession:
         alone, every call at once on a batch, then on one image each); the one that passes and
         would serve the more images a second under load (`_served_rate`) is kept, the other
         dropped; a lone image runs on busy-waiting onnxruntime where its
-        precision is the same. Where calls of one image each do nearly as well as the batches
-        (`batching_gains`), every call holds one. Every time is logged, and shown in
+        precision is the same. Where calls of one image each do nearly as well as long batches
+        (`batches_serve`), every call holds one. Every time is logged, and shown in
         `engine_choice`."""
         if not self.choosing:
             return
@@ -369,7 +369,7 @@ class ModelSession:
         if self.lone_engine != self.engine:
             self.engine_choice += f"; a lone image on {self.lone_engine}, busy-waiting"
         self._trials = []
-        if chosen is not None and self._schedules and not batching_gains(chosen):
+        if chosen is not None and self._schedules and not batches_serve(chosen):
             # Calls of one image each, side by side: no request waits behind a long batch.
             self.one_image_per_call = True
             self.engine_choice += (
@@ -380,9 +380,9 @@ class ModelSession:
 
     def _served_rate(self, timing: Timing) -> float:
         """The images a second `timing`'s candidate would serve under load: its batches, or its
-        calls of one image each where the schedule is the service's and batching gains too
-        little."""
-        if self._schedules and not batching_gains(timing):
+        calls of one image each where the schedule is the service's and its batches do not
+        serve (`batches_serve`)."""
+        if self._schedules and not batches_serve(timing):
             return timing.singles_per_second
         return timing.images_per_second
 
