@@ -62,6 +62,8 @@ def per_image(outputs: Outputs) -> list[Outputs]:
     return [{name: values[i : i + 1] for name, values in outputs.items()} for i in range(count)]
 
 
+ARENA_SHRINKAGE = "memory.enable_memory_arena_shrinkage"
+"""onnxruntime's run option: the arenas named give back their free memory when the call ends."""
 CUDA_GRAPH_WARM_UP_RUNS = 3
 
 
@@ -106,16 +108,23 @@ class Calls(Protocol):
 
 
 class OnnxruntimeCalls:
-    """An onnxruntime session's calls, each stopped by the watchdog past its bound."""
+    """An onnxruntime session's calls, each stopped by the watchdog past its bound; with
+    `arena_kept_for_one_image`, a call of several images gives back what the CPU arena grew
+    for it when it ends."""
 
-    def __init__(self, session: ort.InferenceSession) -> None:
+    def __init__(self, session: ort.InferenceSession, *, arena_kept_for_one_image: bool) -> None:
         self.session = session
+        self._arena_kept_for_one_image = arena_kept_for_one_image
 
     def run(
         self, names: list[str], feeds: dict[str, np.ndarray], seconds: float
     ) -> list[np.ndarray]:
-        with watchdog().bounded(seconds) as options:
-            return list(self.session.run(names, feeds, options))
+        options = None
+        if self._arena_kept_for_one_image and max(len(feed) for feed in feeds.values()) > 1:
+            options = ort.RunOptions()
+            options.add_run_config_entry(ARENA_SHRINKAGE, "cpu:0")
+        with watchdog().bounded(seconds, options) as bounded:
+            return list(self.session.run(names, feeds, bounded))
 
 
 @dataclass
@@ -262,14 +271,18 @@ class ModelSession:
             if plan.io_binding
             else None
         )
+        kept = plan.arena_kept_for_one_image
         lone = (
             OnnxruntimeCalls(
-                ort.InferenceSession(model_bytes, plan.lone_call_options(), providers=[CPU])
+                ort.InferenceSession(model_bytes, plan.lone_call_options(), providers=[CPU]),
+                arena_kept_for_one_image=kept,
             )
             if plan.lone_call
             else None
         )
-        return _Engine(candidate, OnnxruntimeCalls(session), lone, bound)
+        return _Engine(
+            candidate, OnnxruntimeCalls(session, arena_kept_for_one_image=kept), lone, bound
+        )
 
     def _openvino_engine(self, candidate: Candidate, model_bytes: bytes) -> _Engine:
         """OpenVINO with as many calls at once as onnxruntime would run, sharing every core."""
@@ -426,7 +439,7 @@ class ModelSession:
             "inference_workers": str(self.inference_workers),
             "intra_op_threads": threads,
             "lone_call_spinning": on(serving.lone_calls is not None),
-            "cpu_memory_arena": on(plan.cpu_memory_arena and self.engine == ONNXRUNTIME),
+            "cpu_memory_arena": self._arena(),
             "precision": self.precision,
             "file_precision": self.metadata.precision,
             "batch": "one image per call" if self.one_image_per_call else self._batching(),
@@ -434,6 +447,12 @@ class ModelSession:
             "cuda_graph": on(serving.bound is not None and plan.cuda_graph),
             "tensorrt": on(self.engine == ONNXRUNTIME and TENSORRT in self.providers),
         }
+
+    def _arena(self) -> str:
+        """The CPU arena as `runtime` shows it."""
+        if not self.plan.cpu_memory_arena or self.engine != ONNXRUNTIME:
+            return "off"
+        return "kept for one image" if self.plan.arena_kept_for_one_image else "on"
 
     @property
     def _graph_outputs(self) -> tuple[str, ...]:

@@ -42,6 +42,8 @@ class SessionPlan:
     spinning: bool
     """Whether the main session's threads busy-wait between operators."""
     cpu_memory_arena: bool
+    arena_kept_for_one_image: bool
+    """Calls of several images give back what the arena grew for them when they end."""
     inference_workers: int
     """onnxruntime calls that may run at once."""
     io_binding: bool
@@ -118,6 +120,7 @@ def plan_sessions(
         inter_op_threads=options.inter_op_threads,
         spinning=options.intra_op_spinning,
         cpu_memory_arena=options.cpu_arena_for(model.model_bytes),
+        arena_kept_for_one_image=options.arena_kept_for_one_image(model.model_bytes),
         inference_workers=workers,
         io_binding=bound,
         cuda_graph=cuda_graph,

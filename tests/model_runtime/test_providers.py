@@ -17,7 +17,7 @@ from model_runtime.providers import (
     nvidia_driver_present,
     plan_providers,
 )
-from model_runtime.session import ModelSession, default_thread_count
+from model_runtime.session import ARENA_SHRINKAGE, ModelSession, default_thread_count
 from tests.conftest import ROOT
 from tests.service_support import cpu_settings, ready_client
 
@@ -160,10 +160,11 @@ def test_a_lone_call_session_gives_the_same_probabilities(served_model: Path) ->
     assert plain.runtime["lone_call_spinning"] == "off" and plain.warm_up_batch_sizes() == (1,)
 
 
-def test_the_cpu_arena_is_kept_for_small_models_and_dropped_for_large_ones(
+def test_the_cpu_arena_is_kept_whole_for_small_models_and_for_one_image_of_large_ones(
     served_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """auto: on up to ARENA_MAX_MODEL_BYTES of model file, off above; on and off as said."""
+    """auto: all of it up to ARENA_MAX_MODEL_BYTES of model file; above, a call of several
+    images, on either session, gives back what the arena grew for it; on and off as said."""
     assert ModelSession(served_model, IN_PROCESS).runtime["cpu_memory_arena"] == "on"
     off = IN_PROCESS.model_copy(update={"cpu_memory_arena": "off", "lone_call_spinning": True})
     session = ModelSession(served_model, off)
@@ -172,8 +173,34 @@ def test_the_cpu_arena_is_kept_for_small_models_and_dropped_for_large_ones(
     np.testing.assert_array_equal(
         session.infer_alone(batch)["probabilities"], session.predict(batch)
     )
+    images = np.random.default_rng(4).random((3, 3, 128, 128), np.float32)
+    reference = ModelSession(served_model, IN_PROCESS).predict(images)
+
     monkeypatch.setattr(options_module, "ARENA_MAX_MODEL_BYTES", served_model.stat().st_size - 1)
-    assert ModelSession(served_model, IN_PROCESS).runtime["cpu_memory_arena"] == "off"
+    calls: list[tuple[int, str]] = []
+    run = ort.InferenceSession.run
+
+    def recorded(
+        self: ort.InferenceSession,
+        names: list[str],
+        feeds: dict[str, np.ndarray],
+        options: ort.RunOptions | None = None,
+    ) -> object:
+        try:
+            shrinks = options.get_run_config_entry(ARENA_SHRINKAGE) if options else ""
+        except RuntimeError:  # onnxruntime's answer for an entry never set
+            shrinks = ""
+        calls.append((len(next(iter(feeds.values()))), shrinks))
+        return run(self, names, feeds, options)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", recorded)
+    large = ModelSession(served_model, IN_PROCESS.model_copy(update={"lone_call_spinning": True}))
+    assert large.runtime["cpu_memory_arena"] == "kept for one image"
+    calls.clear()
+    np.testing.assert_array_equal(large.predict(images), reference)
+    np.testing.assert_array_equal(large.infer_alone(images[:1])["probabilities"], reference[:1])
+    np.testing.assert_array_equal(large.infer_alone(images)["probabilities"], reference)
+    assert calls == [(3, "cpu:0"), (1, ""), (3, "cpu:0")]
     forced = IN_PROCESS.model_copy(update={"cpu_memory_arena": "on"})
     assert ModelSession(served_model, forced).runtime["cpu_memory_arena"] == "on"
 
