@@ -28,10 +28,6 @@ class RuntimeOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
-    def cpu_arena_for(self, model_bytes: int) -> bool:
-        """Whether a session for a model file of `model_bytes` has onnxruntime's CPU arena."""
-        return self.cpu_memory_arena != "off"
-
     def arena_kept_for_one_image(self, model_bytes: int) -> bool:
         """Whether a call of several images gives back what the arena grew for it when it ends
         (ARENA_MAX_MODEL_BYTES)."""

@@ -119,7 +119,7 @@ def plan_sessions(
         all_threads=cores,
         inter_op_threads=options.inter_op_threads,
         spinning=options.intra_op_spinning,
-        cpu_memory_arena=options.cpu_arena_for(model.model_bytes),
+        cpu_memory_arena=options.cpu_memory_arena != "off",
         arena_kept_for_one_image=options.arena_kept_for_one_image(model.model_bytes),
         inference_workers=workers,
         io_binding=bound,
