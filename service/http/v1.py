@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request, Response
+from pydantic import BaseModel
 
 from model_contract.outputs import ATTENTION_ROLLOUT, PROBABILITIES
 from model_contract.vit_cost import cost_of
@@ -94,16 +95,24 @@ async def classify(
     inference: InferenceDep,
     top_k: TopK = None,
     probabilities: Full = False,
-) -> ClassifyResponse:
+) -> Response:
     require_classes(inference.pipeline)
     answers, names = await _answers(request, inference, top_k, pictures=False)
-    return classify_response(
+    body = classify_response(
         answers,
         names,
         inference.pipeline.session.metadata,
         top_k=top_k or inference.settings.default_top_k,
         full=probabilities,
     )
+    return json_response(body)
+
+
+def json_response(body: BaseModel) -> Response:
+    """`body` as the route's JSON, written by pydantic at once: FastAPI's own path would
+    check the model it was just built as against its schema again (`response_model` still
+    documents the routes)."""
+    return Response(body.model_dump_json(exclude_none=True), media_type=JSON)
 
 
 def require_classes(pipeline: Pipeline) -> None:
@@ -132,14 +141,15 @@ _EMBED: dict[str, Any] = {**_CLASSIFY, "response_model": EmbedResponse}
 )
 async def embed(
     request: Request, inference: InferenceDep, normalize: Normalize = False
-) -> EmbedResponse:
+) -> Response:
     """Per file, the vector the model's classification head reads (`embedding.source` says
     which), for search, deduplication and few-shot classifiers."""
     require_embedding(inference.pipeline)
     images, names = await _uploads(request, inference, pictures=False)
     work = inference.data_plane.embed_uploads(inference.admitted, images, inference.deadline)
     outcomes = await unless_disconnected(request, work)
-    return embed_response(outcomes, names, inference.pipeline.session.metadata, normalize=normalize)
+    metadata = inference.pipeline.session.metadata
+    return json_response(embed_response(outcomes, names, metadata, normalize=normalize))
 
 
 JSON, PNG = "application/json", "image/png"
@@ -212,7 +222,7 @@ async def explain(
             full=probabilities,
             attention=True,
         )
-        return Response(body.model_dump_json(exclude_none=True), media_type=JSON)
+        return json_response(body)
     (answer,) = answers  # one file: `_answers` refuses more before decoding
     if isinstance(answer, ServiceError):
         raise answer

@@ -198,19 +198,25 @@ class Batcher:
             self._hold(count)
             self._queue.append(job)
             self._changed.notify()
+        # The deadline answers the future itself: awaited bare, the answer wakes the caller
+        # in one scheduling round, where a timeout around a shield took three.
+        expiry = asyncio.get_running_loop().call_later(max(0.0, deadline - now), self._expire, job)
         try:
-            return await asyncio.wait_for(asyncio.shield(job.future), max(0.0, deadline - now))
-        except TimeoutError:
-            if not self._withdraw(job):  # its inference is running: the answer is moments away
-                return await job.future
-            # Nobody will read an outcome the batching thread may already be settling (an
-            # expiry of its own): cancelled, the future takes none, and none goes unretrieved.
-            job.future.cancel()
-            raise DeadlineExceeded("the request's deadline passed while it was queued") from None
+            return await job.future
         except asyncio.CancelledError:
             self._withdraw(job)
             job.future.cancel()
             raise
+        finally:
+            expiry.cancel()
+
+    def _expire(self, job: _Job) -> None:
+        """On the event loop, at a job's deadline: 504 if it is still queued; if its inference
+        runs, nothing (the answer is moments away)."""
+        if self._withdraw(job) and not job.future.done():
+            job.future.set_exception(
+                DeadlineExceeded("the request's deadline passed while it was queued")
+            )
 
     def _hold(self, count: int) -> None:
         self._held += count

@@ -279,9 +279,12 @@ class Pipeline:
         self.require_ready()
         self._preparing += len(images)
         request = object()  # what the decoding workers take turns by
-        tasks = [asyncio.ensure_future(prepare(data, request)) for data in images]
+        tasks: list[asyncio.Future[T]] = []
         try:
             async with asyncio.timeout_at(deadline):
+                if len(images) == 1:  # nothing beside it to stop: in this task, a round sooner
+                    return [await prepare(images[0], request)]
+                tasks = [asyncio.ensure_future(prepare(data, request)) for data in images]
                 return list(await asyncio.gather(*tasks))
         except TimeoutError:
             raise DeadlineExceeded("the request's deadline passed while it was decoded") from None
