@@ -146,10 +146,12 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     watcher cancels that task when the client goes, and never once `work` has ended."""
     task = asyncio.current_task()
     assert task is not None
-    ended = False
+    ended = gone = False
 
     def client_gone(watcher: asyncio.Task[None]) -> None:
+        nonlocal gone
         if not ended and not watcher.cancelled():
+            gone = True
             task.cancel()
 
     watcher = asyncio.ensure_future(_disconnected(request))
@@ -159,7 +161,7 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     except asyncio.CancelledError:
         # Cancelled by the watcher alone, the request ends as the client's doing; any other
         # cancellation (the server stopping) goes on.
-        if watcher.done() and not watcher.cancelled() and task.uncancel() == 0:
+        if gone and task.uncancel() == 0:
             raise ClientClosedRequest(
                 "the client disconnected before the answer was ready"
             ) from None
