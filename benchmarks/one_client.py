@@ -78,12 +78,24 @@ def summary(seconds: dict[str, list[float]], service: str = "service") -> dict[s
     return table
 
 
+CLOSED = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+"""How a keep-alive connection the server closed while it waited its turn shows (uvicorn
+closes idle ones after 5 s): sent again on a new connection."""
+
+
 def poster(port: int, route: str) -> Post:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
 
-    def post(image: bytes) -> None:
+    def send(image: bytes) -> http.client.HTTPResponse:
         connection.request("POST", route, body=image, headers={"content-type": "image/jpeg"})
-        response = connection.getresponse()
+        return connection.getresponse()
+
+    def post(image: bytes) -> None:
+        try:
+            response = send(image)
+        except CLOSED:
+            connection.close()
+            response = send(image)
         response.read()
         if response.status != 200:
             raise RuntimeError(f"{route} answered {response.status}")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from benchmarks.one_client import WARM_UP_TURNS, Post, by_turns, report, summary
+import socket
+import threading
+
+from benchmarks.one_client import WARM_UP_TURNS, Post, by_turns, poster, report, summary
 
 
 def test_each_turn_sends_requests_in_a_row_to_each_server_in_a_rotating_order() -> None:
@@ -39,3 +42,30 @@ def test_the_summary_gives_each_p50_and_the_service_gap_to_each_peer() -> None:
     assert "| naive | 12.00 | 13.00 | -1.00 ms |" in text
     assert "| kserve | 10.00 | 20.00 | +1.00 ms |" in text
     assert "abc1234" in text
+
+
+def test_a_connection_the_server_closed_between_turns_is_opened_again() -> None:
+    """A server that answers each connection once and then closes it, as uvicorn does with a
+    keep-alive connection idle for longer than its timeout."""
+    answers = 0
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        nonlocal answers
+        for _ in range(2):
+            connection, _ = listener.accept()
+            with connection:
+                data = b""
+                while b"\r\n\r\n" not in data or not data.endswith(b"image"):
+                    data += connection.recv(65536)
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                answers += 1
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    post = poster(listener.getsockname()[1], "/v1/classify")
+    post(b"image")
+    post(b"image")  # the first connection is closed by now: sent again on a new one
+    server.join(10)
+    listener.close()
+    assert answers == 2
